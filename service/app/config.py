@@ -1,0 +1,42 @@
+"""Configuration from environment variables (AGENTPOST_*), overridable by CLI flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_DATABASE_URL = f"sqlite+aiosqlite:///{PROJECT_ROOT / 'var' / 'agentpost.db'}"
+
+
+class Settings(BaseSettings):
+    """Every setting of the server. Each field's description is its `--help` text."""
+
+    model_config = SettingsConfigDict(env_prefix="AGENTPOST_", extra="ignore")
+
+    database_url: str = Field(
+        DEFAULT_DATABASE_URL,
+        description="SQLAlchemy URL: sqlite+aiosqlite:///FILE (embedded) or postgresql+asyncpg://USER@HOST/DB",
+    )
+    database_schema: str | None = Field(
+        None, description="PostgreSQL only: keep every table in this schema (it must exist)"
+    )
+    listen_address: str = Field(
+        "127.0.0.1:50051", description="host:port to serve gRPC on (port 0: any free port)"
+    )
+    operator_token: str | None = Field(
+        None, description="bearer token for CreateOrganization; unset: CreateOrganization is refused"
+    )
+    key_pepper: str | None = Field(
+        None, description="secret that keys the HMAC-SHA-256 of API key secrets; unset: plain SHA-256"
+    )
+    shutdown_grace_seconds: float = Field(
+        10.0, ge=0, description="on SIGTERM/SIGINT, how long in-flight calls may take to finish"
+    )
+    key_cache_size: int = Field(100_000, ge=1, description="how many API keys the verification cache holds")
+    cache_refresh_seconds: float = Field(
+        1.0, gt=0, description="how often other replicas' writes are looked for (the revocation bound)"
+    )
+    log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")

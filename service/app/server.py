@@ -1,0 +1,140 @@
+"""Builds the gRPC server: storage, the access cache, services, interceptor, health, reflection."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from agentpost.environments.v1 import (
+    api_key_pb2,
+    api_key_pb2_grpc,
+    environment_pb2,
+    environment_pb2_grpc,
+    member_pb2,
+    member_pb2_grpc,
+    organization_pb2,
+    organization_pb2_grpc,
+    resource_pb2,
+    resource_pb2_grpc,
+)
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.app.config import Settings
+from service.domain.access import AccessCache
+from service.domain.environments import Environments
+from service.domain.keys import SecretHasher
+from service.domain.organizations import Organizations
+from service.domain.pagination import PageTokens
+from service.domain.runtime import Runtime
+from service.storage import migrate
+from service.storage.database import Database, build_engine
+from service.transport.interceptor import AuthInterceptor
+from service.transport.servicers.api_keys import ApiKeyServicer
+from service.transport.servicers.environments import EnvironmentServicer
+from service.transport.servicers.members import MembershipServicer
+from service.transport.servicers.organizations import OrganizationServicer
+from service.transport.servicers.resources import ResourceServicer
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+SERVER_OPTIONS = [
+    # Requests are small; 4 MiB bounds memory per call while leaving room for large pages.
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Ping idle connections so dead peers behind load balancers are noticed within ~1.5 minutes,
+    # and accept client pings no more often than every 10 s.
+    ("grpc.keepalive_time_ms", 60_000),
+    ("grpc.keepalive_timeout_ms", 20_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    # A port that is taken must fail the start, not be shared with another process.
+    ("grpc.so_reuseport", 0),
+]
+
+SERVICE_NAMES = (
+    organization_pb2.DESCRIPTOR.services_by_name["OrganizationService"].full_name,
+    environment_pb2.DESCRIPTOR.services_by_name["EnvironmentService"].full_name,
+    member_pb2.DESCRIPTOR.services_by_name["MembershipService"].full_name,
+    api_key_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
+    resource_pb2.DESCRIPTOR.services_by_name["ResourceService"].full_name,
+)
+
+
+class BindError(RuntimeError):
+    """The listen address could not be bound."""
+
+
+class Application:
+    """One server process: build it, `start()`, then `stop()`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = build_engine(settings.database_url, schema=settings.database_schema)
+        self.database = Database(self.engine)
+        self.hasher = SecretHasher(settings.key_pepper)
+        self.access = AccessCache(
+            self.database,
+            self.hasher,
+            max_keys=settings.key_cache_size,
+            refresh_interval=settings.cache_refresh_seconds,
+        )
+        self.runtime = Runtime(
+            database=self.database,
+            access=self.access,
+            hasher=self.hasher,
+            page_tokens=PageTokens(settings.key_pepper),
+        )
+        self.organizations = Organizations(self.runtime)
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.access, settings.operator_token)], options=SERVER_OPTIONS
+        )
+        organization_pb2_grpc.add_OrganizationServiceServicer_to_server(
+            OrganizationServicer(self.organizations), self.server
+        )
+        environment_pb2_grpc.add_EnvironmentServiceServicer_to_server(
+            EnvironmentServicer(Environments(self.runtime)), self.server
+        )
+        member_pb2_grpc.add_MembershipServiceServicer_to_server(MembershipServicer(self.runtime), self.server)
+        api_key_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(self.runtime), self.server)
+        resource_pb2_grpc.add_ResourceServiceServicer_to_server(ResourceServicer(self.runtime), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        self.port = 0
+
+    async def migrate(self) -> None:
+        """Brings the schema to the newest revision."""
+        await migrate.upgrade(self.engine)
+
+    async def start(self) -> int:
+        """Binds, starts serving and marks every service SERVING; returns the bound port."""
+        try:
+            self.port = self.server.add_insecure_port(self.settings.listen_address)
+        except RuntimeError as error:
+            raise BindError(f"cannot listen on {self.settings.listen_address}: {error}") from error
+        if self.port == 0:
+            raise BindError(f"cannot listen on {self.settings.listen_address}")
+        await self.server.start()
+        self.access.start()
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving on %s (port %d)", self.settings.listen_address, self.port)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, in-flight calls finish within the grace, then storage closes."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        await self.access.stop()
+        await self.database.dispose()
+        log.info("stopped")

@@ -1,0 +1,188 @@
+"""The environment use cases. Reads are served from the organization's access snapshot."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.domain import ids, validation
+from service.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from service.domain.idempotency import create_once
+from service.domain.models import Environment
+from service.domain.pagination import Page, PageRequest
+from service.domain.principal import Principal, environment_not_found
+from service.domain.runtime import Runtime, check_etag, utcnow
+from service.storage.environments import EnvironmentRepository
+
+MUTABLE_FIELDS = frozenset({"name", "description"})
+
+
+class Environments:
+    """Create, read, update, delete and undelete environments."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    async def create(
+        self, principal: Principal, name: str, slug: str, description: str, request_id: str
+    ) -> Environment:
+        """A new active environment; `slug` derived from `name` when empty."""
+        name = validation.name("name", name)
+        slug = validation.slug("slug", slug) if slug else validation.derive_slug(name)
+        description = validation.text("description", description, max_length=1000, required=False)
+        idempotency_key = validation.request_id(request_id)
+        now = utcnow()
+        env = Environment(
+            id=ids.new_id(ids.ENVIRONMENT),
+            organization_id=principal.organization_id,
+            name=name,
+            slug=slug,
+            description=description,
+            is_default=False,
+            create_time=now,
+            update_time=now,
+            delete_time=None,
+            version=1,
+        )
+
+        async def insert(session: AsyncSession) -> str:
+            await EnvironmentRepository(session).insert(env)
+            return env.id
+
+        outcome = await create_once(
+            self._rt.database,
+            organization_id=principal.organization_id,
+            operation="CreateEnvironment",
+            request_id=idempotency_key,
+            create=insert,
+        )
+        if outcome.created:
+            return env
+        async with self._rt.database.read() as session:
+            earlier = await EnvironmentRepository(session).get(principal.organization_id, outcome.result_id)
+        if earlier is None:  # pragma: no cover - environments are never removed
+            raise environment_not_found(outcome.result_id)
+        return earlier
+
+    @staticmethod
+    def get(principal: Principal, *, environment_id: str = "", slug: str = "") -> Environment:
+        """One environment within reach, by id or slug."""
+        if not environment_id and not slug:
+            raise InvalidArgument.field("id", "give the environment's id or slug")
+        env = principal.snapshot.find_environment(environment_id or slug)
+        if env is None or (slug and env.slug != slug) or (environment_id and env.id != environment_id):
+            raise environment_not_found(environment_id or slug)
+        return principal.visible_environment(env.id)
+
+    def list(
+        self, principal: Principal, page_size: int, page_token: str, show_deleted: bool
+    ) -> Page[Environment]:
+        """The environments within reach, ordered by id."""
+        request = PageRequest.of(
+            self._rt.page_tokens,
+            page_size,
+            page_token,
+            ("ListEnvironments", principal.key.id, show_deleted),
+        )
+        after = request.after[0] if request.after else ""
+        candidates = sorted(
+            env_id
+            for env_id in principal.visible_environment_ids
+            if env_id > after and (show_deleted or not principal.snapshot.environments[env_id].deleted)
+        )
+        fetched = [principal.snapshot.environments[env_id] for env_id in candidates[: request.size + 1]]
+        return request.page(self._rt.page_tokens, fetched, lambda env: (env.id,))
+
+    async def update(
+        self,
+        principal: Principal,
+        environment_id: str,
+        values: Mapping[str, str],
+        paths: Sequence[str],
+        etag: str,
+    ) -> Environment:
+        """Changes `name` and/or `description` as the update mask says; `values` holds the
+        request's fields by name."""
+        fields = _mask(paths, values)
+        new_name = validation.name("environment.name", values["name"]) if "name" in fields else None
+        new_description = (
+            validation.text("environment.description", values["description"], max_length=1000, required=False)
+            if "description" in fields
+            else None
+        )
+        principal.visible_environment(validation.required_id("environment.id", environment_id))
+        async with self._rt.database.write(principal.organization_id) as session:
+            repository = EnvironmentRepository(session)
+            current = await _current(repository, principal, environment_id)
+            check_etag(etag, current.etag)
+            if current.deleted:
+                raise FailedPrecondition(
+                    "a deleted environment cannot be changed", reason="ENVIRONMENT_DELETED"
+                )
+            updated = replace(
+                current,
+                name=new_name if new_name is not None else current.name,
+                description=new_description if new_description is not None else current.description,
+                update_time=utcnow(),
+                version=current.version + 1,
+            )
+            await repository.save(updated)
+        return updated
+
+    async def delete(self, principal: Principal, environment_id: str, etag: str) -> Environment:
+        """Soft-deletes; the default environment is protected. Deleting a deleted one is a no-op."""
+        principal.visible_environment(validation.required_id("id", environment_id))
+        async with self._rt.database.write(principal.organization_id) as session:
+            repository = EnvironmentRepository(session)
+            current = await _current(repository, principal, environment_id)
+            check_etag(etag, current.etag)
+            if current.is_default:
+                raise FailedPrecondition(
+                    "the default environment cannot be deleted", reason="DEFAULT_ENVIRONMENT_PROTECTED"
+                )
+            if current.deleted:
+                return current
+            now = utcnow()
+            updated = replace(current, delete_time=now, update_time=now, version=current.version + 1)
+            await repository.save(updated)
+        return updated
+
+    async def undelete(self, principal: Principal, environment_id: str, etag: str) -> Environment:
+        """Restores a deleted environment; one that is not deleted is ALREADY_EXISTS (AIP-164)."""
+        principal.visible_environment(validation.required_id("id", environment_id))
+        async with self._rt.database.write(principal.organization_id) as session:
+            repository = EnvironmentRepository(session)
+            current = await _current(repository, principal, environment_id)
+            check_etag(etag, current.etag)
+            if not current.deleted:
+                raise AlreadyExists("the environment is not deleted", reason="ENVIRONMENT_NOT_DELETED")
+            updated = replace(current, delete_time=None, update_time=utcnow(), version=current.version + 1)
+            await repository.save(updated)
+        return updated
+
+
+async def _current(
+    repository: EnvironmentRepository, principal: Principal, environment_id: str
+) -> Environment:
+    env = await repository.get(principal.organization_id, environment_id)
+    if env is None:
+        raise environment_not_found(environment_id)
+    return env
+
+
+def _mask(paths: Sequence[str], values: Mapping[str, str]) -> frozenset[str]:
+    """The fields to change. No mask means every mutable field the request sets (AIP-134)."""
+    if not paths:
+        return frozenset(field for field in MUTABLE_FIELDS if values.get(field))
+    if "*" in paths:
+        return MUTABLE_FIELDS
+    for path in paths:
+        if path == "slug":
+            raise InvalidArgument.field("update_mask", "slug cannot be changed", reason="SLUG_IMMUTABLE")
+        if path not in MUTABLE_FIELDS:
+            raise InvalidArgument.field(
+                "update_mask", f"{path[:100]!r} cannot be updated; only name and description can"
+            )
+    return frozenset(paths)

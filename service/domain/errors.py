@@ -1,0 +1,93 @@
+"""The domain's error vocabulary. Transport maps each class to one gRPC status code, in one place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One bad field of a request: its path (e.g. `environment.name`) and what is wrong with it."""
+
+    field: str
+    description: str
+
+
+class DomainError(Exception):
+    """Base of every error a client can cause. `reason` is UPPER_SNAKE and stable on the wire."""
+
+    default_reason = "ERROR"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        violations: Sequence[FieldViolation] = (),
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+        self.violations = tuple(violations)
+
+
+class InvalidArgument(DomainError):
+    """The request itself is wrong, whatever the state of the system."""
+
+    default_reason = "INVALID_ARGUMENT"
+
+    @classmethod
+    def field(cls, field: str, description: str, *, reason: str | None = None) -> InvalidArgument:
+        """One bad field, with the field violation filled in."""
+        return cls(f"{field}: {description}", reason=reason, violations=[FieldViolation(field, description)])
+
+
+class NotFound(DomainError):
+    """The thing does not exist, or is outside the caller's reach: the two look the same."""
+
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(DomainError):
+    """Creating the thing would duplicate one that exists."""
+
+    default_reason = "ALREADY_EXISTS"
+
+
+class Conflict(DomainError):
+    """The stored row changed since it was read (a stale etag)."""
+
+    default_reason = "ETAG_MISMATCH"
+
+
+class FailedPrecondition(DomainError):
+    """The system is not in a state that allows the request."""
+
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Denied(DomainError):
+    """The caller is known but may not do this."""
+
+    default_reason = "PERMISSION_DENIED"
+
+
+class Unauthenticated(DomainError):
+    """The caller could not be identified."""
+
+    default_reason = "UNAUTHENTICATED"
+
+
+class Unavailable(DomainError):
+    """A dependency (the database) is unreachable or busy; the request may be retried."""
+
+    default_reason = "STORAGE_UNAVAILABLE"
+
+
+class Unimplemented(DomainError):
+    """The method exists in the contract but is not served yet."""
+
+    default_reason = "NOT_IMPLEMENTED"

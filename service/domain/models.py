@@ -1,0 +1,192 @@
+"""The domain's records: plain frozen dataclasses, free of storage and transport."""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from dataclasses import dataclass
+from datetime import datetime
+
+
+def etag_of(resource_id: str, version: int) -> str:
+    """An opaque tag that changes whenever the resource changes (AIP-154)."""
+    return hashlib.sha256(f"{resource_id}:{version}".encode()).hexdigest()[:16]
+
+
+class OrgRole(enum.StrEnum):
+    """A member's role in the organization."""
+
+    OWNER = "OWNER"
+    ADMIN = "ADMIN"
+    MEMBER = "MEMBER"
+
+    @property
+    def reaches_every_environment(self) -> bool:
+        """OWNER and ADMIN reach every environment; MEMBER only those it was added to."""
+        return self is not OrgRole.MEMBER
+
+
+class EnvRole(enum.StrEnum):
+    """A member's role in one environment."""
+
+    ADMIN = "ADMIN"
+    MEMBER = "MEMBER"
+
+
+class KeyMode(enum.StrEnum):
+    """Whether a key is for live traffic or development."""
+
+    LIVE = "LIVE"
+    DEV = "DEV"
+
+
+class KeyState(enum.StrEnum):
+    """A key's state, derived from its times when read."""
+
+    ACTIVE = "ACTIVE"
+    EXPIRED = "EXPIRED"
+    REVOKED = "REVOKED"
+
+
+class ResourceKind(enum.StrEnum):
+    """The kinds of resources other services register; each maps to one scope area."""
+
+    INBOX = "INBOX"
+    MESSAGE = "MESSAGE"
+    THREAD = "THREAD"
+    DRAFT = "DRAFT"
+    DOMAIN = "DOMAIN"
+    WEBHOOK_ENDPOINT = "WEBHOOK_ENDPOINT"
+    LABEL = "LABEL"
+
+    @property
+    def scope_area(self) -> str:
+        """The scope area that governs this kind (`inboxes`, `webhooks`, ...)."""
+        return _KIND_AREAS[self]
+
+
+_KIND_AREAS = {
+    ResourceKind.INBOX: "inboxes",
+    ResourceKind.MESSAGE: "messages",
+    ResourceKind.THREAD: "threads",
+    ResourceKind.DRAFT: "drafts",
+    ResourceKind.DOMAIN: "domains",
+    ResourceKind.WEBHOOK_ENDPOINT: "webhooks",
+    ResourceKind.LABEL: "labels",
+}
+
+
+@dataclass(frozen=True)
+class Organization:
+    """A tenant."""
+
+    id: str
+    name: str
+    create_time: datetime
+
+
+@dataclass(frozen=True)
+class Environment:
+    """An environment of an organization; `delete_time` set means soft-deleted."""
+
+    id: str
+    organization_id: str
+    name: str
+    slug: str
+    description: str
+    is_default: bool
+    create_time: datetime
+    update_time: datetime
+    delete_time: datetime | None
+    version: int
+
+    @property
+    def deleted(self) -> bool:
+        """True once soft-deleted."""
+        return self.delete_time is not None
+
+    @property
+    def etag(self) -> str:
+        """The current etag."""
+        return etag_of(self.id, self.version)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A person in an organization."""
+
+    id: str
+    organization_id: str
+    email: str
+    display_name: str
+    role: OrgRole
+    create_time: datetime
+    update_time: datetime
+    version: int
+
+    @property
+    def etag(self) -> str:
+        """The current etag."""
+        return etag_of(self.id, self.version)
+
+
+@dataclass(frozen=True)
+class EnvironmentMembership:
+    """A member's access to one environment."""
+
+    environment_id: str
+    member_id: str
+    role: EnvRole
+    create_time: datetime
+    update_time: datetime
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key's record; the secret's digest lives only in storage."""
+
+    id: str
+    organization_id: str
+    name: str
+    scopes: tuple[str, ...]
+    environment_ids: tuple[str, ...]
+    owner_member_id: str | None
+    mode: KeyMode
+    prefix: str
+    create_time: datetime
+    update_time: datetime
+    expire_time: datetime | None
+    last_used_time: datetime | None
+    revoke_time: datetime | None
+    version: int
+
+    @property
+    def organization_wide(self) -> bool:
+        """True when the key lists no environments."""
+        return not self.environment_ids
+
+    def state(self, now: datetime) -> KeyState:
+        """REVOKED, EXPIRED (at or past expire_time) or ACTIVE."""
+        if self.revoke_time is not None:
+            return KeyState.REVOKED
+        if self.expire_time is not None and now >= self.expire_time:
+            return KeyState.EXPIRED
+        return KeyState.ACTIVE
+
+    @property
+    def etag(self) -> str:
+        """The current etag."""
+        return etag_of(self.id, self.version)
+
+
+@dataclass(frozen=True)
+class ScopedResource:
+    """A resource of another service and the environment it belongs to."""
+
+    kind: ResourceKind
+    resource_id: str
+    organization_id: str
+    environment_id: str
+    display_name: str
+    create_time: datetime
+    update_time: datetime

@@ -1,0 +1,127 @@
+"""Creating organizations (with their default environment, OWNER and owner key) and reading them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.domain import ids, keys, scopes, validation
+from service.domain.errors import AlreadyExists
+from service.domain.idempotency import create_once
+from service.domain.models import ApiKey, Environment, KeyMode, Member, Organization, OrgRole
+from service.domain.principal import Principal
+from service.domain.runtime import Runtime, utcnow
+from service.storage.api_keys import ApiKeyRepository
+from service.storage.environments import EnvironmentRepository
+from service.storage.members import MemberRepository
+from service.storage.organizations import OrganizationRepository
+
+CREATE = "CreateOrganization"
+
+
+@dataclass(frozen=True)
+class CreatedOrganization:
+    """Everything CreateOrganization made, with the owner key's secret (shown once)."""
+
+    organization: Organization
+    default_environment: Environment
+    owner: Member
+    owner_api_key: ApiKey
+    owner_api_key_secret: str
+
+
+class Organizations:
+    """The organization use cases."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    async def create(
+        self, name: str, owner_email: str, owner_display_name: str, request_id: str
+    ) -> CreatedOrganization:
+        """Creates the organization, its default environment, an OWNER member and an
+        organization-wide owner key with every scope, atomically."""
+        name = validation.name("name", name)
+        owner_email = validation.email("owner_email", owner_email)
+        owner_display_name = validation.text(
+            "owner_display_name", owner_display_name, max_length=100, required=False
+        )
+        idempotency_key = validation.request_id(request_id)
+        now = utcnow()
+        organization = Organization(id=ids.new_id(ids.ORGANIZATION), name=name, create_time=now)
+        environment = Environment(
+            id=ids.new_id(ids.ENVIRONMENT),
+            organization_id=organization.id,
+            name="Default",
+            slug="default",
+            description="",
+            is_default=True,
+            create_time=now,
+            update_time=now,
+            delete_time=None,
+            version=1,
+        )
+        owner = Member(
+            id=ids.new_id(ids.MEMBER),
+            organization_id=organization.id,
+            email=owner_email,
+            display_name=owner_display_name,
+            role=OrgRole.OWNER,
+            create_time=now,
+            update_time=now,
+            version=1,
+        )
+        secret = keys.generate(keys.LIVE)
+        key = ApiKey(
+            id=ids.new_id(ids.API_KEY),
+            organization_id=organization.id,
+            name="Owner key",
+            scopes=scopes.ALL_SCOPES,
+            environment_ids=(),
+            owner_member_id=owner.id,
+            mode=KeyMode.LIVE,
+            prefix=secret.prefix,
+            create_time=now,
+            update_time=now,
+            expire_time=None,
+            last_used_time=None,
+            revoke_time=None,
+            version=1,
+        )
+
+        async def insert_all(session: AsyncSession) -> str:
+            await OrganizationRepository(session).insert(organization)
+            await EnvironmentRepository(session).insert(environment)
+            await MemberRepository(session).insert(owner)
+            await ApiKeyRepository(session).insert(key, self._rt.hasher.digest(secret.secret))
+            return organization.id
+
+        outcome = await create_once(
+            self._rt.database,
+            organization_id=None,
+            operation=CREATE,
+            request_id=idempotency_key,
+            create=insert_all,
+        )
+        if not outcome.created:
+            raise _duplicate(outcome.result_id)
+        return CreatedOrganization(organization, environment, owner, key, secret.secret)
+
+    async def any_exists(self) -> bool:
+        """True when at least one organization exists."""
+        async with self._rt.database.read() as session:
+            return await OrganizationRepository(session).any_exists()
+
+    @staticmethod
+    def get(principal: Principal) -> Organization:
+        """The caller's own organization."""
+        return principal.snapshot.organization
+
+
+def _duplicate(organization_id: str) -> AlreadyExists:
+    return AlreadyExists(
+        "an organization was already created with this request_id; its owner key's secret cannot be shown again",
+        reason="DUPLICATE_REQUEST",
+        metadata={"organizationId": organization_id},
+    )

@@ -1,0 +1,236 @@
+"""Who a caller is and where it may act: one code path for the interceptor, VerifyApiKey and
+every handler.
+
+A key's reach is its environments (all of the organization's when it lists none), narrowed to
+its owner's environments when a member owns it. Deleted environments stay *visible* to those
+who reach them (to be listed with show_deleted and undeleted) but are never *usable*.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from service.domain.errors import Denied, FailedPrecondition, NotFound, Unauthenticated
+from service.domain.models import ApiKey, Environment, EnvRole, KeyState, Organization, OrgRole
+
+
+class Denial(enum.StrEnum):
+    """Why a key may not act; the names are VerifyApiKeyResponse.DenialReason's."""
+
+    MALFORMED = "MALFORMED"
+    NOT_FOUND = "NOT_FOUND"
+    REVOKED = "REVOKED"
+    EXPIRED = "EXPIRED"
+    OWNER_REMOVED = "OWNER_REMOVED"
+    ENVIRONMENT_NOT_FOUND = "ENVIRONMENT_NOT_FOUND"
+    ENVIRONMENT_DELETED = "ENVIRONMENT_DELETED"
+    ENVIRONMENT_NOT_ALLOWED = "ENVIRONMENT_NOT_ALLOWED"
+    ENVIRONMENT_REQUIRED = "ENVIRONMENT_REQUIRED"
+    SCOPE_MISSING = "SCOPE_MISSING"
+
+
+_KEY_DENIAL_MESSAGES = {
+    Denial.MALFORMED: "the API key is malformed",
+    Denial.NOT_FOUND: "the API key is not known",
+    Denial.REVOKED: "the API key was revoked",
+    Denial.EXPIRED: "the API key has expired",
+    Denial.OWNER_REMOVED: "the member that owned the API key left the organization",
+}
+
+
+def unauthenticated(denial: Denial) -> Unauthenticated:
+    """The UNAUTHENTICATED error for a key that is not usable at all."""
+    return Unauthenticated(_KEY_DENIAL_MESSAGES[denial], reason=f"API_KEY_{denial.value}")
+
+
+@dataclass(frozen=True)
+class OrgSnapshot:
+    """Everything about one organization that deciding access needs, read at one revision."""
+
+    organization: Organization
+    revision: int
+    environments: Mapping[str, Environment]
+    member_roles: Mapping[str, OrgRole]
+    environment_roles: Mapping[str, Mapping[str, EnvRole]]
+    slugs: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slugs", {env.slug: env.id for env in self.environments.values()})
+
+    @property
+    def default_environment(self) -> Environment | None:
+        """The organization's default environment."""
+        return next((env for env in self.environments.values() if env.is_default), None)
+
+    def find_environment(self, reference: str) -> Environment | None:
+        """An environment by id or slug, deleted or not."""
+        env = self.environments.get(reference)
+        if env is None and reference in self.slugs:
+            env = self.environments[self.slugs[reference]]
+        return env
+
+    def member_environment_ids(self, member_id: str) -> frozenset[str]:
+        """The environments a member reaches: all for OWNER/ADMIN, else those it was added to."""
+        role = self.member_roles.get(member_id)
+        if role is None:
+            return frozenset()
+        if role.reaches_every_environment:
+            return frozenset(self.environments)
+        return frozenset(self.environment_roles.get(member_id, {}))
+
+
+def key_denial(key: ApiKey, snapshot: OrgSnapshot, now: datetime) -> Denial | None:
+    """Why the key cannot be used at all, or None when it can."""
+    state = key.state(now)
+    if state is KeyState.REVOKED:
+        return Denial.REVOKED
+    if state is KeyState.EXPIRED:
+        return Denial.EXPIRED
+    if key.owner_member_id is not None and key.owner_member_id not in snapshot.member_roles:
+        return Denial.OWNER_REMOVED
+    return None
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated key, its organization snapshot and its reach."""
+
+    key: ApiKey
+    snapshot: OrgSnapshot
+    visible_environment_ids: frozenset[str]
+    allowed_environment_ids: frozenset[str]
+    environment: Environment | None = None
+
+    @classmethod
+    def of(cls, key: ApiKey, snapshot: OrgSnapshot) -> Principal:
+        """The principal of a usable key (see `key_denial`)."""
+        reach = frozenset(snapshot.environments)
+        if not key.organization_wide:
+            reach &= frozenset(key.environment_ids)
+        if key.owner_member_id is not None:
+            reach &= snapshot.member_environment_ids(key.owner_member_id)
+        allowed = frozenset(env_id for env_id in reach if not snapshot.environments[env_id].deleted)
+        return cls(key=key, snapshot=snapshot, visible_environment_ids=reach, allowed_environment_ids=allowed)
+
+    @property
+    def organization_id(self) -> str:
+        """The caller's organization."""
+        return self.key.organization_id
+
+    @property
+    def owner_role(self) -> OrgRole | None:
+        """The owning member's organization role; None for a key no member owns."""
+        if self.key.owner_member_id is None:
+            return None
+        return self.snapshot.member_roles.get(self.key.owner_member_id)
+
+    @property
+    def organization_level(self) -> bool:
+        """May make organization-level calls: an organization-wide key whose owner, if any, is
+        an OWNER or ADMIN."""
+        role = self.owner_role
+        return self.key.organization_wide and (role is None or role.reaches_every_environment)
+
+    def has_scope(self, scope: str) -> bool:
+        """True when the key holds `scope`."""
+        return scope in self.key.scopes
+
+    def require_scope(self, scope: str) -> None:
+        """PERMISSION_DENIED with reason SCOPE_MISSING unless the key holds `scope`."""
+        if scope not in self.key.scopes:
+            raise Denied(f"the API key lacks the scope {scope}", reason="SCOPE_MISSING")
+
+    def require_organization_level(self) -> None:
+        """PERMISSION_DENIED unless this principal may make organization-level calls."""
+        if not self.organization_level:
+            raise Denied(
+                "this call needs an organization-wide key whose owner, if any, is an OWNER or ADMIN",
+                reason="ORGANIZATION_KEY_REQUIRED",
+            )
+
+    def visible_environment(self, environment_id: str) -> Environment:
+        """An environment within reach, deleted or not; NOT_FOUND otherwise, as for a random id."""
+        env = self.snapshot.environments.get(environment_id)
+        if env is None or env.id not in self.visible_environment_ids:
+            raise environment_not_found(environment_id)
+        return env
+
+    def usable_environment(self, environment_id: str) -> Environment:
+        """An active environment within reach. A deleted one within reach is FAILED_PRECONDITION
+        ENVIRONMENT_DELETED; anything else NOT_FOUND."""
+        env = self.visible_environment(environment_id)
+        if env.deleted:
+            raise FailedPrecondition(f"environment {env.id} is deleted", reason="ENVIRONMENT_DELETED")
+        return env
+
+    def may_administer(self, environment_id: str) -> bool:
+        """Whether changes to the environment's members and keys are allowed: a key no member
+        owns, or whose owner is an organization OWNER/ADMIN or the environment's ADMIN."""
+        if environment_id not in self.visible_environment_ids:
+            return False
+        member_id = self.key.owner_member_id
+        if member_id is None:
+            return True
+        role = self.snapshot.member_roles.get(member_id)
+        if role is not None and role.reaches_every_environment:
+            return True
+        return self.snapshot.environment_roles.get(member_id, {}).get(environment_id) is EnvRole.ADMIN
+
+    def require_administer(self, environment_id: str) -> None:
+        """PERMISSION_DENIED unless `may_administer`; call after the environment was found."""
+        if not self.may_administer(environment_id):
+            raise Denied(
+                "the key's owner must be an ADMIN of this environment or of the organization",
+                reason="ENVIRONMENT_ADMIN_REQUIRED",
+            )
+
+    def resolve(self, reference: str | None) -> Environment | Denial:
+        """The environment a call acts in: the named one (id or slug), else the key's only
+        environment, else the organization's default if usable; or why none can be used."""
+        if reference:
+            env = self.snapshot.find_environment(reference)
+            if env is None:
+                return Denial.ENVIRONMENT_NOT_FOUND
+        elif len(self.key.environment_ids) == 1:
+            env = self.snapshot.environments.get(self.key.environment_ids[0])
+            if env is None:
+                return Denial.ENVIRONMENT_REQUIRED
+        else:
+            env = self.snapshot.default_environment
+            if env is None or env.id not in self.allowed_environment_ids:
+                return Denial.ENVIRONMENT_REQUIRED
+        if env.id not in self.visible_environment_ids:
+            return Denial.ENVIRONMENT_NOT_ALLOWED
+        if env.deleted:
+            return Denial.ENVIRONMENT_DELETED
+        return env
+
+    def in_context(self, reference: str | None) -> Principal:
+        """This principal acting in the environment `reference` names (see `resolve`), or the
+        error a call gets: NOT_FOUND for an environment out of reach, exactly as for one that
+        does not exist."""
+        outcome = self.resolve(reference)
+        if isinstance(outcome, Environment):
+            return replace(self, environment=outcome)
+        if outcome is Denial.ENVIRONMENT_REQUIRED:
+            raise FailedPrecondition(
+                "name an environment in the x-agentpost-environment metadata", reason="ENVIRONMENT_REQUIRED"
+            )
+        if outcome is Denial.ENVIRONMENT_DELETED:
+            raise FailedPrecondition("the environment is deleted", reason="ENVIRONMENT_DELETED")
+        raise environment_not_found(reference or "")
+
+    @property
+    def context_environment(self) -> Environment:
+        """The environment resolved for this call; only set for context-scoped methods."""
+        if self.environment is None:  # pragma: no cover - guarded by the policy table
+            raise FailedPrecondition("no environment context", reason="ENVIRONMENT_REQUIRED")
+        return self.environment
+
+
+def environment_not_found(reference: str) -> NotFound:
+    """The one NOT_FOUND for environments, whether absent or out of reach."""
+    return NotFound(f"environment {reference[:100]!r} not found", reason="ENVIRONMENT_NOT_FOUND")

@@ -1,0 +1,38 @@
+"""The fixed scope vocabulary: `<area>:read` or `<area>:write`; write does not imply read."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Final
+
+from service.domain.errors import FieldViolation, InvalidArgument
+
+AREAS: Final = (
+    "environments",
+    "members",
+    "api_keys",
+    "inboxes",
+    "messages",
+    "threads",
+    "drafts",
+    "domains",
+    "webhooks",
+    "labels",
+)
+ALL_SCOPES: Final = tuple(f"{area}:{access}" for area in AREAS for access in ("read", "write"))
+_KNOWN: Final = frozenset(ALL_SCOPES)
+
+
+def validate(field: str, scopes: Iterable[str], *, required: bool) -> tuple[str, ...]:
+    """Known scopes, de-duplicated and sorted. Unknown ones are INVALID_ARGUMENT, each named."""
+    given = list(scopes)
+    unknown = [scope for scope in given if scope not in _KNOWN]
+    if unknown:
+        raise InvalidArgument(
+            f"unknown scopes: {', '.join(sorted(set(unknown)))[:500]}",
+            reason="UNKNOWN_SCOPE",
+            violations=[FieldViolation(field, f"unknown scope {scope[:100]!r}") for scope in unknown[:20]],
+        )
+    if required and not given:
+        raise InvalidArgument.field(field, "needs at least one scope")
+    return tuple(sorted(set(given)))

@@ -1,0 +1,105 @@
+"""Checks on client-supplied values. Each raises `InvalidArgument` naming the offending field."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+import uuid
+
+from service.domain.errors import InvalidArgument
+
+SLUG_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+RESOURCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
+# Control, surrogate, unassigned and private-use code points, and line/paragraph separators.
+_UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cs", "Cn", "Co", "Zl", "Zp"})
+
+
+def _unprintable(value: str) -> bool:
+    return any(unicodedata.category(char) in _UNPRINTABLE_CATEGORIES for char in value)
+
+
+def text(field: str, value: str, *, max_length: int, required: bool) -> str:
+    """A printable string of at most `max_length` characters; surrounding blanks are refused."""
+    if not value:
+        if required:
+            raise InvalidArgument.field(field, "is required")
+        return value
+    if len(value) > max_length:
+        raise InvalidArgument.field(field, f"must be at most {max_length} characters")
+    if _unprintable(value):
+        raise InvalidArgument.field(field, "must contain only printable characters")
+    if value != value.strip():
+        raise InvalidArgument.field(field, "must not start or end with white space")
+    return value
+
+
+def name(field: str, value: str) -> str:
+    """A resource's name: 1 to 100 printable characters."""
+    return text(field, value, max_length=100, required=True)
+
+
+def slug(field: str, value: str) -> str:
+    """A DNS label: lowercase letters, digits and inner hyphens, at most 63 characters."""
+    if not SLUG_PATTERN.match(value):
+        raise InvalidArgument.field(
+            field, "must be a DNS label: 1-63 of [a-z0-9-], starting and ending with a letter or digit"
+        )
+    return value
+
+
+def derive_slug(from_name: str) -> str:
+    """The slug a name implies: ASCII-folded, lowercased, runs of other characters become `-`."""
+    folded = unicodedata.normalize("NFKD", from_name).encode("ascii", "ignore").decode("ascii")
+    candidate = re.sub(r"[^a-z0-9]+", "-", folded.lower()).strip("-")[:63].rstrip("-")
+    if not candidate:
+        raise InvalidArgument.field("slug", "cannot be derived from the name; give one explicitly")
+    return candidate
+
+
+def email(field: str, value: str) -> str:
+    """An email address of at most 254 characters."""
+    if not value:
+        raise InvalidArgument.field(field, "is required")
+    if len(value) > 254 or _unprintable(value) or not EMAIL_PATTERN.match(value):
+        raise InvalidArgument.field(field, "must be an email address")
+    return value
+
+
+def resource_id(field: str, value: str) -> str:
+    """A registered resource's id: 1 to 128 of `[A-Za-z0-9_.:-]`."""
+    if not RESOURCE_ID_PATTERN.match(value):
+        raise InvalidArgument.field(field, "must be 1-128 of [A-Za-z0-9_.:-]")
+    return value
+
+
+def request_id(value: str) -> str | None:
+    """An optional idempotency key; when given it must be a UUID. Returned in canonical form."""
+    if not value:
+        return None
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise InvalidArgument.field("request_id", "must be a UUID") from None
+
+
+def page_size(value: int) -> int:
+    """0 means the default; larger than the maximum is clamped; negative is refused."""
+    if value < 0:
+        raise InvalidArgument.field("page_size", "must not be negative")
+    if value == 0:
+        return DEFAULT_PAGE_SIZE
+    return min(value, MAX_PAGE_SIZE)
+
+
+def required_id(field: str, value: str) -> str:
+    """A non-empty id field. Its shape is not checked: a malformed id is simply not found."""
+    if not value:
+        raise InvalidArgument.field(field, "is required")
+    if len(value) > 200 or _unprintable(value):
+        raise InvalidArgument.field(field, "is not a valid id")
+    return value

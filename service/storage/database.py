@@ -1,0 +1,110 @@
+"""The engine, sessions and units of work. Every write names its organization, whose `revision`
+it raises first: that row lock orders concurrent writes of one organization, and listeners
+(the access cache) learn after commit which organization changed."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import event, update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+from service.domain.errors import DomainError
+from service.storage.errors import translate
+from service.storage.tables import OrganizationRow
+
+log = logging.getLogger(__name__)
+
+CommitListener = Callable[[str], None]
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def build_engine(url: str | URL, *, schema: str | None = None) -> AsyncEngine:
+    """An async engine for `sqlite+aiosqlite://` or `postgresql+asyncpg://` URLs.
+
+    `schema` puts every table of a PostgreSQL database in that schema (used to isolate test runs).
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = create_async_engine(parsed, pool_pre_ping=False)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    connect_args: dict[str, Any] = {}
+    if schema:
+        connect_args["server_settings"] = {"search_path": schema}
+    return create_async_engine(
+        parsed,
+        pool_size=10,
+        max_overflow=10,
+        pool_timeout=10,
+        pool_pre_ping=True,
+        connect_args=connect_args,
+    )
+
+
+@asynccontextmanager
+async def translated_errors() -> AsyncIterator[None]:
+    """Re-raises driver errors as the domain errors they mean."""
+    try:
+        yield
+    except (DBAPIError, PoolTimeout) as error:
+        meaning = translate(error)
+        if meaning is None:
+            raise
+        if not isinstance(meaning, DomainError):  # pragma: no cover - translate's contract
+            raise
+        log.debug("storage error translated: %s", type(error).__name__)
+        raise meaning from error
+
+
+class Database:
+    """Sessions for reads and for organization-scoped writes."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        self._listeners: list[CommitListener] = []
+
+    def on_commit(self, listener: CommitListener) -> None:
+        """Calls `listener(organization_id)` after each committed write of that organization."""
+        self._listeners.append(listener)
+
+    @asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A session for reading; nothing it does is committed."""
+        async with translated_errors(), self._sessions() as session:
+            yield session
+
+    @asynccontextmanager
+    async def write(self, organization_id: str | None) -> AsyncIterator[AsyncSession]:
+        """One transaction. With an organization, its revision is raised first (taking its row
+        lock) and listeners are told after commit; None is for creating an organization."""
+        async with translated_errors(), self._sessions() as session, session.begin():
+            if organization_id is not None:
+                await session.execute(
+                    update(OrganizationRow)
+                    .where(OrganizationRow.id == organization_id)
+                    .values(revision=OrganizationRow.revision + 1)
+                )
+            yield session
+        if organization_id is not None:
+            for listener in self._listeners:
+                listener(organization_id)
+
+    async def dispose(self) -> None:
+        """Closes every pooled connection."""
+        await self.engine.dispose()

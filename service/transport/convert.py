@@ -1,0 +1,115 @@
+"""Domain records to protobuf messages, and the few request fields that need decoding."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from agentpost.environments.v1 import (
+    api_key_pb2,
+    environment_pb2,
+    member_pb2,
+    organization_pb2,
+    resource_pb2,
+)
+from google.protobuf import timestamp_pb2
+
+from service.domain.models import (
+    ApiKey,
+    Environment,
+    EnvironmentMembership,
+    KeyState,
+    Member,
+    Organization,
+    ScopedResource,
+)
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    """A Timestamp, or None (field left unset) for a missing time."""
+    if value is None:
+        return None
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def organization(org: Organization) -> organization_pb2.Organization:
+    """The wire form of an organization."""
+    return organization_pb2.Organization(id=org.id, name=org.name, create_time=timestamp(org.create_time))
+
+
+def environment(env: Environment) -> environment_pb2.Environment:
+    """The wire form of an environment."""
+    return environment_pb2.Environment(
+        id=env.id,
+        organization_id=env.organization_id,
+        name=env.name,
+        slug=env.slug,
+        description=env.description,
+        is_default=env.is_default,
+        state=environment_pb2.Environment.DELETED if env.deleted else environment_pb2.Environment.ACTIVE,
+        create_time=timestamp(env.create_time),
+        update_time=timestamp(env.update_time),
+        delete_time=timestamp(env.delete_time),
+        etag=env.etag,
+    )
+
+
+def member(record: Member) -> member_pb2.Member:
+    """The wire form of a member."""
+    return member_pb2.Member(
+        id=record.id,
+        organization_id=record.organization_id,
+        email=record.email,
+        display_name=record.display_name,
+        role=record.role.value,
+        create_time=timestamp(record.create_time),
+        update_time=timestamp(record.update_time),
+        etag=record.etag,
+    )
+
+
+def environment_member(record: EnvironmentMembership) -> member_pb2.EnvironmentMember:
+    """The wire form of a member's access to an environment."""
+    return member_pb2.EnvironmentMember(
+        environment_id=record.environment_id,
+        member_id=record.member_id,
+        role=record.role.value,
+        create_time=timestamp(record.create_time),
+        update_time=timestamp(record.update_time),
+    )
+
+
+def api_key(key: ApiKey, *, now: datetime, last_used_time: datetime | None) -> api_key_pb2.ApiKey:
+    """The wire form of a key; `state` derived at `now`. Never carries the secret or its digest."""
+    state: KeyState = key.state(now)
+    return api_key_pb2.ApiKey(
+        id=key.id,
+        organization_id=key.organization_id,
+        name=key.name,
+        scopes=list(key.scopes),
+        environment_ids=list(key.environment_ids),
+        owner_member_id=key.owner_member_id or "",
+        mode=key.mode.value,
+        prefix=key.prefix,
+        state=state.value,
+        create_time=timestamp(key.create_time),
+        update_time=timestamp(key.update_time),
+        expire_time=timestamp(key.expire_time),
+        last_used_time=timestamp(last_used_time),
+        revoke_time=timestamp(key.revoke_time),
+        etag=key.etag,
+    )
+
+
+def scoped_resource(resource: ScopedResource) -> resource_pb2.ScopedResource:
+    """The wire form of a registered resource."""
+    return resource_pb2.ScopedResource(
+        kind=resource.kind.value,
+        resource_id=resource.resource_id,
+        organization_id=resource.organization_id,
+        environment_id=resource.environment_id,
+        display_name=resource.display_name,
+        create_time=timestamp(resource.create_time),
+        update_time=timestamp(resource.update_time),
+    )

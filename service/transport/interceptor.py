@@ -1,0 +1,169 @@
+"""Authentication in `intercept_service`, authorization against the request in a wrapped handler.
+
+The interceptor identifies the caller from `authorization: Bearer <secret>` (or the operator
+token), then wraps the method's behaviour so that, once the request is decoded, the policy rule is
+checked against it, the environment context is resolved for context-scoped methods, the principal
+is handed to the handler through a ContextVar, and every domain error becomes a rich status.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from service.domain.access import AccessCache
+from service.domain.errors import Denied, DomainError, InvalidArgument, Unauthenticated
+from service.domain.policy import POLICY, Level, Rule, authorize
+from service.domain.principal import Principal, unauthenticated
+from service.transport import context as call_context
+from service.transport.errors import abort, internal_status, to_status
+
+log = logging.getLogger(__name__)
+
+ENVIRONMENT_HEADER = "x-agentpost-environment"
+REQUEST_ID_HEADER = "x-request-id"
+_MAX_REQUEST_ID = 128
+
+
+@dataclass(frozen=True)
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message."""
+
+    error: str
+
+
+def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserialize is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except (DecodeError, ValueError, UnicodeDecodeError) as error:
+            return _Undecodable(type(error).__name__)
+
+    return decode
+
+
+def _bearer(metadata: dict[str, str]) -> str:
+    value = metadata.get("authorization")
+    if value is None:
+        raise Unauthenticated("send `authorization: Bearer <API key>`", reason="CREDENTIALS_MISSING")
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated(
+            "the authorization metadata must be `Bearer <API key>`", reason="CREDENTIALS_MALFORMED"
+        )
+    return token.strip()
+
+
+def _request_id(metadata: dict[str, str]) -> str:
+    given = metadata.get(REQUEST_ID_HEADER, "")
+    if given and len(given) <= _MAX_REQUEST_ID and given.isprintable():
+        return given
+    return uuid.uuid4().hex
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Identifies callers and enforces the policy table on every call."""
+
+    def __init__(self, access: AccessCache, operator_token: str | None) -> None:
+        self._access = access
+        self._operator_token = operator_token
+
+    async def _identify(self, rule: Rule, metadata: dict[str, str]) -> Principal | None:
+        if rule.level is Level.PUBLIC:
+            return None
+        token = _bearer(metadata)
+        if rule.level is Level.OPERATOR:
+            if not self._operator_token:
+                raise Denied(
+                    "no operator token is configured on this server", reason="OPERATOR_TOKEN_NOT_CONFIGURED"
+                )
+            if not hmac.compare_digest(token.encode(), self._operator_token.encode()):
+                raise Unauthenticated("the operator token is wrong", reason="OPERATOR_TOKEN_INVALID")
+            return None
+        outcome = await self._access.authenticate(token)
+        if outcome.principal is None:
+            assert outcome.denial is not None
+            raise unauthenticated(outcome.denial)
+        return outcome.principal
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        metadata = {key: value for key, value in details.invocation_metadata or () if isinstance(value, str)}
+        request_id = _request_id(metadata)
+        rule = POLICY.get(details.method)
+        failure: DomainError | None = None
+        principal: Principal | None = None
+        if rule is None:
+            failure = Denied("this method has no access rule and is refused", reason="METHOD_NOT_ALLOWED")
+        else:
+            try:
+                principal = await self._identify(rule, metadata)
+            except DomainError as error:
+                failure = error
+        if handler.unary_unary is None:
+            # Only the public standard services stream (health Watch, reflection).
+            return handler if rule is not None and rule.level is Level.PUBLIC else None
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(handler.unary_unary, rule, principal, failure, metadata, request_id),
+            request_deserializer=_safe_deserializer(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(
+        self,
+        behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+        rule: Rule | None,
+        principal: Principal | None,
+        failure: DomainError | None,
+        metadata: dict[str, str],
+        request_id: str,
+    ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            id_token = call_context.current_request_id.set(request_id)
+            principal_token = call_context.current_principal.set(None)
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+            try:
+                if failure is not None:
+                    raise failure
+                assert rule is not None
+                if isinstance(request, _Undecodable):
+                    raise InvalidArgument(
+                        f"the request is not a valid protobuf message ({request.error})",
+                        reason="MALFORMED_REQUEST",
+                    )
+                acting = principal
+                if acting is not None:
+                    authorize(rule, acting, request)
+                    if rule.level is Level.CONTEXT:
+                        acting = acting.in_context(metadata.get(ENVIRONMENT_HEADER))
+                    call_context.current_principal.set(acting)
+                return await behaviour(request, context)
+            except DomainError as error:
+                log.info("refused: %s %s", error.reason, error.message)
+                await abort(context, to_status(error), request_id)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("failed")
+                await abort(context, internal_status(request_id), request_id)
+            finally:
+                call_context.current_principal.reset(principal_token)
+                call_context.current_request_id.reset(id_token)
+
+        return call

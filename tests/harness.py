@@ -1,0 +1,155 @@
+"""What the tests use to talk to a real server over gRPC: stubs, metadata and error inspection."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from agentpost.environments.v1 import (
+    api_key_pb2_grpc,
+    environment_pb2,
+    environment_pb2_grpc,
+    member_pb2,
+    member_pb2_grpc,
+    organization_pb2,
+    organization_pb2_grpc,
+    resource_pb2_grpc,
+)
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2_grpc
+from grpc_status import rpc_status
+
+from service.app.server import Application
+
+OPERATOR_TOKEN = "test-operator-token"
+ERROR_DOMAIN = "environments.agentpost.dev"
+
+
+def auth(
+    secret: str, environment: str | None = None, request_id: str | None = None
+) -> tuple[tuple[str, str], ...]:
+    """Call metadata for a key, optionally with an environment context and a request id."""
+    metadata = [("authorization", f"Bearer {secret}")]
+    if environment is not None:
+        metadata.append(("x-agentpost-environment", environment))
+    if request_id is not None:
+        metadata.append(("x-request-id", request_id))
+    return tuple(metadata)
+
+
+@dataclass
+class Failure:
+    """A failed call: code, ErrorInfo and field violations."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str
+    domain: str
+    metadata: dict[str, str]
+    violations: dict[str, str]
+    trailers: dict[str, Any]
+
+
+def failure_of(error: grpc.aio.AioRpcError) -> Failure:
+    """Decodes the google.rpc.Status details of a failed call."""
+    status = rpc_status.from_call(error)
+    reason, domain, metadata, violations = "", "", {}, {}
+    if status is not None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, domain, metadata = info.reason, info.domain, dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations = {v.field: v.description for v in bad.field_violations}
+    trailers = {key: value for key, value in (error.trailing_metadata() or ())}
+    return Failure(error.code(), error.details() or "", reason, domain, metadata, violations, trailers)
+
+
+async def fails(call: Awaitable[Any], code: grpc.StatusCode, reason: str | None = None) -> Failure:
+    """Awaits a call that must fail with `code` (and `reason`); returns the decoded failure."""
+    try:
+        result = await call
+    except grpc.aio.AioRpcError as error:
+        failure = failure_of(error)
+        assert failure.code == code, (
+            f"expected {code}, got {failure.code}: {failure.reason} {failure.message}"
+        )
+        assert failure.domain == ERROR_DOMAIN or code == grpc.StatusCode.UNIMPLEMENTED
+        if reason is not None:
+            assert failure.reason == reason, (
+                f"expected reason {reason}, got {failure.reason}: {failure.message}"
+            )
+        return failure
+    raise AssertionError(f"expected {code} {reason or ''}, but the call succeeded: {result}")
+
+
+@dataclass
+class Org:
+    """A fresh organization made through CreateOrganization, as the operator."""
+
+    id: str
+    owner_secret: str
+    owner_member_id: str
+    owner_key_id: str
+    default_environment: environment_pb2.Environment
+
+
+class Harness:
+    """A running server and stubs on one channel."""
+
+    def __init__(self, app: Application, channel: grpc.aio.Channel, backend: str) -> None:
+        self.app = app
+        self.channel = channel
+        self.backend = backend
+        self.organizations = organization_pb2_grpc.OrganizationServiceStub(channel)
+        self.environments = environment_pb2_grpc.EnvironmentServiceStub(channel)
+        self.members = member_pb2_grpc.MembershipServiceStub(channel)
+        self.api_keys = api_key_pb2_grpc.ApiKeyServiceStub(channel)
+        self.resources = resource_pb2_grpc.ResourceServiceStub(channel)
+        self.health = health_pb2_grpc.HealthStub(channel)
+
+    @property
+    def address(self) -> str:
+        """host:port of the server."""
+        return f"127.0.0.1:{self.app.port}"
+
+    async def new_org(self, name: str = "Acme") -> Org:
+        """Creates an organization and returns its owner's key and default environment."""
+        response = await self.organizations.CreateOrganization(
+            organization_pb2.CreateOrganizationRequest(
+                name=name, owner_email=f"owner-{uuid.uuid4().hex[:8]}@example.com", owner_display_name="Owner"
+            ),
+            metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),),
+        )
+        return Org(
+            id=response.organization.id,
+            owner_secret=response.owner_api_key_secret,
+            owner_member_id=response.owner.id,
+            owner_key_id=response.owner_api_key.id,
+            default_environment=response.default_environment,
+        )
+
+    async def new_environment(self, org: Org, name: str, slug: str = "") -> environment_pb2.Environment:
+        """Creates an environment with the org owner's key."""
+        env: environment_pb2.Environment = await self.environments.CreateEnvironment(
+            environment_pb2.CreateEnvironmentRequest(name=name, slug=slug), metadata=auth(org.owner_secret)
+        )
+        return env
+
+    async def new_member(self, org: Org, role: str, email: str | None = None) -> member_pb2.Member:
+        """Creates a member with the org owner's key (needs MembershipService)."""
+        member: member_pb2.Member = await self.members.CreateMember(
+            member_pb2.CreateMemberRequest(
+                email=email or f"{role.lower()}-{uuid.uuid4().hex[:8]}@example.com",
+                display_name=role.title(),
+                role=member_pb2.Member.Role.Value(role),
+            ),
+            metadata=auth(org.owner_secret),
+        )
+        return member
