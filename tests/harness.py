@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 from agentpost.environments.v1 import (
+    api_key_pb2,
     api_key_pb2_grpc,
     environment_pb2,
     environment_pb2_grpc,
@@ -153,3 +154,25 @@ class Harness:
             metadata=auth(org.owner_secret),
         )
         return member
+
+    async def new_key(
+        self,
+        org: Org,
+        scopes: list[str],
+        environment_ids: list[str] | None = None,
+        owner_member_id: str = "",
+        *,
+        as_secret: str | None = None,
+        name: str = "test key",
+    ) -> tuple[api_key_pb2.ApiKey, str]:
+        """Creates a key (with the org owner's key unless `as_secret`); returns it and its secret."""
+        response = await self.api_keys.CreateApiKey(
+            api_key_pb2.CreateApiKeyRequest(
+                name=name,
+                scopes=scopes,
+                environment_ids=environment_ids or [],
+                owner_member_id=owner_member_id,
+            ),
+            metadata=auth(as_secret or org.owner_secret),
+        )
+        return response.api_key, response.secret
