@@ -54,9 +54,11 @@ _RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03", "57014"}
 
 def _constraint_name(error: IntegrityError) -> str | None:
     original = error.orig
-    name = getattr(original, "constraint_name", None)
-    if name:
-        return str(name)
+    # asyncpg's own exception (with the constraint's name) hides behind SQLAlchemy's adapter.
+    for candidate in (original, getattr(original, "__cause__", None)):
+        name = getattr(candidate, "constraint_name", None)
+        if name:
+            return str(name)
     match = _SQLITE_UNIQUE.search(str(original))
     if match:
         return _SQLITE_COLUMNS.get(match.group(1).strip())
