@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import delete, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.domain.models import ApiKey, KeyMode
@@ -80,3 +80,71 @@ class ApiKeyRepository:
         if row is None or row.organization_id != organization_id:
             return None
         return to_api_key(row, await self._environment_ids(row.id))
+
+    async def save(self, key: ApiKey) -> None:
+        """Writes the mutable fields of an existing key and replaces its environments."""
+        row = await self._session.get(ApiKeyRow, key.id)
+        assert row is not None and row.organization_id == key.organization_id
+        row.name = key.name
+        row.scopes = list(key.scopes)
+        row.update_time = key.update_time
+        row.expire_time = key.expire_time
+        row.revoke_time = key.revoke_time
+        row.version = key.version
+        current = set(await self._environment_ids(key.id))
+        wanted = set(key.environment_ids)
+        if current != wanted:
+            await self._session.execute(
+                delete(ApiKeyEnvironmentRow).where(
+                    ApiKeyEnvironmentRow.api_key_id == key.id,
+                    ApiKeyEnvironmentRow.environment_id.in_(current - wanted),
+                )
+            )
+            self._session.add_all(
+                ApiKeyEnvironmentRow(api_key_id=key.id, environment_id=env_id) for env_id in wanted - current
+            )
+        await self._session.flush()
+
+    async def list_page(
+        self,
+        organization_id: str,
+        *,
+        after: str,
+        limit: int,
+        reach: frozenset[str] | None,
+        environment_id: str | None,
+        show_revoked: bool,
+    ) -> list[ApiKey]:
+        """Up to `limit` keys with ids after `after`, ordered by id.
+
+        `reach` None means every key of the organization; otherwise only keys that list at least
+        one environment and none outside `reach`. `environment_id` keeps the keys that may act
+        there: those listing it, and organization-wide ones.
+        """
+        listed = select(ApiKeyEnvironmentRow.api_key_id).where(
+            ApiKeyEnvironmentRow.api_key_id == ApiKeyRow.id
+        )
+        query = select(ApiKeyRow).where(ApiKeyRow.organization_id == organization_id, ApiKeyRow.id > after)
+        if reach is not None:
+            outside = listed.where(ApiKeyEnvironmentRow.environment_id.not_in(sorted(reach)))
+            query = query.where(listed.exists(), ~outside.exists())
+        if environment_id is not None:
+            query = query.where(
+                or_(
+                    ~listed.exists(),
+                    listed.where(ApiKeyEnvironmentRow.environment_id == environment_id).exists(),
+                )
+            )
+        if not show_revoked:
+            query = query.where(ApiKeyRow.revoke_time.is_(None))
+        rows = list(await self._session.scalars(query.order_by(ApiKeyRow.id).limit(limit)))
+        environments: dict[str, list[str]] = {row.id: [] for row in rows}
+        if rows:
+            pairs = await self._session.execute(
+                select(ApiKeyEnvironmentRow.api_key_id, ApiKeyEnvironmentRow.environment_id).where(
+                    ApiKeyEnvironmentRow.api_key_id.in_(list(environments))
+                )
+            )
+            for pair in pairs:
+                environments[pair.api_key_id].append(pair.environment_id)
+        return [to_api_key(row, environments[row.id]) for row in rows]

@@ -1,39 +1,155 @@
-"""ApiKeyService: not served yet; every method answers UNIMPLEMENTED."""
+"""ApiKeyService: translation only."""
 
 from __future__ import annotations
 
-from typing import Any
+from datetime import UTC, datetime, timedelta
 
 import grpc
-from agentpost.environments.v1 import api_key_pb2_grpc
+from agentpost.environments.v1 import api_key_pb2, api_key_pb2_grpc
+from google.protobuf import duration_pb2, timestamp_pb2
 
-from service.domain.errors import Unimplemented
-from service.domain.runtime import Runtime
+from service.domain.api_keys import ApiKeys, KeyChanges, Verification
+from service.domain.errors import InvalidArgument
+from service.domain.models import ApiKey, KeyMode
+from service.domain.runtime import Runtime, utcnow
+from service.transport import context, convert
+
+_MODES: dict[int, KeyMode | None] = {
+    api_key_pb2.ApiKey.MODE_UNSPECIFIED: None,
+    api_key_pb2.ApiKey.LIVE: KeyMode.LIVE,
+    api_key_pb2.ApiKey.DEV: KeyMode.DEV,
+}
+
+
+def _time(field: str, stamp: timestamp_pb2.Timestamp) -> datetime:
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument.field(field, "is not a valid timestamp") from None
+
+
+def _duration(field: str, duration: duration_pb2.Duration) -> timedelta:
+    try:
+        return duration.ToTimedelta()
+    except (ValueError, OverflowError):
+        raise InvalidArgument.field(field, "is not a valid duration") from None
+
+
+def _mode(value: int) -> KeyMode | None:
+    if value not in _MODES:
+        raise InvalidArgument.field("mode", "must be LIVE or DEV")
+    return _MODES[value]
 
 
 class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
-    """gRPC face of ApiKeyService."""
+    """gRPC face of the API key use cases."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
+        self._keys = ApiKeys(runtime)
 
-    async def CreateApiKey(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("CreateApiKey is not implemented yet")
+    def _wire(self, key: ApiKey, now: datetime | None = None) -> api_key_pb2.ApiKey:
+        return convert.api_key(key, now=now or utcnow(), last_used_time=self._keys.last_used(key))
 
-    async def GetApiKey(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("GetApiKey is not implemented yet")
+    async def CreateApiKey(
+        self, request: api_key_pb2.CreateApiKeyRequest, _context: grpc.aio.ServicerContext
+    ) -> api_key_pb2.CreateApiKeyResponse:
+        created = await self._keys.create(
+            context.principal(),
+            name=request.name,
+            scope_names=list(request.scopes),
+            environment_ids=list(request.environment_ids),
+            owner_member_id=request.owner_member_id,
+            mode=_mode(request.mode),
+            expire_time=_time("expire_time", request.expire_time)
+            if request.HasField("expire_time")
+            else None,
+            request_id=request.request_id,
+        )
+        return api_key_pb2.CreateApiKeyResponse(api_key=self._wire(created.key), secret=created.secret)
 
-    async def ListApiKeys(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("ListApiKeys is not implemented yet")
+    async def GetApiKey(
+        self, request: api_key_pb2.GetApiKeyRequest, _context: grpc.aio.ServicerContext
+    ) -> api_key_pb2.ApiKey:
+        return self._wire(await self._keys.get(context.principal(), request.id))
 
-    async def UpdateApiKey(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("UpdateApiKey is not implemented yet")
+    async def ListApiKeys(
+        self, request: api_key_pb2.ListApiKeysRequest, _context: grpc.aio.ServicerContext
+    ) -> api_key_pb2.ListApiKeysResponse:
+        page = await self._keys.list(
+            context.principal(),
+            request.page_size,
+            request.page_token,
+            request.environment_id,
+            request.show_revoked,
+        )
+        now = utcnow()
+        return api_key_pb2.ListApiKeysResponse(
+            api_keys=[self._wire(key, now) for key in page.items], next_page_token=page.next_page_token
+        )
 
-    async def RevokeApiKey(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("RevokeApiKey is not implemented yet")
+    async def UpdateApiKey(
+        self, request: api_key_pb2.UpdateApiKeyRequest, _context: grpc.aio.ServicerContext
+    ) -> api_key_pb2.ApiKey:
+        given = request.api_key
+        changes = KeyChanges(
+            name=given.name,
+            scopes=list(given.scopes),
+            environment_ids=list(given.environment_ids),
+            expire_time=_time("api_key.expire_time", given.expire_time)
+            if given.HasField("expire_time")
+            else None,
+        )
+        key = await self._keys.update(
+            context.principal(), given.id, changes, list(request.update_mask.paths), given.etag
+        )
+        return self._wire(key)
 
-    async def RollApiKey(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("RollApiKey is not implemented yet")
+    async def RevokeApiKey(
+        self, request: api_key_pb2.RevokeApiKeyRequest, _context: grpc.aio.ServicerContext
+    ) -> api_key_pb2.ApiKey:
+        return self._wire(await self._keys.revoke(context.principal(), request.id, request.etag))
 
-    async def VerifyApiKey(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("VerifyApiKey is not implemented yet")
+    async def RollApiKey(
+        self, request: api_key_pb2.RollApiKeyRequest, _context: grpc.aio.ServicerContext
+    ) -> api_key_pb2.RollApiKeyResponse:
+        ttl = (
+            _duration("previous_key_ttl", request.previous_key_ttl)
+            if request.HasField("previous_key_ttl")
+            else None
+        )
+        rolled = await self._keys.roll(context.principal(), request.id, ttl)
+        now = utcnow()
+        return api_key_pb2.RollApiKeyResponse(
+            api_key=self._wire(rolled.key, now),
+            secret=rolled.secret,
+            previous_api_key=self._wire(rolled.previous, now),
+        )
+
+    async def VerifyApiKey(
+        self, request: api_key_pb2.VerifyApiKeyRequest, _context: grpc.aio.ServicerContext
+    ) -> api_key_pb2.VerifyApiKeyResponse:
+        verification = await self._keys.verify(
+            request.secret, request.environment, list(request.required_scopes)
+        )
+        return _verification(verification)
+
+
+def _verification(outcome: Verification) -> api_key_pb2.VerifyApiKeyResponse:
+    response = api_key_pb2.VerifyApiKeyResponse(
+        valid=outcome.valid,
+        denial_reason=outcome.denial.value if outcome.denial is not None else "DENIAL_REASON_UNSPECIFIED",
+    )
+    key = outcome.key
+    if key is not None:
+        who = response.principal
+        who.organization_id = key.organization_id
+        who.api_key_id = key.id
+        who.owner_member_id = key.owner_member_id or ""
+        who.organization_wide = key.organization_wide
+        who.scopes.extend(key.scopes)
+        if outcome.principal is not None:
+            who.allowed_environment_ids.extend(sorted(outcome.principal.allowed_environment_ids))
+        if outcome.environment is not None:
+            who.environment_id = outcome.environment.id
+            who.environment_slug = outcome.environment.slug
+    return response

@@ -1,0 +1,440 @@
+"""The API key use cases: create, read, list, update, revoke, roll, and verify for other services.
+
+No escalation, the rules every mutation obeys:
+
+- A key is *within reach* of an organization-level caller when it belongs to the caller's
+  organization; of any other caller only when it lists at least one environment and every one of
+  them is visible to the caller. Organization-wide keys are thus reached only at organization
+  level. A key out of reach is NOT_FOUND `API_KEY_NOT_FOUND`, exactly like a random id.
+- A caller grants only scopes it holds (`SCOPE_ESCALATION`) and environments visible to it
+  (`ENVIRONMENT_NOT_FOUND`) and active (`ENVIRONMENT_DELETED`); an organization-wide key needs an
+  organization-level caller (`ORGANIZATION_KEY_REQUIRED`).
+- A member-owned caller changes a key only when its owner may administer every environment of
+  the key (`ENVIRONMENT_ADMIN_REQUIRED`), checked after reach.
+- A member-owned caller that is not organization-level creates and rolls only keys owned by its
+  own member (`OWNER_ESCALATION`), so no key it makes outlives that member's access.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import Final
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.domain import ids, keys, scopes, validation
+from service.domain.errors import AlreadyExists, Denied, FailedPrecondition, InvalidArgument, NotFound
+from service.domain.idempotency import create_once
+from service.domain.models import ApiKey, Environment, KeyMode, KeyState
+from service.domain.pagination import Page, PageRequest
+from service.domain.principal import Denial, Principal
+from service.domain.runtime import Runtime, check_etag, utcnow
+from service.storage.api_keys import ApiKeyRepository
+from service.storage.environments import EnvironmentRepository
+from service.storage.members import MemberRepository
+
+MUTABLE_FIELDS: Final = ("name", "scopes", "environment_ids", "expire_time")
+MAX_PREVIOUS_KEY_TTL: Final = timedelta(days=7)
+CREATE: Final = "CreateApiKey"
+
+
+@dataclass(frozen=True)
+class NewKey:
+    """A key just made, with its secret (shown once)."""
+
+    key: ApiKey
+    secret: str
+
+
+@dataclass(frozen=True)
+class RolledKey:
+    """The outcome of a roll: the new key with its secret, and the previous key now expiring."""
+
+    key: ApiKey
+    secret: str
+    previous: ApiKey
+
+
+@dataclass(frozen=True)
+class KeyChanges:
+    """The values an UpdateApiKey request carries; only the fields in the mask are applied."""
+
+    name: str
+    scopes: Sequence[str]
+    environment_ids: Sequence[str]
+    expire_time: datetime | None
+
+
+@dataclass(frozen=True)
+class Verification:
+    """VerifyApiKey's answer. `key` is set whenever the secret named a key; `principal` when the
+    key itself is usable; `environment` when one was resolved."""
+
+    denial: Denial | None
+    key: ApiKey | None = None
+    principal: Principal | None = None
+    environment: Environment | None = None
+
+    @property
+    def valid(self) -> bool:
+        """True when nothing was refused."""
+        return self.denial is None
+
+
+def api_key_not_found(key_id: str) -> NotFound:
+    """The one NOT_FOUND for keys, whether absent, of another organization or out of reach."""
+    return NotFound(f"API key {key_id[:100]!r} not found", reason="API_KEY_NOT_FOUND")
+
+
+def within_reach(principal: Principal, key: ApiKey) -> bool:
+    """Whether the caller reaches the key (see the module docstring); both of one organization."""
+    if key.organization_id != principal.organization_id:
+        return False
+    if principal.organization_level:
+        return True
+    return not key.organization_wide and set(key.environment_ids) <= principal.visible_environment_ids
+
+
+class ApiKeys:
+    """The ApiKeyService use cases."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    # -- create -------------------------------------------------------------------------------
+
+    async def create(
+        self,
+        principal: Principal,
+        *,
+        name: str,
+        scope_names: Sequence[str],
+        environment_ids: Sequence[str],
+        owner_member_id: str,
+        mode: KeyMode | None,
+        expire_time: datetime | None,
+        request_id: str,
+    ) -> NewKey:
+        """A new key and its secret. Mode unset means LIVE; `expire_time` must lie in the future.
+        A repeated `request_id` is ALREADY_EXISTS `DUPLICATE_REQUEST` with the first key's id in
+        the `keyId` metadata, because the secret cannot be shown twice."""
+        now = utcnow()
+        name = validation.name("name", name)
+        granted = scopes.validate("scopes", scope_names, required=True)
+        idempotency_key = validation.request_id(request_id)
+        _check_expiry("expire_time", expire_time, now)
+        env_ids = _environment_ids("environment_ids", environment_ids)
+        _require_held(principal, granted)
+        if not env_ids:
+            principal.require_organization_level()
+        for env_id in env_ids:
+            principal.usable_environment(env_id)
+        for env_id in env_ids:
+            principal.require_administer(env_id)
+        owner = _owner_of_new_key(principal, owner_member_id)
+        secret = keys.generate(keys.DEV if mode is KeyMode.DEV else keys.LIVE)
+        key = ApiKey(
+            id=ids.new_id(ids.API_KEY),
+            organization_id=principal.organization_id,
+            name=name,
+            scopes=granted,
+            environment_ids=env_ids,
+            owner_member_id=owner,
+            mode=mode or KeyMode.LIVE,
+            prefix=secret.prefix,
+            create_time=now,
+            update_time=now,
+            expire_time=expire_time,
+            last_used_time=None,
+            revoke_time=None,
+            version=1,
+        )
+
+        async def insert(session: AsyncSession) -> str:
+            if owner is not None and await MemberRepository(session).get(key.organization_id, owner) is None:
+                raise NotFound(f"member {owner[:100]!r} not found", reason="MEMBER_NOT_FOUND")
+            await _require_active(session, principal, env_ids)
+            await ApiKeyRepository(session).insert(key, self._rt.hasher.digest(secret.secret))
+            return key.id
+
+        outcome = await create_once(
+            self._rt.database,
+            organization_id=principal.organization_id,
+            operation=CREATE,
+            request_id=idempotency_key,
+            create=insert,
+        )
+        if not outcome.created:
+            raise AlreadyExists(
+                "a key was already created with this request_id; its secret cannot be shown again",
+                reason="DUPLICATE_REQUEST",
+                metadata={"keyId": outcome.result_id},
+            )
+        return NewKey(key, secret.secret)
+
+    # -- read ---------------------------------------------------------------------------------
+
+    async def get(self, principal: Principal, key_id: str) -> ApiKey:
+        """One key within reach."""
+        key_id = validation.required_id("id", key_id)
+        async with self._rt.database.read() as session:
+            key = await ApiKeyRepository(session).get(principal.organization_id, key_id)
+        if key is None or not within_reach(principal, key):
+            raise api_key_not_found(key_id)
+        return key
+
+    async def list(
+        self, principal: Principal, page_size: int, page_token: str, environment_id: str, show_revoked: bool
+    ) -> Page[ApiKey]:
+        """The keys within reach, ordered by id. `environment_id` (visible to the caller) keeps
+        the keys that may act there: those listing it and organization-wide ones. Revoked keys
+        are hidden unless `show_revoked`; expired ones are listed, with state EXPIRED."""
+        request = PageRequest.of(
+            self._rt.page_tokens,
+            page_size,
+            page_token,
+            ("ListApiKeys", principal.key.id, environment_id, show_revoked),
+        )
+        if environment_id:
+            principal.visible_environment(environment_id)
+        async with self._rt.database.read() as session:
+            fetched = await ApiKeyRepository(session).list_page(
+                principal.organization_id,
+                after=request.after[0] if request.after else "",
+                limit=request.size + 1,
+                reach=None if principal.organization_level else principal.visible_environment_ids,
+                environment_id=environment_id or None,
+                show_revoked=show_revoked,
+            )
+        return request.page(self._rt.page_tokens, fetched, lambda key: (key.id,))
+
+    # -- change -------------------------------------------------------------------------------
+
+    async def update(
+        self, principal: Principal, key_id: str, changes: KeyChanges, paths: Sequence[str], etag: str
+    ) -> ApiKey:
+        """Applies the fields named in the mask (`name`, `scopes`, `environment_ids`,
+        `expire_time`; an empty mask is refused). `expire_time` in the mask while unset clears it.
+        New values obey Create's no-escalation rules; scopes and environments the key already
+        has may stay. A revoked key cannot change; an expired one may be given a new expiry."""
+        fields = _mask(paths)
+        now = utcnow()
+        name = validation.name("api_key.name", changes.name) if "name" in fields else None
+        new_scopes = (
+            scopes.validate("api_key.scopes", changes.scopes, required=True) if "scopes" in fields else None
+        )
+        new_env_ids = (
+            _environment_ids("api_key.environment_ids", changes.environment_ids)
+            if "environment_ids" in fields
+            else None
+        )
+        if "expire_time" in fields:
+            _check_expiry("api_key.expire_time", changes.expire_time, now)
+        key_id = validation.required_id("api_key.id", key_id)
+        async with self._rt.database.write(principal.organization_id) as session:
+            repository = ApiKeyRepository(session)
+            current = await self._changeable(repository, principal, key_id)
+            check_etag(etag, current.etag)
+            if current.state(now) is KeyState.REVOKED:
+                raise FailedPrecondition("a revoked key cannot be changed", reason="API_KEY_REVOKED")
+            if new_scopes is not None:
+                _require_held(principal, set(new_scopes) - set(current.scopes))
+            if new_env_ids is not None:
+                if not new_env_ids:
+                    principal.require_organization_level()
+                added = [env_id for env_id in new_env_ids if env_id not in current.environment_ids]
+                for env_id in added:
+                    principal.usable_environment(env_id)
+                for env_id in added:
+                    principal.require_administer(env_id)
+                await _require_active(session, principal, added)
+            updated = replace(
+                current,
+                name=name if name is not None else current.name,
+                scopes=new_scopes if new_scopes is not None else current.scopes,
+                environment_ids=new_env_ids if new_env_ids is not None else current.environment_ids,
+                expire_time=changes.expire_time if "expire_time" in fields else current.expire_time,
+                update_time=now,
+                version=current.version + 1,
+            )
+            await repository.save(updated)
+        return updated
+
+    async def revoke(self, principal: Principal, key_id: str, etag: str) -> ApiKey:
+        """Revokes at once: this server refuses the key from the next call, other replicas
+        within their cache refresh interval. Revoking a revoked key returns it unchanged."""
+        key_id = validation.required_id("id", key_id)
+        async with self._rt.database.write(principal.organization_id) as session:
+            repository = ApiKeyRepository(session)
+            current = await self._changeable(repository, principal, key_id)
+            check_etag(etag, current.etag)
+            if current.revoke_time is not None:
+                return current
+            now = utcnow()
+            revoked = replace(current, revoke_time=now, update_time=now, version=current.version + 1)
+            await repository.save(revoked)
+        return revoked
+
+    async def roll(self, principal: Principal, key_id: str, previous_key_ttl: timedelta | None) -> RolledKey:
+        """A new key with the same name, scopes, environments, owner, mode and original
+        `expire_time`; the previous key then expires at min(its expire_time, now + ttl) (unset or
+        0: now), at most 7 days on. Rolling hands out a secret with the key's access, so the
+        caller must hold all the key's scopes and, if member-owned below organization level, own
+        it through the same member. Both writes happen in one transaction."""
+        ttl = previous_key_ttl or timedelta(0)
+        if ttl < timedelta(0) or ttl > MAX_PREVIOUS_KEY_TTL:
+            raise InvalidArgument.field("previous_key_ttl", "must be between 0 and 7 days")
+        key_id = validation.required_id("id", key_id)
+        async with self._rt.database.write(principal.organization_id) as session:
+            repository = ApiKeyRepository(session)
+            current = await self._changeable(repository, principal, key_id)
+            now = utcnow()
+            state = current.state(now)
+            if state is KeyState.REVOKED:
+                raise FailedPrecondition("a revoked key cannot be rolled", reason="API_KEY_REVOKED")
+            if state is KeyState.EXPIRED:
+                raise FailedPrecondition("an expired key cannot be rolled", reason="API_KEY_EXPIRED")
+            _require_held(principal, current.scopes)
+            caller_owner = principal.key.owner_member_id
+            if (
+                caller_owner is not None
+                and not principal.organization_level
+                and current.owner_member_id != caller_owner
+            ):
+                raise Denied("this key may only roll keys owned by its own member", reason="OWNER_ESCALATION")
+            if (
+                current.owner_member_id is not None
+                and await MemberRepository(session).get(current.organization_id, current.owner_member_id)
+                is None
+            ):
+                raise FailedPrecondition(
+                    "the member that owned the key left the organization", reason="API_KEY_OWNER_REMOVED"
+                )
+            secret = keys.generate(keys.DEV if current.mode is KeyMode.DEV else keys.LIVE)
+            successor = replace(
+                current,
+                id=ids.new_id(ids.API_KEY),
+                prefix=secret.prefix,
+                create_time=now,
+                update_time=now,
+                last_used_time=None,
+                version=1,
+            )
+            overlap_end = now + ttl
+            previous = replace(
+                current,
+                expire_time=overlap_end
+                if current.expire_time is None
+                else min(current.expire_time, overlap_end),
+                update_time=now,
+                version=current.version + 1,
+            )
+            await repository.save(previous)
+            await repository.insert(successor, self._rt.hasher.digest(secret.secret))
+        return RolledKey(successor, secret.secret, previous)
+
+    @staticmethod
+    async def _changeable(repository: ApiKeyRepository, principal: Principal, key_id: str) -> ApiKey:
+        """The key, if within reach and the caller may administer all its environments."""
+        key = await repository.get(principal.organization_id, key_id)
+        if key is None or not within_reach(principal, key):
+            raise api_key_not_found(key_id)
+        for env_id in key.environment_ids:
+            principal.require_administer(env_id)
+        return key
+
+    # -- verify -------------------------------------------------------------------------------
+
+    async def verify(self, secret: str, environment: str, required_scopes: Sequence[str]) -> Verification:
+        """Who the secret is and whether it may act in `environment` (id or slug; empty: the key's
+        only environment, else the default one if usable) with every required scope. Checks run
+        in that order: the key, the environment, the scopes. A malformed secret is refused from
+        its checksum alone, a warm key without a database round trip. An unknown key and a key of
+        another organization look the same; an environment of another organization is
+        ENVIRONMENT_NOT_FOUND. Unknown required scopes are INVALID_ARGUMENT (never holdable)."""
+        required = scopes.validate("required_scopes", required_scopes, required=False)
+        if not secret:
+            return Verification(Denial.MALFORMED)
+        outcome = await self._rt.access.authenticate(secret)
+        if outcome.principal is None:
+            assert outcome.denial is not None
+            return Verification(outcome.denial, key=outcome.key)
+        principal = outcome.principal
+        resolved = principal.resolve(environment or None)
+        if not isinstance(resolved, Environment):
+            return Verification(resolved, key=principal.key, principal=principal)
+        missing = [scope for scope in required if not principal.has_scope(scope)]
+        return Verification(
+            Denial.SCOPE_MISSING if missing else None,
+            key=principal.key,
+            principal=principal,
+            environment=resolved,
+        )
+
+    def last_used(self, key: ApiKey) -> datetime | None:
+        """The key's last use to within a minute, including uses not yet written."""
+        return self._rt.access.last_used(key)
+
+
+def _require_held(principal: Principal, wanted: Iterable[str]) -> None:
+    missing = sorted(scope for scope in wanted if not principal.has_scope(scope))
+    if missing:
+        raise Denied(
+            f"a key can only grant scopes it holds; the caller lacks {', '.join(missing)}",
+            reason="SCOPE_ESCALATION",
+        )
+
+
+def _owner_of_new_key(principal: Principal, requested: str) -> str | None:
+    """The owner a key made by this caller gets. Below organization level a member-owned caller
+    only makes keys of its own member (empty means that member)."""
+    caller_owner = principal.key.owner_member_id
+    if caller_owner is not None and not principal.organization_level:
+        if requested and requested != caller_owner:
+            raise Denied("this key may only create keys owned by its own member", reason="OWNER_ESCALATION")
+        return caller_owner
+    if not requested:
+        return None
+    return validation.required_id("owner_member_id", requested)
+
+
+def _environment_ids(field: str, given: Sequence[str]) -> tuple[str, ...]:
+    for env_id in given:
+        validation.required_id(field, env_id)
+    if len(given) > 1000:
+        raise InvalidArgument.field(field, "must list at most 1000 environments")
+    return tuple(sorted(set(given)))
+
+
+def _check_expiry(field: str, expire_time: datetime | None, now: datetime) -> None:
+    if expire_time is not None and expire_time <= now:
+        raise InvalidArgument.field(field, "must lie in the future")
+
+
+async def _require_active(session: AsyncSession, principal: Principal, env_ids: Iterable[str]) -> None:
+    """Re-reads the environments in the write transaction, so one deleted since the caller's
+    snapshot was taken is not granted."""
+    repository = EnvironmentRepository(session)
+    for env_id in env_ids:
+        env = await repository.get(principal.organization_id, env_id)
+        if env is None or env.deleted:
+            raise FailedPrecondition(f"environment {env_id} is deleted", reason="ENVIRONMENT_DELETED")
+
+
+def _mask(paths: Sequence[str]) -> frozenset[str]:
+    if not paths:
+        raise InvalidArgument.field(
+            "update_mask", "name the fields to change: name, scopes, environment_ids, expire_time"
+        )
+    if "*" in paths:
+        return frozenset(MUTABLE_FIELDS)
+    for path in paths:
+        if path not in MUTABLE_FIELDS:
+            raise InvalidArgument.field(
+                "update_mask",
+                f"{path[:100]!r} cannot be updated; only name, scopes, environment_ids and expire_time can",
+                reason="FIELD_NOT_MUTABLE",
+            )
+    return frozenset(paths)

@@ -1,0 +1,244 @@
+"""VerifyApiKey and the environment context: every denial reason, and the hot path's cost in SQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import grpc
+from agentpost.environments.v1 import api_key_pb2 as pb
+from agentpost.environments.v1 import environment_pb2, organization_pb2
+from sqlalchemy import event
+
+from tests.harness import Harness, Org, auth, fails
+
+Code = grpc.StatusCode
+Reason = pb.VerifyApiKeyResponse
+
+
+def background_statement(statement: str) -> bool:
+    """The cache's revision poll and last-used flush run on their own timers, not per call."""
+    text = " ".join(statement.split()).lower()
+    return text.startswith("select organizations.id, organizations.revision") or (
+        text.startswith("update api_keys set last_used_time")
+    )
+
+
+@contextmanager
+def counted_sql(harness: Harness) -> Iterator[list[str]]:
+    """Records the statements the server sends to its database while the block runs."""
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not background_statement(statement):
+            statements.append(statement)
+
+    engine = harness.app.engine.sync_engine
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+
+
+def corrupt(secret: str, position: int) -> str:
+    replacement = "A" if secret[position] != "A" else "B"
+    return secret[:position] + replacement + secret[position + 1 :]
+
+
+async def verify(
+    harness: Harness, secret: str, environment: str = "", *scopes: str
+) -> pb.VerifyApiKeyResponse:
+    response: pb.VerifyApiKeyResponse = await harness.api_keys.VerifyApiKey(
+        pb.VerifyApiKeyRequest(secret=secret, environment=environment, required_scopes=list(scopes))
+    )
+    return response
+
+
+async def test_valid_key_resolves_environment_by_id_slug_and_default(harness: Harness, org: Org) -> None:
+    staging = await harness.new_environment(org, "Staging")
+    default = org.default_environment
+    response = await verify(harness, org.owner_secret, "", "inboxes:read")
+    assert response.valid and response.denial_reason == Reason.DENIAL_REASON_UNSPECIFIED
+    who = response.principal
+    assert (who.organization_id, who.api_key_id, who.owner_member_id) == (
+        org.id,
+        org.owner_key_id,
+        org.owner_member_id,
+    )
+    assert who.organization_wide
+    assert (who.environment_id, who.environment_slug) == (default.id, "default")
+    assert list(who.allowed_environment_ids) == sorted([default.id, staging.id])
+    assert "api_keys:write" in who.scopes
+    for reference in (staging.id, "staging"):
+        response = await verify(harness, org.owner_secret, reference)
+        assert response.valid
+        assert (response.principal.environment_id, response.principal.environment_slug) == (
+            staging.id,
+            "staging",
+        )
+
+
+async def test_single_environment_key_defaults_to_it(harness: Harness, org: Org) -> None:
+    env = await harness.new_environment(org, "Only")
+    key, secret = await harness.new_key(org, ["inboxes:read"], [env.id])
+    response = await verify(harness, secret)
+    assert response.valid and response.principal.environment_id == env.id
+    assert not response.principal.organization_wide
+    assert list(response.principal.allowed_environment_ids) == [env.id]
+    assert response.principal.api_key_id == key.id
+
+
+async def test_two_environment_key_without_default_needs_one_named(harness: Harness, org: Org) -> None:
+    env_a = await harness.new_environment(org, "A")
+    env_b = await harness.new_environment(org, "B")
+    _, secret = await harness.new_key(org, ["inboxes:read"], [env_a.id, env_b.id])
+    response = await verify(harness, secret)
+    assert not response.valid and response.denial_reason == Reason.ENVIRONMENT_REQUIRED
+    assert response.principal.api_key_id and not response.principal.environment_id
+    assert list(response.principal.allowed_environment_ids) == sorted([env_a.id, env_b.id])
+
+
+async def test_key_for_a_is_refused_in_b_by_id_and_slug(harness: Harness, org: Org) -> None:
+    env_a = await harness.new_environment(org, "A", slug="env-a")
+    env_b = await harness.new_environment(org, "B", slug="env-b")
+    _, secret = await harness.new_key(org, ["inboxes:read", "environments:read"], [env_a.id])
+    for reference in (env_b.id, "env-b", org.default_environment.id, "default"):
+        response = await verify(harness, secret, reference)
+        assert not response.valid and response.denial_reason == Reason.ENVIRONMENT_NOT_ALLOWED
+        assert not response.principal.environment_id
+    random_env = await fails(
+        harness.environments.GetEnvironment(
+            environment_pb2.GetEnvironmentRequest(id="env_01J0000000000000000000000A"), metadata=auth(secret)
+        ),
+        Code.NOT_FOUND,
+        "ENVIRONMENT_NOT_FOUND",
+    )
+    for request in (
+        environment_pb2.GetEnvironmentRequest(id=env_b.id),
+        environment_pb2.GetEnvironmentRequest(slug="env-b"),
+    ):
+        failure = await fails(
+            harness.environments.GetEnvironment(request, metadata=auth(secret, env_a.id)),
+            Code.NOT_FOUND,
+            "ENVIRONMENT_NOT_FOUND",
+        )
+        assert failure.message.split("'")[0] == random_env.message.split("'")[0]
+    assert (await verify(harness, secret, "env-a")).valid
+
+
+async def test_unknown_other_org_and_deleted_environments(harness: Harness, org: Org) -> None:
+    other = await harness.new_org("Other")
+    theirs = await harness.new_environment(other, "Theirs", slug="theirs")
+    for reference in (theirs.id, "theirs", "env_01J0000000000000000000000A", "x" * 300):
+        response = await verify(harness, org.owner_secret, reference)
+        assert response.denial_reason == Reason.ENVIRONMENT_NOT_FOUND
+    gone = await harness.new_environment(org, "Gone")
+    await harness.environments.DeleteEnvironment(
+        environment_pb2.DeleteEnvironmentRequest(id=gone.id), metadata=auth(org.owner_secret)
+    )
+    response = await verify(harness, org.owner_secret, gone.id)
+    assert not response.valid and response.denial_reason == Reason.ENVIRONMENT_DELETED
+    assert gone.id not in response.principal.allowed_environment_ids
+
+
+async def test_scopes_are_checked_after_the_environment(harness: Harness, org: Org) -> None:
+    env = await harness.new_environment(org, "Env")
+    _, secret = await harness.new_key(org, ["inboxes:read"], [env.id])
+    assert (await verify(harness, secret, env.id, "inboxes:read")).valid
+    response = await verify(harness, secret, env.id, "inboxes:read", "inboxes:write")
+    assert not response.valid and response.denial_reason == Reason.SCOPE_MISSING
+    assert response.principal.environment_id == env.id and list(response.principal.scopes) == ["inboxes:read"]
+    response = await verify(harness, secret, "nope", "inboxes:write")
+    assert response.denial_reason == Reason.ENVIRONMENT_NOT_FOUND
+    failure = await fails(
+        harness.api_keys.VerifyApiKey(pb.VerifyApiKeyRequest(secret=secret, required_scopes=["inboxes:own"])),
+        Code.INVALID_ARGUMENT,
+        "UNKNOWN_SCOPE",
+    )
+    assert "required_scopes" in failure.violations
+    # The same missing scope on a real call is PERMISSION_DENIED with reason SCOPE_MISSING.
+    await fails(
+        harness.environments.ListEnvironments(
+            environment_pb2.ListEnvironmentsRequest(), metadata=auth(secret)
+        ),
+        Code.PERMISSION_DENIED,
+        "SCOPE_MISSING",
+    )
+
+
+async def test_key_denials_still_name_the_key(harness: Harness, org: Org) -> None:
+    key, secret = await harness.new_key(org, ["inboxes:read"], owner_member_id=org.owner_member_id)
+    await harness.api_keys.RevokeApiKey(pb.RevokeApiKeyRequest(id=key.id), metadata=auth(org.owner_secret))
+    response = await verify(harness, secret, "default", "inboxes:read")
+    assert not response.valid and response.denial_reason == Reason.REVOKED
+    who = response.principal
+    assert (who.organization_id, who.api_key_id, who.owner_member_id, list(who.scopes)) == (
+        org.id,
+        key.id,
+        org.owner_member_id,
+        ["inboxes:read"],
+    )
+    assert not who.environment_id and not who.allowed_environment_ids
+    rolled_from, old_secret = await harness.new_key(org, ["inboxes:read"])
+    await harness.api_keys.RollApiKey(
+        pb.RollApiKeyRequest(id=rolled_from.id), metadata=auth(org.owner_secret)
+    )
+    response = await verify(harness, old_secret)
+    assert response.denial_reason == Reason.EXPIRED and response.principal.api_key_id == rolled_from.id
+
+
+async def test_unknown_and_foreign_keys_look_the_same(harness: Harness, org: Org) -> None:
+    from service.domain import keys
+
+    unknown = await verify(harness, keys.generate(keys.LIVE).secret)
+    assert not unknown.valid and unknown.denial_reason == Reason.NOT_FOUND
+    assert not unknown.HasField("principal")
+    empty = await verify(harness, "")
+    assert empty.denial_reason == Reason.MALFORMED and not empty.HasField("principal")
+    # A key of another organization naming this organization's environment: the environment is
+    # looked up in the key's own organization only.
+    other = await harness.new_org("Other")
+    response = await verify(harness, other.owner_secret, org.default_environment.id)
+    assert response.denial_reason == Reason.ENVIRONMENT_NOT_FOUND
+    assert response.principal.organization_id == other.id
+
+
+async def test_corrupted_secret_is_refused_without_sql(harness: Harness, org: Org) -> None:
+    secret = org.owner_secret
+    for position in (6, 12, 30, len(secret) - 1):
+        bad = corrupt(secret, position)
+        with counted_sql(harness) as statements:
+            response = await verify(harness, bad)
+            failure = await fails(
+                harness.organizations.GetOrganization(
+                    organization_pb2.GetOrganizationRequest(), metadata=auth(bad)
+                ),
+                Code.UNAUTHENTICATED,
+                "API_KEY_MALFORMED",
+            )
+        assert response.denial_reason == Reason.MALFORMED and not response.valid
+        assert bad not in failure.message
+        assert statements == []
+    for bad in ("ap_sk_live_short", secret + "x", secret.replace("live", "test"), "Bearer"):
+        assert (await verify(harness, bad)).denial_reason == Reason.MALFORMED
+
+
+async def test_warm_key_verifies_without_sql(harness: Harness, org: Org) -> None:
+    env = await harness.new_environment(org, "Hot")
+    _, secret = await harness.new_key(org, ["inboxes:read"], [env.id])
+    with counted_sql(harness) as cold:
+        assert (await verify(harness, secret, env.id, "inboxes:read")).valid
+    assert any("api_keys" in statement for statement in cold), "the counter must see the cold lookup"
+    with counted_sql(harness) as statements:
+        for _ in range(50):
+            assert (await verify(harness, secret, env.id, "inboxes:read")).valid
+    assert statements == []
+
+
+async def test_revoke_is_seen_by_verify_on_the_next_call(harness: Harness, org: Org) -> None:
+    key, secret = await harness.new_key(org, ["inboxes:read"])
+    assert (await verify(harness, secret)).valid
+    await harness.api_keys.RevokeApiKey(pb.RevokeApiKeyRequest(id=key.id), metadata=auth(org.owner_secret))
+    assert (await verify(harness, secret)).denial_reason == Reason.REVOKED
