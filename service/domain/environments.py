@@ -72,9 +72,14 @@ class Environments:
         if not environment_id and not slug:
             raise InvalidArgument.field("id", "give the environment's id or slug")
         env = principal.snapshot.find_environment(environment_id or slug)
-        if env is None or (slug and env.slug != slug) or (environment_id and env.id != environment_id):
+        if (
+            env is None
+            or (slug and env.slug != slug)
+            or (environment_id and env.id != environment_id)
+            or env.id not in principal.visible_environment_ids
+        ):
             raise environment_not_found(environment_id or slug)
-        return principal.visible_environment(env.id)
+        return env
 
     def list(
         self, principal: Principal, page_size: int, page_token: str, show_deleted: bool

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.domain.models import EnvironmentMembership, EnvRole, Member, OrgRole
@@ -82,3 +82,105 @@ class MemberRepository:
         for row in rows:
             roles.setdefault(row.member_id, {})[row.environment_id] = EnvRole(row.role)
         return roles
+
+    async def page(self, organization_id: str, after: str, limit: int) -> list[Member]:
+        """Up to `limit` members of the organization with ids after `after`, ordered by id."""
+        rows = await self._session.scalars(
+            select(MemberRow)
+            .where(MemberRow.organization_id == organization_id, MemberRow.id > after)
+            .order_by(MemberRow.id)
+            .limit(limit)
+        )
+        return [to_member(row) for row in rows]
+
+    async def save(self, member: Member) -> None:
+        """Writes the mutable fields of an existing member; the email never changes."""
+        row = await self._session.get(MemberRow, member.id)
+        assert row is not None and row.organization_id == member.organization_id
+        row.display_name = member.display_name
+        row.role = member.role.value
+        row.update_time = member.update_time
+        row.version = member.version
+        await self._session.flush()
+
+    async def delete(self, organization_id: str, member_id: str) -> None:
+        """Removes a member and its environment memberships. The foreign key cascades too; the
+        memberships are deleted explicitly so no backend setting can leave them behind."""
+        await self._session.execute(
+            delete(EnvironmentMemberRow).where(
+                EnvironmentMemberRow.organization_id == organization_id,
+                EnvironmentMemberRow.member_id == member_id,
+            )
+        )
+        await self._session.execute(
+            delete(MemberRow).where(MemberRow.organization_id == organization_id, MemberRow.id == member_id)
+        )
+
+    async def count_owners(self, organization_id: str) -> int:
+        """How many OWNER members the organization has."""
+        count = await self._session.scalar(
+            select(func.count())
+            .select_from(MemberRow)
+            .where(MemberRow.organization_id == organization_id, MemberRow.role == OrgRole.OWNER.value)
+        )
+        return int(count or 0)
+
+    async def get_membership(
+        self, organization_id: str, environment_id: str, member_id: str
+    ) -> EnvironmentMembership | None:
+        """A member's access to one environment, or None."""
+        row = await self._session.get(EnvironmentMemberRow, (environment_id, member_id))
+        if row is None or row.organization_id != organization_id:
+            return None
+        return to_membership(row)
+
+    async def insert_membership(self, organization_id: str, membership: EnvironmentMembership) -> None:
+        """Stores a new environment membership; an existing pair raises
+        AlreadyExists(ENVIRONMENT_MEMBER_EXISTS)."""
+        self._session.add(
+            EnvironmentMemberRow(
+                environment_id=membership.environment_id,
+                member_id=membership.member_id,
+                organization_id=organization_id,
+                role=membership.role.value,
+                create_time=membership.create_time,
+                update_time=membership.update_time,
+            )
+        )
+        await self._session.flush()
+
+    async def save_membership(self, organization_id: str, membership: EnvironmentMembership) -> None:
+        """Writes the role of an existing environment membership."""
+        row = await self._session.get(EnvironmentMemberRow, (membership.environment_id, membership.member_id))
+        assert row is not None and row.organization_id == organization_id
+        row.role = membership.role.value
+        row.update_time = membership.update_time
+        await self._session.flush()
+
+    async def delete_membership(self, organization_id: str, environment_id: str, member_id: str) -> bool:
+        """Removes a member's access to an environment; False when it had none."""
+        result = await self._session.execute(
+            delete(EnvironmentMemberRow).where(
+                EnvironmentMemberRow.organization_id == organization_id,
+                EnvironmentMemberRow.environment_id == environment_id,
+                EnvironmentMemberRow.member_id == member_id,
+            )
+        )
+        return bool(getattr(result, "rowcount", 0))
+
+    async def memberships_page(
+        self, organization_id: str, environment_id: str, after: str, limit: int
+    ) -> list[EnvironmentMembership]:
+        """Up to `limit` memberships of an environment with member ids after `after`, ordered by
+        member id."""
+        rows = await self._session.scalars(
+            select(EnvironmentMemberRow)
+            .where(
+                EnvironmentMemberRow.organization_id == organization_id,
+                EnvironmentMemberRow.environment_id == environment_id,
+                EnvironmentMemberRow.member_id > after,
+            )
+            .order_by(EnvironmentMemberRow.member_id)
+            .limit(limit)
+        )
+        return [to_membership(row) for row in rows]

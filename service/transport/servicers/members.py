@@ -1,48 +1,131 @@
-"""MembershipService: not served yet; every method answers UNIMPLEMENTED."""
+"""MembershipService: translation only."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
-from agentpost.environments.v1 import member_pb2_grpc
+from agentpost.environments.v1 import environment_pb2, member_pb2, member_pb2_grpc
+from google.protobuf import empty_pb2
 
-from service.domain.errors import Unimplemented
+from service.domain.members import Members
+from service.domain.models import EnvRole, OrgRole
 from service.domain.runtime import Runtime
+from service.transport import context, convert
+
+
+def org_role(value: int) -> OrgRole | None:
+    """The organization role a request names; None for ROLE_UNSPECIFIED or an unknown number."""
+    if value == member_pb2.Member.ROLE_UNSPECIFIED or value not in member_pb2.Member.Role.values():
+        return None
+    return OrgRole(member_pb2.Member.Role.Name(value))
+
+
+def env_role(value: int) -> EnvRole | None:
+    """The environment role a request names; None for ROLE_UNSPECIFIED or an unknown number."""
+    if value == member_pb2.EnvironmentMember.ROLE_UNSPECIFIED or value not in (
+        member_pb2.EnvironmentMember.Role.values()
+    ):
+        return None
+    return EnvRole(member_pb2.EnvironmentMember.Role.Name(value))
 
 
 class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):  # type: ignore[misc]
-    """gRPC face of MembershipService."""
+    """gRPC face of the membership use cases."""
 
     def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
+        self._members = Members(runtime)
 
-    async def CreateMember(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("CreateMember is not implemented yet")
+    async def CreateMember(
+        self, request: member_pb2.CreateMemberRequest, _context: grpc.aio.ServicerContext
+    ) -> member_pb2.Member:
+        member = await self._members.create(
+            context.principal(),
+            request.email,
+            request.display_name,
+            org_role(request.role),
+            request.request_id,
+        )
+        return convert.member(member)
 
-    async def GetMember(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("GetMember is not implemented yet")
+    async def GetMember(
+        self, request: member_pb2.GetMemberRequest, _context: grpc.aio.ServicerContext
+    ) -> member_pb2.Member:
+        return convert.member(await self._members.get(context.principal(), request.id))
 
-    async def ListMembers(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("ListMembers is not implemented yet")
+    async def ListMembers(
+        self, request: member_pb2.ListMembersRequest, _context: grpc.aio.ServicerContext
+    ) -> member_pb2.ListMembersResponse:
+        page = await self._members.list(context.principal(), request.page_size, request.page_token)
+        return member_pb2.ListMembersResponse(
+            members=[convert.member(member) for member in page.items], next_page_token=page.next_page_token
+        )
 
-    async def UpdateMember(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("UpdateMember is not implemented yet")
+    async def UpdateMember(
+        self, request: member_pb2.UpdateMemberRequest, _context: grpc.aio.ServicerContext
+    ) -> member_pb2.Member:
+        given = request.member
+        member = await self._members.update(
+            context.principal(),
+            given.id,
+            given.display_name,
+            org_role(given.role),
+            list(request.update_mask.paths),
+            given.etag,
+        )
+        return convert.member(member)
 
-    async def DeleteMember(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("DeleteMember is not implemented yet")
+    async def DeleteMember(
+        self, request: member_pb2.DeleteMemberRequest, _context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await self._members.delete(context.principal(), request.id, request.etag)
+        return empty_pb2.Empty()
 
-    async def AddEnvironmentMember(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("AddEnvironmentMember is not implemented yet")
+    async def AddEnvironmentMember(
+        self, request: member_pb2.AddEnvironmentMemberRequest, _context: grpc.aio.ServicerContext
+    ) -> member_pb2.EnvironmentMember:
+        membership = await self._members.add_environment_member(
+            context.principal(), request.environment_id, request.member_id, env_role(request.role)
+        )
+        return convert.environment_member(membership)
 
-    async def ListEnvironmentMembers(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("ListEnvironmentMembers is not implemented yet")
+    async def ListEnvironmentMembers(
+        self, request: member_pb2.ListEnvironmentMembersRequest, _context: grpc.aio.ServicerContext
+    ) -> member_pb2.ListEnvironmentMembersResponse:
+        page = await self._members.list_environment_members(
+            context.principal(), request.environment_id, request.page_size, request.page_token
+        )
+        return member_pb2.ListEnvironmentMembersResponse(
+            environment_members=[convert.environment_member(membership) for membership in page.items],
+            next_page_token=page.next_page_token,
+        )
 
-    async def UpdateEnvironmentMember(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("UpdateEnvironmentMember is not implemented yet")
+    async def UpdateEnvironmentMember(
+        self, request: member_pb2.UpdateEnvironmentMemberRequest, _context: grpc.aio.ServicerContext
+    ) -> member_pb2.EnvironmentMember:
+        given = request.environment_member
+        membership = await self._members.update_environment_member(
+            context.principal(),
+            given.environment_id,
+            given.member_id,
+            env_role(given.role),
+            list(request.update_mask.paths),
+        )
+        return convert.environment_member(membership)
 
-    async def RemoveEnvironmentMember(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("RemoveEnvironmentMember is not implemented yet")
+    async def RemoveEnvironmentMember(
+        self, request: member_pb2.RemoveEnvironmentMemberRequest, _context: grpc.aio.ServicerContext
+    ) -> empty_pb2.Empty:
+        await self._members.remove_environment_member(
+            context.principal(), request.environment_id, request.member_id
+        )
+        return empty_pb2.Empty()
 
-    async def ListMemberEnvironments(self, request: Any, _context: grpc.aio.ServicerContext) -> Any:
-        raise Unimplemented("ListMemberEnvironments is not implemented yet")
+    async def ListMemberEnvironments(
+        self, request: member_pb2.ListMemberEnvironmentsRequest, _context: grpc.aio.ServicerContext
+    ) -> member_pb2.ListMemberEnvironmentsResponse:
+        page = self._members.list_member_environments(
+            context.principal(), request.member_id, request.page_size, request.page_token
+        )
+        environments: list[environment_pb2.Environment] = [convert.environment(env) for env in page.items]
+        return member_pb2.ListMemberEnvironmentsResponse(
+            environments=environments, next_page_token=page.next_page_token
+        )

@@ -1,0 +1,383 @@
+"""The membership use cases: an organization's members, and their access to environments.
+
+Rules the contract leaves open, decided here:
+
+- Only an owner-level caller (an organization-level key that no member owns, or one owned by an
+  OWNER) may create an OWNER, promote to OWNER, or change or delete an OWNER member; anyone else
+  gets PERMISSION_DENIED reason OWNER_REQUIRED, so an ADMIN cannot make itself or others OWNER.
+- Email is immutable; UpdateMember's mask names `display_name` and/or `role` (any other path is
+  INVALID_ARGUMENT FIELD_NOT_MUTABLE, `*` included; an empty mask is INVALID_ARGUMENT).
+- The last OWNER can be neither demoted nor deleted (FAILED_PRECONDITION LAST_OWNER). Owners are
+  counted inside the write transaction, which the organization's revision lock serializes, so two
+  concurrent demotions of the last two owners cannot both succeed.
+- DeleteMember is a hard delete; the member's environment memberships go with it, and keys it
+  owns stay stored but refuse with OWNER_REMOVED.
+- A member is visible to an organization-level caller always; to any other caller when the
+  member reaches an environment the caller reaches (OWNER/ADMIN members reach all), or when it is
+  the caller's own owner. Anything else is NOT_FOUND MEMBER_NOT_FOUND, as for a random id.
+- Environment membership writes need the environment within reach (NOT_FOUND), then the right to
+  administer it (PERMISSION_DENIED ENVIRONMENT_ADMIN_REQUIRED), then an active environment
+  (FAILED_PRECONDITION ENVIRONMENT_DELETED), then the member in the organization (NOT_FOUND
+  MEMBER_NOT_FOUND). The member must be visible to the caller (the GetMember rule), so a
+  caller below organization level can neither probe for members nor add one it cannot see: a
+  new member with no environments is first added by an organization-level caller.
+- ListMemberEnvironments lists the active environments the member reaches that the caller also
+  reaches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.domain import ids, validation
+from service.domain.errors import Denied, FailedPrecondition, InvalidArgument, NotFound
+from service.domain.idempotency import create_once
+from service.domain.models import Environment, EnvironmentMembership, EnvRole, Member, OrgRole
+from service.domain.pagination import Page, PageRequest
+from service.domain.principal import Principal, environment_not_found
+from service.domain.runtime import Runtime, check_etag, utcnow
+from service.storage.environments import EnvironmentRepository
+from service.storage.members import MemberRepository
+
+MUTABLE_FIELDS = frozenset({"display_name", "role"})
+DISPLAY_NAME_MAX = 100
+
+
+def member_not_found(member_id: str) -> NotFound:
+    """The one NOT_FOUND for members, whether absent or out of reach."""
+    return NotFound(f"member {member_id[:100]!r} not found", reason="MEMBER_NOT_FOUND")
+
+
+def environment_member_not_found(environment_id: str, member_id: str) -> NotFound:
+    """The member has no access of its own to the environment."""
+    return NotFound(
+        f"member {member_id[:100]!r} has no access to environment {environment_id[:100]!r}",
+        reason="ENVIRONMENT_MEMBER_NOT_FOUND",
+    )
+
+
+def is_owner_level(principal: Principal) -> bool:
+    """An organization-level key that no member owns, or one owned by an OWNER."""
+    return principal.organization_level and principal.owner_role in (None, OrgRole.OWNER)
+
+
+def require_owner_level(principal: Principal) -> None:
+    """PERMISSION_DENIED OWNER_REQUIRED unless `is_owner_level`."""
+    if not is_owner_level(principal):
+        raise Denied(
+            "only an OWNER (or an organization key no member owns) may create, change or remove OWNERs",
+            reason="OWNER_REQUIRED",
+        )
+
+
+def member_visible(principal: Principal, member_id: str) -> bool:
+    """Whether the caller may see the member (see the module docstring), from its snapshot."""
+    if principal.organization_level:
+        return True
+    if member_id not in principal.snapshot.member_roles:
+        return False
+    if member_id == principal.key.owner_member_id:
+        return True
+    return bool(principal.snapshot.member_environment_ids(member_id) & principal.visible_environment_ids)
+
+
+class Members:
+    """Create, read, update and delete members; grant, change and take environment access."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self._rt = runtime
+
+    # -- organization members ------------------------------------------------------------------
+
+    async def create(
+        self,
+        principal: Principal,
+        email: str,
+        display_name: str,
+        role: OrgRole | None,
+        request_id: str,
+    ) -> Member:
+        """A new member. Email unique case-insensitively (ALREADY_EXISTS EMAIL_TAKEN); creating an
+        OWNER needs an owner-level caller; a retry with the same request_id returns the first."""
+        email = validation.email("email", email)
+        display_name = validation.text(
+            "display_name", display_name, max_length=DISPLAY_NAME_MAX, required=False
+        )
+        if role is None:
+            raise InvalidArgument.field("role", "must be OWNER, ADMIN or MEMBER")
+        idempotency_key = validation.request_id(request_id)
+        if role is OrgRole.OWNER:
+            require_owner_level(principal)
+        now = utcnow()
+        member = Member(
+            id=ids.new_id(ids.MEMBER),
+            organization_id=principal.organization_id,
+            email=email,
+            display_name=display_name,
+            role=role,
+            create_time=now,
+            update_time=now,
+            version=1,
+        )
+
+        async def insert(session: AsyncSession) -> str:
+            await MemberRepository(session).insert(member)
+            return member.id
+
+        outcome = await create_once(
+            self._rt.database,
+            organization_id=principal.organization_id,
+            operation="CreateMember",
+            request_id=idempotency_key,
+            create=insert,
+        )
+        if outcome.created:
+            return member
+        async with self._rt.database.read() as session:
+            earlier = await MemberRepository(session).get(principal.organization_id, outcome.result_id)
+        if earlier is None:  # the first call's member was deleted since
+            raise member_not_found(outcome.result_id)
+        return earlier
+
+    async def get(self, principal: Principal, member_id: str) -> Member:
+        """One member the caller may see."""
+        validation.required_id("id", member_id)
+        if not member_visible(principal, member_id):
+            raise member_not_found(member_id)
+        async with self._rt.database.read() as session:
+            member = await MemberRepository(session).get(principal.organization_id, member_id)
+        if member is None:
+            raise member_not_found(member_id)
+        return member
+
+    async def list(self, principal: Principal, page_size: int, page_token: str) -> Page[Member]:
+        """The organization's members, ordered by id (an organization-level call)."""
+        request = PageRequest.of(
+            self._rt.page_tokens, page_size, page_token, ("ListMembers", principal.key.id)
+        )
+        after = request.after[0] if request.after else ""
+        async with self._rt.database.read() as session:
+            fetched = await MemberRepository(session).page(principal.organization_id, after, request.size + 1)
+        return request.page(self._rt.page_tokens, fetched, lambda member: (member.id,))
+
+    async def update(
+        self,
+        principal: Principal,
+        member_id: str,
+        display_name: str,
+        role: OrgRole | None,
+        paths: Sequence[str],
+        etag: str,
+    ) -> Member:
+        """Changes `display_name` and/or `role` as the mask says; nothing else ever changes.
+        Touching an OWNER or promoting to OWNER needs an owner-level caller; demoting the last
+        OWNER is LAST_OWNER."""
+        fields = _member_mask(paths)
+        new_display_name = (
+            validation.text("member.display_name", display_name, max_length=DISPLAY_NAME_MAX, required=False)
+            if "display_name" in fields
+            else None
+        )
+        if "role" in fields and role is None:
+            raise InvalidArgument.field("member.role", "must be OWNER, ADMIN or MEMBER")
+        new_role = role if "role" in fields else None
+        validation.required_id("member.id", member_id)
+        if new_role is OrgRole.OWNER:
+            require_owner_level(principal)
+        async with self._rt.database.write(principal.organization_id) as session:
+            repository = MemberRepository(session)
+            current = await repository.get(principal.organization_id, member_id)
+            if current is None:
+                raise member_not_found(member_id)
+            if current.role is OrgRole.OWNER:
+                require_owner_level(principal)
+            check_etag(etag, current.etag)
+            demoted = current.role is OrgRole.OWNER and new_role not in (None, OrgRole.OWNER)
+            if demoted:
+                await _require_another_owner(repository, principal.organization_id)
+            updated = replace(
+                current,
+                display_name=new_display_name if new_display_name is not None else current.display_name,
+                role=new_role or current.role,
+                update_time=utcnow(),
+                version=current.version + 1,
+            )
+            await repository.save(updated)
+        return updated
+
+    async def delete(self, principal: Principal, member_id: str, etag: str) -> None:
+        """Removes the member and its environment access; its keys then refuse (OWNER_REMOVED).
+        Removing an OWNER needs an owner-level caller; the last OWNER cannot be removed."""
+        validation.required_id("id", member_id)
+        async with self._rt.database.write(principal.organization_id) as session:
+            repository = MemberRepository(session)
+            current = await repository.get(principal.organization_id, member_id)
+            if current is None:
+                raise member_not_found(member_id)
+            if current.role is OrgRole.OWNER:
+                require_owner_level(principal)
+            check_etag(etag, current.etag)
+            if current.role is OrgRole.OWNER:
+                await _require_another_owner(repository, principal.organization_id)
+            await repository.delete(principal.organization_id, member_id)
+
+    # -- environment access ------------------------------------------------------------------
+
+    async def add_environment_member(
+        self, principal: Principal, environment_id: str, member_id: str, role: EnvRole | None
+    ) -> EnvironmentMembership:
+        """Gives a member access to an environment; the same pair twice is ALREADY_EXISTS
+        ENVIRONMENT_MEMBER_EXISTS (the primary key decides, so concurrent adds have one winner)."""
+        validation.required_id("environment_id", environment_id)
+        validation.required_id("member_id", member_id)
+        if role is None:
+            raise InvalidArgument.field("role", "must be ADMIN or MEMBER")
+        self._administered_environment(principal, environment_id)
+        now = utcnow()
+        membership = EnvironmentMembership(
+            environment_id=environment_id, member_id=member_id, role=role, create_time=now, update_time=now
+        )
+        async with self._rt.database.write(principal.organization_id) as session:
+            await _require_active_environment(session, principal, environment_id)
+            repository = MemberRepository(session)
+            if (
+                not member_visible(principal, member_id)
+                or await repository.get(principal.organization_id, member_id) is None
+            ):
+                raise member_not_found(member_id)
+            await repository.insert_membership(principal.organization_id, membership)
+        return membership
+
+    async def list_environment_members(
+        self, principal: Principal, environment_id: str, page_size: int, page_token: str
+    ) -> Page[EnvironmentMembership]:
+        """The members given access to an environment within reach, ordered by member id."""
+        validation.required_id("environment_id", environment_id)
+        request = PageRequest.of(
+            self._rt.page_tokens,
+            page_size,
+            page_token,
+            ("ListEnvironmentMembers", principal.key.id, environment_id),
+        )
+        principal.visible_environment(environment_id)
+        after = request.after[0] if request.after else ""
+        async with self._rt.database.read() as session:
+            fetched = await MemberRepository(session).memberships_page(
+                principal.organization_id, environment_id, after, request.size + 1
+            )
+        return request.page(self._rt.page_tokens, fetched, lambda membership: (membership.member_id,))
+
+    async def update_environment_member(
+        self,
+        principal: Principal,
+        environment_id: str,
+        member_id: str,
+        role: EnvRole | None,
+        paths: Sequence[str],
+    ) -> EnvironmentMembership:
+        """Changes a member's role in an environment; the mask is `role` (or empty, meaning role)."""
+        for path in paths:
+            if path != "role":
+                raise InvalidArgument.field(
+                    "update_mask",
+                    f"{path[:100]!r} cannot be updated; only role can",
+                    reason="FIELD_NOT_MUTABLE",
+                )
+        validation.required_id("environment_member.environment_id", environment_id)
+        validation.required_id("environment_member.member_id", member_id)
+        if role is None:
+            raise InvalidArgument.field("environment_member.role", "must be ADMIN or MEMBER")
+        self._administered_environment(principal, environment_id)
+        async with self._rt.database.write(principal.organization_id) as session:
+            await _require_active_environment(session, principal, environment_id)
+            repository = MemberRepository(session)
+            current = await repository.get_membership(principal.organization_id, environment_id, member_id)
+            if current is None:
+                raise environment_member_not_found(environment_id, member_id)
+            updated = replace(current, role=role, update_time=utcnow())
+            await repository.save_membership(principal.organization_id, updated)
+        return updated
+
+    async def remove_environment_member(
+        self, principal: Principal, environment_id: str, member_id: str
+    ) -> None:
+        """Takes an environment away from a member; keys it owns lose it on their next call."""
+        validation.required_id("environment_id", environment_id)
+        validation.required_id("member_id", member_id)
+        self._administered_environment(principal, environment_id)
+        async with self._rt.database.write(principal.organization_id) as session:
+            await _require_active_environment(session, principal, environment_id)
+            removed = await MemberRepository(session).delete_membership(
+                principal.organization_id, environment_id, member_id
+            )
+            if not removed:
+                raise environment_member_not_found(environment_id, member_id)
+
+    def list_member_environments(
+        self, principal: Principal, member_id: str, page_size: int, page_token: str
+    ) -> Page[Environment]:
+        """The active environments a visible member reaches that the caller reaches too, by id."""
+        validation.required_id("member_id", member_id)
+        request = PageRequest.of(
+            self._rt.page_tokens,
+            page_size,
+            page_token,
+            ("ListMemberEnvironments", principal.key.id, member_id),
+        )
+        snapshot = principal.snapshot
+        if member_id not in snapshot.member_roles or not member_visible(principal, member_id):
+            raise member_not_found(member_id)
+        after = request.after[0] if request.after else ""
+        candidates = sorted(
+            env_id
+            for env_id in snapshot.member_environment_ids(member_id) & principal.allowed_environment_ids
+            if env_id > after
+        )
+        fetched = [snapshot.environments[env_id] for env_id in candidates[: request.size + 1]]
+        return request.page(self._rt.page_tokens, fetched, lambda env: (env.id,))
+
+    @staticmethod
+    def _administered_environment(principal: Principal, environment_id: str) -> Environment:
+        """The environment, if within reach (else NOT_FOUND) and the caller may administer it
+        (else PERMISSION_DENIED); whether it is deleted is checked in the transaction."""
+        env = principal.visible_environment(environment_id)
+        principal.require_administer(env.id)
+        return env
+
+
+def _member_mask(paths: Sequence[str]) -> frozenset[str]:
+    """The member fields an update changes; the mask is required and names only mutable fields."""
+    if not paths:
+        raise InvalidArgument.field("update_mask", "name the fields to change: display_name and/or role")
+    for path in paths:
+        if path not in MUTABLE_FIELDS:
+            raise InvalidArgument.field(
+                "update_mask",
+                f"{path[:100]!r} cannot be updated; only display_name and role can",
+                reason="FIELD_NOT_MUTABLE",
+            )
+    return frozenset(paths)
+
+
+async def _require_another_owner(repository: MemberRepository, organization_id: str) -> None:
+    """FAILED_PRECONDITION LAST_OWNER unless the organization has more than one OWNER. Runs inside
+    the write transaction, after the organization's revision lock was taken."""
+    if await repository.count_owners(organization_id) <= 1:
+        raise FailedPrecondition(
+            "the organization's last OWNER cannot be removed or demoted", reason="LAST_OWNER"
+        )
+
+
+async def _require_active_environment(
+    session: AsyncSession, principal: Principal, environment_id: str
+) -> None:
+    """Rechecks the environment inside the transaction: it may have been deleted since the
+    snapshot was read."""
+    env = await EnvironmentRepository(session).get(principal.organization_id, environment_id)
+    if env is None:  # pragma: no cover - environments are never removed
+        raise environment_not_found(environment_id)
+    if env.deleted:
+        raise FailedPrecondition(f"environment {env.id} is deleted", reason="ENVIRONMENT_DELETED")
