@@ -201,7 +201,11 @@ class AccessCache:
         async with self._db.read() as session:
             revisions = await OrganizationRepository(session).revisions(list(cached))
         for organization_id, snapshot in cached.items():
-            if revisions.get(organization_id) != snapshot.revision:
+            # A snapshot reloaded while the poll ran is newer than the one compared: keep it.
+            if (
+                self._snapshots.get(organization_id) is snapshot
+                and revisions.get(organization_id) != snapshot.revision
+            ):
                 self.invalidate(organization_id)
 
     async def _every(self, seconds: float, work: str) -> None:
