@@ -1,0 +1,509 @@
+"""`make bench`: this service's hot paths against a bare grpc.aio echo, measured in one run.
+
+Starts a bare echo server and this service (SQLite by default, `--postgres URL` for PostgreSQL)
+in subprocesses on 127.0.0.1, sets up an organization over gRPC, and drives every scenario with
+the same load client (tests/bench_load.py). Throughput is reported (tests/bench_report.py) as a
+ratio to the echo, run first and again last; the mean of both is 1.0. Then a second replica on
+the same database measures how long a revoke on one replica takes to be honoured by the other.
+
+Run: `python -m tests.bench [--duration S] [--concurrency N] [--postgres URL] [--json PATH]`.
+A scenario whose setup fails (an RPC not implemented yet, say) prints "skipped: <reason>".
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import json
+import os
+import random
+import secrets
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+from agentpost.environments.v1 import (
+    api_key_pb2,
+    api_key_pb2_grpc,
+    environment_pb2,
+    environment_pb2_grpc,
+    organization_pb2,
+    organization_pb2_grpc,
+    resource_pb2,
+    resource_pb2_grpc,
+)
+from sqlalchemy.engine import make_url
+
+from tests.bench_echo import ECHO_METHOD
+from tests.bench_load import Load, Result, Scenario, run_load
+from tests.bench_processes import ServerProcess, echo_answers, health_serving, start_server
+from tests.bench_report import CACHE_REFRESH_SECONDS, REVOCATION_POLL_SECONDS, Report, Revocation, render
+
+SCOPED_KEY_SCOPES = ["environments:read", "inboxes:read", "inboxes:write"]
+REVOCATION_TIMEOUT_SECONDS = 10.0
+WRITE_PATH_SECONDS = 2.0
+
+Metadata = tuple[tuple[str, str], ...]
+
+
+class Skip(Exception):
+    """A scenario cannot run; the message says why."""
+
+
+def _path(module: Any, service: str, method: str) -> str:
+    return f"/{module.DESCRIPTOR.services_by_name[service].full_name}/{method}"
+
+
+VERIFY = _path(api_key_pb2, "ApiKeyService", "VerifyApiKey")
+GET_ENVIRONMENT = _path(environment_pb2, "EnvironmentService", "GetEnvironment")
+LIST_ENVIRONMENTS = _path(environment_pb2, "EnvironmentService", "ListEnvironments")
+CREATE_ENVIRONMENT = _path(environment_pb2, "EnvironmentService", "CreateEnvironment")
+GET_RESOURCE = _path(resource_pb2, "ResourceService", "GetResource")
+
+
+def auth(secret: str, environment: str | None = None) -> Metadata:
+    """Call metadata for a key, optionally with an environment context."""
+    metadata: Metadata = (("authorization", f"Bearer {secret}"),)
+    if environment is not None:
+        metadata += (("x-agentpost-environment", environment),)
+    return metadata
+
+
+def failure(error: grpc.aio.AioRpcError) -> str:
+    """A failed call in a few words, for "skipped: ..." lines."""
+    return f"{error.code().name} ({error.details()})"
+
+
+# -- setup over gRPC ---------------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    """What the scenarios act on, and why a part of it could not be made."""
+
+    owner_secret: str
+    staging: environment_pb2.Environment
+    scoped_secret: str | None = None
+    scoped_key_problem: str | None = None
+    resource_problem: str | None = None
+
+
+async def set_up(service: ServerProcess, operator_token: str) -> Setup:
+    """An organization, a "staging" environment, a key scoped to it and an inbox registered in it."""
+    async with grpc.aio.insecure_channel(service.address) as channel:
+        created = await organization_pb2_grpc.OrganizationServiceStub(channel).CreateOrganization(
+            organization_pb2.CreateOrganizationRequest(
+                name="Bench", owner_email="owner@bench.example", owner_display_name="Owner"
+            ),
+            metadata=(("authorization", f"Bearer {operator_token}"),),
+        )
+        owner = created.owner_api_key_secret
+        staging = await environment_pb2_grpc.EnvironmentServiceStub(channel).CreateEnvironment(
+            environment_pb2.CreateEnvironmentRequest(name="Staging", slug="staging"), metadata=auth(owner)
+        )
+        setup = Setup(owner_secret=owner, staging=staging)
+        try:
+            key = await api_key_pb2_grpc.ApiKeyServiceStub(channel).CreateApiKey(
+                api_key_pb2.CreateApiKeyRequest(
+                    name="bench scoped", scopes=SCOPED_KEY_SCOPES, environment_ids=[staging.id]
+                ),
+                metadata=auth(owner),
+            )
+            setup.scoped_secret = key.secret
+        except grpc.aio.AioRpcError as error:
+            setup.scoped_key_problem = f"CreateApiKey failed: {failure(error)}"
+        try:
+            await resource_pb2_grpc.ResourceServiceStub(channel).RegisterResource(
+                resource_pb2.RegisterResourceRequest(
+                    kind=resource_pb2.ScopedResource.Kind.INBOX, resource_id="inbox-1", display_name="Inbox 1"
+                ),
+                metadata=auth(owner, "staging"),
+            )
+        except grpc.aio.AioRpcError as error:
+            setup.resource_problem = f"RegisterResource failed: {failure(error)}"
+    return setup
+
+
+# -- scenarios ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """A scenario to probe, with the check its probe answer must pass."""
+
+    name: str
+    method: str
+    request: Callable[[], bytes]
+    metadata: Metadata = ()
+    response_type: Any = None
+    check: Callable[[Any], str | None] = lambda _response: None
+    fixed_answer: bool = True  # False for writes: each answer differs, only success is checked
+    problem: str | None = None
+
+
+def _constant(message: Any) -> Callable[[], bytes]:
+    payload = message if isinstance(message, bytes) else message.SerializeToString()
+    return lambda: payload
+
+
+def _bad_checksum(secret: str) -> str:
+    """The same secret with its last checksum character changed: right shape, wrong checksum."""
+    return secret[:-1] + ("A" if secret[-1] != "A" else "B")
+
+
+def _verify_request(setup: Setup) -> api_key_pb2.VerifyApiKeyRequest:
+    return api_key_pb2.VerifyApiKeyRequest(
+        secret=setup.scoped_secret or setup.owner_secret,
+        environment="staging",
+        required_scopes=["inboxes:read"],
+    )
+
+
+def service_plans(setup: Setup) -> list[Plan]:
+    """The read hot paths, in the order they run."""
+    denial = api_key_pb2.VerifyApiKeyResponse.DenialReason
+    verify_key = "scoped key" if setup.scoped_secret else "owner key"
+    plans = [
+        Plan(
+            f"VerifyApiKey valid ({verify_key})",
+            VERIFY,
+            _constant(_verify_request(setup)),
+            response_type=api_key_pb2.VerifyApiKeyResponse,
+            check=lambda r: None if r.valid else f"valid=false ({denial.Name(r.denial_reason)})",
+        ),
+        Plan(
+            "VerifyApiKey malformed secret",
+            VERIFY,
+            _constant(
+                api_key_pb2.VerifyApiKeyRequest(
+                    secret=_bad_checksum(setup.owner_secret),
+                    environment="staging",
+                    required_scopes=["inboxes:read"],
+                )
+            ),
+            response_type=api_key_pb2.VerifyApiKeyResponse,
+            check=lambda r: (
+                None
+                if not r.valid and r.denial_reason == denial.MALFORMED
+                else f"expected MALFORMED, got valid={r.valid} {denial.Name(r.denial_reason)}"
+            ),
+        ),
+        Plan(
+            "GetEnvironment by slug (owner)",
+            GET_ENVIRONMENT,
+            _constant(environment_pb2.GetEnvironmentRequest(slug="staging")),
+            auth(setup.owner_secret),
+            environment_pb2.Environment,
+            check=lambda r: None if r.id == setup.staging.id else f"got environment {r.id!r}",
+        ),
+        Plan(
+            "ListEnvironments (owner)",
+            LIST_ENVIRONMENTS,
+            _constant(environment_pb2.ListEnvironmentsRequest()),
+            auth(setup.owner_secret),
+            environment_pb2.ListEnvironmentsResponse,
+            check=lambda r: (
+                None if len(r.environments) == 2 else f"{len(r.environments)} environments, not 2"
+            ),
+        ),
+    ]
+    resource = Plan(
+        "GetResource in staging (scoped key)",
+        GET_RESOURCE,
+        _constant(
+            resource_pb2.GetResourceRequest(
+                kind=resource_pb2.ScopedResource.Kind.INBOX, resource_id="inbox-1"
+            )
+        ),
+        auth(setup.scoped_secret or "", "staging"),
+        resource_pb2.ScopedResource,
+        check=lambda r: (
+            None if r.environment_id == setup.staging.id else f"in environment {r.environment_id!r}"
+        ),
+        problem=setup.scoped_key_problem or setup.resource_problem,
+    )
+    return [*plans, resource]
+
+
+def write_plan(setup: Setup) -> Plan:
+    """CreateEnvironment with a fresh name per call: the write path, reported apart."""
+    run = uuid.uuid4().hex[:6]
+    counter = itertools.count()
+
+    def request() -> bytes:
+        message = environment_pb2.CreateEnvironmentRequest(name=f"bench {run} {next(counter)}")
+        return message.SerializeToString()
+
+    return Plan(
+        "CreateEnvironment (write path)",
+        CREATE_ENVIRONMENT,
+        request,
+        auth(setup.owner_secret),
+        environment_pb2.Environment,
+        check=lambda r: None if r.state == environment_pb2.Environment.State.ACTIVE else "not ACTIVE",
+        fixed_answer=False,
+    )
+
+
+async def prepare(plan: Plan, server: ServerProcess) -> Scenario:
+    """Probes the call once; its answer must pass the plan's check. Raises Skip otherwise."""
+    if plan.problem:
+        raise Skip(plan.problem)
+    async with grpc.aio.insecure_channel(server.address) as channel:
+        try:
+            answer = await channel.unary_unary(plan.method)(
+                plan.request(), metadata=plan.metadata or None, timeout=10.0
+            )
+        except grpc.aio.AioRpcError as error:
+            raise Skip(f"{plan.method.rsplit('/', 1)[1]} failed: {failure(error)}") from error
+    problem = plan.check(plan.response_type.FromString(answer))
+    if problem:
+        raise Skip(problem)
+    return Scenario(
+        plan.name, server, plan.method, plan.request, plan.metadata, answer if plan.fixed_answer else None
+    )
+
+
+def echo_scenario(echo: ServerProcess, size: int, name: str) -> Scenario:
+    """Random bytes of `size`, echoed back unchanged."""
+    payload = os.urandom(size)
+    return Scenario(name, echo, ECHO_METHOD, lambda: payload, expected=payload)
+
+
+async def measure(plan: Plan, server: ServerProcess, load: Load) -> Result:
+    """Probes and runs one plan, or returns it as skipped."""
+    try:
+        scenario = await prepare(plan, server)
+    except Skip as skip:
+        return Result(plan.name, skipped=str(skip), channels=load.channels)
+    print(f"  running {plan.name} ...", file=sys.stderr, flush=True)
+    return await run_load(scenario, load)
+
+
+async def measure_echo(echo: ServerProcess, size: int, name: str, load: Load) -> Result:
+    """Runs the bare echo."""
+    print(f"  running {name} ...", file=sys.stderr, flush=True)
+    return await run_load(echo_scenario(echo, size, name), load)
+
+
+# -- revocation across replicas ----------------------------------------------------------------
+
+
+async def _verify(stub: Any, secret: str) -> Any:
+    return await stub.VerifyApiKey(
+        api_key_pb2.VerifyApiKeyRequest(secret=secret, environment="staging"), timeout=5.0
+    )
+
+
+async def measure_revocation(
+    replica_a: ServerProcess, replica_b: ServerProcess, setup: Setup, rounds: int
+) -> Revocation:
+    """Warms a fresh key on both replicas, revokes it through A and polls B until it says no."""
+    outcome = Revocation()
+    async with (
+        grpc.aio.insecure_channel(replica_a.address) as channel_a,
+        grpc.aio.insecure_channel(replica_b.address) as channel_b,
+    ):
+        keys_a = api_key_pb2_grpc.ApiKeyServiceStub(channel_a)
+        keys_b = api_key_pb2_grpc.ApiKeyServiceStub(channel_b)
+        for round_number in range(rounds):
+            created = await keys_a.CreateApiKey(
+                api_key_pb2.CreateApiKeyRequest(
+                    name=f"revocation {round_number}",
+                    scopes=["environments:read"],
+                    environment_ids=[setup.staging.id],
+                ),
+                metadata=auth(setup.owner_secret),
+            )
+            # A random phase against B's refresh timer, so the rounds sample the whole interval.
+            await asyncio.sleep(random.uniform(0.0, CACHE_REFRESH_SECONDS))
+            for stub in (keys_a, keys_b):
+                if not (await _verify(stub, created.secret)).valid:
+                    outcome.problems.append(f"round {round_number}: a fresh key was not valid")
+            await keys_a.RevokeApiKey(
+                api_key_pb2.RevokeApiKeyRequest(id=created.api_key.id), metadata=auth(setup.owner_secret)
+            )
+            revoked_at = time.perf_counter()
+            while True:
+                answer = await _verify(keys_b, created.secret)
+                elapsed = time.perf_counter() - revoked_at
+                if not answer.valid:
+                    denial = api_key_pb2.VerifyApiKeyResponse.DenialReason.Name(answer.denial_reason)
+                    if denial != "REVOKED":
+                        outcome.problems.append(f"round {round_number}: refused as {denial}, not REVOKED")
+                    outcome.delays_ms.append(elapsed * 1000.0)
+                    break
+                if elapsed > REVOCATION_TIMEOUT_SECONDS:
+                    outcome.problems.append(f"round {round_number}: still valid after {elapsed:.1f} s")
+                    break
+                await asyncio.sleep(REVOCATION_POLL_SECONDS)
+    return outcome
+
+
+# -- processes and the run ---------------------------------------------------------------------
+
+
+def _postgres_dsn(url: str) -> str:
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextlib.asynccontextmanager
+async def scratch_schema(url: str | None) -> AsyncIterator[str | None]:
+    """A PostgreSQL schema of its own for this run, dropped at the end; None on SQLite."""
+    if url is None:
+        yield None
+        return
+    schema = f"agentpost_bench_{uuid.uuid4().hex[:12]}"
+    connection = await asyncpg.connect(_postgres_dsn(url))
+    try:
+        await connection.execute(f'CREATE SCHEMA "{schema}"')
+    finally:
+        await connection.close()
+    try:
+        yield schema
+    finally:
+        connection = await asyncpg.connect(_postgres_dsn(url))
+        try:
+            await connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        finally:
+            await connection.close()
+
+
+def service_arguments(
+    database_url: str, schema: str | None, operator_token: str, migrate: bool
+) -> Callable[[int], list[str]]:
+    """The command line of one replica of this service, given its port."""
+
+    def arguments(port: int) -> list[str]:
+        command = ["-m", "service", "serve", "--database-url", database_url]
+        command += ["--listen-address", f"127.0.0.1:{port}", "--operator-token", operator_token]
+        command += ["--log-level", "WARNING", "--cache-refresh-seconds", str(CACHE_REFRESH_SECONDS)]
+        if migrate:
+            command.append("--migrate")
+        if schema is not None:
+            command += ["--database-schema", schema]
+        return command
+
+    return arguments
+
+
+async def run(arguments: argparse.Namespace) -> Report:
+    """Starts the servers, sets up, measures everything, and stops the servers."""
+    load = Load(arguments.concurrency, arguments.channels, arguments.warmup, arguments.duration)
+    write_load = Load(
+        arguments.concurrency,
+        arguments.channels,
+        arguments.warmup,
+        min(WRITE_PATH_SECONDS, arguments.duration),
+    )
+    operator_token = secrets.token_urlsafe(24)
+    servers: list[ServerProcess] = []
+    with tempfile.TemporaryDirectory(prefix="agentpost-bench-") as scratch:
+        directory = Path(scratch)
+        database_url = arguments.postgres or f"sqlite+aiosqlite:///{directory / 'bench.db'}"
+        async with scratch_schema(arguments.postgres) as schema:
+            try:
+                echo = await start_server(
+                    "echo", lambda port: ["-m", "tests.bench_echo", str(port)], echo_answers, directory
+                )
+                servers.append(echo)
+                replica_a = await start_server(
+                    "service A",
+                    service_arguments(database_url, schema, operator_token, True),
+                    health_serving,
+                    directory,
+                )
+                servers.append(replica_a)
+                setup = await set_up(replica_a, operator_token)
+                echo_size = len(_verify_request(setup).SerializeToString())
+
+                echo_first = await measure_echo(echo, echo_size, "echo (first)", load)
+                reads = [await measure(plan, replica_a, load) for plan in service_plans(setup)]
+                echo_last = await measure_echo(echo, echo_size, "echo (last)", load)
+                # Writes last: they add environments, which the list scenario must not see.
+                write = await measure(write_plan(setup), replica_a, write_load)
+
+                channel_results: list[Result] = []
+                if arguments.multi_channels > 1 and arguments.multi_channels != arguments.channels:
+                    multi = Load(
+                        arguments.concurrency, arguments.multi_channels, arguments.warmup, arguments.duration
+                    )
+                    channel_results.append(await measure_echo(echo, echo_size, "echo", multi))
+                    channel_results.append(await measure(service_plans(setup)[0], replica_a, multi))
+
+                revocation = Revocation()
+                if setup.scoped_key_problem:
+                    revocation.skipped = setup.scoped_key_problem
+                elif reads[0].skipped:
+                    revocation.skipped = reads[0].skipped
+                else:
+                    print("  measuring revocation across replicas ...", file=sys.stderr, flush=True)
+                    replica_b = await start_server(
+                        "service B",
+                        service_arguments(database_url, schema, operator_token, False),
+                        health_serving,
+                        directory,
+                    )
+                    servers.append(replica_b)
+                    try:
+                        revocation = await measure_revocation(
+                            replica_a, replica_b, setup, arguments.revocation_rounds
+                        )
+                    except grpc.aio.AioRpcError as error:
+                        revocation.skipped = f"failed: {failure(error)}"
+            finally:
+                for server in reversed(servers):
+                    server.stop()
+    backend = "postgresql" if arguments.postgres else "sqlite"
+    return Report(backend, load, echo_first, echo_last, reads, write, channel_results, revocation)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--duration", type=float, default=5.0, help="measured seconds per scenario (default 5)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, default=1.0, help="unmeasured seconds before each (default 1)"
+    )
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent workers (default 32)")
+    parser.add_argument("--channels", type=int, default=1, help="channels the workers share (default 1)")
+    parser.add_argument(
+        "--multi-channels",
+        type=int,
+        default=2,
+        help="also run echo and VerifyApiKey on this many channels (default 2; 0: no)",
+    )
+    parser.add_argument("--revocation-rounds", type=int, default=5, help="revocations to time (default 5)")
+    parser.add_argument(
+        "--postgres", metavar="URL", help="run the service on PostgreSQL (postgresql+asyncpg://...)"
+    )
+    parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON here")
+    return parser
+
+
+def main() -> int:
+    """Runs the benchmark and prints (and optionally writes) the report."""
+    arguments = _parser().parse_args()
+    if arguments.duration <= 0 or arguments.concurrency < 1 or arguments.channels < 1 or arguments.warmup < 0:
+        raise SystemExit("--duration must be > 0, --warmup >= 0, --concurrency and --channels >= 1")
+    report = asyncio.run(run(arguments))
+    print(render(report))
+    if arguments.json:
+        arguments.json.write_text(json.dumps(report.as_json(), indent=2) + "\n")
+        print(f"\nresults written to {arguments.json}")
+    flagged = [r for r in (report.echo_first, *report.reads, report.echo_last, report.write) if r.error_count]
+    return 1 if flagged or report.revocation.problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

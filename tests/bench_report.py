@@ -1,0 +1,228 @@
+"""The benchmark's results: the echo baseline, both ratios, the revocation delays, the printed
+tables and the JSON summary."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import statistics
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from tests.bench_load import Load, Result
+
+REVOCATION_POLL_SECONDS = 0.01
+CACHE_REFRESH_SECONDS = 1.0
+ECHO_DRIFT_WARNING = 0.2
+REFERENCE_NOTE = (
+    "team reference (grpcio 1.85, 2 cores): one DB read per call via SQLAlchemy+aiosqlite = 0.22x"
+)
+
+
+@dataclass
+class Revocation:
+    """Milliseconds from a revoke acknowledged by replica A to replica B refusing the key."""
+
+    delays_ms: list[float] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    skipped: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        """A JSON-ready summary."""
+        summary: dict[str, object] = {
+            "skipped": self.skipped,
+            "delays_ms": [round(d, 1) for d in self.delays_ms],
+            "problems": self.problems,
+            "cache_refresh_seconds": CACHE_REFRESH_SECONDS,
+        }
+        if self.delays_ms:
+            summary |= {
+                "min_ms": round(min(self.delays_ms), 1),
+                "median_ms": round(statistics.median(self.delays_ms), 1),
+                "max_ms": round(max(self.delays_ms), 1),
+            }
+        return summary
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """The bare echo's figures that every ratio divides by: the mean of its runs."""
+
+    calls_per_second: float
+    server_us_per_call: float | None
+
+    @classmethod
+    def of(cls, *echoes: Result) -> Baseline:
+        """The mean of the echo runs' throughput and server CPU per call."""
+        cpu = [e.server_cpu_us_per_call for e in echoes]
+        known = [value for value in cpu if value is not None]
+        return cls(
+            statistics.mean(e.calls_per_second for e in echoes),
+            statistics.mean(known) if len(known) == len(cpu) else None,
+        )
+
+    def throughput_ratio(self, result: Result) -> float | None:
+        """Calls/s relative to the echo (higher is better)."""
+        if result.skipped or not self.calls_per_second:
+            return None
+        return result.calls_per_second / self.calls_per_second
+
+    def cpu_ratio(self, result: Result) -> float | None:
+        """Echo's server CPU per call over this scenario's: the throughput ratio one would see if
+        the server alone, not the shared cores or the load client, set the pace."""
+        own = result.server_cpu_us_per_call
+        if result.skipped or not own or self.server_us_per_call is None:
+            return None
+        return self.server_us_per_call / own
+
+    def annotate(self, result: Result) -> dict[str, object]:
+        """The result's JSON summary with both ratios."""
+        throughput, cpu = self.throughput_ratio(result), self.cpu_ratio(result)
+        return result.as_json() | {
+            "ratio_vs_echo": None if throughput is None else round(throughput, 3),
+            "cpu_ratio_vs_echo": None if cpu is None else round(cpu, 3),
+        }
+
+
+@dataclass
+class Report:
+    """Everything one run measured."""
+
+    backend: str
+    load: Load
+    echo_first: Result
+    echo_last: Result
+    reads: list[Result]
+    write: Result
+    channel_results: list[Result]
+    revocation: Revocation
+
+    @property
+    def baseline(self) -> Baseline:
+        """The mean of the first and last echo runs: the 1.0 of every ratio."""
+        return Baseline.of(self.echo_first, self.echo_last)
+
+    @property
+    def channel_baseline(self) -> Baseline | None:
+        """The echo on several channels, the 1.0 of the multi-channel rows."""
+        return Baseline.of(self.channel_results[0]) if self.channel_results else None
+
+    def as_json(self) -> dict[str, object]:
+        """A JSON-ready summary of the run."""
+        baseline, channel_baseline = self.baseline, self.channel_baseline
+        return {
+            "environment": environment_facts(),
+            "backend": self.backend,
+            "load": vars(self.load),
+            "echo_baseline": vars(baseline),
+            "scenarios": [baseline.annotate(r) for r in (self.echo_first, *self.reads, self.echo_last)],
+            "write_path": baseline.annotate(self.write),
+            "multi_channel": [channel_baseline.annotate(r) for r in self.channel_results]
+            if channel_baseline
+            else [],
+            "revocation": self.revocation.as_json(),
+        }
+
+
+def environment_facts() -> dict[str, object]:
+    """When and on what the numbers were taken."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "cores": os.cpu_count(),
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "machine": platform.machine(),
+    }
+
+
+# -- printing ----------------------------------------------------------------------------------
+
+HEADER = (
+    f"{'scenario':<37} {'calls/s':>8} {'x echo':>6} {'p50 ms':>7} {'p99 ms':>7} {'errors':>7}"
+    f" {'srv us/call':>11} {'x echo cpu':>10} {'client cpu':>10}"
+)
+
+
+def _number(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
+def _row(result: Result, baseline: Baseline) -> str:
+    if result.skipped:
+        return f"{result.name:<37} skipped: {result.skipped}"
+    errors = f"{result.error_count}{' !' if result.error_count else ''}"
+    return (
+        f"{result.name:<37} {result.calls_per_second:>8,.0f} {_number(baseline.throughput_ratio(result), '.2f'):>6}"
+        f" {result.percentile_ms(0.5):>7.2f} {result.percentile_ms(0.99):>7.2f} {errors:>7}"
+        f" {_number(result.server_cpu_us_per_call, '.0f'):>11} {_number(baseline.cpu_ratio(result), '.2f'):>10}"
+        f" {result.client_cpu_share:>10.0%}"
+    )
+
+
+def _error_lines(results: list[Result]) -> Iterator[str]:
+    for result in results:
+        if result.error_count:
+            details = ", ".join(f"{code} x{count}" for code, count in result.errors.most_common())
+            yield f"  ! {result.name}: {details}"
+
+
+def render(report: Report) -> str:
+    """The report as printed tables."""
+    facts = environment_facts()
+    load = report.load
+    lines = [
+        f"AgentPost Environments benchmark, {facts['date']}",
+        f"python {facts['python']}, grpcio {facts['grpcio']}, {facts['cores']} cores ({facts['machine']}), "
+        f"load average {_number(facts['load_average_1m'], '.2f')} at the end, backend {report.backend}",
+        f"load: {load.concurrency} workers on {load.channels} channel(s), {load.warmup:g} s warm-up "
+        f"+ {load.duration:g} s measured per scenario; 1.0 = mean echo "
+        f"{report.baseline.calls_per_second:,.0f} calls/s (first {report.echo_first.calls_per_second:,.0f}, "
+        f"last {report.echo_last.calls_per_second:,.0f})",
+        "",
+        HEADER,
+        "-" * len(HEADER),
+    ]
+    first, last = report.echo_first.calls_per_second, report.echo_last.calls_per_second
+    drift = abs(first - last) / max(first, last, 1.0)
+    if drift > ECHO_DRIFT_WARNING:
+        lines[3:3] = [
+            f"! the two echo runs differ by {drift:.0%}: something else used the cores during the run;"
+            " throughput ratios are unreliable, the server-CPU ratio ('x echo cpu') much less so"
+        ]
+    baseline = report.baseline
+    main_rows = [report.echo_first, *report.reads, report.echo_last]
+    lines += [_row(result, baseline) for result in main_rows]
+    lines += [
+        "",
+        f"write path ({report.write.seconds:g} s measured, not a hot path):",
+        _row(report.write, baseline),
+    ]
+    if report.channel_baseline is not None:
+        multi_echo = report.channel_baseline
+        lines += [
+            "",
+            f"{report.channel_results[0].channels} channels (1.0 = echo on {report.channel_results[0].channels} channels):",
+        ]
+        lines += [_row(result, multi_echo) for result in report.channel_results]
+    lines += list(_error_lines([*main_rows, report.write, *report.channel_results]))
+    lines += [
+        "",
+        REFERENCE_NOTE,
+        "",
+        "revocation across replicas (revoke on A acknowledged -> B refuses the key):",
+    ]
+    revocation = report.revocation
+    if revocation.skipped:
+        lines.append(f"  skipped: {revocation.skipped}")
+    elif revocation.delays_ms:
+        delays = revocation.delays_ms
+        lines.append(
+            f"  {len(delays)} rounds, cache refresh {CACHE_REFRESH_SECONDS:g} s, poll {REVOCATION_POLL_SECONDS * 1000:.0f} ms: "
+            f"min {min(delays):.0f} ms, median {statistics.median(delays):.0f} ms, max {max(delays):.0f} ms"
+        )
+    lines += [f"  ! {problem}" for problem in revocation.problems]
+    return "\n".join(lines)
