@@ -9,7 +9,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.domain import ids, validation
 from service.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from service.domain.idempotency import create_once
+from service.domain.idempotency import create_or_replay
 from service.domain.models import Environment
 from service.domain.pagination import Page, PageRequest
 from service.domain.principal import Principal, environment_not_found
@@ -51,20 +51,19 @@ class Environments:
             await EnvironmentRepository(session).insert(env)
             return env.id
 
-        outcome = await create_once(
+        async def load(session: AsyncSession, environment_id: str) -> Environment | None:
+            return await EnvironmentRepository(session).get(principal.organization_id, environment_id)
+
+        return await create_or_replay(
             self._rt.database,
             organization_id=principal.organization_id,
             operation="CreateEnvironment",
             request_id=idempotency_key,
-            create=insert,
+            created=env,
+            insert=insert,
+            load=load,
+            gone=environment_not_found,
         )
-        if outcome.created:
-            return env
-        async with self._rt.database.read() as session:
-            earlier = await EnvironmentRepository(session).get(principal.organization_id, outcome.result_id)
-        if earlier is None:  # pragma: no cover - environments are never removed
-            raise environment_not_found(outcome.result_id)
-        return earlier
 
     @staticmethod
     def get(principal: Principal, *, environment_id: str = "", slug: str = "") -> Environment:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.domain.errors import AlreadyExists
+from service.domain.errors import AlreadyExists, DomainError
 from service.domain.runtime import utcnow
 from service.storage.database import Database
 from service.storage.request_ids import RequestIdRepository
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -50,3 +53,28 @@ async def create_once(
         if earlier is None:  # pragma: no cover - the winner committed before we failed
             raise
         return Outcome(earlier, created=False)
+
+
+async def create_or_replay(
+    database: Database,
+    *,
+    organization_id: str,
+    operation: str,
+    request_id: str | None,
+    created: T,
+    insert: Callable[[AsyncSession], Awaitable[str]],
+    load: Callable[[AsyncSession, str], Awaitable[T | None]],
+    gone: Callable[[str], DomainError],
+) -> T:
+    """`create_once` for resources that can be read back: `created` when this call made it, else
+    what the first call made as it stands now (`gone` when it has since been removed)."""
+    outcome = await create_once(
+        database, organization_id=organization_id, operation=operation, request_id=request_id, create=insert
+    )
+    if outcome.created:
+        return created
+    async with database.read() as session:
+        earlier = await load(session, outcome.result_id)
+    if earlier is None:
+        raise gone(outcome.result_id)
+    return earlier

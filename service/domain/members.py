@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.domain import ids, validation
 from service.domain.errors import Denied, FailedPrecondition, InvalidArgument, NotFound
-from service.domain.idempotency import create_once
+from service.domain.idempotency import create_or_replay
 from service.domain.models import Environment, EnvironmentMembership, EnvRole, Member, OrgRole
 from service.domain.pagination import Page, PageRequest
 from service.domain.principal import Principal, environment_not_found
@@ -127,20 +127,20 @@ class Members:
             await MemberRepository(session).insert(member)
             return member.id
 
-        outcome = await create_once(
+        async def load(session: AsyncSession, member_id: str) -> Member | None:
+            return await MemberRepository(session).get(principal.organization_id, member_id)
+
+        # A retry after the first call's member was deleted finds nothing: MEMBER_NOT_FOUND.
+        return await create_or_replay(
             self._rt.database,
             organization_id=principal.organization_id,
             operation="CreateMember",
             request_id=idempotency_key,
-            create=insert,
+            created=member,
+            insert=insert,
+            load=load,
+            gone=member_not_found,
         )
-        if outcome.created:
-            return member
-        async with self._rt.database.read() as session:
-            earlier = await MemberRepository(session).get(principal.organization_id, outcome.result_id)
-        if earlier is None:  # the first call's member was deleted since
-            raise member_not_found(outcome.result_id)
-        return earlier
 
     async def get(self, principal: Principal, member_id: str) -> Member:
         """One member the caller may see."""
