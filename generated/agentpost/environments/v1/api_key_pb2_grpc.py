@@ -35,8 +35,13 @@ class ApiKeyServiceStub:
     Scopes: `environments`, `members`, `api_keys`, `inboxes`, `messages`, `threads`, `drafts`,
     `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`.
 
-    No escalation: a caller grants only scopes it holds and environments within its reach, and
-    only an organization-wide caller creates or changes organization-wide keys.
+    No escalation: a caller grants only scopes it holds (else PERMISSION_DENIED SCOPE_ESCALATION)
+    and active environments within its reach, and only an organization-level caller (an
+    organization-wide key whose owner, if any, is an OWNER or ADMIN) creates, sees or changes
+    organization-wide keys. Any other caller reaches only keys all of whose environments it
+    reaches; any other key id is NOT_FOUND with reason API_KEY_NOT_FOUND, as for a random id. A
+    member-owned caller changes keys only in environments its member administers, and below
+    organization level creates and rolls only keys owned by its own member (OWNER_ESCALATION).
     """
 
     def __init__(self, channel):
@@ -92,8 +97,13 @@ class ApiKeyServiceServicer:
     Scopes: `environments`, `members`, `api_keys`, `inboxes`, `messages`, `threads`, `drafts`,
     `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`.
 
-    No escalation: a caller grants only scopes it holds and environments within its reach, and
-    only an organization-wide caller creates or changes organization-wide keys.
+    No escalation: a caller grants only scopes it holds (else PERMISSION_DENIED SCOPE_ESCALATION)
+    and active environments within its reach, and only an organization-level caller (an
+    organization-wide key whose owner, if any, is an OWNER or ADMIN) creates, sees or changes
+    organization-wide keys. Any other caller reaches only keys all of whose environments it
+    reaches; any other key id is NOT_FOUND with reason API_KEY_NOT_FOUND, as for a random id. A
+    member-owned caller changes keys only in environments its member administers, and below
+    organization level creates and rolls only keys owned by its own member (OWNER_ESCALATION).
     """
 
     def CreateApiKey(self, request, context):
@@ -118,7 +128,10 @@ class ApiKeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateApiKey(self, request, context):
-        """Changes `name`, `scopes`, `environment_ids` and/or `expire_time`. Needs `api_keys:write`.
+        """Changes `name`, `scopes`, `environment_ids` and/or `expire_time` (`*`: all four; an empty mask
+        is INVALID_ARGUMENT). Narrowing is always allowed; what is added obeys the no-escalation rules.
+        `expire_time` in the mask but unset clears it. A revoked key cannot be changed. Needs
+        `api_keys:write`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -133,7 +146,8 @@ class ApiKeyServiceServicer:
 
     def RollApiKey(self, request, context):
         """Issues a new key with the same access; the previous one keeps working for
-        `previous_key_ttl`, then is EXPIRED. Needs `api_keys:write`.
+        `previous_key_ttl`, then is EXPIRED. Needs `api_keys:write` and, since it hands out a secret,
+        every scope of the key. A revoked or expired key cannot be rolled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -203,8 +217,13 @@ class ApiKeyService:
     Scopes: `environments`, `members`, `api_keys`, `inboxes`, `messages`, `threads`, `drafts`,
     `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`.
 
-    No escalation: a caller grants only scopes it holds and environments within its reach, and
-    only an organization-wide caller creates or changes organization-wide keys.
+    No escalation: a caller grants only scopes it holds (else PERMISSION_DENIED SCOPE_ESCALATION)
+    and active environments within its reach, and only an organization-level caller (an
+    organization-wide key whose owner, if any, is an OWNER or ADMIN) creates, sees or changes
+    organization-wide keys. Any other caller reaches only keys all of whose environments it
+    reaches; any other key id is NOT_FOUND with reason API_KEY_NOT_FOUND, as for a random id. A
+    member-owned caller changes keys only in environments its member administers, and below
+    organization level creates and rolls only keys owned by its own member (OWNER_ESCALATION).
     """
 
     @staticmethod

@@ -31,6 +31,12 @@ class MembershipServiceStub:
 
     OWNER and ADMIN members reach every environment; a MEMBER reaches only the environments it was
     added to. Keys owned by a member inherit that member's access.
+
+    Only an owner-level caller (an organization-level key no member owns, or one owned by an OWNER)
+    may create an OWNER, promote to OWNER, or change or delete an OWNER member; anyone else gets
+    PERMISSION_DENIED with reason OWNER_REQUIRED. An organization-level caller sees every member;
+    any other caller sees the members that reach an environment it reaches, and its own key's owner;
+    any other member id is NOT_FOUND with reason MEMBER_NOT_FOUND, as for a random id.
     """
 
     def __init__(self, channel):
@@ -96,6 +102,12 @@ class MembershipServiceServicer:
 
     OWNER and ADMIN members reach every environment; a MEMBER reaches only the environments it was
     added to. Keys owned by a member inherit that member's access.
+
+    Only an owner-level caller (an organization-level key no member owns, or one owned by an OWNER)
+    may create an OWNER, promote to OWNER, or change or delete an OWNER member; anyone else gets
+    PERMISSION_DENIED with reason OWNER_REQUIRED. An organization-level caller sees every member;
+    any other caller sees the members that reach an environment it reaches, and its own key's owner;
+    any other member id is NOT_FOUND with reason MEMBER_NOT_FOUND, as for a random id.
     """
 
     def CreateMember(self, request, context):
@@ -120,8 +132,9 @@ class MembershipServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateMember(self, request, context):
-        """Changes `display_name` and/or `role`. Organization-level, needs `members:write`. Demoting the
-        last OWNER is FAILED_PRECONDITION with reason LAST_OWNER.
+        """Changes `display_name` and/or `role`; the mask must name one or both (email is immutable: any
+        other path is INVALID_ARGUMENT with reason FIELD_NOT_MUTABLE). Organization-level, needs
+        `members:write`. Demoting the last OWNER is FAILED_PRECONDITION with reason LAST_OWNER.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,7 +151,8 @@ class MembershipServiceServicer:
     def AddEnvironmentMember(self, request, context):
         """Gives a member access to an environment. Needs `members:write` and the environment within
         reach; a member-owned key also needs its owner to be the environment's ADMIN or an
-        organization OWNER/ADMIN. Adding the same pair twice is ALREADY_EXISTS.
+        organization OWNER/ADMIN. The member must be visible to the caller. Adding the same pair twice
+        is ALREADY_EXISTS with reason ENVIRONMENT_MEMBER_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -239,6 +253,12 @@ class MembershipService:
 
     OWNER and ADMIN members reach every environment; a MEMBER reaches only the environments it was
     added to. Keys owned by a member inherit that member's access.
+
+    Only an owner-level caller (an organization-level key no member owns, or one owned by an OWNER)
+    may create an OWNER, promote to OWNER, or change or delete an OWNER member; anyone else gets
+    PERMISSION_DENIED with reason OWNER_REQUIRED. An organization-level caller sees every member;
+    any other caller sees the members that reach an environment it reaches, and its own key's owner;
+    any other member id is NOT_FOUND with reason MEMBER_NOT_FOUND, as for a random id.
     """
 
     @staticmethod
