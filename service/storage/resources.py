@@ -1,0 +1,145 @@
+"""Registered resources in storage: which environment each (kind, resource id) of an organization
+belongs to."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from datetime import datetime
+
+from sqlalchemy import and_, delete, or_, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.sql.elements import ColumnElement
+
+from service.domain.models import ResourceKind, ScopedResource
+from service.storage.tables import ResourceRow
+
+ResourceKey = tuple[ResourceKind, str]
+
+
+def to_resource(row: ResourceRow) -> ScopedResource:
+    """The domain record of a row."""
+    return ScopedResource(
+        kind=ResourceKind(row.kind),
+        resource_id=row.resource_id,
+        organization_id=row.organization_id,
+        environment_id=row.environment_id,
+        display_name=row.display_name,
+        create_time=row.create_time,
+        update_time=row.update_time,
+    )
+
+
+def _after(after: tuple[str, str] | None) -> ColumnElement[bool]:
+    """Rows strictly after the (kind, resource_id) cursor, spelled out so every backend can use
+    the (environment_id, kind, resource_id) index."""
+    if after is None:
+        return and_(True)
+    kind, resource_id = after
+    return or_(ResourceRow.kind > kind, and_(ResourceRow.kind == kind, ResourceRow.resource_id > resource_id))
+
+
+class ResourceRepository:
+    """Reads and writes registered resources."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def insert(self, resource: ScopedResource) -> None:
+        """Stores a new registration; one already registered under the same organization, kind and
+        id (in any environment) raises AlreadyExists(RESOURCE_EXISTS)."""
+        self._session.add(
+            ResourceRow(
+                organization_id=resource.organization_id,
+                kind=resource.kind.value,
+                resource_id=resource.resource_id,
+                environment_id=resource.environment_id,
+                display_name=resource.display_name,
+                create_time=resource.create_time,
+                update_time=resource.update_time,
+            )
+        )
+        await self._session.flush()
+
+    async def get(self, organization_id: str, kind: ResourceKind, resource_id: str) -> ScopedResource | None:
+        """One registration of the organization, in whichever environment holds it."""
+        row = await self._session.get(ResourceRow, (organization_id, kind.value, resource_id))
+        return None if row is None else to_resource(row)
+
+    async def delete(
+        self, organization_id: str, environment_id: str, kind: ResourceKind, resource_id: str
+    ) -> bool:
+        """Removes a registration if it belongs to the environment; False when there was none."""
+        result = await self._session.execute(
+            delete(ResourceRow).where(
+                ResourceRow.organization_id == organization_id,
+                ResourceRow.kind == kind.value,
+                ResourceRow.resource_id == resource_id,
+                ResourceRow.environment_id == environment_id,
+            )
+        )
+        return bool(getattr(result, "rowcount", 0))
+
+    async def page_of(
+        self,
+        organization_id: str,
+        environment_id: str,
+        kinds: Collection[ResourceKind],
+        after: tuple[str, str] | None,
+        limit: int,
+    ) -> list[ScopedResource]:
+        """Up to `limit` resources of the environment of the given kinds, ordered by (kind,
+        resource_id) and continuing after the cursor."""
+        rows = await self._session.scalars(
+            select(ResourceRow)
+            .where(
+                ResourceRow.organization_id == organization_id,
+                ResourceRow.environment_id == environment_id,
+                ResourceRow.kind.in_([kind.value for kind in kinds]),
+                _after(after),
+            )
+            .order_by(ResourceRow.kind, ResourceRow.resource_id)
+            .limit(limit)
+        )
+        return [to_resource(row) for row in rows]
+
+    async def present_in(
+        self, organization_id: str, environment_id: str, keys: Collection[ResourceKey]
+    ) -> set[ResourceKey]:
+        """Which of the named resources currently belong to the environment."""
+        rows = await self._session.execute(
+            select(ResourceRow.kind, ResourceRow.resource_id).where(
+                ResourceRow.organization_id == organization_id,
+                ResourceRow.environment_id == environment_id,
+                tuple_(ResourceRow.kind, ResourceRow.resource_id).in_(
+                    [(kind.value, resource_id) for kind, resource_id in keys]
+                ),
+            )
+        )
+        return {(ResourceKind(kind), resource_id) for kind, resource_id in rows}
+
+    async def move(
+        self,
+        organization_id: str,
+        from_environment_id: str,
+        to_environment_id: str,
+        keys: Collection[ResourceKey] | None,
+        now: datetime,
+    ) -> int:
+        """Moves the named resources (all when `keys` is None) of one environment to another;
+        returns how many moved."""
+        statement = (
+            update(ResourceRow)
+            .where(
+                ResourceRow.organization_id == organization_id,
+                ResourceRow.environment_id == from_environment_id,
+            )
+            .values(environment_id=to_environment_id, update_time=now)
+        )
+        if keys is not None:
+            statement = statement.where(
+                tuple_(ResourceRow.kind, ResourceRow.resource_id).in_(
+                    [(kind.value, resource_id) for kind, resource_id in keys]
+                )
+            )
+        result = await self._session.execute(statement, execution_options={"synchronize_session": False})
+        return int(getattr(result, "rowcount", 0))

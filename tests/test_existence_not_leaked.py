@@ -1,0 +1,344 @@
+"""Existence is never leaked: for every RPC that takes an id, an id of another organization, or one
+of the caller's organization outside the caller's reach, gets exactly the refusal a random
+well-formed id gets: the same code, ErrorInfo reason and metadata, and the same message once the
+id is replaced by a placeholder."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+from agentpost.environments.v1 import api_key_pb2, environment_pb2, member_pb2, resource_pb2
+from google.protobuf import field_mask_pb2
+from ulid import ULID
+
+from tests.harness import Failure, Harness, Org, auth, failure_of
+
+AREAS = ("environments", "members", "api_keys", "inboxes", "messages", "threads", "drafts", "domains",
+         "webhooks", "labels")  # fmt: skip
+EVERY_SCOPE = [f"{area}:{access}" for area in AREAS for access in ("read", "write")]
+INBOX = resource_pb2.ScopedResource.INBOX
+
+
+@dataclass(frozen=True)
+class Ids:
+    """One id of each type: environment (active and deleted), its slug, member, key, resource."""
+
+    environment: str
+    deleted_environment: str
+    slug: str
+    member: str
+    key: str
+    resource: str
+
+
+@dataclass(frozen=True)
+class World:
+    """Two organizations. The caller's org has environments A (the env-scoped caller's) and B
+    (outside that caller's reach); `outside` names things of B, `theirs` of the other org."""
+
+    org: Org
+    env_a: str
+    member_a: str
+    env_caller: str
+    outside: Ids
+    theirs: Ids
+
+
+def random_ids() -> Ids:
+    """Well-formed ids that name nothing."""
+    return Ids(
+        environment=f"env_{ULID()}",
+        deleted_environment=f"env_{ULID()}",
+        slug=f"random-{uuid.uuid4().hex[:10]}",
+        member=f"mem_{ULID()}",
+        key=f"key_{ULID()}",
+        resource=f"random-{uuid.uuid4().hex}",
+    )
+
+
+async def populate(harness: Harness, org: Org) -> Ids:
+    """An environment B (plus a deleted one), a MEMBER added to B only, a key on B, an inbox in B."""
+    suffix = uuid.uuid4().hex[:10]
+    env_b = await harness.new_environment(org, f"B {suffix}", slug=f"b-{suffix}")
+    gone = await harness.new_environment(org, f"Gone {suffix}")
+    await harness.environments.DeleteEnvironment(
+        environment_pb2.DeleteEnvironmentRequest(id=gone.id), metadata=auth(org.owner_secret)
+    )
+    member = await harness.new_member(org, "MEMBER")
+    await harness.members.AddEnvironmentMember(
+        member_pb2.AddEnvironmentMemberRequest(
+            environment_id=env_b.id, member_id=member.id, role=member_pb2.EnvironmentMember.MEMBER
+        ),
+        metadata=auth(org.owner_secret),
+    )
+    key, _ = await harness.new_key(org, ["inboxes:read"], [env_b.id])
+    resource_id = f"inbox-{suffix}"
+    await harness.resources.RegisterResource(
+        resource_pb2.RegisterResourceRequest(kind=INBOX, resource_id=resource_id),
+        metadata=auth(org.owner_secret, env_b.id),
+    )
+    return Ids(env_b.id, gone.id, env_b.slug, member.id, key.id, resource_id)
+
+
+@pytest.fixture
+async def world(harness: Harness) -> World:
+    """Built afresh for each row, so a call that wrongly succeeds cannot change the next row."""
+    org = await harness.new_org("Mine")
+    other = await harness.new_org("Theirs")
+    env_a = await harness.new_environment(org, "A")
+    member_a = await harness.new_member(org, "MEMBER")
+    await harness.members.AddEnvironmentMember(
+        member_pb2.AddEnvironmentMemberRequest(
+            environment_id=env_a.id, member_id=member_a.id, role=member_pb2.EnvironmentMember.MEMBER
+        ),
+        metadata=auth(org.owner_secret),
+    )
+    _, env_caller = await harness.new_key(org, EVERY_SCOPE, [env_a.id])
+    return World(
+        org=org,
+        env_a=env_a.id,
+        member_a=member_a.id,
+        env_caller=env_caller,
+        outside=await populate(harness, org),
+        theirs=await populate(harness, other),
+    )
+
+
+Call = Callable[[Harness, World, Ids, str], Awaitable[Any]]
+
+
+def mask(*paths: str) -> field_mask_pb2.FieldMask:
+    return field_mask_pb2.FieldMask(paths=list(paths))
+
+
+# Each row: what the RPC is given, which id of `Ids` it names, and how to call it as `secret`.
+CASES: list[tuple[str, str, Call]] = [
+    (
+        "GetEnvironment(id)",
+        "environment",
+        lambda h, w, ids, s: h.environments.GetEnvironment(
+            environment_pb2.GetEnvironmentRequest(id=ids.environment), metadata=auth(s)
+        ),
+    ),
+    (
+        "GetEnvironment(slug)",
+        "slug",
+        lambda h, w, ids, s: h.environments.GetEnvironment(
+            environment_pb2.GetEnvironmentRequest(slug=ids.slug), metadata=auth(s)
+        ),
+    ),
+    (
+        "UpdateEnvironment",
+        "environment",
+        lambda h, w, ids, s: h.environments.UpdateEnvironment(
+            environment_pb2.UpdateEnvironmentRequest(
+                environment=environment_pb2.Environment(id=ids.environment, name="Renamed"),
+                update_mask=mask("name"),
+            ),
+            metadata=auth(s),
+        ),
+    ),
+    (
+        "DeleteEnvironment",
+        "environment",
+        lambda h, w, ids, s: h.environments.DeleteEnvironment(
+            environment_pb2.DeleteEnvironmentRequest(id=ids.environment), metadata=auth(s)
+        ),
+    ),
+    (
+        "UndeleteEnvironment",
+        "deleted_environment",
+        lambda h, w, ids, s: h.environments.UndeleteEnvironment(
+            environment_pb2.UndeleteEnvironmentRequest(id=ids.deleted_environment), metadata=auth(s)
+        ),
+    ),
+    (
+        "GetMember",
+        "member",
+        lambda h, w, ids, s: h.members.GetMember(
+            member_pb2.GetMemberRequest(id=ids.member), metadata=auth(s)
+        ),
+    ),
+    (
+        "UpdateMember",
+        "member",
+        lambda h, w, ids, s: h.members.UpdateMember(
+            member_pb2.UpdateMemberRequest(
+                member=member_pb2.Member(id=ids.member, display_name="Renamed"),
+                update_mask=mask("display_name"),
+            ),
+            metadata=auth(s),
+        ),
+    ),
+    (
+        "DeleteMember",
+        "member",
+        lambda h, w, ids, s: h.members.DeleteMember(
+            member_pb2.DeleteMemberRequest(id=ids.member), metadata=auth(s)
+        ),
+    ),
+    (
+        "AddEnvironmentMember(environment_id)",
+        "environment",
+        lambda h, w, ids, s: h.members.AddEnvironmentMember(
+            member_pb2.AddEnvironmentMemberRequest(
+                environment_id=ids.environment, member_id=w.member_a, role=member_pb2.EnvironmentMember.MEMBER
+            ),
+            metadata=auth(s),
+        ),
+    ),
+    (
+        "AddEnvironmentMember(member_id)",
+        "member",
+        lambda h, w, ids, s: h.members.AddEnvironmentMember(
+            member_pb2.AddEnvironmentMemberRequest(
+                environment_id=w.env_a, member_id=ids.member, role=member_pb2.EnvironmentMember.MEMBER
+            ),
+            metadata=auth(s),
+        ),
+    ),
+    (
+        "ListEnvironmentMembers",
+        "environment",
+        lambda h, w, ids, s: h.members.ListEnvironmentMembers(
+            member_pb2.ListEnvironmentMembersRequest(environment_id=ids.environment), metadata=auth(s)
+        ),
+    ),
+    (
+        "ListMemberEnvironments",
+        "member",
+        lambda h, w, ids, s: h.members.ListMemberEnvironments(
+            member_pb2.ListMemberEnvironmentsRequest(member_id=ids.member), metadata=auth(s)
+        ),
+    ),
+    (
+        "GetApiKey",
+        "key",
+        lambda h, w, ids, s: h.api_keys.GetApiKey(api_key_pb2.GetApiKeyRequest(id=ids.key), metadata=auth(s)),
+    ),
+    (
+        "UpdateApiKey",
+        "key",
+        lambda h, w, ids, s: h.api_keys.UpdateApiKey(
+            api_key_pb2.UpdateApiKeyRequest(
+                api_key=api_key_pb2.ApiKey(id=ids.key, name="Renamed"), update_mask=mask("name")
+            ),
+            metadata=auth(s),
+        ),
+    ),
+    (
+        "RevokeApiKey",
+        "key",
+        lambda h, w, ids, s: h.api_keys.RevokeApiKey(
+            api_key_pb2.RevokeApiKeyRequest(id=ids.key), metadata=auth(s)
+        ),
+    ),
+    (
+        "RollApiKey",
+        "key",
+        lambda h, w, ids, s: h.api_keys.RollApiKey(
+            api_key_pb2.RollApiKeyRequest(id=ids.key), metadata=auth(s)
+        ),
+    ),
+    (
+        "GetResource",
+        "resource",
+        lambda h, w, ids, s: h.resources.GetResource(
+            resource_pb2.GetResourceRequest(kind=INBOX, resource_id=ids.resource), metadata=auth(s)
+        ),
+    ),
+    (
+        "DeregisterResource",
+        "resource",
+        lambda h, w, ids, s: h.resources.DeregisterResource(
+            resource_pb2.DeregisterResourceRequest(kind=INBOX, resource_id=ids.resource), metadata=auth(s)
+        ),
+    ),
+    (
+        "ListOrphanedResources",
+        "deleted_environment",
+        lambda h, w, ids, s: h.resources.ListOrphanedResources(
+            resource_pb2.ListOrphanedResourcesRequest(environment_id=ids.deleted_environment),
+            metadata=auth(s),
+        ),
+    ),
+    (
+        "ReassignResources(from)",
+        "deleted_environment",
+        lambda h, w, ids, s: h.resources.ReassignResources(
+            resource_pb2.ReassignResourcesRequest(
+                from_environment_id=ids.deleted_environment, to_environment_id=w.env_a
+            ),
+            metadata=auth(s),
+        ),
+    ),
+    (
+        "ReassignResources(to)",
+        "environment",
+        lambda h, w, ids, s: h.resources.ReassignResources(
+            resource_pb2.ReassignResourcesRequest(
+                from_environment_id=w.env_a, to_environment_id=ids.environment
+            ),
+            metadata=auth(s),
+        ),
+    ),
+    (
+        "x-agentpost-environment(id)",
+        "environment",
+        lambda h, w, ids, s: h.resources.ListResources(
+            resource_pb2.ListResourcesRequest(), metadata=auth(s, ids.environment)
+        ),
+    ),
+    (
+        "x-agentpost-environment(slug)",
+        "slug",
+        lambda h, w, ids, s: h.resources.ListResources(
+            resource_pb2.ListResourcesRequest(), metadata=auth(s, ids.slug)
+        ),
+    ),
+]
+
+
+async def refusal(call: Awaitable[Any], named: str) -> tuple[object, ...]:
+    """The call's refusal with the id it named replaced by a placeholder; it must not succeed."""
+    try:
+        result = await call
+    except grpc.aio.AioRpcError as error:
+        failure: Failure = failure_of(error)
+        return (
+            failure.code,
+            failure.reason,
+            failure.message.replace(named, "<id>"),
+            {key: value.replace(named, "<id>") for key, value in failure.metadata.items()},
+            {key: value.replace(named, "<id>") for key, value in failure.violations.items()},
+        )
+    raise AssertionError(f"the call succeeded: {result}")
+
+
+@pytest.mark.parametrize(("rpc", "id_type", "call"), CASES, ids=[row[0] for row in CASES])
+async def test_ids_of_other_orgs_or_out_of_reach_are_refused_like_random_ids(
+    harness: Harness, world: World, rpc: str, id_type: str, call: Call
+) -> None:
+    """(a) another organization's id and (b) a random id, as the org owner: the same NOT_FOUND.
+    (c) an id of the caller's org out of its reach and a random id, as a key on environment A
+    only: the same refusal (organization-level RPCs refuse that key before looking, whatever
+    the id, with PERMISSION_DENIED)."""
+    owner = world.org.owner_secret
+    random = random_ids()
+    as_random = await refusal(call(harness, world, random, owner), getattr(random, id_type))
+    as_theirs = await refusal(call(harness, world, world.theirs, owner), getattr(world.theirs, id_type))
+    assert as_random[0] == grpc.StatusCode.NOT_FOUND, as_random
+    assert as_theirs == as_random
+
+    random = random_ids()
+    as_random = await refusal(call(harness, world, random, world.env_caller), getattr(random, id_type))
+    as_outside = await refusal(
+        call(harness, world, world.outside, world.env_caller), getattr(world.outside, id_type)
+    )
+    assert as_random[0] in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED), as_random
+    assert as_outside == as_random
