@@ -29,7 +29,7 @@ test: $(STAMP)
 
 ## The isolation state machine for at least 10,000 steps on each database.
 test-deep: $(STAMP)
-	AGENTPOST_ISOLATION_EXAMPLES=400 AGENTPOST_ISOLATION_STEPS=30 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_isolation_property.py
+	AGENTPOST_ISOLATION_EXAMPLES=450 AGENTPOST_ISOLATION_STEPS=30 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_isolation_property.py
 
 lint: $(STAMP) check-generated
 	$(BIN)/ruff check service tests
