@@ -85,6 +85,7 @@ async def test_undecodable_request_is_invalid_argument(harness: Harness, org: Or
         await call(b"\xff\xff\xff\xff", metadata=auth(org.owner_secret))
     failure = failure_of(raised.value)
     assert failure.code == Code.INVALID_ARGUMENT and failure.reason == "MALFORMED_REQUEST"
+    assert "request" in failure.violations
 
 
 async def test_invalid_utf8_in_a_string_field_is_invalid_argument(harness: Harness, org: Org) -> None:

@@ -170,8 +170,9 @@ def _guarded(
                 raise state.failure
             assert state.rule is not None
             if isinstance(request, _Undecodable):
-                raise InvalidArgument(
-                    f"the request is not a valid protobuf message ({request.error})",
+                raise InvalidArgument.field(
+                    "request",
+                    f"is not a valid protobuf message ({request.error})",
                     reason="MALFORMED_REQUEST",
                 )
             acting = state.principal
