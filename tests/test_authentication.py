@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 
 import grpc
@@ -73,6 +74,18 @@ async def test_request_id_is_echoed_on_success_and_failure(harness: Harness, org
         Code.UNAUTHENTICATED,
     )
     assert failure.trailers.get("x-request-id") == "req-456"
+
+
+async def test_log_lines_carry_the_request_id(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="service")
+    await fails(
+        harness.environments.ListEnvironments(
+            LIST, metadata=(("authorization", "Bearer nope"), ("x-request-id", "req-log-1"))
+        ),
+        Code.UNAUTHENTICATED,
+    )
+    refused = [record for record in caplog.records if "API_KEY_MALFORMED" in record.getMessage()]
+    assert refused and all(getattr(record, "request_id", None) == "req-log-1" for record in refused)
 
 
 async def test_undecodable_request_is_invalid_argument(harness: Harness, org: Org) -> None:

@@ -20,6 +20,7 @@ from agentpost.environments.v1 import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service.app import logs
 from service.app.config import Settings
 from service.domain.access import AccessCache
 from service.domain.environments import Environments
@@ -72,6 +73,7 @@ class Application:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        logs.install_request_ids()
         self.engine = build_engine(settings.database_url, schema=settings.database_schema)
         self.database = Database(self.engine)
         self.hasher = SecretHasher(settings.key_pepper)
