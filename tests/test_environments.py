@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import uuid
 
 import grpc
 import pytest
+import ulid
 from agentpost.environments.v1 import environment_pb2 as pb
 from google.protobuf import field_mask_pb2
 
@@ -409,3 +411,10 @@ async def test_missing_ids_are_invalid(harness: Harness, org: Org) -> None:
         ),
     ):
         await fails(call, Code.INVALID_ARGUMENT)
+
+
+async def test_ids_are_not_guessable_from_their_neighbours(harness: Harness, org: Org) -> None:
+    created = await asyncio.gather(*(harness.new_environment(org, f"Burst {i}") for i in range(6)))
+    randomness = sorted(int.from_bytes(ulid.ULID.from_str(env.id[4:]).bytes[6:], "big") for env in created)
+    # A monotonic generator would hand out consecutive values within one millisecond.
+    assert all(later - earlier > 1_000_000 for earlier, later in itertools.pairwise(randomness))

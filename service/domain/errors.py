@@ -85,9 +85,3 @@ class Unavailable(DomainError):
     """A dependency (the database) is unreachable or busy; the request may be retried."""
 
     default_reason = "STORAGE_UNAVAILABLE"
-
-
-class Unimplemented(DomainError):
-    """The method exists in the contract but is not served yet."""
-
-    default_reason = "NOT_IMPLEMENTED"

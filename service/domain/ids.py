@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import secrets
 import time
 from typing import Final
@@ -14,8 +13,6 @@ ENVIRONMENT: Final = "env"
 MEMBER: Final = "mem"
 API_KEY: Final = "key"
 
-_SHAPE = re.compile(r"^(org|env|mem|key)_[0-9A-HJKMNP-TV-Z]{26}$")
-
 
 def new_id(prefix: str) -> str:
     """A fresh id of the given type: the current millisecond and 80 fresh random bits.
@@ -25,9 +22,3 @@ def new_id(prefix: str) -> str:
     """
     millis = time.time_ns() // 1_000_000
     return f"{prefix}_{ULID.from_bytes(millis.to_bytes(6, 'big') + secrets.token_bytes(10))}"
-
-
-def has_shape(value: str, prefix: str) -> bool:
-    """True when `value` looks like an id of type `prefix` (it may still not exist)."""
-    match = _SHAPE.match(value)
-    return match is not None and match.group(1) == prefix

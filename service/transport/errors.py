@@ -17,7 +17,6 @@ from service.domain.errors import (
     NotFound,
     Unauthenticated,
     Unavailable,
-    Unimplemented,
 )
 
 ERROR_DOMAIN = "environments.agentpost.dev"
@@ -31,7 +30,6 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     Denied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
-    Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 
 
