@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import grpc
 from agentpost.environments.v1 import (
@@ -64,6 +65,25 @@ SERVICE_NAMES = (
 )
 
 
+class _GenericHandlersOnly:
+    """Takes the generated `add_*_to_server` registrations and keeps only the generic handlers.
+
+    grpc.aio 1.85 waits on one future per pre-registered method for every incoming call; with the
+    ~36 methods served here that cost about 8% of the hot paths' throughput. A generic handler is a
+    dictionary lookup per call instead.
+    """
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Registers the service's generic handler on the real server."""
+        self._server.add_generic_rpc_handlers(handlers)
+
+    def add_registered_method_handlers(self, _service_name: str, _handlers: Any) -> None:
+        """Deliberately ignored: see the class docstring."""
+
+
 class BindError(RuntimeError):
     """The listen address could not be bound."""
 
@@ -94,23 +114,24 @@ class Application:
         self.server = grpc.aio.server(
             interceptors=[AuthInterceptor(self.access, settings.operator_token)], options=SERVER_OPTIONS
         )
+        registrar = _GenericHandlersOnly(self.server)
         organization_pb2_grpc.add_OrganizationServiceServicer_to_server(
-            OrganizationServicer(self.organizations), self.server
+            OrganizationServicer(self.organizations), registrar
         )
         environment_pb2_grpc.add_EnvironmentServiceServicer_to_server(
-            EnvironmentServicer(Environments(self.runtime)), self.server
+            EnvironmentServicer(Environments(self.runtime)), registrar
         )
-        member_pb2_grpc.add_MembershipServiceServicer_to_server(MembershipServicer(self.runtime), self.server)
-        api_key_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(self.runtime), self.server)
-        resource_pb2_grpc.add_ResourceServiceServicer_to_server(ResourceServicer(self.runtime), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        member_pb2_grpc.add_MembershipServiceServicer_to_server(MembershipServicer(self.runtime), registrar)
+        api_key_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(self.runtime), registrar)
+        resource_pb2_grpc.add_ResourceServiceServicer_to_server(ResourceServicer(self.runtime), registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         reflection.enable_server_reflection(
             (
                 *SERVICE_NAMES,
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ),
-            self.server,
+            registrar,
         )
         self.port = 0
 
