@@ -87,7 +87,11 @@ class ResourceServiceServicer:
     """
 
     def RegisterResource(self, request, context):
-        """Registers a resource in the environment context.
+        """Registers a resource in the environment context. A `(kind, resource_id)` registered anywhere in
+        the organization is ALREADY_EXISTS with reason RESOURCE_EXISTS (the message never says where).
+        A retry with the same `request_id` returns the first registration while it is still in this
+        environment, else NOT_FOUND; a `request_id` reused for another resource is INVALID_ARGUMENT
+        with reason REQUEST_ID_REUSED.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -101,7 +105,8 @@ class ResourceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListResources(self, request, context):
-        """Lists resources of the environment context, ordered by kind then id.
+        """Lists resources of the environment context, ordered by kind name then id. With no kind, every
+        kind whose `:read` scope the key holds (none: PERMISSION_DENIED with reason SCOPE_MISSING).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -115,7 +120,7 @@ class ResourceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListOrphanedResources(self, request, context):
-        """Lists the resources of a deleted environment. Organization-level.
+        """Lists the resources of a deleted environment. Organization-level, needs `environments:read`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,7 +128,7 @@ class ResourceServiceServicer:
 
     def ReassignResources(self, request, context):
         """Moves resources from one environment (deleted or active) to an active one, atomically.
-        Organization-level.
+        Organization-level, needs `environments:write`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
