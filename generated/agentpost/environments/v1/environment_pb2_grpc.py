@@ -29,7 +29,8 @@ class EnvironmentServiceStub:
     """Manages an organization's environments: the isolation boundary for its resources.
 
     Only environments within the caller's reach are visible; any other id or slug is NOT_FOUND,
-    exactly as if it did not exist.
+    exactly as if it did not exist. Deleted environments stay visible (Get, List with
+    `show_deleted`, Undelete) to keys that reach them, but no call can act in them.
     """
 
     def __init__(self, channel):
@@ -74,7 +75,8 @@ class EnvironmentServiceServicer:
     """Manages an organization's environments: the isolation boundary for its resources.
 
     Only environments within the caller's reach are visible; any other id or slug is NOT_FOUND,
-    exactly as if it did not exist.
+    exactly as if it did not exist. Deleted environments stay visible (Get, List with
+    `show_deleted`, Undelete) to keys that reach them, but no call can act in them.
     """
 
     def CreateEnvironment(self, request, context):
@@ -101,7 +103,9 @@ class EnvironmentServiceServicer:
 
     def UpdateEnvironment(self, request, context):
         """Updates `name` and/or `description`. Needs `environments:write` and the environment within
-        reach. Returns the updated environment.
+        reach. Returns the updated environment. An empty mask updates the mutable fields the request
+        sets; `*` updates both. A deleted environment cannot be changed (FAILED_PRECONDITION,
+        ENVIRONMENT_DELETED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,7 +115,7 @@ class EnvironmentServiceServicer:
         """Soft-deletes an environment and returns it with state DELETED. Its resources stay but are
         invisible until reassigned or the environment is undeleted; keys lose access to it. The
         default environment cannot be deleted (FAILED_PRECONDITION, DEFAULT_ENVIRONMENT_PROTECTED).
-        Organization-level.
+        Deleting a deleted environment returns it unchanged. Organization-level.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -170,7 +174,8 @@ class EnvironmentService:
     """Manages an organization's environments: the isolation boundary for its resources.
 
     Only environments within the caller's reach are visible; any other id or slug is NOT_FOUND,
-    exactly as if it did not exist.
+    exactly as if it did not exist. Deleted environments stay visible (Get, List with
+    `show_deleted`, Undelete) to keys that reach them, but no call can act in them.
     """
 
     @staticmethod
