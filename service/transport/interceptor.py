@@ -11,8 +11,9 @@ turns every domain error into a rich status.
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
-import uuid
+import secrets
 from collections.abc import Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -81,11 +82,17 @@ def _bearer(metadata: dict[str, str]) -> str:
     return token.strip()
 
 
+# Calls without an x-request-id get `<process prefix>-<counter>`: unique per process, and far
+# cheaper on the hot path than a fresh UUID per call.
+_REQUEST_ID_PREFIX = secrets.token_hex(4)
+_request_numbers = itertools.count(1)
+
+
 def _request_id(metadata: dict[str, str]) -> str:
     given = metadata.get(REQUEST_ID_HEADER, "")
     if given and len(given) <= _MAX_REQUEST_ID and given.isprintable():
         return given
-    return uuid.uuid4().hex
+    return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -159,7 +166,7 @@ def _guarded(
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         state = _current_call.get()
-        request_id = state.request_id if state is not None else uuid.uuid4().hex
+        request_id = state.request_id if state is not None else _request_id({})
         id_token = call_context.current_request_id.set(request_id)
         principal_token = call_context.current_principal.set(None)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
