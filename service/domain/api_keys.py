@@ -25,14 +25,15 @@ from typing import Final
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.domain import ids, keys, scopes, validation
+from service.domain.environments import recheck_active
 from service.domain.errors import AlreadyExists, Denied, FailedPrecondition, InvalidArgument, NotFound
 from service.domain.idempotency import create_once
+from service.domain.members import member_not_found
 from service.domain.models import ApiKey, Environment, KeyMode, KeyState
 from service.domain.pagination import Page, PageRequest
 from service.domain.principal import Denial, Principal
 from service.domain.runtime import Runtime, check_etag, utcnow
 from service.storage.api_keys import ApiKeyRepository
-from service.storage.environments import EnvironmentRepository
 from service.storage.members import MemberRepository
 
 MUTABLE_FIELDS: Final = ("name", "scopes", "environment_ids", "expire_time")
@@ -154,8 +155,9 @@ class ApiKeys:
 
         async def insert(session: AsyncSession) -> str:
             if owner is not None and await MemberRepository(session).get(key.organization_id, owner) is None:
-                raise NotFound(f"member {owner[:100]!r} not found", reason="MEMBER_NOT_FOUND")
-            await _require_active(session, principal, env_ids)
+                raise member_not_found(owner)
+            for env_id in env_ids:
+                await recheck_active(session, principal.organization_id, env_id)
             await ApiKeyRepository(session).insert(key, self._rt.hasher.digest(secret.secret))
             return key.id
 
@@ -249,7 +251,8 @@ class ApiKeys:
                     principal.usable_environment(env_id)
                 for env_id in added:
                     principal.require_administer(env_id)
-                await _require_active(session, principal, added)
+                for env_id in added:
+                    await recheck_active(session, principal.organization_id, env_id)
             updated = replace(
                 current,
                 name=name if name is not None else current.name,
@@ -413,28 +416,9 @@ def _check_expiry(field: str, expire_time: datetime | None, now: datetime) -> No
         raise InvalidArgument.field(field, "must lie in the future")
 
 
-async def _require_active(session: AsyncSession, principal: Principal, env_ids: Iterable[str]) -> None:
-    """Re-reads the environments in the write transaction, so one deleted since the caller's
-    snapshot was taken is not granted."""
-    repository = EnvironmentRepository(session)
-    for env_id in env_ids:
-        env = await repository.get(principal.organization_id, env_id)
-        if env is None or env.deleted:
-            raise FailedPrecondition(f"environment {env_id} is deleted", reason="ENVIRONMENT_DELETED")
-
-
 def _mask(paths: Sequence[str]) -> frozenset[str]:
     if not paths:
         raise InvalidArgument.field(
             "update_mask", "name the fields to change: name, scopes, environment_ids, expire_time"
         )
-    if "*" in paths:
-        return frozenset(MUTABLE_FIELDS)
-    for path in paths:
-        if path not in MUTABLE_FIELDS:
-            raise InvalidArgument.field(
-                "update_mask",
-                f"{path[:100]!r} cannot be updated; only name, scopes, environment_ids and expire_time can",
-                reason="FIELD_NOT_MUTABLE",
-            )
-    return frozenset(paths)
+    return validation.update_mask(paths, MUTABLE_FIELDS)

@@ -180,13 +180,17 @@ def _mask(paths: Sequence[str], values: Mapping[str, str]) -> frozenset[str]:
     """The fields to change. No mask means every mutable field the request sets (AIP-134)."""
     if not paths:
         return frozenset(field for field in MUTABLE_FIELDS if values.get(field))
-    if "*" in paths:
-        return MUTABLE_FIELDS
-    for path in paths:
-        if path == "slug":
-            raise InvalidArgument.field("update_mask", "slug cannot be changed", reason="SLUG_IMMUTABLE")
-        if path not in MUTABLE_FIELDS:
-            raise InvalidArgument.field(
-                "update_mask", f"{path[:100]!r} cannot be updated; only name and description can"
-            )
-    return frozenset(paths)
+    if "slug" in paths:
+        raise InvalidArgument.field("update_mask", "slug cannot be changed", reason="SLUG_IMMUTABLE")
+    return validation.update_mask(paths, MUTABLE_FIELDS)
+
+
+async def recheck_active(session: AsyncSession, organization_id: str, environment_id: str) -> None:
+    """Re-reads the environment inside a write transaction: a delete committed since the caller's
+    snapshot was read must win, so nothing is granted in, added to or moved into a deleted
+    environment (FAILED_PRECONDITION ENVIRONMENT_DELETED)."""
+    env = await EnvironmentRepository(session).get(organization_id, environment_id)
+    if env is None:  # pragma: no cover - environments are never removed
+        raise environment_not_found(environment_id)
+    if env.deleted:
+        raise FailedPrecondition(f"environment {env.id} is deleted", reason="ENVIRONMENT_DELETED")

@@ -33,13 +33,13 @@ from dataclasses import replace
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.domain import ids, validation
+from service.domain.environments import recheck_active
 from service.domain.errors import Denied, FailedPrecondition, InvalidArgument, NotFound
 from service.domain.idempotency import create_or_replay
 from service.domain.models import Environment, EnvironmentMembership, EnvRole, Member, OrgRole
 from service.domain.pagination import Page, PageRequest
-from service.domain.principal import Principal, environment_not_found
+from service.domain.principal import Principal
 from service.domain.runtime import Runtime, check_etag, utcnow
-from service.storage.environments import EnvironmentRepository
 from service.storage.members import MemberRepository
 
 MUTABLE_FIELDS = frozenset({"display_name", "role"})
@@ -241,7 +241,7 @@ class Members:
             environment_id=environment_id, member_id=member_id, role=role, create_time=now, update_time=now
         )
         async with self._rt.database.write(principal.organization_id) as session:
-            await _require_active_environment(session, principal, environment_id)
+            await recheck_active(session, principal.organization_id, environment_id)
             repository = MemberRepository(session)
             if (
                 not member_visible(principal, member_id)
@@ -279,20 +279,14 @@ class Members:
         paths: Sequence[str],
     ) -> EnvironmentMembership:
         """Changes a member's role in an environment; the mask is `role` (or empty, meaning role)."""
-        for path in paths:
-            if path != "role":
-                raise InvalidArgument.field(
-                    "update_mask",
-                    f"{path[:100]!r} cannot be updated; only role can",
-                    reason="FIELD_NOT_MUTABLE",
-                )
+        validation.update_mask(paths, ("role",), wildcard=False)
         validation.required_id("environment_member.environment_id", environment_id)
         validation.required_id("environment_member.member_id", member_id)
         if role is None:
             raise InvalidArgument.field("environment_member.role", "must be ADMIN or MEMBER")
         self._administered_environment(principal, environment_id)
         async with self._rt.database.write(principal.organization_id) as session:
-            await _require_active_environment(session, principal, environment_id)
+            await recheck_active(session, principal.organization_id, environment_id)
             repository = MemberRepository(session)
             current = await repository.get_membership(principal.organization_id, environment_id, member_id)
             if current is None:
@@ -309,7 +303,7 @@ class Members:
         validation.required_id("member_id", member_id)
         self._administered_environment(principal, environment_id)
         async with self._rt.database.write(principal.organization_id) as session:
-            await _require_active_environment(session, principal, environment_id)
+            await recheck_active(session, principal.organization_id, environment_id)
             removed = await MemberRepository(session).delete_membership(
                 principal.organization_id, environment_id, member_id
             )
@@ -352,14 +346,7 @@ def _member_mask(paths: Sequence[str]) -> frozenset[str]:
     """The member fields an update changes; the mask is required and names only mutable fields."""
     if not paths:
         raise InvalidArgument.field("update_mask", "name the fields to change: display_name and/or role")
-    for path in paths:
-        if path not in MUTABLE_FIELDS:
-            raise InvalidArgument.field(
-                "update_mask",
-                f"{path[:100]!r} cannot be updated; only display_name and role can",
-                reason="FIELD_NOT_MUTABLE",
-            )
-    return frozenset(paths)
+    return validation.update_mask(paths, MUTABLE_FIELDS, wildcard=False)
 
 
 async def _require_another_owner(repository: MemberRepository, organization_id: str) -> None:
@@ -369,15 +356,3 @@ async def _require_another_owner(repository: MemberRepository, organization_id: 
         raise FailedPrecondition(
             "the organization's last OWNER cannot be removed or demoted", reason="LAST_OWNER"
         )
-
-
-async def _require_active_environment(
-    session: AsyncSession, principal: Principal, environment_id: str
-) -> None:
-    """Rechecks the environment inside the transaction: it may have been deleted since the
-    snapshot was read."""
-    env = await EnvironmentRepository(session).get(principal.organization_id, environment_id)
-    if env is None:  # pragma: no cover - environments are never removed
-        raise environment_not_found(environment_id)
-    if env.deleted:
-        raise FailedPrecondition(f"environment {env.id} is deleted", reason="ENVIRONMENT_DELETED")

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.domain import validation
+from service.domain.environments import recheck_active
 from service.domain.errors import Denied, FailedPrecondition, InvalidArgument, NotFound
 from service.domain.idempotency import create_once
-from service.domain.models import Environment, ResourceKind, ScopedResource
+from service.domain.models import ResourceKind, ScopedResource
 from service.domain.pagination import Page, PageRequest
-from service.domain.principal import Principal, environment_not_found
+from service.domain.principal import Principal
 from service.domain.runtime import Runtime, utcnow
-from service.storage.environments import EnvironmentRepository
 from service.storage.resources import ResourceKey, ResourceRepository
 
 MAX_REASSIGN_LISTED = 1000
@@ -54,16 +54,6 @@ class ResourceRef:
 def _result_id(kind: ResourceKind, resource_id: str) -> str:
     """How a registration is remembered under its request id (kinds hold no `:`)."""
     return f"{kind.value}:{resource_id}"
-
-
-async def _require_active(session: AsyncSession, principal: Principal, environment: Environment) -> None:
-    """Re-reads the environment inside the write: a delete committed since the caller's snapshot
-    was read must win, so nothing lands in (or moves to) a deleted environment."""
-    current = await EnvironmentRepository(session).get(principal.organization_id, environment.id)
-    if current is None:  # pragma: no cover - environments are never removed
-        raise environment_not_found(environment.id)
-    if current.deleted:
-        raise FailedPrecondition(f"environment {environment.id} is deleted", reason="ENVIRONMENT_DELETED")
 
 
 class Resources:
@@ -101,7 +91,7 @@ class Resources:
         )
 
         async def insert(session: AsyncSession) -> str:
-            await _require_active(session, principal, environment)
+            await recheck_active(session, principal.organization_id, environment.id)
             await ResourceRepository(session).insert(resource)
             return _result_id(kind, resource_id)
 
@@ -208,7 +198,7 @@ class Resources:
         source = principal.visible_environment(from_id)
         target = principal.usable_environment(to_id)
         async with self._rt.database.write(principal.organization_id) as session:
-            await _require_active(session, principal, target)
+            await recheck_active(session, principal.organization_id, target.id)
             repository = ResourceRepository(session)
             if keys is not None:
                 present = await repository.present_in(principal.organization_id, source.id, keys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
+from collections.abc import Collection, Sequence
 
 from service.domain.errors import InvalidArgument
 
@@ -103,3 +104,19 @@ def required_id(field: str, value: str) -> str:
     if len(value) > 200 or _unprintable(value):
         raise InvalidArgument.field(field, "is not a valid id")
     return value
+
+
+def update_mask(paths: Sequence[str], mutable: Collection[str], *, wildcard: bool = True) -> frozenset[str]:
+    """The fields an update mask names. `*` (where allowed) means every mutable field; any other
+    path is INVALID_ARGUMENT FIELD_NOT_MUTABLE. An empty mask gives an empty set: each update
+    decides what that means."""
+    if wildcard and "*" in paths:
+        return frozenset(mutable)
+    for path in paths:
+        if path not in mutable:
+            raise InvalidArgument.field(
+                "update_mask",
+                f"{path[:100]!r} cannot be updated; only {', '.join(sorted(mutable))} can",
+                reason="FIELD_NOT_MUTABLE",
+            )
+    return frozenset(paths)
