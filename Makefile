@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 PROTOS := $(shell find protos -name '*.proto' | sort)
-PROTOC := $(BIN)/python -m grpc_tools.protoc -I protos
+PROTOC := $(BIN)/python -m grpc_tools.protoc -I protos --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc
+# protoc writes the messages' .pyi; mypy-protobuf types the service stubs and servicers.
+STUBS = --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) --mypy_grpc_out=quiet:$(1)
 
 .PHONY: setup serve migrate bootstrap test test-deep lint generate check-generated bench clean
 
@@ -40,12 +42,12 @@ lint: $(STAMP) check-generated
 generate: $(STAMP)
 	rm -rf generated/agentpost
 	mkdir -p generated
-	$(PROTOC) --python_out=generated --pyi_out=generated --grpc_python_out=generated $(PROTOS)
+	$(PROTOC) $(call STUBS,generated) $(PROTOS)
 
 ## Regenerates the stubs into a scratch folder and fails on any difference from the committed ones.
 check-generated: $(STAMP)
 	@tmp=$$(mktemp -d) && \
-	$(PROTOC) --python_out=$$tmp --pyi_out=$$tmp --grpc_python_out=$$tmp $(PROTOS) && \
+	$(PROTOC) $(call STUBS,$$tmp) $(PROTOS) && \
 	diff -r $$tmp/agentpost generated/agentpost && rm -rf $$tmp && echo "generated stubs are fresh"
 
 bench: $(STAMP)

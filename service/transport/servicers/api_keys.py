@@ -41,7 +41,7 @@ def _mode(value: int) -> KeyMode | None:
     return _MODES[value]
 
 
-class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):  # type: ignore[misc]
+class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
     """gRPC face of the API key use cases."""
 
     def __init__(self, runtime: Runtime) -> None:

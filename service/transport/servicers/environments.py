@@ -9,7 +9,7 @@ from service.domain.environments import Environments
 from service.transport import context, convert
 
 
-class EnvironmentServicer(environment_pb2_grpc.EnvironmentServiceServicer):  # type: ignore[misc]
+class EnvironmentServicer(environment_pb2_grpc.EnvironmentServiceServicer):
     """gRPC face of the environment use cases."""
 
     def __init__(self, environments: Environments) -> None:

@@ -28,7 +28,7 @@ def env_role(value: int) -> EnvRole | None:
     return EnvRole(member_pb2.EnvironmentMember.Role.Name(value))
 
 
-class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):  # type: ignore[misc]
+class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):
     """gRPC face of the membership use cases."""
 
     def __init__(self, runtime: Runtime) -> None:

@@ -9,7 +9,7 @@ from service.domain.organizations import Organizations
 from service.transport import context, convert
 
 
-class OrganizationServicer(organization_pb2_grpc.OrganizationServiceServicer):  # type: ignore[misc]
+class OrganizationServicer(organization_pb2_grpc.OrganizationServiceServicer):
     """gRPC face of the organization use cases."""
 
     def __init__(self, organizations: Organizations) -> None:

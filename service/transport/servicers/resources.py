@@ -11,7 +11,7 @@ from service.domain.runtime import Runtime
 from service.transport import context, convert
 
 
-class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):  # type: ignore[misc]
+class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
     """gRPC face of the scoped-resource use cases."""
 
     def __init__(self, runtime: Runtime) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from tests.bench_load import Load, Result
+from tests.bench.load import Load, Result
 
 REVOCATION_POLL_SECONDS = 0.01
 CACHE_REFRESH_SECONDS = 1.0

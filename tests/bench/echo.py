@@ -1,6 +1,6 @@
 """The benchmark's baseline: a bare grpc.aio server that echoes bytes back.
 
-Run as `python -m tests.bench_echo PORT`. It has no interceptor, no protobuf and no storage, so
+Run as `python -m tests.bench.echo PORT`. It has no interceptor, no protobuf and no storage, so
 it measures what grpc.aio itself costs per unary call on this machine; `tests.bench` divides
 every scenario's throughput by this one's.
 """

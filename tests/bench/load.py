@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from tests.bench_processes import ServerProcess
+from tests.bench.processes import ServerProcess
 
 CALL_TIMEOUT_SECONDS = 5.0
 MISMATCH = "UNEXPECTED_RESPONSE"

@@ -2,7 +2,7 @@
 
 Starts a bare echo server and this service (SQLite by default, `--postgres URL` for PostgreSQL)
 in subprocesses on 127.0.0.1, sets up an organization over gRPC, and drives every scenario with
-the same load client (tests/bench_load.py). Throughput is reported (tests/bench_report.py) as a
+the same load client (tests/bench/load.py). Throughput is reported (tests/bench/report.py) as a
 ratio to the echo, run first and again last; the mean of both is 1.0. Then a second replica on
 the same database measures how long a revoke on one replica takes to be honoured by the other.
 
@@ -43,10 +43,10 @@ from agentpost.environments.v1 import (
 )
 from sqlalchemy.engine import make_url
 
-from tests.bench_echo import ECHO_METHOD
-from tests.bench_load import Load, Result, Scenario, run_load
-from tests.bench_processes import ServerProcess, echo_answers, health_serving, start_server
-from tests.bench_report import CACHE_REFRESH_SECONDS, REVOCATION_POLL_SECONDS, Report, Revocation, render
+from tests.bench.echo import ECHO_METHOD
+from tests.bench.load import Load, Result, Scenario, run_load
+from tests.bench.processes import ServerProcess, echo_answers, health_serving, start_server
+from tests.bench.report import CACHE_REFRESH_SECONDS, REVOCATION_POLL_SECONDS, Report, Revocation, render
 
 SCOPED_KEY_SCOPES = ["environments:read", "inboxes:read", "inboxes:write"]
 REVOCATION_TIMEOUT_SECONDS = 10.0
@@ -413,7 +413,7 @@ async def run(arguments: argparse.Namespace) -> Report:
         async with scratch_schema(arguments.postgres) as schema:
             try:
                 echo = await start_server(
-                    "echo", lambda port: ["-m", "tests.bench_echo", str(port)], echo_answers, directory
+                    "echo", lambda port: ["-m", "tests.bench.echo", str(port)], echo_answers, directory
                 )
                 servers.append(echo)
                 replica_a = await start_server(
