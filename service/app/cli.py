@@ -15,8 +15,8 @@ from typing import Any
 from service.app import logs
 from service.app.config import Settings
 from service.app.server import Application, BindError
+from service.application.organizations import CreatedOrganization
 from service.domain.errors import DomainError
-from service.domain.organizations import CreatedOrganization
 
 log = logging.getLogger("service")
 

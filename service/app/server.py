@@ -23,12 +23,15 @@ from grpc_reflection.v1alpha import reflection
 
 from service.app import logs
 from service.app.config import Settings
-from service.domain.access import AccessCache
-from service.domain.environments import Environments
+from service.application.access import AccessCache
+from service.application.api_keys import ApiKeys
+from service.application.dependencies import Dependencies
+from service.application.environments import Environments
+from service.application.members import Members
+from service.application.organizations import Organizations
+from service.application.resources import Resources
 from service.domain.keys import SecretHasher
-from service.domain.organizations import Organizations
 from service.domain.pagination import PageTokens
-from service.domain.runtime import Runtime
 from service.storage import migrate
 from service.storage.database import Database, build_engine
 from service.transport.interceptor import AuthInterceptor
@@ -103,13 +106,13 @@ class Application:
             max_keys=settings.key_cache_size,
             refresh_interval=settings.cache_refresh_seconds,
         )
-        self.runtime = Runtime(
+        self.dependencies = Dependencies(
             database=self.database,
             access=self.access,
             hasher=self.hasher,
             page_tokens=PageTokens(settings.key_pepper),
         )
-        self.organizations = Organizations(self.runtime)
+        self.organizations = Organizations(self.dependencies)
         self.health = health.aio.HealthServicer()
         self.server = grpc.aio.server(
             interceptors=[AuthInterceptor(self.access, settings.operator_token)], options=SERVER_OPTIONS
@@ -119,11 +122,17 @@ class Application:
             OrganizationServicer(self.organizations), registrar
         )
         environment_pb2_grpc.add_EnvironmentServiceServicer_to_server(
-            EnvironmentServicer(Environments(self.runtime)), registrar
+            EnvironmentServicer(Environments(self.dependencies)), registrar
         )
-        member_pb2_grpc.add_MembershipServiceServicer_to_server(MembershipServicer(self.runtime), registrar)
-        api_key_pb2_grpc.add_ApiKeyServiceServicer_to_server(ApiKeyServicer(self.runtime), registrar)
-        resource_pb2_grpc.add_ResourceServiceServicer_to_server(ResourceServicer(self.runtime), registrar)
+        member_pb2_grpc.add_MembershipServiceServicer_to_server(
+            MembershipServicer(Members(self.dependencies)), registrar
+        )
+        api_key_pb2_grpc.add_ApiKeyServiceServicer_to_server(
+            ApiKeyServicer(ApiKeys(self.dependencies)), registrar
+        )
+        resource_pb2_grpc.add_ResourceServiceServicer_to_server(
+            ResourceServicer(Resources(self.dependencies)), registrar
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         reflection.enable_server_reflection(
             (

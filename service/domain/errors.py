@@ -85,3 +85,35 @@ class Unavailable(DomainError):
     """A dependency (the database) is unreachable or busy; the request may be retried."""
 
     default_reason = "STORAGE_UNAVAILABLE"
+
+
+# The one NOT_FOUND of each resource type: an id that does not exist and an id outside the
+# caller's reach must be indistinguishable.
+
+
+def environment_not_found(reference: str) -> NotFound:
+    """The one NOT_FOUND for environments, whether absent or out of reach."""
+    return NotFound(f"environment {reference[:100]!r} not found", reason="ENVIRONMENT_NOT_FOUND")
+
+
+def member_not_found(member_id: str) -> NotFound:
+    """The one NOT_FOUND for members, whether absent or out of reach."""
+    return NotFound(f"member {member_id[:100]!r} not found", reason="MEMBER_NOT_FOUND")
+
+
+def environment_member_not_found(environment_id: str, member_id: str) -> NotFound:
+    """The member has no access of its own to the environment."""
+    return NotFound(
+        f"member {member_id[:100]!r} has no access to environment {environment_id[:100]!r}",
+        reason="ENVIRONMENT_MEMBER_NOT_FOUND",
+    )
+
+
+def api_key_not_found(key_id: str) -> NotFound:
+    """The one NOT_FOUND for keys, whether absent, of another organization or out of reach."""
+    return NotFound(f"API key {key_id[:100]!r} not found", reason="API_KEY_NOT_FOUND")
+
+
+def resource_not_found(kind: str, resource_id: str) -> NotFound:
+    """The one NOT_FOUND for resources, whether never registered or outside the context."""
+    return NotFound(f"resource {kind} {resource_id[:128]!r} not found", reason="RESOURCE_NOT_FOUND")

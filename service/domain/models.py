@@ -7,10 +7,18 @@ import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
+from service.domain.errors import Conflict
+
 
 def etag_of(resource_id: str, version: int) -> str:
     """An opaque tag that changes whenever the resource changes (AIP-154)."""
     return hashlib.sha256(f"{resource_id}:{version}".encode()).hexdigest()[:16]
+
+
+def check_etag(given: str, current: str) -> None:
+    """ABORTED when the client's etag is stale (AIP-154); an empty etag skips the check."""
+    if given and given != current:
+        raise Conflict("the resource changed since it was read; read it again", reason="ETAG_MISMATCH")
 
 
 class OrgRole(enum.StrEnum):

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
-from service.domain.errors import Denied, FailedPrecondition, NotFound, Unauthenticated
+from service.domain.errors import Denied, FailedPrecondition, Unauthenticated, environment_not_found
 from service.domain.models import ApiKey, Environment, EnvRole, KeyState, Organization, OrgRole
 
 
@@ -229,8 +229,3 @@ class Principal:
         if self.environment is None:  # pragma: no cover - guarded by the policy table
             raise FailedPrecondition("no environment context", reason="ENVIRONMENT_REQUIRED")
         return self.environment
-
-
-def environment_not_found(reference: str) -> NotFound:
-    """The one NOT_FOUND for environments, whether absent or out of reach."""
-    return NotFound(f"environment {reference[:100]!r} not found", reason="ENVIRONMENT_NOT_FOUND")

@@ -13,11 +13,12 @@ from sqlalchemy import event, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from service.domain.errors import DomainError
 from service.storage.errors import translate
 from service.storage.tables import OrganizationRow
+from service.storage.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,13 @@ class Database:
         self._listeners.append(listener)
 
     @asynccontextmanager
-    async def read(self) -> AsyncIterator[AsyncSession]:
-        """A session for reading; nothing it does is committed."""
+    async def read(self) -> AsyncIterator[UnitOfWork]:
+        """A unit of work for reading; nothing it does is committed."""
         async with translated_errors(), self._sessions() as session:
-            yield session
+            yield UnitOfWork(session)
 
     @asynccontextmanager
-    async def write(self, organization_id: str | None) -> AsyncIterator[AsyncSession]:
+    async def write(self, organization_id: str | None) -> AsyncIterator[UnitOfWork]:
         """One transaction. With an organization, its revision is raised first (taking its row
         lock) and listeners are told after commit; None is for creating an organization."""
         async with translated_errors(), self._sessions() as session, session.begin():
@@ -100,7 +101,7 @@ class Database:
                     .where(OrganizationRow.id == organization_id)
                     .values(revision=OrganizationRow.revision + 1)
                 )
-            yield session
+            yield UnitOfWork(session, organization_id)
         if organization_id is not None:
             for listener in self._listeners:
                 listener(organization_id)

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.domain.access import AccessCache
+from service.application.access import AccessCache
 from service.domain.errors import Denied, DomainError, InvalidArgument, Unauthenticated
 from service.domain.policy import POLICY, Level, Rule, authorize
 from service.domain.principal import Principal, unauthenticated

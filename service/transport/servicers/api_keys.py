@@ -8,10 +8,10 @@ import grpc
 from agentpost.environments.v1 import api_key_pb2, api_key_pb2_grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from service.domain.api_keys import ApiKeys, KeyChanges, Verification
+from service.application.api_keys import ApiKeys, KeyChanges, Verification
+from service.domain.clock import utcnow
 from service.domain.errors import InvalidArgument
 from service.domain.models import ApiKey, KeyMode
-from service.domain.runtime import Runtime, utcnow
 from service.transport import context, convert
 
 _MODES: dict[int, KeyMode | None] = {
@@ -44,8 +44,8 @@ def _mode(value: int) -> KeyMode | None:
 class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
     """gRPC face of the API key use cases."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._keys = ApiKeys(runtime)
+    def __init__(self, api_keys: ApiKeys) -> None:
+        self._keys = api_keys
 
     def _wire(self, key: ApiKey, now: datetime | None = None) -> api_key_pb2.ApiKey:
         return convert.api_key(key, now=now or utcnow(), last_used_time=self._keys.last_used(key))

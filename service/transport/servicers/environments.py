@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from agentpost.environments.v1 import environment_pb2, environment_pb2_grpc
 
-from service.domain.environments import Environments
+from service.application.environments import Environments
 from service.transport import context, convert
 
 

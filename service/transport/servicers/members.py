@@ -6,9 +6,8 @@ import grpc
 from agentpost.environments.v1 import environment_pb2, member_pb2, member_pb2_grpc
 from google.protobuf import empty_pb2
 
-from service.domain.members import Members
+from service.application.members import Members
 from service.domain.models import EnvRole, OrgRole
-from service.domain.runtime import Runtime
 from service.transport import context, convert
 
 
@@ -31,8 +30,8 @@ def env_role(value: int) -> EnvRole | None:
 class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):
     """gRPC face of the membership use cases."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._members = Members(runtime)
+    def __init__(self, members: Members) -> None:
+        self._members = members
 
     async def CreateMember(
         self, request: member_pb2.CreateMemberRequest, _context: grpc.aio.ServicerContext

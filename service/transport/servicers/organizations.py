@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from agentpost.environments.v1 import organization_pb2, organization_pb2_grpc
 
-from service.domain.organizations import Organizations
+from service.application.organizations import Organizations
 from service.transport import context, convert
 
 

@@ -6,16 +6,15 @@ import grpc
 from agentpost.environments.v1 import resource_pb2, resource_pb2_grpc
 from google.protobuf import empty_pb2
 
-from service.domain.resources import ResourceRef, Resources
-from service.domain.runtime import Runtime
+from service.application.resources import ResourceRef, Resources
 from service.transport import context, convert
 
 
 class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
     """gRPC face of the scoped-resource use cases."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._resources = Resources(runtime)
+    def __init__(self, resources: Resources) -> None:
+        self._resources = resources
 
     async def RegisterResource(
         self, request: resource_pb2.RegisterResourceRequest, _context: grpc.aio.ServicerContext

@@ -30,33 +30,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import replace
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
+from service.application.dependencies import Dependencies
+from service.application.environments import recheck_active
+from service.application.idempotency import create_or_replay
 from service.domain import ids, validation
-from service.domain.environments import recheck_active
-from service.domain.errors import Denied, FailedPrecondition, InvalidArgument, NotFound
-from service.domain.idempotency import create_or_replay
-from service.domain.models import Environment, EnvironmentMembership, EnvRole, Member, OrgRole
+from service.domain.clock import utcnow
+from service.domain.errors import (
+    Denied,
+    FailedPrecondition,
+    InvalidArgument,
+    environment_member_not_found,
+    member_not_found,
+)
+from service.domain.models import Environment, EnvironmentMembership, EnvRole, Member, OrgRole, check_etag
 from service.domain.pagination import Page, PageRequest
 from service.domain.principal import Principal
-from service.domain.runtime import Runtime, check_etag, utcnow
 from service.storage.members import MemberRepository
+from service.storage.unit_of_work import UnitOfWork
 
 MUTABLE_FIELDS = frozenset({"display_name", "role"})
 DISPLAY_NAME_MAX = 100
-
-
-def member_not_found(member_id: str) -> NotFound:
-    """The one NOT_FOUND for members, whether absent or out of reach."""
-    return NotFound(f"member {member_id[:100]!r} not found", reason="MEMBER_NOT_FOUND")
-
-
-def environment_member_not_found(environment_id: str, member_id: str) -> NotFound:
-    """The member has no access of its own to the environment."""
-    return NotFound(
-        f"member {member_id[:100]!r} has no access to environment {environment_id[:100]!r}",
-        reason="ENVIRONMENT_MEMBER_NOT_FOUND",
-    )
 
 
 def is_owner_level(principal: Principal) -> bool:
@@ -87,8 +80,8 @@ def member_visible(principal: Principal, member_id: str) -> bool:
 class Members:
     """Create, read, update and delete members; grant, change and take environment access."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._rt = runtime
+    def __init__(self, dependencies: Dependencies) -> None:
+        self._deps = dependencies
 
     # -- organization members ------------------------------------------------------------------
 
@@ -123,16 +116,16 @@ class Members:
             version=1,
         )
 
-        async def insert(session: AsyncSession) -> str:
-            await MemberRepository(session).insert(member)
+        async def insert(uow: UnitOfWork) -> str:
+            await uow.members.insert(member)
             return member.id
 
-        async def load(session: AsyncSession, member_id: str) -> Member | None:
-            return await MemberRepository(session).get(principal.organization_id, member_id)
+        async def load(uow: UnitOfWork, member_id: str) -> Member | None:
+            return await uow.members.get(principal.organization_id, member_id)
 
         # A retry after the first call's member was deleted finds nothing: MEMBER_NOT_FOUND.
         return await create_or_replay(
-            self._rt.database,
+            self._deps.database,
             organization_id=principal.organization_id,
             operation="CreateMember",
             request_id=idempotency_key,
@@ -147,8 +140,8 @@ class Members:
         validation.required_id("id", member_id)
         if not member_visible(principal, member_id):
             raise member_not_found(member_id)
-        async with self._rt.database.read() as session:
-            member = await MemberRepository(session).get(principal.organization_id, member_id)
+        async with self._deps.database.read() as uow:
+            member = await uow.members.get(principal.organization_id, member_id)
         if member is None:
             raise member_not_found(member_id)
         return member
@@ -156,12 +149,12 @@ class Members:
     async def list(self, principal: Principal, page_size: int, page_token: str) -> Page[Member]:
         """The organization's members, ordered by id (an organization-level call)."""
         request = PageRequest.of(
-            self._rt.page_tokens, page_size, page_token, ("ListMembers", principal.key.id)
+            self._deps.page_tokens, page_size, page_token, ("ListMembers", principal.key.id)
         )
         after = request.after[0] if request.after else ""
-        async with self._rt.database.read() as session:
-            fetched = await MemberRepository(session).page(principal.organization_id, after, request.size + 1)
-        return request.page(self._rt.page_tokens, fetched, lambda member: (member.id,))
+        async with self._deps.database.read() as uow:
+            fetched = await uow.members.page(principal.organization_id, after, request.size + 1)
+        return request.page(self._deps.page_tokens, fetched, lambda member: (member.id,))
 
     async def update(
         self,
@@ -187,8 +180,8 @@ class Members:
         validation.required_id("member.id", member_id)
         if new_role is OrgRole.OWNER:
             require_owner_level(principal)
-        async with self._rt.database.write(principal.organization_id) as session:
-            repository = MemberRepository(session)
+        async with self._deps.database.write(principal.organization_id) as uow:
+            repository = uow.members
             current = await repository.get(principal.organization_id, member_id)
             if current is None:
                 raise member_not_found(member_id)
@@ -212,8 +205,8 @@ class Members:
         """Removes the member and its environment access; its keys then refuse (OWNER_REMOVED).
         Removing an OWNER needs an owner-level caller; the last OWNER cannot be removed."""
         validation.required_id("id", member_id)
-        async with self._rt.database.write(principal.organization_id) as session:
-            repository = MemberRepository(session)
+        async with self._deps.database.write(principal.organization_id) as uow:
+            repository = uow.members
             current = await repository.get(principal.organization_id, member_id)
             if current is None:
                 raise member_not_found(member_id)
@@ -240,9 +233,9 @@ class Members:
         membership = EnvironmentMembership(
             environment_id=environment_id, member_id=member_id, role=role, create_time=now, update_time=now
         )
-        async with self._rt.database.write(principal.organization_id) as session:
-            await recheck_active(session, principal.organization_id, environment_id)
-            repository = MemberRepository(session)
+        async with self._deps.database.write(principal.organization_id) as uow:
+            await recheck_active(uow, principal.organization_id, environment_id)
+            repository = uow.members
             if (
                 not member_visible(principal, member_id)
                 or await repository.get(principal.organization_id, member_id) is None
@@ -257,18 +250,18 @@ class Members:
         """The members given access to an environment within reach, ordered by member id."""
         validation.required_id("environment_id", environment_id)
         request = PageRequest.of(
-            self._rt.page_tokens,
+            self._deps.page_tokens,
             page_size,
             page_token,
             ("ListEnvironmentMembers", principal.key.id, environment_id),
         )
         principal.visible_environment(environment_id)
         after = request.after[0] if request.after else ""
-        async with self._rt.database.read() as session:
-            fetched = await MemberRepository(session).memberships_page(
+        async with self._deps.database.read() as uow:
+            fetched = await uow.members.memberships_page(
                 principal.organization_id, environment_id, after, request.size + 1
             )
-        return request.page(self._rt.page_tokens, fetched, lambda membership: (membership.member_id,))
+        return request.page(self._deps.page_tokens, fetched, lambda membership: (membership.member_id,))
 
     async def update_environment_member(
         self,
@@ -285,9 +278,9 @@ class Members:
         if role is None:
             raise InvalidArgument.field("environment_member.role", "must be ADMIN or MEMBER")
         self._administered_environment(principal, environment_id)
-        async with self._rt.database.write(principal.organization_id) as session:
-            await recheck_active(session, principal.organization_id, environment_id)
-            repository = MemberRepository(session)
+        async with self._deps.database.write(principal.organization_id) as uow:
+            await recheck_active(uow, principal.organization_id, environment_id)
+            repository = uow.members
             current = await repository.get_membership(principal.organization_id, environment_id, member_id)
             if current is None:
                 raise environment_member_not_found(environment_id, member_id)
@@ -302,9 +295,9 @@ class Members:
         validation.required_id("environment_id", environment_id)
         validation.required_id("member_id", member_id)
         self._administered_environment(principal, environment_id)
-        async with self._rt.database.write(principal.organization_id) as session:
-            await recheck_active(session, principal.organization_id, environment_id)
-            removed = await MemberRepository(session).delete_membership(
+        async with self._deps.database.write(principal.organization_id) as uow:
+            await recheck_active(uow, principal.organization_id, environment_id)
+            removed = await uow.members.delete_membership(
                 principal.organization_id, environment_id, member_id
             )
             if not removed:
@@ -316,7 +309,7 @@ class Members:
         """The active environments a visible member reaches that the caller reaches too, by id."""
         validation.required_id("member_id", member_id)
         request = PageRequest.of(
-            self._rt.page_tokens,
+            self._deps.page_tokens,
             page_size,
             page_token,
             ("ListMemberEnvironments", principal.key.id, member_id),
@@ -331,7 +324,7 @@ class Members:
             if env_id > after
         )
         fetched = [snapshot.environments[env_id] for env_id in candidates[: request.size + 1]]
-        return request.page(self._rt.page_tokens, fetched, lambda env: (env.id,))
+        return request.page(self._deps.page_tokens, fetched, lambda env: (env.id,))
 
     @staticmethod
     def _administered_environment(principal: Principal, environment_id: str) -> Environment:

@@ -6,12 +6,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
+from service.domain.clock import utcnow
 from service.domain.errors import AlreadyExists, DomainError
-from service.domain.runtime import utcnow
 from service.storage.database import Database
-from service.storage.request_ids import RequestIdRepository
+from service.storage.unit_of_work import UnitOfWork
 
 T = TypeVar("T")
 
@@ -30,26 +28,26 @@ async def create_once(
     organization_id: str | None,
     operation: str,
     request_id: str | None,
-    create: Callable[[AsyncSession], Awaitable[str]],
+    create: Callable[[UnitOfWork], Awaitable[str]],
 ) -> Outcome:
     """Runs `create` in one write transaction of the organization and remembers its result under
     the request id; a retry (even a concurrent one) gets the first result's id instead."""
     scope = organization_id or "operator"
     try:
-        async with database.write(organization_id) as session:
+        async with database.write(organization_id) as uow:
             if request_id is not None:
-                earlier = await RequestIdRepository(session).find(scope, operation, request_id)
+                earlier = await uow.request_ids.find(scope, operation, request_id)
                 if earlier is not None:
                     return Outcome(earlier, created=False)
-            result_id = await create(session)
+            result_id = await create(uow)
             if request_id is not None:
-                await RequestIdRepository(session).record(scope, operation, request_id, result_id, utcnow())
+                await uow.request_ids.record(scope, operation, request_id, result_id, utcnow())
             return Outcome(result_id, created=True)
     except AlreadyExists as error:
         if request_id is None or error.reason != "DUPLICATE_REQUEST":
             raise
-        async with database.read() as session:
-            earlier = await RequestIdRepository(session).find(scope, operation, request_id)
+        async with database.read() as uow:
+            earlier = await uow.request_ids.find(scope, operation, request_id)
         if earlier is None:  # pragma: no cover - the winner committed before we failed
             raise
         return Outcome(earlier, created=False)
@@ -62,8 +60,8 @@ async def create_or_replay(
     operation: str,
     request_id: str | None,
     created: T,
-    insert: Callable[[AsyncSession], Awaitable[str]],
-    load: Callable[[AsyncSession, str], Awaitable[T | None]],
+    insert: Callable[[UnitOfWork], Awaitable[str]],
+    load: Callable[[UnitOfWork, str], Awaitable[T | None]],
     gone: Callable[[str], DomainError],
 ) -> T:
     """`create_once` for resources that can be read back: `created` when this call made it, else
@@ -73,8 +71,8 @@ async def create_or_replay(
     )
     if outcome.created:
         return created
-    async with database.read() as session:
-        earlier = await load(session, outcome.result_id)
+    async with database.read() as uow:
+        earlier = await load(uow, outcome.result_id)
     if earlier is None:
         raise gone(outcome.result_id)
     return earlier

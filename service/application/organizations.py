@@ -4,18 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
+from service.application.dependencies import Dependencies
+from service.application.idempotency import create_once
 from service.domain import ids, keys, scopes, validation
+from service.domain.clock import utcnow
 from service.domain.errors import AlreadyExists
-from service.domain.idempotency import create_once
 from service.domain.models import ApiKey, Environment, KeyMode, Member, Organization, OrgRole
 from service.domain.principal import Principal
-from service.domain.runtime import Runtime, utcnow
-from service.storage.api_keys import ApiKeyRepository
-from service.storage.environments import EnvironmentRepository
-from service.storage.members import MemberRepository
-from service.storage.organizations import OrganizationRepository
+from service.storage.unit_of_work import UnitOfWork
 
 CREATE = "CreateOrganization"
 
@@ -34,8 +30,8 @@ class CreatedOrganization:
 class Organizations:
     """The organization use cases."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._rt = runtime
+    def __init__(self, dependencies: Dependencies) -> None:
+        self._deps = dependencies
 
     async def create(
         self, name: str, owner_email: str, owner_display_name: str, request_id: str
@@ -90,15 +86,15 @@ class Organizations:
             version=1,
         )
 
-        async def insert_all(session: AsyncSession) -> str:
-            await OrganizationRepository(session).insert(organization)
-            await EnvironmentRepository(session).insert(environment)
-            await MemberRepository(session).insert(owner)
-            await ApiKeyRepository(session).insert(key, self._rt.hasher.digest(secret.secret))
+        async def insert_all(uow: UnitOfWork) -> str:
+            await uow.organizations.insert(organization)
+            await uow.environments.insert(environment)
+            await uow.members.insert(owner)
+            await uow.api_keys.insert(key, self._deps.hasher.digest(secret.secret))
             return organization.id
 
         outcome = await create_once(
-            self._rt.database,
+            self._deps.database,
             organization_id=None,
             operation=CREATE,
             request_id=idempotency_key,
@@ -110,8 +106,8 @@ class Organizations:
 
     async def any_exists(self) -> bool:
         """True when at least one organization exists."""
-        async with self._rt.database.read() as session:
-            return await OrganizationRepository(session).any_exists()
+        async with self._deps.database.read() as uow:
+            return await uow.organizations.any_exists()
 
     @staticmethod
     def get(principal: Principal) -> Organization:

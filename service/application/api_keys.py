@@ -22,19 +22,24 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Final
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
+from service.application.dependencies import Dependencies
+from service.application.environments import recheck_active
+from service.application.idempotency import create_once
 from service.domain import ids, keys, scopes, validation
-from service.domain.environments import recheck_active
-from service.domain.errors import AlreadyExists, Denied, FailedPrecondition, InvalidArgument, NotFound
-from service.domain.idempotency import create_once
-from service.domain.members import member_not_found
-from service.domain.models import ApiKey, Environment, KeyMode, KeyState
+from service.domain.clock import utcnow
+from service.domain.errors import (
+    AlreadyExists,
+    Denied,
+    FailedPrecondition,
+    InvalidArgument,
+    api_key_not_found,
+    member_not_found,
+)
+from service.domain.models import ApiKey, Environment, KeyMode, KeyState, check_etag
 from service.domain.pagination import Page, PageRequest
 from service.domain.principal import Denial, Principal
-from service.domain.runtime import Runtime, check_etag, utcnow
 from service.storage.api_keys import ApiKeyRepository
-from service.storage.members import MemberRepository
+from service.storage.unit_of_work import UnitOfWork
 
 MUTABLE_FIELDS: Final = ("name", "scopes", "environment_ids", "expire_time")
 MAX_PREVIOUS_KEY_TTL: Final = timedelta(days=7)
@@ -84,11 +89,6 @@ class Verification:
         return self.denial is None
 
 
-def api_key_not_found(key_id: str) -> NotFound:
-    """The one NOT_FOUND for keys, whether absent, of another organization or out of reach."""
-    return NotFound(f"API key {key_id[:100]!r} not found", reason="API_KEY_NOT_FOUND")
-
-
 def within_reach(principal: Principal, key: ApiKey) -> bool:
     """Whether the caller reaches the key (see the module docstring); both of one organization."""
     if key.organization_id != principal.organization_id:
@@ -101,8 +101,8 @@ def within_reach(principal: Principal, key: ApiKey) -> bool:
 class ApiKeys:
     """The ApiKeyService use cases."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._rt = runtime
+    def __init__(self, dependencies: Dependencies) -> None:
+        self._deps = dependencies
 
     # -- create -------------------------------------------------------------------------------
 
@@ -153,16 +153,16 @@ class ApiKeys:
             version=1,
         )
 
-        async def insert(session: AsyncSession) -> str:
-            if owner is not None and await MemberRepository(session).get(key.organization_id, owner) is None:
+        async def insert(uow: UnitOfWork) -> str:
+            if owner is not None and await uow.members.get(key.organization_id, owner) is None:
                 raise member_not_found(owner)
             for env_id in env_ids:
-                await recheck_active(session, principal.organization_id, env_id)
-            await ApiKeyRepository(session).insert(key, self._rt.hasher.digest(secret.secret))
+                await recheck_active(uow, principal.organization_id, env_id)
+            await uow.api_keys.insert(key, self._deps.hasher.digest(secret.secret))
             return key.id
 
         outcome = await create_once(
-            self._rt.database,
+            self._deps.database,
             organization_id=principal.organization_id,
             operation=CREATE,
             request_id=idempotency_key,
@@ -181,8 +181,8 @@ class ApiKeys:
     async def get(self, principal: Principal, key_id: str) -> ApiKey:
         """One key within reach."""
         key_id = validation.required_id("id", key_id)
-        async with self._rt.database.read() as session:
-            key = await ApiKeyRepository(session).get(principal.organization_id, key_id)
+        async with self._deps.database.read() as uow:
+            key = await uow.api_keys.get(principal.organization_id, key_id)
         if key is None or not within_reach(principal, key):
             raise api_key_not_found(key_id)
         return key
@@ -194,15 +194,15 @@ class ApiKeys:
         the keys that may act there: those listing it and organization-wide ones. Revoked keys
         are hidden unless `show_revoked`; expired ones are listed, with state EXPIRED."""
         request = PageRequest.of(
-            self._rt.page_tokens,
+            self._deps.page_tokens,
             page_size,
             page_token,
             ("ListApiKeys", principal.key.id, environment_id, show_revoked),
         )
         if environment_id:
             principal.visible_environment(environment_id)
-        async with self._rt.database.read() as session:
-            fetched = await ApiKeyRepository(session).list_page(
+        async with self._deps.database.read() as uow:
+            fetched = await uow.api_keys.list_page(
                 principal.organization_id,
                 after=request.after[0] if request.after else "",
                 limit=request.size + 1,
@@ -210,7 +210,7 @@ class ApiKeys:
                 environment_id=environment_id or None,
                 show_revoked=show_revoked,
             )
-        return request.page(self._rt.page_tokens, fetched, lambda key: (key.id,))
+        return request.page(self._deps.page_tokens, fetched, lambda key: (key.id,))
 
     # -- change -------------------------------------------------------------------------------
 
@@ -235,8 +235,8 @@ class ApiKeys:
         if "expire_time" in fields:
             _check_expiry("api_key.expire_time", changes.expire_time, now)
         key_id = validation.required_id("api_key.id", key_id)
-        async with self._rt.database.write(principal.organization_id) as session:
-            repository = ApiKeyRepository(session)
+        async with self._deps.database.write(principal.organization_id) as uow:
+            repository = uow.api_keys
             current = await self._changeable(repository, principal, key_id)
             check_etag(etag, current.etag)
             if current.state(now) is KeyState.REVOKED:
@@ -252,7 +252,7 @@ class ApiKeys:
                 for env_id in added:
                     principal.require_administer(env_id)
                 for env_id in added:
-                    await recheck_active(session, principal.organization_id, env_id)
+                    await recheck_active(uow, principal.organization_id, env_id)
             updated = replace(
                 current,
                 name=name if name is not None else current.name,
@@ -269,8 +269,8 @@ class ApiKeys:
         """Revokes at once: this server refuses the key from the next call, other replicas
         within their cache refresh interval. Revoking a revoked key returns it unchanged."""
         key_id = validation.required_id("id", key_id)
-        async with self._rt.database.write(principal.organization_id) as session:
-            repository = ApiKeyRepository(session)
+        async with self._deps.database.write(principal.organization_id) as uow:
+            repository = uow.api_keys
             current = await self._changeable(repository, principal, key_id)
             check_etag(etag, current.etag)
             if current.revoke_time is not None:
@@ -290,8 +290,8 @@ class ApiKeys:
         if ttl < timedelta(0) or ttl > MAX_PREVIOUS_KEY_TTL:
             raise InvalidArgument.field("previous_key_ttl", "must be between 0 and 7 days")
         key_id = validation.required_id("id", key_id)
-        async with self._rt.database.write(principal.organization_id) as session:
-            repository = ApiKeyRepository(session)
+        async with self._deps.database.write(principal.organization_id) as uow:
+            repository = uow.api_keys
             current = await self._changeable(repository, principal, key_id)
             now = utcnow()
             state = current.state(now)
@@ -309,8 +309,7 @@ class ApiKeys:
                 raise Denied("this key may only roll keys owned by its own member", reason="OWNER_ESCALATION")
             if (
                 current.owner_member_id is not None
-                and await MemberRepository(session).get(current.organization_id, current.owner_member_id)
-                is None
+                and await uow.members.get(current.organization_id, current.owner_member_id) is None
             ):
                 raise FailedPrecondition(
                     "the member that owned the key left the organization", reason="API_KEY_OWNER_REMOVED"
@@ -335,7 +334,7 @@ class ApiKeys:
                 version=current.version + 1,
             )
             await repository.save(previous)
-            await repository.insert(successor, self._rt.hasher.digest(secret.secret))
+            await repository.insert(successor, self._deps.hasher.digest(secret.secret))
         return RolledKey(successor, secret.secret, previous)
 
     @staticmethod
@@ -360,7 +359,7 @@ class ApiKeys:
         required = scopes.validate("required_scopes", required_scopes, required=False)
         if not secret:
             return Verification(Denial.MALFORMED)
-        outcome = await self._rt.access.authenticate(secret)
+        outcome = await self._deps.access.authenticate(secret)
         if outcome.principal is None:
             assert outcome.denial is not None
             return Verification(outcome.denial, key=outcome.key)
@@ -378,7 +377,7 @@ class ApiKeys:
 
     def last_used(self, key: ApiKey) -> datetime | None:
         """The key's last use to within a minute, including uses not yet written."""
-        return self._rt.access.last_used(key)
+        return self._deps.access.last_used(key)
 
 
 def _require_held(principal: Principal, wanted: Iterable[str]) -> None:

@@ -16,24 +16,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from service.domain import keys
+from service.domain.clock import utcnow
 from service.domain.errors import DomainError
 from service.domain.models import ApiKey
 from service.domain.principal import Denial, OrgSnapshot, Principal, key_denial
-from service.storage.api_keys import ApiKeyRepository
 from service.storage.database import Database
-from service.storage.environments import EnvironmentRepository
-from service.storage.last_used import LastUsedRepository
-from service.storage.members import MemberRepository
-from service.storage.organizations import OrganizationRepository
 
 log = logging.getLogger(__name__)
 
 LAST_USED_FLUSH_SECONDS = 30.0
-
-
-def utcnow() -> datetime:
-    """The current time, timezone-aware."""
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -98,15 +89,13 @@ class AccessCache:
         if cached is not None:
             return cached
         epoch_before = self._epoch
-        async with self._db.read() as session:
-            organization = await OrganizationRepository(session).get(organization_id)
+        async with self._db.read() as uow:
+            organization = await uow.organizations.get(organization_id)
             if organization is None:
                 return None
-            revision = (await OrganizationRepository(session).revisions([organization_id])).get(
-                organization_id, 0
-            )
-            environments = await EnvironmentRepository(session).all_of(organization_id)
-            members = MemberRepository(session)
+            revision = (await uow.organizations.revisions([organization_id])).get(organization_id, 0)
+            environments = await uow.environments.all_of(organization_id)
+            members = uow.members
             roles = await members.roles_of(organization_id)
             environment_roles = await members.environment_roles_of(organization_id)
         snapshot = OrgSnapshot(
@@ -128,8 +117,8 @@ class AccessCache:
             self._keys.move_to_end(digest)
             return entry
         epoch_before = self._epoch
-        async with self._db.read() as session:
-            found = await ApiKeyRepository(session).find_by_hash(digest)
+        async with self._db.read() as uow:
+            found = await uow.api_keys.find_by_hash(digest)
         if found is None:
             return None
         key, stored_hash = found
@@ -187,8 +176,8 @@ class AccessCache:
         }
         if not due:
             return
-        async with self._db.write(None) as session:
-            await LastUsedRepository(session).record(due)
+        async with self._db.write(None) as uow:
+            await uow.last_used.record(due)
         self._flushed.update(due)
 
     # -- background work ----------------------------------------------------------------------
@@ -198,8 +187,8 @@ class AccessCache:
         cached = dict(self._snapshots)
         if not cached:
             return
-        async with self._db.read() as session:
-            revisions = await OrganizationRepository(session).revisions(list(cached))
+        async with self._db.read() as uow:
+            revisions = await uow.organizations.revisions(list(cached))
         for organization_id, snapshot in cached.items():
             # A snapshot reloaded while the poll ran is newer than the one compared: keep it.
             if (

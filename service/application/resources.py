@@ -11,17 +11,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
+from service.application.dependencies import Dependencies
+from service.application.environments import recheck_active
+from service.application.idempotency import create_once
 from service.domain import validation
-from service.domain.environments import recheck_active
-from service.domain.errors import Denied, FailedPrecondition, InvalidArgument, NotFound
-from service.domain.idempotency import create_once
+from service.domain.clock import utcnow
+from service.domain.errors import Denied, FailedPrecondition, InvalidArgument, resource_not_found
 from service.domain.models import ResourceKind, ScopedResource
 from service.domain.pagination import Page, PageRequest
 from service.domain.principal import Principal
-from service.domain.runtime import Runtime, utcnow
-from service.storage.resources import ResourceKey, ResourceRepository
+from service.storage.resources import ResourceKey
+from service.storage.unit_of_work import UnitOfWork
 
 MAX_REASSIGN_LISTED = 1000
 
@@ -36,11 +36,6 @@ def resource_kind(field: str, number: int, *, required: bool) -> ResourceKind | 
     if kind is None and (required or number != 0):
         raise InvalidArgument.field(field, "must be a resource kind (INBOX, MESSAGE, ...)")
     return kind
-
-
-def resource_not_found(kind: ResourceKind, resource_id: str) -> NotFound:
-    """The one NOT_FOUND for resources, whether never registered or outside the context."""
-    return NotFound(f"resource {kind.value} {resource_id[:128]!r} not found", reason="RESOURCE_NOT_FOUND")
 
 
 @dataclass(frozen=True)
@@ -59,8 +54,8 @@ def _result_id(kind: ResourceKind, resource_id: str) -> str:
 class Resources:
     """Register, read, list, deregister and reassign scoped resources."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._rt = runtime
+    def __init__(self, dependencies: Dependencies) -> None:
+        self._deps = dependencies
 
     async def register(
         self, principal: Principal, kind_number: int, resource_id: str, display_name: str, request_id: str
@@ -90,13 +85,13 @@ class Resources:
             update_time=now,
         )
 
-        async def insert(session: AsyncSession) -> str:
-            await recheck_active(session, principal.organization_id, environment.id)
-            await ResourceRepository(session).insert(resource)
+        async def insert(uow: UnitOfWork) -> str:
+            await recheck_active(uow, principal.organization_id, environment.id)
+            await uow.resources.insert(resource)
             return _result_id(kind, resource_id)
 
         outcome = await create_once(
-            self._rt.database,
+            self._deps.database,
             organization_id=principal.organization_id,
             operation="RegisterResource",
             request_id=idempotency_key,
@@ -115,8 +110,8 @@ class Resources:
         kind = resource_kind("kind", kind_number, required=True)
         assert kind is not None
         resource_id = validation.resource_id("resource_id", resource_id)
-        async with self._rt.database.read() as session:
-            found = await ResourceRepository(session).get(principal.organization_id, kind, resource_id)
+        async with self._deps.database.read() as uow:
+            found = await uow.resources.get(principal.organization_id, kind, resource_id)
         if found is None or found.environment_id != principal.context_environment.id:
             raise resource_not_found(kind, resource_id)
         return found
@@ -138,7 +133,7 @@ class Resources:
             if not kinds:
                 raise Denied("the API key holds no resource `:read` scope", reason="SCOPE_MISSING")
         request = PageRequest.of(
-            self._rt.page_tokens,
+            self._deps.page_tokens,
             page_size,
             page_token,
             ("ListResources", principal.key.id, environment.id, kind.value if kind else ""),
@@ -151,10 +146,8 @@ class Resources:
         assert kind is not None
         resource_id = validation.resource_id("resource_id", resource_id)
         environment = principal.context_environment
-        async with self._rt.database.write(principal.organization_id) as session:
-            removed = await ResourceRepository(session).delete(
-                principal.organization_id, environment.id, kind, resource_id
-            )
+        async with self._deps.database.write(principal.organization_id) as uow:
+            removed = await uow.resources.delete(principal.organization_id, environment.id, kind, resource_id)
             if not removed:
                 raise resource_not_found(kind, resource_id)
 
@@ -165,7 +158,7 @@ class Resources:
         FAILED_PRECONDITION ENVIRONMENT_NOT_DELETED."""
         environment = principal.visible_environment(validation.required_id("environment_id", environment_id))
         request = PageRequest.of(
-            self._rt.page_tokens,
+            self._deps.page_tokens,
             page_size,
             page_token,
             ("ListOrphanedResources", principal.key.id, environment.id),
@@ -197,9 +190,9 @@ class Resources:
         keys = _listed_keys(listed)
         source = principal.visible_environment(from_id)
         target = principal.usable_environment(to_id)
-        async with self._rt.database.write(principal.organization_id) as session:
-            await recheck_active(session, principal.organization_id, target.id)
-            repository = ResourceRepository(session)
+        async with self._deps.database.write(principal.organization_id) as uow:
+            await recheck_active(uow, principal.organization_id, target.id)
+            repository = uow.resources
             if keys is not None:
                 present = await repository.present_in(principal.organization_id, source.id, keys)
                 missing = [key for key in keys if key not in present]
@@ -211,11 +204,11 @@ class Resources:
         self, principal: Principal, environment_id: str, kinds: Sequence[ResourceKind], request: PageRequest
     ) -> Page[ScopedResource]:
         after = _cursor(request.after)
-        async with self._rt.database.read() as session:
-            fetched = await ResourceRepository(session).page_of(
+        async with self._deps.database.read() as uow:
+            fetched = await uow.resources.page_of(
                 principal.organization_id, environment_id, kinds, after, request.size + 1
             )
-        return request.page(self._rt.page_tokens, fetched, lambda item: (item.kind.value, item.resource_id))
+        return request.page(self._deps.page_tokens, fetched, lambda item: (item.kind.value, item.resource_id))
 
 
 def _cursor(after: tuple[str, ...] | None) -> tuple[str, str] | None:

@@ -5,16 +5,16 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
+from service.application.dependencies import Dependencies
+from service.application.idempotency import create_or_replay
 from service.domain import ids, validation
-from service.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument
-from service.domain.idempotency import create_or_replay
-from service.domain.models import Environment
+from service.domain.clock import utcnow
+from service.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, environment_not_found
+from service.domain.models import Environment, check_etag
 from service.domain.pagination import Page, PageRequest
-from service.domain.principal import Principal, environment_not_found
-from service.domain.runtime import Runtime, check_etag, utcnow
+from service.domain.principal import Principal
 from service.storage.environments import EnvironmentRepository
+from service.storage.unit_of_work import UnitOfWork
 
 MUTABLE_FIELDS = frozenset({"name", "description"})
 
@@ -22,8 +22,8 @@ MUTABLE_FIELDS = frozenset({"name", "description"})
 class Environments:
     """Create, read, update, delete and undelete environments."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._rt = runtime
+    def __init__(self, dependencies: Dependencies) -> None:
+        self._deps = dependencies
 
     async def create(
         self, principal: Principal, name: str, slug: str, description: str, request_id: str
@@ -47,15 +47,15 @@ class Environments:
             version=1,
         )
 
-        async def insert(session: AsyncSession) -> str:
-            await EnvironmentRepository(session).insert(env)
+        async def insert(uow: UnitOfWork) -> str:
+            await uow.environments.insert(env)
             return env.id
 
-        async def load(session: AsyncSession, environment_id: str) -> Environment | None:
-            return await EnvironmentRepository(session).get(principal.organization_id, environment_id)
+        async def load(uow: UnitOfWork, environment_id: str) -> Environment | None:
+            return await uow.environments.get(principal.organization_id, environment_id)
 
         return await create_or_replay(
-            self._rt.database,
+            self._deps.database,
             organization_id=principal.organization_id,
             operation="CreateEnvironment",
             request_id=idempotency_key,
@@ -85,7 +85,7 @@ class Environments:
     ) -> Page[Environment]:
         """The environments within reach, ordered by id."""
         request = PageRequest.of(
-            self._rt.page_tokens,
+            self._deps.page_tokens,
             page_size,
             page_token,
             ("ListEnvironments", principal.key.id, show_deleted),
@@ -97,7 +97,7 @@ class Environments:
             if env_id > after and (show_deleted or not principal.snapshot.environments[env_id].deleted)
         )
         fetched = [principal.snapshot.environments[env_id] for env_id in candidates[: request.size + 1]]
-        return request.page(self._rt.page_tokens, fetched, lambda env: (env.id,))
+        return request.page(self._deps.page_tokens, fetched, lambda env: (env.id,))
 
     async def update(
         self,
@@ -117,8 +117,8 @@ class Environments:
             else None
         )
         principal.visible_environment(validation.required_id("environment.id", environment_id))
-        async with self._rt.database.write(principal.organization_id) as session:
-            repository = EnvironmentRepository(session)
+        async with self._deps.database.write(principal.organization_id) as uow:
+            repository = uow.environments
             current = await _current(repository, principal, environment_id)
             check_etag(etag, current.etag)
             if current.deleted:
@@ -138,8 +138,8 @@ class Environments:
     async def delete(self, principal: Principal, environment_id: str, etag: str) -> Environment:
         """Soft-deletes; the default environment is protected. Deleting a deleted one is a no-op."""
         principal.visible_environment(validation.required_id("id", environment_id))
-        async with self._rt.database.write(principal.organization_id) as session:
-            repository = EnvironmentRepository(session)
+        async with self._deps.database.write(principal.organization_id) as uow:
+            repository = uow.environments
             current = await _current(repository, principal, environment_id)
             check_etag(etag, current.etag)
             if current.is_default:
@@ -156,8 +156,8 @@ class Environments:
     async def undelete(self, principal: Principal, environment_id: str, etag: str) -> Environment:
         """Restores a deleted environment; one that is not deleted is ALREADY_EXISTS (AIP-164)."""
         principal.visible_environment(validation.required_id("id", environment_id))
-        async with self._rt.database.write(principal.organization_id) as session:
-            repository = EnvironmentRepository(session)
+        async with self._deps.database.write(principal.organization_id) as uow:
+            repository = uow.environments
             current = await _current(repository, principal, environment_id)
             check_etag(etag, current.etag)
             if not current.deleted:
@@ -185,11 +185,11 @@ def _mask(paths: Sequence[str], values: Mapping[str, str]) -> frozenset[str]:
     return validation.update_mask(paths, MUTABLE_FIELDS)
 
 
-async def recheck_active(session: AsyncSession, organization_id: str, environment_id: str) -> None:
+async def recheck_active(uow: UnitOfWork, organization_id: str, environment_id: str) -> None:
     """Re-reads the environment inside a write transaction: a delete committed since the caller's
     snapshot was read must win, so nothing is granted in, added to or moved into a deleted
     environment (FAILED_PRECONDITION ENVIRONMENT_DELETED)."""
-    env = await EnvironmentRepository(session).get(organization_id, environment_id)
+    env = await uow.environments.get(organization_id, environment_id)
     if env is None:  # pragma: no cover - environments are never removed
         raise environment_not_found(environment_id)
     if env.deleted:

@@ -1,0 +1,66 @@
+"""A unit of work: the repositories of one transaction, handed to a use case as one object.
+
+Use cases never see a session: `Database.read()` and `Database.write(organization_id)` yield a
+`UnitOfWork`, and everything done through its repositories commits or rolls back together.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.storage.api_keys import ApiKeyRepository
+from service.storage.environments import EnvironmentRepository
+from service.storage.last_used import LastUsedRepository
+from service.storage.members import MemberRepository
+from service.storage.organizations import OrganizationRepository
+from service.storage.request_ids import RequestIdRepository
+from service.storage.resources import ResourceRepository
+
+
+class UnitOfWork:
+    """The repositories of one transaction; each is built on first use.
+
+    `organization_id` is the organization a write belongs to (None for reads and for creating an
+    organization): the one place that knows what a transaction changes.
+    """
+
+    def __init__(self, session: AsyncSession, organization_id: str | None = None) -> None:
+        self._session = session
+        self.organization_id = organization_id
+
+    @cached_property
+    def organizations(self) -> OrganizationRepository:
+        """Organizations and their revisions."""
+        return OrganizationRepository(self._session)
+
+    @cached_property
+    def environments(self) -> EnvironmentRepository:
+        """Environments."""
+        return EnvironmentRepository(self._session)
+
+    @cached_property
+    def members(self) -> MemberRepository:
+        """Members and their environment access."""
+        return MemberRepository(self._session)
+
+    @cached_property
+    def api_keys(self) -> ApiKeyRepository:
+        """API keys and their digests."""
+        return ApiKeyRepository(self._session)
+
+    @cached_property
+    def resources(self) -> ResourceRepository:
+        """The registry of scoped resources."""
+        return ResourceRepository(self._session)
+
+    @cached_property
+    def request_ids(self) -> RequestIdRepository:
+        """Idempotency keys of create requests."""
+        return RequestIdRepository(self._session)
+
+    @cached_property
+    def last_used(self) -> LastUsedRepository:
+        """Batched last-used times of keys."""
+        return LastUsedRepository(self._session)
