@@ -52,7 +52,7 @@ def test_every_contract_rpc_but_public_ones_needs_a_scope_or_is_harmless() -> No
         for name in _methods(*CONTRACT_FILES)
         if POLICY[name].level not in (Level.PUBLIC, Level.OPERATOR)
         and POLICY[name].scope is None
-        and POLICY[name].scope_of is None
+        and POLICY[name].resource_access is None
     )
     # GetOrganization only returns the caller's own organization's id, name and creation time.
     assert no_scope == ["/agentpost.environments.v1.OrganizationService/GetOrganization"]

@@ -25,24 +25,12 @@ from service.storage.unit_of_work import UnitOfWork
 
 MAX_REASSIGN_LISTED = 1000
 
-# The wire enum's numbers, in declaration order after KIND_UNSPECIFIED (0).
-_KINDS_BY_NUMBER = {number: kind for number, kind in enumerate(ResourceKind, start=1)}
-
-
-def resource_kind(field: str, number: int, *, required: bool) -> ResourceKind | None:
-    """The kind a wire enum number names. KIND_UNSPECIFIED (0) is None when not `required`;
-    an unknown number is always INVALID_ARGUMENT."""
-    kind = _KINDS_BY_NUMBER.get(number)
-    if kind is None and (required or number != 0):
-        raise InvalidArgument.field(field, "must be a resource kind (INBOX, MESSAGE, ...)")
-    return kind
-
 
 @dataclass(frozen=True)
 class ResourceRef:
     """A resource named in a ReassignResources request, as received (not yet validated)."""
 
-    kind: int
+    kind: ResourceKind | None
     resource_id: str
 
 
@@ -58,7 +46,12 @@ class Resources:
         self._deps = dependencies
 
     async def register(
-        self, principal: Principal, kind_number: int, resource_id: str, display_name: str, request_id: str
+        self,
+        principal: Principal,
+        kind: ResourceKind | None,
+        resource_id: str,
+        display_name: str,
+        request_id: str,
     ) -> ScopedResource:
         """Registers a resource in the environment context.
 
@@ -68,8 +61,7 @@ class Resources:
         registered in this environment (else RESOURCE_NOT_FOUND); reusing a request id for
         another resource is INVALID_ARGUMENT REQUEST_ID_REUSED.
         """
-        kind = resource_kind("kind", kind_number, required=True)
-        assert kind is not None
+        kind = _required_kind("kind", kind)
         resource_id = validation.resource_id("resource_id", resource_id)
         display_name = validation.text("display_name", display_name, max_length=200, required=False)
         idempotency_key = validation.request_id(request_id)
@@ -103,12 +95,11 @@ class Resources:
             raise InvalidArgument.field(
                 "request_id", "was already used to register another resource", reason="REQUEST_ID_REUSED"
             )
-        return await self.get(principal, kind_number, resource_id)
+        return await self.get(principal, kind, resource_id)
 
-    async def get(self, principal: Principal, kind_number: int, resource_id: str) -> ScopedResource:
+    async def get(self, principal: Principal, kind: ResourceKind | None, resource_id: str) -> ScopedResource:
         """One resource of the environment context."""
-        kind = resource_kind("kind", kind_number, required=True)
-        assert kind is not None
+        kind = _required_kind("kind", kind)
         resource_id = validation.resource_id("resource_id", resource_id)
         async with self._deps.database.read() as uow:
             found = await uow.resources.get(principal.organization_id, kind, resource_id)
@@ -117,14 +108,13 @@ class Resources:
         return found
 
     async def list(
-        self, principal: Principal, kind_number: int, page_size: int, page_token: str
+        self, principal: Principal, kind: ResourceKind | None, page_size: int, page_token: str
     ) -> Page[ScopedResource]:
         """The resources of the environment context, ordered by (kind name, resource_id).
 
         KIND_UNSPECIFIED lists every kind whose `:read` scope the key holds; holding none is
         PERMISSION_DENIED SCOPE_MISSING. (A named kind's scope was checked by the policy.)
         """
-        kind = resource_kind("kind", kind_number, required=False)
         environment = principal.context_environment
         if kind is not None:
             kinds = [kind]
@@ -140,10 +130,9 @@ class Resources:
         )
         return await self._page(principal, environment.id, kinds, request)
 
-    async def deregister(self, principal: Principal, kind_number: int, resource_id: str) -> None:
+    async def deregister(self, principal: Principal, kind: ResourceKind | None, resource_id: str) -> None:
         """Removes a resource of the environment context from the registry."""
-        kind = resource_kind("kind", kind_number, required=True)
-        assert kind is not None
+        kind = _required_kind("kind", kind)
         resource_id = validation.resource_id("resource_id", resource_id)
         environment = principal.context_environment
         async with self._deps.database.write(principal.organization_id) as uow:
@@ -220,6 +209,13 @@ def _cursor(after: tuple[str, ...] | None) -> tuple[str, str] | None:
     return after[0], after[1]
 
 
+def _required_kind(field: str, kind: ResourceKind | None) -> ResourceKind:
+    """The kind, which this call cannot do without."""
+    if kind is None:
+        raise InvalidArgument.field(field, "must be a resource kind (INBOX, MESSAGE, ...)")
+    return kind
+
+
 def _listed_keys(listed: Sequence[ResourceRef]) -> list[ResourceKey] | None:
     """The validated, de-duplicated resources a reassignment names; None means all."""
     if not listed:
@@ -228,8 +224,7 @@ def _listed_keys(listed: Sequence[ResourceRef]) -> list[ResourceKey] | None:
         raise InvalidArgument.field("resources", f"must list at most {MAX_REASSIGN_LISTED} resources")
     keys: dict[ResourceKey, None] = {}
     for index, ref in enumerate(listed):
-        kind = resource_kind(f"resources[{index}].kind", ref.kind, required=True)
-        assert kind is not None
+        kind = _required_kind(f"resources[{index}].kind", ref.kind)
         resource_id = validation.resource_id(f"resources[{index}].resource_id", ref.resource_id)
         keys[(kind, resource_id)] = None
     return list(keys)

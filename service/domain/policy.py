@@ -8,10 +8,10 @@ permission is always decided before existence.
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
+from service.domain.models import ResourceKind
 from service.domain.principal import Principal
 
 
@@ -28,31 +28,19 @@ class Level(enum.Enum):
 
 @dataclass(frozen=True)
 class Rule:
-    """A method's level and the scope it needs (fixed, or derived from the request)."""
+    """A method's level and the scope it needs: fixed, or, for a ResourceService method, the
+    `:read` or `:write` scope of the resource kind the request names."""
 
     level: Level
     scope: str | None = None
-    scope_of: Callable[[Any], str | None] | None = None
+    resource_access: str | None = None
 
-    def required_scope(self, request: Any) -> str | None:
-        """The scope this request needs, if any."""
-        if self.scope_of is not None:
-            return self.scope_of(request)
+    def required_scope(self, kind: ResourceKind | None) -> str | None:
+        """The scope a request needs. For a resource method naming no kind that is None: the
+        use case then limits itself to the kinds the key may read, or refuses the request."""
+        if self.resource_access is not None:
+            return None if kind is None else f"{kind.scope_area}:{self.resource_access}"
         return self.scope
-
-
-def _resource_scope(access: str) -> Callable[[Any], str | None]:
-    """The scope of the request's resource kind; None for KIND_UNSPECIFIED (the handler then
-    limits itself to the kinds the key may read, or refuses the unspecified kind)."""
-    from service.domain.models import ResourceKind
-
-    names = {index + 1: kind for index, kind in enumerate(ResourceKind)}
-
-    def scope(request: Any) -> str | None:
-        kind = names.get(int(getattr(request, "kind", 0)))
-        return None if kind is None else f"{kind.scope_area}:{access}"
-
-    return scope
 
 
 _ORG = "/agentpost.environments.v1.OrganizationService/"
@@ -92,19 +80,19 @@ POLICY: Final[dict[str, Rule]] = {
     _KEY + "RevokeApiKey": Rule(Level.ENVIRONMENT, "api_keys:write"),
     _KEY + "RollApiKey": Rule(Level.ENVIRONMENT, "api_keys:write"),
     _KEY + "VerifyApiKey": Rule(Level.PUBLIC),
-    _RES + "RegisterResource": Rule(Level.CONTEXT, scope_of=_resource_scope("write")),
-    _RES + "GetResource": Rule(Level.CONTEXT, scope_of=_resource_scope("read")),
-    _RES + "ListResources": Rule(Level.CONTEXT, scope_of=_resource_scope("read")),
-    _RES + "DeregisterResource": Rule(Level.CONTEXT, scope_of=_resource_scope("write")),
+    _RES + "RegisterResource": Rule(Level.CONTEXT, resource_access="write"),
+    _RES + "GetResource": Rule(Level.CONTEXT, resource_access="read"),
+    _RES + "ListResources": Rule(Level.CONTEXT, resource_access="read"),
+    _RES + "DeregisterResource": Rule(Level.CONTEXT, resource_access="write"),
     _RES + "ListOrphanedResources": Rule(Level.ORGANIZATION, "environments:read"),
     _RES + "ReassignResources": Rule(Level.ORGANIZATION, "environments:write"),
 }
 
 
-def authorize(rule: Rule, principal: Principal, request: Any) -> None:
-    """Raises Denied unless the principal satisfies the rule for this request."""
+def authorize(rule: Rule, principal: Principal, kind: ResourceKind | None = None) -> None:
+    """Raises Denied unless the principal satisfies the rule for a request naming `kind`."""
     if rule.level is Level.ORGANIZATION:
         principal.require_organization_level()
-    scope = rule.required_scope(request)
+    scope = rule.required_scope(kind)
     if scope is not None:
         principal.require_scope(scope)

@@ -27,6 +27,7 @@ from service.domain.errors import Denied, DomainError, InvalidArgument, Unauthen
 from service.domain.policy import POLICY, Level, Rule, authorize
 from service.domain.principal import Principal, unauthenticated
 from service.transport import context as call_context
+from service.transport import enums
 from service.transport.errors import abort, internal_status, to_status
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,11 @@ def _guarded(
                 )
             acting = state.principal
             if acting is not None:
-                authorize(state.rule, acting, request)
+                authorize(
+                    state.rule,
+                    acting,
+                    enums.requested_kind(request) if state.rule.resource_access else None,
+                )
                 if state.rule.level is Level.CONTEXT:
                     acting = acting.in_context(state.environment)
                 call_context.current_principal.set(acting)

@@ -11,14 +11,8 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from service.application.api_keys import ApiKeys, KeyChanges, Verification
 from service.domain.clock import utcnow
 from service.domain.errors import InvalidArgument
-from service.domain.models import ApiKey, KeyMode
-from service.transport import context, convert
-
-_MODES: dict[int, KeyMode | None] = {
-    api_key_pb2.ApiKey.MODE_UNSPECIFIED: None,
-    api_key_pb2.ApiKey.LIVE: KeyMode.LIVE,
-    api_key_pb2.ApiKey.DEV: KeyMode.DEV,
-}
+from service.domain.models import ApiKey
+from service.transport import context, convert, enums
 
 
 def _time(field: str, stamp: timestamp_pb2.Timestamp) -> datetime:
@@ -33,12 +27,6 @@ def _duration(field: str, duration: duration_pb2.Duration) -> timedelta:
         return duration.ToTimedelta()
     except (ValueError, OverflowError):
         raise InvalidArgument.field(field, "is not a valid duration") from None
-
-
-def _mode(value: int) -> KeyMode | None:
-    if value not in _MODES:
-        raise InvalidArgument.field("mode", "must be LIVE or DEV")
-    return _MODES[value]
 
 
 class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
@@ -59,7 +47,7 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
             scope_names=list(request.scopes),
             environment_ids=list(request.environment_ids),
             owner_member_id=request.owner_member_id,
-            mode=_mode(request.mode),
+            mode=enums.key_mode("mode", request.mode),
             expire_time=_time("expire_time", request.expire_time)
             if request.HasField("expire_time")
             else None,

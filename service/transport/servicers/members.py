@@ -7,24 +7,7 @@ from agentpost.environments.v1 import environment_pb2, member_pb2, member_pb2_gr
 from google.protobuf import empty_pb2
 
 from service.application.members import Members
-from service.domain.models import EnvRole, OrgRole
-from service.transport import context, convert
-
-
-def org_role(value: int) -> OrgRole | None:
-    """The organization role a request names; None for ROLE_UNSPECIFIED or an unknown number."""
-    if value == member_pb2.Member.ROLE_UNSPECIFIED or value not in member_pb2.Member.Role.values():
-        return None
-    return OrgRole(member_pb2.Member.Role.Name(value))
-
-
-def env_role(value: int) -> EnvRole | None:
-    """The environment role a request names; None for ROLE_UNSPECIFIED or an unknown number."""
-    if value == member_pb2.EnvironmentMember.ROLE_UNSPECIFIED or value not in (
-        member_pb2.EnvironmentMember.Role.values()
-    ):
-        return None
-    return EnvRole(member_pb2.EnvironmentMember.Role.Name(value))
+from service.transport import context, convert, enums
 
 
 class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):
@@ -40,7 +23,7 @@ class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):
             context.principal(),
             request.email,
             request.display_name,
-            org_role(request.role),
+            enums.org_role("role", request.role),
             request.request_id,
         )
         return convert.member(member)
@@ -66,7 +49,7 @@ class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):
             context.principal(),
             given.id,
             given.display_name,
-            org_role(given.role),
+            enums.org_role("member.role", given.role),
             list(request.update_mask.paths),
             given.etag,
         )
@@ -82,7 +65,10 @@ class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):
         self, request: member_pb2.AddEnvironmentMemberRequest, _context: grpc.aio.ServicerContext
     ) -> member_pb2.EnvironmentMember:
         membership = await self._members.add_environment_member(
-            context.principal(), request.environment_id, request.member_id, env_role(request.role)
+            context.principal(),
+            request.environment_id,
+            request.member_id,
+            enums.env_role("role", request.role),
         )
         return convert.environment_member(membership)
 
@@ -105,7 +91,7 @@ class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):
             context.principal(),
             given.environment_id,
             given.member_id,
-            env_role(given.role),
+            enums.env_role("environment_member.role", given.role),
             list(request.update_mask.paths),
         )
         return convert.environment_member(membership)

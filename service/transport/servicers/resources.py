@@ -7,7 +7,7 @@ from agentpost.environments.v1 import resource_pb2, resource_pb2_grpc
 from google.protobuf import empty_pb2
 
 from service.application.resources import ResourceRef, Resources
-from service.transport import context, convert
+from service.transport import context, convert, enums
 
 
 class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
@@ -20,21 +20,30 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
         self, request: resource_pb2.RegisterResourceRequest, _context: grpc.aio.ServicerContext
     ) -> resource_pb2.ScopedResource:
         resource = await self._resources.register(
-            context.principal(), request.kind, request.resource_id, request.display_name, request.request_id
+            context.principal(),
+            enums.resource_kind("kind", request.kind),
+            request.resource_id,
+            request.display_name,
+            request.request_id,
         )
         return convert.scoped_resource(resource)
 
     async def GetResource(
         self, request: resource_pb2.GetResourceRequest, _context: grpc.aio.ServicerContext
     ) -> resource_pb2.ScopedResource:
-        resource = await self._resources.get(context.principal(), request.kind, request.resource_id)
+        resource = await self._resources.get(
+            context.principal(), enums.resource_kind("kind", request.kind), request.resource_id
+        )
         return convert.scoped_resource(resource)
 
     async def ListResources(
         self, request: resource_pb2.ListResourcesRequest, _context: grpc.aio.ServicerContext
     ) -> resource_pb2.ListResourcesResponse:
         page = await self._resources.list(
-            context.principal(), request.kind, request.page_size, request.page_token
+            context.principal(),
+            enums.resource_kind("kind", request.kind),
+            request.page_size,
+            request.page_token,
         )
         return resource_pb2.ListResourcesResponse(
             resources=[convert.scoped_resource(item) for item in page.items],
@@ -44,7 +53,9 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
     async def DeregisterResource(
         self, request: resource_pb2.DeregisterResourceRequest, _context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
-        await self._resources.deregister(context.principal(), request.kind, request.resource_id)
+        await self._resources.deregister(
+            context.principal(), enums.resource_kind("kind", request.kind), request.resource_id
+        )
         return empty_pb2.Empty()
 
     async def ListOrphanedResources(
@@ -65,6 +76,9 @@ class ResourceServicer(resource_pb2_grpc.ResourceServiceServicer):
             context.principal(),
             request.from_environment_id,
             request.to_environment_id,
-            [ResourceRef(ref.kind, ref.resource_id) for ref in request.resources],
+            [
+                ResourceRef(enums.resource_kind(f"resources[{index}].kind", ref.kind), ref.resource_id)
+                for index, ref in enumerate(request.resources)
+            ],
         )
         return resource_pb2.ReassignResourcesResponse(moved_count=moved)
