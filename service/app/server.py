@@ -31,6 +31,7 @@ from service.domain.pagination import PageTokens
 from service.domain.runtime import Runtime
 from service.storage import migrate
 from service.storage.database import Database, build_engine
+from service.storage.server_secrets import page_token_key
 from service.transport.interceptor import AuthInterceptor
 from service.transport.servicers.api_keys import ApiKeyServicer
 from service.transport.servicers.environments import EnvironmentServicer
@@ -141,6 +142,9 @@ class Application:
 
     async def start(self) -> int:
         """Binds, starts serving and marks every service SERVING; returns the bound port."""
+        if not self.runtime.page_tokens.has_key:
+            # No pepper: every server on this database signs with the key stored in it.
+            self.runtime.page_tokens.use_key(await page_token_key(self.database))
         try:
             self.port = self.server.add_insecure_port(self.settings.listen_address)
         except RuntimeError as error:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 import grpc
 from agentpost.environments.v1 import api_key_pb2, api_key_pb2_grpc
-from google.protobuf import duration_pb2, timestamp_pb2
 
 from service.domain.api_keys import ApiKeys, KeyChanges, Verification
 from service.domain.errors import InvalidArgument
@@ -19,20 +18,6 @@ _MODES: dict[int, KeyMode | None] = {
     api_key_pb2.ApiKey.LIVE: KeyMode.LIVE,
     api_key_pb2.ApiKey.DEV: KeyMode.DEV,
 }
-
-
-def _time(field: str, stamp: timestamp_pb2.Timestamp) -> datetime:
-    try:
-        return stamp.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument.field(field, "is not a valid timestamp") from None
-
-
-def _duration(field: str, duration: duration_pb2.Duration) -> timedelta:
-    try:
-        return duration.ToTimedelta()
-    except (ValueError, OverflowError):
-        raise InvalidArgument.field(field, "is not a valid duration") from None
 
 
 def _mode(value: int) -> KeyMode | None:
@@ -60,7 +45,7 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
             environment_ids=list(request.environment_ids),
             owner_member_id=request.owner_member_id,
             mode=_mode(request.mode),
-            expire_time=_time("expire_time", request.expire_time)
+            expire_time=convert.to_datetime("expire_time", request.expire_time)
             if request.HasField("expire_time")
             else None,
             request_id=request.request_id,
@@ -95,7 +80,7 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
             name=given.name,
             scopes=list(given.scopes),
             environment_ids=list(given.environment_ids),
-            expire_time=_time("api_key.expire_time", given.expire_time)
+            expire_time=convert.to_datetime("api_key.expire_time", given.expire_time)
             if given.HasField("expire_time")
             else None,
         )
@@ -113,7 +98,7 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
         self, request: api_key_pb2.RollApiKeyRequest, _context: grpc.aio.ServicerContext
     ) -> api_key_pb2.RollApiKeyResponse:
         ttl = (
-            _duration("previous_key_ttl", request.previous_key_ttl)
+            convert.to_timedelta("previous_key_ttl", request.previous_key_ttl)
             if request.HasField("previous_key_ttl")
             else None
         )
