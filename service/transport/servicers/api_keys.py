@@ -124,17 +124,18 @@ def _verification(outcome: Verification) -> api_key_pb2.VerifyApiKeyResponse:
         valid=outcome.valid,
         denial_reason=outcome.denial.value if outcome.denial is not None else "DENIAL_REASON_UNSPECIFIED",
     )
-    key = outcome.key
-    if key is not None:
+    if outcome.key_id:
         who = response.principal
-        who.organization_id = key.organization_id
-        who.api_key_id = key.id
+        who.organization_id = outcome.organization_id
+        who.api_key_id = outcome.key_id
+    if outcome.principal is not None:
+        key = outcome.principal.key
+        who = response.principal
         who.owner_member_id = key.owner_member_id or ""
         who.organization_wide = key.organization_wide
         who.scopes.extend(key.scopes)
-        if outcome.principal is not None:
-            who.allowed_environment_ids.extend(sorted(outcome.principal.allowed_environment_ids))
-        if outcome.environment is not None:
-            who.environment_id = outcome.environment.id
-            who.environment_slug = outcome.environment.slug
+        who.allowed_environment_ids.extend(sorted(outcome.principal.allowed_environment_ids))
+    if outcome.environment is not None:
+        response.principal.environment_id = outcome.environment.id
+        response.principal.environment_slug = outcome.environment.slug
     return response
