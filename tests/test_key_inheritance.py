@@ -99,7 +99,8 @@ async def test_removing_the_owner_from_an_environment_takes_it_from_the_key(
     assert await listed_environments(harness, secret) == [org.default_environment.id]
     denied = await verify(harness, secret, staging.id)
     assert not denied.valid and denied.denial_reason == Denial.ENVIRONMENT_NOT_ALLOWED
-    assert list(denied.principal.allowed_environment_ids) == [org.default_environment.id]
+    allowed = await verify(harness, secret, org.default_environment.id)
+    assert list(allowed.principal.allowed_environment_ids) == [org.default_environment.id]
 
 
 async def test_deleting_the_owner_disables_its_keys(harness: Harness, org: Org) -> None:
@@ -142,7 +143,8 @@ async def test_demoting_an_admin_shrinks_its_organization_wide_key(harness: Harn
     assert await listed_environments(harness, secret) == [staging.id]
     denied = await verify(harness, secret, prod.id)
     assert denied.denial_reason == Denial.ENVIRONMENT_NOT_ALLOWED
-    assert list(denied.principal.allowed_environment_ids) == [staging.id]
+    allowed = await verify(harness, secret, staging.id)
+    assert list(allowed.principal.allowed_environment_ids) == [staging.id]
     # It is no longer an organization-level key either.
     await fails(
         harness.environments.CreateEnvironment(

@@ -97,7 +97,10 @@ async def test_two_environment_key_without_default_needs_one_named(harness: Harn
     response = await verify(harness, secret)
     assert not response.valid and response.denial_reason == Reason.ENVIRONMENT_REQUIRED
     assert response.principal.api_key_id and not response.principal.environment_id
-    assert list(response.principal.allowed_environment_ids) == sorted([env_a.id, env_b.id])
+    # A denial names the key but not its reach.
+    assert not response.principal.allowed_environment_ids
+    named = await verify(harness, secret, env_a.id)
+    assert list(named.principal.allowed_environment_ids) == sorted([env_a.id, env_b.id])
 
 
 async def test_key_for_a_is_refused_in_b_by_id_and_slug(harness: Harness, org: Org) -> None:
@@ -149,7 +152,9 @@ async def test_scopes_are_checked_after_the_environment(harness: Harness, org: O
     assert (await verify(harness, secret, env.id, "inboxes:read")).valid
     response = await verify(harness, secret, env.id, "inboxes:read", "inboxes:write")
     assert not response.valid and response.denial_reason == Reason.SCOPE_MISSING
-    assert response.principal.environment_id == env.id and list(response.principal.scopes) == ["inboxes:read"]
+    # A denial names the key but neither the environment nor the scopes it would have had.
+    assert response.principal.api_key_id and not response.principal.environment_id
+    assert not response.principal.scopes
     response = await verify(harness, secret, "nope", "inboxes:write")
     assert response.denial_reason == Reason.ENVIRONMENT_NOT_FOUND
     failure = await fails(
@@ -174,13 +179,8 @@ async def test_key_denials_still_name_the_key(harness: Harness, org: Org) -> Non
     response = await verify(harness, secret, "default", "inboxes:read")
     assert not response.valid and response.denial_reason == Reason.REVOKED
     who = response.principal
-    assert (who.organization_id, who.api_key_id, who.owner_member_id, list(who.scopes)) == (
-        org.id,
-        key.id,
-        org.owner_member_id,
-        ["inboxes:read"],
-    )
-    assert not who.environment_id and not who.allowed_environment_ids
+    # The key and its organization, for the caller's logs; nothing of what the key may do.
+    assert who == pb.Principal(organization_id=org.id, api_key_id=key.id)
     rolled_from, old_secret = await harness.new_key(org, ["inboxes:read"])
     await harness.api_keys.RollApiKey(
         pb.RollApiKeyRequest(id=rolled_from.id), metadata=auth(org.owner_secret)

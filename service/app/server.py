@@ -34,6 +34,7 @@ from service.domain.keys import SecretHasher
 from service.domain.pagination import PageTokens
 from service.storage import migrate
 from service.storage.database import Database, build_engine
+from service.storage.server_secrets import page_token_key
 from service.transport.interceptor import AuthInterceptor
 from service.transport.servicers.api_keys import ApiKeyServicer
 from service.transport.servicers.environments import EnvironmentServicer
@@ -150,6 +151,9 @@ class Application:
 
     async def start(self) -> int:
         """Binds, starts serving and marks every service SERVING; returns the bound port."""
+        if not self.dependencies.page_tokens.has_key:
+            # No pepper: every server on this database signs with the key stored in it.
+            self.dependencies.page_tokens.use_key(await page_token_key(self.database))
         try:
             self.port = self.server.add_insecure_port(self.settings.listen_address)
         except RuntimeError as error:

@@ -13,6 +13,20 @@ No escalation, the rules every mutation obeys:
   the key (`ENVIRONMENT_ADMIN_REQUIRED`), checked after reach.
 - A member-owned caller that is not organization-level creates and rolls only keys owned by its
   own member (`OWNER_ESCALATION`), so no key it makes outlives that member's access.
+- A key never acts above its owner. A key acts with its owner member's organization role, and as
+  OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
+  environments, making it organization-wide, extending or clearing its expiry) needs the caller
+  to act with at least the role the key acts with (`OWNER_ESCALATION`): a key owned by an ADMIN
+  makes keys owned by itself or by ADMIN and MEMBER members, never keys no member owns (an empty
+  `owner_member_id` then means its own member) nor keys of an OWNER, and cannot roll or widen
+  either. The target key's owner role is read inside the write transaction.
+- Extending or clearing a key's expiry (which can revive an expired key) hands back access like a
+  roll does, so it needs every scope the key has once updated (`SCOPE_ESCALATION`); shortening it
+  needs nothing more than any other narrowing.
+- Request ids of CreateApiKey are scoped to the calling key: the same id sent by another key is
+  an independent request, and a replay never names a key created by someone else.
+- A VerifyApiKey denial names the key and its organization, for the caller's logs, but nothing the
+  key may do: no scopes, owner, environments or resolved environment.
 """
 
 from __future__ import annotations
@@ -35,9 +49,9 @@ from service.domain.errors import (
     api_key_not_found,
     member_not_found,
 )
-from service.domain.models import ApiKey, Environment, KeyMode, KeyState, check_etag
+from service.domain.models import ApiKey, Environment, KeyMode, KeyState, OrgRole, check_etag
 from service.domain.pagination import Page, PageRequest
-from service.domain.principal import Denial, Principal
+from service.domain.principal import Denial, Principal, acting_role
 from service.storage.api_keys import ApiKeyRepository
 from service.storage.unit_of_work import UnitOfWork
 
@@ -75,13 +89,34 @@ class KeyChanges:
 
 @dataclass(frozen=True)
 class Verification:
-    """VerifyApiKey's answer. `key` is set whenever the secret named a key; `principal` when the
-    key itself is usable; `environment` when one was resolved."""
+    """VerifyApiKey's answer. A denial names at most the key and its organization (when the
+    secret named a key), never what the key may do; `principal` and the resolved `environment`
+    are set only on a valid answer. Build one with `denied` or `granted`."""
 
     denial: Denial | None
-    key: ApiKey | None = None
+    key_id: str = ""
+    organization_id: str = ""
     principal: Principal | None = None
     environment: Environment | None = None
+
+    @classmethod
+    def denied(cls, denial: Denial, key: ApiKey | None = None) -> Verification:
+        """A refusal; `key` (when the secret named one) contributes only its id and organization,
+        so a denial cannot tell a probing caller which scopes or environments would work."""
+        if key is None:
+            return cls(denial)
+        return cls(denial, key_id=key.id, organization_id=key.organization_id)
+
+    @classmethod
+    def granted(cls, principal: Principal, environment: Environment) -> Verification:
+        """The key may act in `environment` with every required scope."""
+        return cls(
+            None,
+            key_id=principal.key.id,
+            organization_id=principal.organization_id,
+            principal=principal,
+            environment=environment,
+        )
 
     @property
     def valid(self) -> bool:
@@ -119,8 +154,10 @@ class ApiKeys:
         request_id: str,
     ) -> NewKey:
         """A new key and its secret. Mode unset means LIVE; `expire_time` must lie in the future.
-        A repeated `request_id` is ALREADY_EXISTS `DUPLICATE_REQUEST` with the first key's id in
-        the `keyId` metadata, because the secret cannot be shown twice."""
+        The new key must not act above the caller (see `_owner_of_new_key`). A `request_id`
+        repeated by the same calling key is ALREADY_EXISTS `DUPLICATE_REQUEST` with the first
+        key's id in the `keyId` metadata, because the secret cannot be shown twice; another key's
+        request with the same id is independent of it."""
         now = utcnow()
         name = validation.name("name", name)
         granted = scopes.validate("scopes", scope_names, required=True)
@@ -154,8 +191,11 @@ class ApiKeys:
         )
 
         async def insert(uow: UnitOfWork) -> str:
-            if owner is not None and await uow.members.get(key.organization_id, owner) is None:
-                raise member_not_found(owner)
+            if owner is not None:
+                member = await uow.members.get(key.organization_id, owner)
+                if member is None:
+                    raise member_not_found(owner)
+                principal.require_act_as(acting_role(member.role))
             for env_id in env_ids:
                 await recheck_active(uow, principal.organization_id, env_id)
             await uow.api_keys.insert(key, self._deps.hasher.digest(secret.secret))
@@ -167,6 +207,7 @@ class ApiKeys:
             operation=CREATE,
             request_id=idempotency_key,
             create=insert,
+            scope=principal.key.id,
         )
         if not outcome.created:
             raise AlreadyExists(
@@ -220,7 +261,11 @@ class ApiKeys:
         """Applies the fields named in the mask (`name`, `scopes`, `environment_ids`,
         `expire_time`; an empty mask is refused). `expire_time` in the mask while unset clears it.
         New values obey Create's no-escalation rules; scopes and environments the key already
-        has may stay. A revoked key cannot change; an expired one may be given a new expiry."""
+        has may stay. Extending or clearing the expiry needs every scope the key has once
+        updated, as a roll does. Any widening (scopes or environments added, organization-wide,
+        expiry extended or cleared) needs the caller to act with at least the key's role
+        (OWNER_ESCALATION). A revoked key cannot change; an expired one may be given a new
+        expiry under those rules."""
         fields = _mask(paths)
         now = utcnow()
         name = validation.name("api_key.name", changes.name) if "name" in fields else None
@@ -262,6 +307,11 @@ class ApiKeys:
                 update_time=now,
                 version=current.version + 1,
             )
+            lives_longer = _lives_longer(current.expire_time, updated.expire_time)
+            if lives_longer:
+                _require_held(principal, updated.scopes)
+            if lives_longer or _reaches_further(current, updated):
+                principal.require_act_as(await _acting_role_of_key(uow, current))
             await repository.save(updated)
         return updated
 
@@ -284,8 +334,9 @@ class ApiKeys:
         """A new key with the same name, scopes, environments, owner, mode and original
         `expire_time`; the previous key then expires at min(its expire_time, now + ttl) (unset or
         0: now), at most 7 days on. Rolling hands out a secret with the key's access, so the
-        caller must hold all the key's scopes and, if member-owned below organization level, own
-        it through the same member. Both writes happen in one transaction."""
+        caller must hold all the key's scopes, act with at least the key's role (a key no member
+        owns acts as OWNER) and, if member-owned below organization level, own it through the
+        same member. Both writes happen in one transaction."""
         ttl = previous_key_ttl or timedelta(0)
         if ttl < timedelta(0) or ttl > MAX_PREVIOUS_KEY_TTL:
             raise InvalidArgument.field("previous_key_ttl", "must be between 0 and 7 days")
@@ -307,13 +358,7 @@ class ApiKeys:
                 and current.owner_member_id != caller_owner
             ):
                 raise Denied("this key may only roll keys owned by its own member", reason="OWNER_ESCALATION")
-            if (
-                current.owner_member_id is not None
-                and await uow.members.get(current.organization_id, current.owner_member_id) is None
-            ):
-                raise FailedPrecondition(
-                    "the member that owned the key left the organization", reason="API_KEY_OWNER_REMOVED"
-                )
+            principal.require_act_as(await _acting_role_of_key(uow, current))
             secret = keys.generate(keys.DEV if current.mode is KeyMode.DEV else keys.LIVE)
             successor = replace(
                 current,
@@ -358,22 +403,18 @@ class ApiKeys:
         ENVIRONMENT_NOT_FOUND. Unknown required scopes are INVALID_ARGUMENT (never holdable)."""
         required = scopes.validate("required_scopes", required_scopes, required=False)
         if not secret:
-            return Verification(Denial.MALFORMED)
+            return Verification.denied(Denial.MALFORMED)
         outcome = await self._deps.access.authenticate(secret)
         if outcome.principal is None:
             assert outcome.denial is not None
-            return Verification(outcome.denial, key=outcome.key)
+            return Verification.denied(outcome.denial, outcome.key)
         principal = outcome.principal
         resolved = principal.resolve(environment or None)
         if not isinstance(resolved, Environment):
-            return Verification(resolved, key=principal.key, principal=principal)
-        missing = [scope for scope in required if not principal.has_scope(scope)]
-        return Verification(
-            Denial.SCOPE_MISSING if missing else None,
-            key=principal.key,
-            principal=principal,
-            environment=resolved,
-        )
+            return Verification.denied(resolved, principal.key)
+        if any(not principal.has_scope(scope) for scope in required):
+            return Verification.denied(Denial.SCOPE_MISSING, principal.key)
+        return Verification.granted(principal, resolved)
 
     def last_used(self, key: ApiKey) -> datetime | None:
         """The key's last use to within a minute, including uses not yet written."""
@@ -391,15 +432,49 @@ def _require_held(principal: Principal, wanted: Iterable[str]) -> None:
 
 def _owner_of_new_key(principal: Principal, requested: str) -> str | None:
     """The owner a key made by this caller gets. Below organization level a member-owned caller
-    only makes keys of its own member (empty means that member)."""
+    only makes keys of its own member (empty means that member). Otherwise empty means no owner
+    when the caller acts as OWNER, else the caller's own member: a key no member owns acts as
+    OWNER, which only an OWNER may hand out. A named owner's role is checked in the transaction."""
     caller_owner = principal.key.owner_member_id
     if caller_owner is not None and not principal.organization_level:
         if requested and requested != caller_owner:
             raise Denied("this key may only create keys owned by its own member", reason="OWNER_ESCALATION")
         return caller_owner
-    if not requested:
+    if requested:
+        return validation.required_id("owner_member_id", requested)
+    if principal.may_act_as(acting_role(None)):
         return None
-    return validation.required_id("owner_member_id", requested)
+    return caller_owner
+
+
+async def _acting_role_of_key(uow: UnitOfWork, key: ApiKey) -> OrgRole:
+    """The role `key` acts with, its owner read in the current transaction so a concurrent
+    promotion cannot slip past; FAILED_PRECONDITION API_KEY_OWNER_REMOVED when its owner left."""
+    if key.owner_member_id is None:
+        return acting_role(None)
+    owner = await uow.members.get(key.organization_id, key.owner_member_id)
+    if owner is None:
+        raise FailedPrecondition(
+            "the member that owned the key left the organization", reason="API_KEY_OWNER_REMOVED"
+        )
+    return acting_role(owner.role)
+
+
+def _lives_longer(current: datetime | None, updated: datetime | None) -> bool:
+    """Whether the new expiry extends the key's life (None: never expires); an expired key given
+    any future expiry lives longer, so this also covers reviving one."""
+    if current is None:
+        return False
+    return updated is None or updated > current
+
+
+def _reaches_further(current: ApiKey, updated: ApiKey) -> bool:
+    """Whether the update adds scopes or environments, or makes the key organization-wide."""
+    if not set(updated.scopes) <= set(current.scopes):
+        return True
+    if updated.organization_wide:
+        return not current.organization_wide
+    return not current.organization_wide and not set(updated.environment_ids) <= set(current.environment_ids)
 
 
 def _environment_ids(field: str, given: Sequence[str]) -> tuple[str, ...]:

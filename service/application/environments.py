@@ -125,12 +125,14 @@ class Environments:
                 raise FailedPrecondition(
                     "a deleted environment cannot be changed", reason="ENVIRONMENT_DELETED"
                 )
+            name = new_name if new_name is not None else current.name
+            description = new_description if new_description is not None else current.description
+            if (name, description) == (current.name, current.description):
+                # Nothing changes, so neither do the etag and update_time: a client retrying an
+                # update, or re-applying its configuration, must not invalidate others' etags.
+                return current
             updated = replace(
-                current,
-                name=new_name if new_name is not None else current.name,
-                description=new_description if new_description is not None else current.description,
-                update_time=utcnow(),
-                version=current.version + 1,
+                current, name=name, description=description, update_time=utcnow(), version=current.version + 1
             )
             await repository.save(updated)
         return updated

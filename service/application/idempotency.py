@@ -1,4 +1,13 @@
-"""Create requests that are safe to retry (AIP-155): a request id maps to what it created."""
+"""Create requests that are safe to retry (AIP-155): a request id maps to what it created.
+
+A request id is remembered per *scope*: by default the organization (or the operator, for
+CreateOrganization). A use case that callers of different reach share passes a narrower scope,
+so one caller's request id never answers for, or reveals, another's: CreateApiKey scopes its
+request ids to the calling key, since a replay names the first key's id, which may lie outside
+another caller's reach. The other creates keep the organization scope: only organization-level
+callers, who see every environment and member, create those, and RegisterResource replays only
+the same resource, read back through the caller's own environment context.
+"""
 
 from __future__ import annotations
 
@@ -29,10 +38,13 @@ async def create_once(
     operation: str,
     request_id: str | None,
     create: Callable[[UnitOfWork], Awaitable[str]],
+    scope: str | None = None,
 ) -> Outcome:
     """Runs `create` in one write transaction of the organization and remembers its result under
-    the request id; a retry (even a concurrent one) gets the first result's id instead."""
-    scope = organization_id or "operator"
+    the request id within `scope` (default: the organization); a retry in the same scope (even a
+    concurrent one) gets the first result's id instead. Scopes are ids, so those of different
+    kinds (`org_...`, `key_...`, `operator`) never collide."""
+    scope = scope or organization_id or "operator"
     try:
         async with database.write(organization_id) as uow:
             if request_id is not None:

@@ -53,8 +53,9 @@ DISPLAY_NAME_MAX = 100
 
 
 def is_owner_level(principal: Principal) -> bool:
-    """An organization-level key that no member owns, or one owned by an OWNER."""
-    return principal.organization_level and principal.owner_role in (None, OrgRole.OWNER)
+    """An organization-level key that no member owns, or one owned by an OWNER: one that acts as
+    OWNER (the same rank rule that governs keys)."""
+    return principal.organization_level and principal.may_act_as(OrgRole.OWNER)
 
 
 def require_owner_level(principal: Principal) -> None:

@@ -22,7 +22,7 @@ DEV: Final = "dev"
 PREFIX_LENGTH: Final = 12
 _BODY_LENGTH: Final = 32
 _CHECKSUM_LENGTH: Final = 6
-_SHAPE: Final = re.compile(r"^ap_sk_(live|dev)_([0-9A-Za-z]{32})([0-9A-Za-z]{6})$")
+_SHAPE: Final = re.compile(r"ap_sk_(live|dev)_([0-9A-Za-z]{32})([0-9A-Za-z]{6})")
 
 
 def _checksum(text: str) -> str:
@@ -51,7 +51,7 @@ def generate(mode: str) -> ParsedSecret:
 
 def parse(secret: str) -> ParsedSecret | None:
     """The parsed secret, or None when its shape or checksum is wrong. Touches no storage."""
-    match = _SHAPE.match(secret)
+    match = _SHAPE.fullmatch(secret)
     if match is None:
         return None
     head = secret[:-_CHECKSUM_LENGTH]

@@ -2,6 +2,9 @@
 
 A token carries the last id of its page and a fingerprint of (method, caller, filters), signed
 with a server key; one presented with another query or by another caller is INVALID_ARGUMENT.
+The key is derived from the pepper when one is configured, so replicas sharing it agree;
+without one it is a random key stored once in the database (see `use_key`), never a fixed one
+a client could sign with.
 """
 
 from __future__ import annotations
@@ -21,17 +24,42 @@ T = TypeVar("T")
 
 _INVALID = "the page token is invalid, or belongs to another query or caller"
 
+# A cursor is the sort key of a page's last item: at most a kind and an id, each a stored value.
+_MAX_CURSOR_PARTS = 4
+_MAX_CURSOR_PART_LENGTH = 200
+MIN_KEY_BYTES = 32
+
+
+def pepper_key(pepper: str) -> bytes:
+    """The signing key every server configured with `pepper` derives alike."""
+    return hashlib.sha256(b"agentpost-page-token:" + pepper.encode()).digest()
+
 
 class PageTokens:
-    """Signs and checks page tokens with a key derived from the server's secret."""
+    """Signs and checks page tokens. With a pepper the key is derived from it at once; without
+    one it stays unset until `use_key` hands over the database's stored key, and signing or
+    checking before that is an error rather than a token anyone could forge."""
 
-    def __init__(self, secret: str | None) -> None:
-        self._key = hashlib.sha256(b"agentpost-page-token:" + (secret or "").encode()).digest()
+    def __init__(self, pepper: str | None) -> None:
+        self._key: bytes | None = pepper_key(pepper) if pepper else None
+
+    @property
+    def has_key(self) -> bool:
+        """Whether a signing key is set (always, when a pepper was given)."""
+        return self._key is not None
+
+    def use_key(self, key: bytes) -> None:
+        """Signs with `key` from now on: the random key stored for a database without a pepper."""
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"a page token key needs at least {MIN_KEY_BYTES} bytes")
+        self._key = key
 
     def _fingerprint(self, query: Sequence[object]) -> str:
         return hashlib.sha256(json.dumps([str(part) for part in query]).encode()).hexdigest()[:24]
 
     def _sign(self, body: bytes) -> str:
+        if self._key is None:
+            raise RuntimeError("page tokens have no signing key yet: load the stored one first")
         return hmac.new(self._key, body, hashlib.sha256).hexdigest()[:32]
 
     def encode(self, last: Sequence[str], query: Sequence[object]) -> str:
@@ -53,12 +81,20 @@ class PageTokens:
             inner = json.loads(body)
             if inner["q"] != self._fingerprint(query):
                 raise ValueError("query")
-            after = inner["a"]
-            if not isinstance(after, list) or not all(isinstance(part, str) for part in after):
-                raise ValueError("shape")
-            return tuple(after)
+            return _cursor(inner["a"])
         except (ValueError, KeyError, TypeError, UnicodeDecodeError):
             raise InvalidArgument.field("page_token", _INVALID, reason="INVALID_PAGE_TOKEN") from None
+
+
+def _cursor(after: object) -> tuple[str, ...]:
+    """The cursor, checked like any client input even though it was signed: it reaches queries,
+    where a NUL or a lone surrogate would be a driver error rather than a refusal."""
+    if not isinstance(after, list) or not 0 < len(after) <= _MAX_CURSOR_PARTS:
+        raise ValueError("shape")
+    for part in after:
+        if not isinstance(part, str) or len(part) > _MAX_CURSOR_PART_LENGTH or not validation.printable(part):
+            raise ValueError("cursor")
+    return tuple(after)
 
 
 @dataclass(frozen=True)

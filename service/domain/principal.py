@@ -4,6 +4,10 @@ every handler.
 A key's reach is its environments (all of the organization's when it lists none), narrowed to
 its owner's environments when a member owns it. Deleted environments stay *visible* to those
 who reach them (to be listed with show_deleted and undeleted) but are never *usable*.
+
+A key never acts above its owner: it acts with its owner member's organization role, and a key
+no member owns acts as an OWNER. Whatever a caller makes or strengthens (a key it creates, rolls
+or widens) must not act with a higher role than the caller's own (`Principal.may_act_as`).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from typing import Final
 
 from service.domain.errors import Denied, FailedPrecondition, Unauthenticated, environment_not_found
 from service.domain.models import ApiKey, Environment, EnvRole, KeyState, Organization, OrgRole
@@ -82,6 +87,15 @@ class OrgSnapshot:
         return frozenset(self.environment_roles.get(member_id, {}))
 
 
+_ROLE_RANK: Final = {OrgRole.MEMBER: 0, OrgRole.ADMIN: 1, OrgRole.OWNER: 2}
+
+
+def acting_role(owner_role: OrgRole | None) -> OrgRole:
+    """The role a key acts with, given its owner member's role; None (no member owns the key)
+    acts as OWNER, since such a key outlives every member and answers to none."""
+    return OrgRole.OWNER if owner_role is None else owner_role
+
+
 def key_denial(key: ApiKey, snapshot: OrgSnapshot, now: datetime) -> Denial | None:
     """Why the key cannot be used at all, or None when it can."""
     state = key.state(now)
@@ -128,11 +142,32 @@ class Principal:
         return self.snapshot.member_roles.get(self.key.owner_member_id)
 
     @property
+    def acting_role(self) -> OrgRole:
+        """The role this key acts with: its owner's, OWNER when no member owns it. An owner
+        missing from the snapshot (never so for a usable key) fails closed, as the least role."""
+        if self.key.owner_member_id is not None and self.owner_role is None:
+            return OrgRole.MEMBER
+        return acting_role(self.owner_role)
+
+    @property
     def organization_level(self) -> bool:
         """May make organization-level calls: an organization-wide key whose owner, if any, is
         an OWNER or ADMIN."""
-        role = self.owner_role
-        return self.key.organization_wide and (role is None or role.reaches_every_environment)
+        return self.key.organization_wide and self.acting_role.reaches_every_environment
+
+    def may_act_as(self, role: OrgRole) -> bool:
+        """Whether this key may create, roll or widen a key that acts as `role` (see
+        `acting_role`): only when its own acting role is at least as high."""
+        return _ROLE_RANK[self.acting_role] >= _ROLE_RANK[role]
+
+    def require_act_as(self, role: OrgRole) -> None:
+        """PERMISSION_DENIED OWNER_ESCALATION unless `may_act_as(role)`."""
+        if not self.may_act_as(role):
+            raise Denied(
+                f"a key acting as {self.acting_role} cannot create, roll or widen a key acting as {role}"
+                " (a key no member owns acts as OWNER)",
+                reason="OWNER_ESCALATION",
+            )
 
     def has_scope(self, scope: str) -> bool:
         """True when the key holds `scope`."""

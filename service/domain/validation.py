@@ -9,9 +9,14 @@ from collections.abc import Collection, Sequence
 
 from service.domain.errors import InvalidArgument
 
-SLUG_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-RESOURCE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
-EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+# Matched with `fullmatch` only: with `match`, `$` also matches before a final newline, so
+# "staging\n" would pass as a slug and live beside "staging".
+SLUG_PATTERN = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+RESOURCE_ID_PATTERN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+EMAIL_PATTERN = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+UUID_PATTERN = re.compile(
+    r"[0-9a-fA-F]{8}(-?)[0-9a-fA-F]{4}\1[0-9a-fA-F]{4}\1[0-9a-fA-F]{4}\1[0-9a-fA-F]{12}"
+)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
@@ -20,12 +25,33 @@ MAX_PAGE_SIZE = 500
 _UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cs", "Cn", "Co", "Zl", "Zp"})
 
 
+# Embeddings, overrides and isolates reorder how the rest of a line is shown: a name holding one
+# can display as something else (U+202E turns "gnp.exe" into "exe.png").
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+# Separators, format characters (U+200B, U+FEFF, ...), other control-like categories and lone
+# combining marks draw nothing; neither do these letters and symbols that render as blank space.
+_INVISIBLE_CATEGORIES = frozenset({"Zs", "Zl", "Zp", "Cc", "Cf", "Cs", "Cn", "Co", "Mn", "Me"})
+_BLANK_GLYPHS = frozenset("\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
+
+
 def _unprintable(value: str) -> bool:
     return any(unicodedata.category(char) in _UNPRINTABLE_CATEGORIES for char in value)
 
 
+def _visible(char: str) -> bool:
+    return char not in _BLANK_GLYPHS and unicodedata.category(char) not in _INVISIBLE_CATEGORIES
+
+
+def printable(value: str) -> bool:
+    """True when `value` holds no control, surrogate, unassigned or private-use code point and
+    no line or paragraph separator: what any stored or echoed string must satisfy."""
+    return not _unprintable(value)
+
+
 def text(field: str, value: str, *, max_length: int, required: bool) -> str:
-    """A printable string of at most `max_length` characters; surrounding blanks are refused."""
+    """A printable string of at most `max_length` characters with at least one visible one;
+    surrounding blanks and bidirectional overrides are refused."""
     if not value:
         if required:
             raise InvalidArgument.field(field, "is required")
@@ -34,19 +60,23 @@ def text(field: str, value: str, *, max_length: int, required: bool) -> str:
         raise InvalidArgument.field(field, f"must be at most {max_length} characters")
     if _unprintable(value):
         raise InvalidArgument.field(field, "must contain only printable characters")
+    if not _BIDI_CONTROLS.isdisjoint(value):
+        raise InvalidArgument.field(field, "must not contain bidirectional override or isolate characters")
     if value != value.strip():
         raise InvalidArgument.field(field, "must not start or end with white space")
+    if not any(_visible(char) for char in value):
+        raise InvalidArgument.field(field, "must contain a visible character")
     return value
 
 
 def name(field: str, value: str) -> str:
-    """A resource's name: 1 to 100 printable characters."""
+    """A resource's name: 1 to 100 printable characters, at least one of them visible."""
     return text(field, value, max_length=100, required=True)
 
 
 def slug(field: str, value: str) -> str:
     """A DNS label: lowercase letters, digits and inner hyphens, at most 63 characters."""
-    if not SLUG_PATTERN.match(value):
+    if not SLUG_PATTERN.fullmatch(value):
         raise InvalidArgument.field(
             field, "must be a DNS label: 1-63 of [a-z0-9-], starting and ending with a letter or digit"
         )
@@ -66,26 +96,27 @@ def email(field: str, value: str) -> str:
     """An email address of at most 254 characters."""
     if not value:
         raise InvalidArgument.field(field, "is required")
-    if len(value) > 254 or _unprintable(value) or not EMAIL_PATTERN.match(value):
+    if len(value) > 254 or _unprintable(value) or not EMAIL_PATTERN.fullmatch(value):
         raise InvalidArgument.field(field, "must be an email address")
     return value
 
 
 def resource_id(field: str, value: str) -> str:
     """A registered resource's id: 1 to 128 of `[A-Za-z0-9_.:-]`."""
-    if not RESOURCE_ID_PATTERN.match(value):
+    if not RESOURCE_ID_PATTERN.fullmatch(value):
         raise InvalidArgument.field(field, "must be 1-128 of [A-Za-z0-9_.:-]")
     return value
 
 
 def request_id(value: str) -> str | None:
-    """An optional idempotency key; when given it must be a UUID. Returned in canonical form."""
+    """An optional idempotency key; when given it must be a UUID (32 hex digits, hyphenated or
+    not). Returned in canonical form."""
     if not value:
         return None
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise InvalidArgument.field("request_id", "must be a UUID") from None
+    # `uuid.UUID` alone also takes braces, a `urn:uuid:` prefix and surrounding white space.
+    if not UUID_PATTERN.fullmatch(value):
+        raise InvalidArgument.field("request_id", "must be a UUID")
+    return str(uuid.UUID(value))
 
 
 def page_size(value: int) -> int:

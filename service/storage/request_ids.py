@@ -1,4 +1,8 @@
-"""Idempotency keys of create requests (AIP-155): what a request id created, per scope."""
+"""Idempotency keys of create requests (AIP-155): what a request id created, per scope.
+
+A scope is an id of at most 40 characters: an organization's, a calling key's (CreateApiKey) or
+`operator`; their prefixes keep them apart.
+"""
 
 from __future__ import annotations
 

@@ -177,3 +177,13 @@ class RequestIdRow(Base):
     request_id: Mapped[str] = mapped_column(String(36))
     result_id: Mapped[str] = mapped_column(String(200))
     create_time: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class ServerSecretRow(Base):
+    """A secret the servers of one database share, made once by whichever starts first."""
+
+    __tablename__ = "server_secrets"
+
+    name: Mapped[str] = mapped_column(String(40), primary_key=True)
+    value: Mapped[str] = mapped_column(String(200))
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime())

@@ -17,6 +17,7 @@ from service.storage.members import MemberRepository
 from service.storage.organizations import OrganizationRepository
 from service.storage.request_ids import RequestIdRepository
 from service.storage.resources import ResourceRepository
+from service.storage.server_secrets import ServerSecretRepository
 
 
 class UnitOfWork:
@@ -64,3 +65,8 @@ class UnitOfWork:
     def last_used(self) -> LastUsedRepository:
         """Batched last-used times of keys."""
         return LastUsedRepository(self._session)
+
+    @cached_property
+    def server_secrets(self) -> ServerSecretRepository:
+        """Secrets made once per database (the page-token key)."""
+        return ServerSecretRepository(self._session)

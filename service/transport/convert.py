@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 
 from agentpost.environments.v1 import (
     api_key_pb2,
@@ -11,8 +11,9 @@ from agentpost.environments.v1 import (
     organization_pb2,
     resource_pb2,
 )
-from google.protobuf import timestamp_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
+from service.domain.errors import InvalidArgument
 from service.domain.models import (
     ApiKey,
     Environment,
@@ -22,6 +23,38 @@ from service.domain.models import (
     Organization,
     ScopedResource,
 )
+
+# The ranges google/protobuf/duration.proto and timestamp.proto define: about ±10,000 years, and
+# 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
+_MAX_DURATION_SECONDS = 315_576_000_000
+_MIN_TIMESTAMP_SECONDS = -62_135_596_800
+_MAX_TIMESTAMP_SECONDS = 253_402_300_799
+_NANOS_PER_SECOND = 1_000_000_000
+
+
+def to_timedelta(field: str, value: duration_pb2.Duration) -> timedelta:
+    """A request's Duration as a timedelta; INVALID_ARGUMENT outside the range Duration defines
+    (seconds within ±315,576,000,000, |nanos| below a second, both of the same sign)."""
+    seconds, nanos = value.seconds, value.nanos
+    if (
+        abs(seconds) > _MAX_DURATION_SECONDS
+        or abs(nanos) >= _NANOS_PER_SECOND
+        or (seconds > 0 and nanos < 0)
+        or (seconds < 0 and nanos > 0)
+    ):
+        raise InvalidArgument.field(field, "is not a valid duration")
+    return value.ToTimedelta()
+
+
+def to_datetime(field: str, value: timestamp_pb2.Timestamp) -> datetime:
+    """A request's Timestamp as an aware UTC datetime; INVALID_ARGUMENT outside the range
+    Timestamp defines (years 1 to 9999, nanos in [0, 1e9))."""
+    if (
+        not _MIN_TIMESTAMP_SECONDS <= value.seconds <= _MAX_TIMESTAMP_SECONDS
+        or not 0 <= value.nanos < _NANOS_PER_SECOND
+    ):
+        raise InvalidArgument.field(field, "is not a valid timestamp")
+    return value.ToDatetime(tzinfo=UTC)
 
 
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:

@@ -14,7 +14,7 @@ import hmac
 import itertools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -71,10 +71,14 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[
     return decode
 
 
-def _bearer(metadata: dict[str, str]) -> str:
+def _bearer(metadata: dict[str, str], raw: Sequence[tuple[str, str | bytes]]) -> str:
     value = metadata.get("authorization")
     if value is None:
         raise Unauthenticated("send `authorization: Bearer <API key>`", reason="CREDENTIALS_MISSING")
+    # `metadata` keeps only the last of repeated keys; which credential a proxy or library in
+    # between would have used is anyone's guess, so more than one is refused outright.
+    if sum(1 for key, _ in raw if key == "authorization") > 1:
+        raise Unauthenticated("send exactly one authorization metadata entry", reason="CREDENTIALS_MALFORMED")
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthenticated(
@@ -104,10 +108,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._operator_token = operator_token
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    async def _identify(self, rule: Rule, metadata: dict[str, str]) -> Principal | None:
+    async def _identify(
+        self, rule: Rule, metadata: dict[str, str], raw: Sequence[tuple[str, str | bytes]]
+    ) -> Principal | None:
         if rule.level is Level.PUBLIC:
             return None
-        token = _bearer(metadata)
+        token = _bearer(metadata, raw)
         if rule.level is Level.OPERATOR:
             if not self._operator_token:
                 raise Denied(
@@ -130,7 +136,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return None
-        metadata = {key: value for key, value in details.invocation_metadata or () if isinstance(value, str)}
+        raw = details.invocation_metadata or ()
+        metadata = {key: value for key, value in raw if isinstance(value, str)}
         rule = POLICY.get(details.method)
         if handler.unary_unary is None:
             # Only the public standard services stream (health Watch, reflection).
@@ -141,7 +148,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             failure = Denied("this method has no access rule and is refused", reason="METHOD_NOT_ALLOWED")
         else:
             try:
-                principal = await self._identify(rule, metadata)
+                principal = await self._identify(rule, metadata, raw)
             except DomainError as error:
                 failure = error
         # The handler runs in this call's own task, so this reaches it and no other call.

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 import grpc
 from agentpost.environments.v1 import api_key_pb2, api_key_pb2_grpc
-from google.protobuf import duration_pb2, timestamp_pb2
 
 from service.application.api_keys import ApiKeys, KeyChanges, Verification
 from service.domain.clock import utcnow
-from service.domain.errors import InvalidArgument
 from service.domain.models import ApiKey
 from service.transport import context, convert, enums
-
-
-def _time(field: str, stamp: timestamp_pb2.Timestamp) -> datetime:
-    try:
-        return stamp.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        raise InvalidArgument.field(field, "is not a valid timestamp") from None
-
-
-def _duration(field: str, duration: duration_pb2.Duration) -> timedelta:
-    try:
-        return duration.ToTimedelta()
-    except (ValueError, OverflowError):
-        raise InvalidArgument.field(field, "is not a valid duration") from None
 
 
 class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
@@ -48,7 +32,7 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
             environment_ids=list(request.environment_ids),
             owner_member_id=request.owner_member_id,
             mode=enums.key_mode("mode", request.mode),
-            expire_time=_time("expire_time", request.expire_time)
+            expire_time=convert.to_datetime("expire_time", request.expire_time)
             if request.HasField("expire_time")
             else None,
             request_id=request.request_id,
@@ -83,7 +67,7 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
             name=given.name,
             scopes=list(given.scopes),
             environment_ids=list(given.environment_ids),
-            expire_time=_time("api_key.expire_time", given.expire_time)
+            expire_time=convert.to_datetime("api_key.expire_time", given.expire_time)
             if given.HasField("expire_time")
             else None,
         )
@@ -101,7 +85,7 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
         self, request: api_key_pb2.RollApiKeyRequest, _context: grpc.aio.ServicerContext
     ) -> api_key_pb2.RollApiKeyResponse:
         ttl = (
-            _duration("previous_key_ttl", request.previous_key_ttl)
+            convert.to_timedelta("previous_key_ttl", request.previous_key_ttl)
             if request.HasField("previous_key_ttl")
             else None
         )
@@ -127,17 +111,18 @@ def _verification(outcome: Verification) -> api_key_pb2.VerifyApiKeyResponse:
         valid=outcome.valid,
         denial_reason=outcome.denial.value if outcome.denial is not None else "DENIAL_REASON_UNSPECIFIED",
     )
-    key = outcome.key
-    if key is not None:
+    if outcome.key_id:
         who = response.principal
-        who.organization_id = key.organization_id
-        who.api_key_id = key.id
+        who.organization_id = outcome.organization_id
+        who.api_key_id = outcome.key_id
+    if outcome.principal is not None:
+        key = outcome.principal.key
+        who = response.principal
         who.owner_member_id = key.owner_member_id or ""
         who.organization_wide = key.organization_wide
         who.scopes.extend(key.scopes)
-        if outcome.principal is not None:
-            who.allowed_environment_ids.extend(sorted(outcome.principal.allowed_environment_ids))
-        if outcome.environment is not None:
-            who.environment_id = outcome.environment.id
-            who.environment_slug = outcome.environment.slug
+        who.allowed_environment_ids.extend(sorted(outcome.principal.allowed_environment_ids))
+    if outcome.environment is not None:
+        response.principal.environment_id = outcome.environment.id
+        response.principal.environment_slug = outcome.environment.slug
     return response

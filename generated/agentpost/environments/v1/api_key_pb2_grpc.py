@@ -42,6 +42,13 @@ class ApiKeyServiceStub:
     reaches; any other key id is NOT_FOUND with reason API_KEY_NOT_FOUND, as for a random id. A
     member-owned caller changes keys only in environments its member administers, and below
     organization level creates and rolls only keys owned by its own member (OWNER_ESCALATION).
+
+    A key never acts above its owner: a key acts with its owner member's organization role, and as
+    OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
+    environments, making it organization-wide, extending or clearing its expiry) needs the caller
+    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION. So a key owned by an
+    ADMIN creates keys owned by itself or by ADMIN and MEMBER members, never keys no member owns
+    nor keys owned by an OWNER, and neither rolls nor widens those.
     """
 
     def __init__(self, channel):
@@ -104,6 +111,13 @@ class ApiKeyServiceServicer:
     reaches; any other key id is NOT_FOUND with reason API_KEY_NOT_FOUND, as for a random id. A
     member-owned caller changes keys only in environments its member administers, and below
     organization level creates and rolls only keys owned by its own member (OWNER_ESCALATION).
+
+    A key never acts above its owner: a key acts with its owner member's organization role, and as
+    OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
+    environments, making it organization-wide, extending or clearing its expiry) needs the caller
+    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION. So a key owned by an
+    ADMIN creates keys owned by itself or by ADMIN and MEMBER members, never keys no member owns
+    nor keys owned by an OWNER, and neither rolls nor widens those.
     """
 
     def CreateApiKey(self, request, context):
@@ -129,9 +143,11 @@ class ApiKeyServiceServicer:
 
     def UpdateApiKey(self, request, context):
         """Changes `name`, `scopes`, `environment_ids` and/or `expire_time` (`*`: all four; an empty mask
-        is INVALID_ARGUMENT). Narrowing is always allowed; what is added obeys the no-escalation rules.
-        `expire_time` in the mask but unset clears it. A revoked key cannot be changed. Needs
-        `api_keys:write`.
+        is INVALID_ARGUMENT). Narrowing, a shorter `expire_time` included, is always allowed; what is
+        added obeys the no-escalation rules. `expire_time` in the mask but unset clears it. Extending
+        or clearing the expiry (which revives an expired key) hands access back as a roll does: it
+        needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
+        with at least the key's role. A revoked key cannot be changed. Needs `api_keys:write`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -147,7 +163,8 @@ class ApiKeyServiceServicer:
     def RollApiKey(self, request, context):
         """Issues a new key with the same access; the previous one keeps working for
         `previous_key_ttl`, then is EXPIRED. Needs `api_keys:write` and, since it hands out a secret,
-        every scope of the key. A revoked or expired key cannot be rolled.
+        every scope of the key and the caller acting with at least the key's role (OWNER_ESCALATION).
+        A revoked or expired key cannot be rolled.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -224,6 +241,13 @@ class ApiKeyService:
     reaches; any other key id is NOT_FOUND with reason API_KEY_NOT_FOUND, as for a random id. A
     member-owned caller changes keys only in environments its member administers, and below
     organization level creates and rolls only keys owned by its own member (OWNER_ESCALATION).
+
+    A key never acts above its owner: a key acts with its owner member's organization role, and as
+    OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
+    environments, making it organization-wide, extending or clearing its expiry) needs the caller
+    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION. So a key owned by an
+    ADMIN creates keys owned by itself or by ADMIN and MEMBER members, never keys no member owns
+    nor keys owned by an OWNER, and neither rolls nor widens those.
     """
 
     @staticmethod

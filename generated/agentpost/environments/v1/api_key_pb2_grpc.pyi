@@ -43,6 +43,13 @@ class ApiKeyServiceStub:
     reaches; any other key id is NOT_FOUND with reason API_KEY_NOT_FOUND, as for a random id. A
     member-owned caller changes keys only in environments its member administers, and below
     organization level creates and rolls only keys owned by its own member (OWNER_ESCALATION).
+
+    A key never acts above its owner: a key acts with its owner member's organization role, and as
+    OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
+    environments, making it organization-wide, extending or clearing its expiry) needs the caller
+    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION. So a key owned by an
+    ADMIN creates keys owned by itself or by ADMIN and MEMBER members, never keys no member owns
+    nor keys owned by an OWNER, and neither rolls nor widens those.
     """
 
     @_typing.overload
@@ -57,16 +64,19 @@ class ApiKeyServiceStub:
     """Lists the keys within the caller's reach, ordered by id. Needs `api_keys:read`."""
     UpdateApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.UpdateApiKeyRequest, _api_key_pb2.ApiKey]
     """Changes `name`, `scopes`, `environment_ids` and/or `expire_time` (`*`: all four; an empty mask
-    is INVALID_ARGUMENT). Narrowing is always allowed; what is added obeys the no-escalation rules.
-    `expire_time` in the mask but unset clears it. A revoked key cannot be changed. Needs
-    `api_keys:write`.
+    is INVALID_ARGUMENT). Narrowing, a shorter `expire_time` included, is always allowed; what is
+    added obeys the no-escalation rules. `expire_time` in the mask but unset clears it. Extending
+    or clearing the expiry (which revives an expired key) hands access back as a roll does: it
+    needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
+    with at least the key's role. A revoked key cannot be changed. Needs `api_keys:write`.
     """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.RevokeApiKeyRequest, _api_key_pb2.ApiKey]
     """Revokes a key at once. Needs `api_keys:write`. Revoking a revoked key returns it unchanged."""
     RollApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.RollApiKeyRequest, _api_key_pb2.RollApiKeyResponse]
     """Issues a new key with the same access; the previous one keeps working for
     `previous_key_ttl`, then is EXPIRED. Needs `api_keys:write` and, since it hands out a secret,
-    every scope of the key. A revoked or expired key cannot be rolled.
+    every scope of the key and the caller acting with at least the key's role (OWNER_ESCALATION).
+    A revoked or expired key cannot be rolled.
     """
     VerifyApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.VerifyApiKeyRequest, _api_key_pb2.VerifyApiKeyResponse]
     """Answers "who is this key, and may it act here?" for other backends. Needs no
@@ -91,6 +101,13 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     reaches; any other key id is NOT_FOUND with reason API_KEY_NOT_FOUND, as for a random id. A
     member-owned caller changes keys only in environments its member administers, and below
     organization level creates and rolls only keys owned by its own member (OWNER_ESCALATION).
+
+    A key never acts above its owner: a key acts with its owner member's organization role, and as
+    OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
+    environments, making it organization-wide, extending or clearing its expiry) needs the caller
+    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION. So a key owned by an
+    ADMIN creates keys owned by itself or by ADMIN and MEMBER members, never keys no member owns
+    nor keys owned by an OWNER, and neither rolls nor widens those.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -102,16 +119,19 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     """Lists the keys within the caller's reach, ordered by id. Needs `api_keys:read`."""
     UpdateApiKey: _aio.UnaryUnaryMultiCallable[_api_key_pb2.UpdateApiKeyRequest, _api_key_pb2.ApiKey]  # type: ignore[assignment]
     """Changes `name`, `scopes`, `environment_ids` and/or `expire_time` (`*`: all four; an empty mask
-    is INVALID_ARGUMENT). Narrowing is always allowed; what is added obeys the no-escalation rules.
-    `expire_time` in the mask but unset clears it. A revoked key cannot be changed. Needs
-    `api_keys:write`.
+    is INVALID_ARGUMENT). Narrowing, a shorter `expire_time` included, is always allowed; what is
+    added obeys the no-escalation rules. `expire_time` in the mask but unset clears it. Extending
+    or clearing the expiry (which revives an expired key) hands access back as a roll does: it
+    needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
+    with at least the key's role. A revoked key cannot be changed. Needs `api_keys:write`.
     """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_api_key_pb2.RevokeApiKeyRequest, _api_key_pb2.ApiKey]  # type: ignore[assignment]
     """Revokes a key at once. Needs `api_keys:write`. Revoking a revoked key returns it unchanged."""
     RollApiKey: _aio.UnaryUnaryMultiCallable[_api_key_pb2.RollApiKeyRequest, _api_key_pb2.RollApiKeyResponse]  # type: ignore[assignment]
     """Issues a new key with the same access; the previous one keeps working for
     `previous_key_ttl`, then is EXPIRED. Needs `api_keys:write` and, since it hands out a secret,
-    every scope of the key. A revoked or expired key cannot be rolled.
+    every scope of the key and the caller acting with at least the key's role (OWNER_ESCALATION).
+    A revoked or expired key cannot be rolled.
     """
     VerifyApiKey: _aio.UnaryUnaryMultiCallable[_api_key_pb2.VerifyApiKeyRequest, _api_key_pb2.VerifyApiKeyResponse]  # type: ignore[assignment]
     """Answers "who is this key, and may it act here?" for other backends. Needs no
@@ -135,6 +155,13 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
     reaches; any other key id is NOT_FOUND with reason API_KEY_NOT_FOUND, as for a random id. A
     member-owned caller changes keys only in environments its member administers, and below
     organization level creates and rolls only keys owned by its own member (OWNER_ESCALATION).
+
+    A key never acts above its owner: a key acts with its owner member's organization role, and as
+    OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
+    environments, making it organization-wide, extending or clearing its expiry) needs the caller
+    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION. So a key owned by an
+    ADMIN creates keys owned by itself or by ADMIN and MEMBER members, never keys no member owns
+    nor keys owned by an OWNER, and neither rolls nor widens those.
     """
 
     @_abc_1.abstractmethod
@@ -168,9 +195,11 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_api_key_pb2.ApiKey, _abc.Awaitable[_api_key_pb2.ApiKey]]:
         """Changes `name`, `scopes`, `environment_ids` and/or `expire_time` (`*`: all four; an empty mask
-        is INVALID_ARGUMENT). Narrowing is always allowed; what is added obeys the no-escalation rules.
-        `expire_time` in the mask but unset clears it. A revoked key cannot be changed. Needs
-        `api_keys:write`.
+        is INVALID_ARGUMENT). Narrowing, a shorter `expire_time` included, is always allowed; what is
+        added obeys the no-escalation rules. `expire_time` in the mask but unset clears it. Extending
+        or clearing the expiry (which revives an expired key) hands access back as a roll does: it
+        needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
+        with at least the key's role. A revoked key cannot be changed. Needs `api_keys:write`.
         """
 
     @_abc_1.abstractmethod
@@ -189,7 +218,8 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_api_key_pb2.RollApiKeyResponse, _abc.Awaitable[_api_key_pb2.RollApiKeyResponse]]:
         """Issues a new key with the same access; the previous one keeps working for
         `previous_key_ttl`, then is EXPIRED. Needs `api_keys:write` and, since it hands out a secret,
-        every scope of the key. A revoked or expired key cannot be rolled.
+        every scope of the key and the caller acting with at least the key's role (OWNER_ESCALATION).
+        A revoked or expired key cannot be rolled.
         """
 
     @_abc_1.abstractmethod

@@ -1,0 +1,46 @@
+"""Secrets made once per database and shared by every server on it."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from service.storage.tables import ServerSecretRow
+
+if TYPE_CHECKING:  # the database module builds units of work, which hold this repository
+    from service.storage.database import Database
+
+PAGE_TOKEN_KEY = "page-token-key"
+_KEY_BYTES = 32
+
+
+class ServerSecretRepository:
+    """Named secrets: the first writer's value wins and every later reader gets it."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get_or_create(self, name: str, candidate: str) -> str:
+        """The stored value of `name`, storing `candidate` first if there is none. Servers that
+        start together all insert-if-absent and read back, so they agree on one value."""
+        insert = postgresql.insert if self._session.get_bind().dialect.name == "postgresql" else sqlite.insert
+        await self._session.execute(
+            insert(ServerSecretRow)
+            .values(name=name, value=candidate, create_time=datetime.now(UTC))
+            .on_conflict_do_nothing(index_elements=[ServerSecretRow.name])
+        )
+        stored = await self._session.scalar(select(ServerSecretRow.value).where(ServerSecretRow.name == name))
+        assert stored is not None  # inserted above, or by the writer that won
+        return stored
+
+
+async def page_token_key(database: Database) -> bytes:
+    """The database's random key for signing page tokens, made on first use."""
+    async with database.write(None) as uow:
+        stored = await uow.server_secrets.get_or_create(PAGE_TOKEN_KEY, secrets.token_hex(_KEY_BYTES))
+    return bytes.fromhex(stored)
