@@ -10,6 +10,7 @@ import pytest
 from agentpost.environments.v1 import environment_pb2, organization_pb2, organization_pb2_grpc
 
 from service.domain import keys
+from service.domain.models import KeyMode
 from tests.conftest import Backend, start_server
 from tests.harness import OPERATOR_TOKEN, Harness, Org, auth, fails, failure_of
 
@@ -50,7 +51,7 @@ async def test_checksum_corruption_is_malformed(harness: Harness, org: Org) -> N
 
 
 async def test_well_formed_unknown_key_is_not_found(harness: Harness) -> None:
-    unknown = keys.generate(keys.LIVE).secret
+    unknown = keys.generate(KeyMode.LIVE).secret
     await fails(
         harness.environments.ListEnvironments(LIST, metadata=auth(unknown)),
         Code.UNAUTHENTICATED,

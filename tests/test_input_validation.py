@@ -233,7 +233,7 @@ async def test_a_signed_token_with_a_poisoned_cursor_is_refused(
 ) -> None:
     """Signed with the server's own key, as anyone who learnt it could: the cursor is still
     checked before it reaches a query."""
-    tokens = harness.app.dependencies.page_tokens
+    tokens = harness.app.dependencies.pager.tokens
     env_id = org.default_environment.id
     metadata = auth(org.owner_secret)
     calls: list[Awaitable[Any]] = [
@@ -269,7 +269,7 @@ async def test_a_signed_token_with_a_poisoned_cursor_is_refused(
 async def test_a_well_formed_signed_cursor_is_accepted(harness: Harness, org: Org) -> None:
     """The counterpart of the poisoned cursors: the same construction with a real id works."""
     members = await _member_ids(harness, org, 2)
-    token = harness.app.dependencies.page_tokens.encode((members[0],), ("ListMembers", org.owner_key_id))
+    token = harness.app.dependencies.pager.tokens.encode((members[0],), ("ListMembers", org.owner_key_id))
     page = await harness.members.ListMembers(
         member_pb2.ListMembersRequest(page_token=token), metadata=auth(org.owner_secret)
     )

@@ -191,8 +191,9 @@ async def test_key_denials_still_name_the_key(harness: Harness, org: Org) -> Non
 
 async def test_unknown_and_foreign_keys_look_the_same(harness: Harness, org: Org) -> None:
     from service.domain import keys
+    from service.domain.models import KeyMode
 
-    unknown = await verify(harness, keys.generate(keys.LIVE).secret)
+    unknown = await verify(harness, keys.generate(KeyMode.LIVE).secret)
     assert not unknown.valid and unknown.denial_reason == Reason.NOT_FOUND
     assert not unknown.HasField("principal")
     empty = await verify(harness, "")

@@ -31,7 +31,7 @@ from service.application.members import Members
 from service.application.organizations import Organizations
 from service.application.resources import Resources
 from service.domain.keys import SecretHasher
-from service.domain.pagination import PageTokens
+from service.domain.pagination import Pager, PageTokens
 from service.storage import migrate
 from service.storage.database import Database, build_engine
 from service.storage.server_secrets import page_token_key
@@ -111,7 +111,7 @@ class Application:
             database=self.database,
             access=self.access,
             hasher=self.hasher,
-            page_tokens=PageTokens(settings.key_pepper),
+            pager=Pager(PageTokens(settings.key_pepper)),
         )
         self.organizations = Organizations(self.dependencies)
         self.health = health.aio.HealthServicer()
@@ -151,9 +151,9 @@ class Application:
 
     async def start(self) -> int:
         """Binds, starts serving and marks every service SERVING; returns the bound port."""
-        if not self.dependencies.page_tokens.has_key:
+        if not self.dependencies.pager.tokens.has_key:
             # No pepper: every server on this database signs with the key stored in it.
-            self.dependencies.page_tokens.use_key(await page_token_key(self.database))
+            self.dependencies.pager.tokens.use_key(await page_token_key(self.database))
         try:
             self.port = self.server.add_insecure_port(self.settings.listen_address)
         except RuntimeError as error:

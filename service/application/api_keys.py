@@ -32,14 +32,14 @@ No escalation, the rules every mutation obeys:
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
 from service.application.dependencies import Dependencies
 from service.application.environments import recheck_active
 from service.application.idempotency import create_once
-from service.domain import ids, keys, scopes, validation
+from service.domain import keys, scopes, validation
 from service.domain.clock import utcnow
 from service.domain.errors import (
     AlreadyExists,
@@ -50,7 +50,7 @@ from service.domain.errors import (
     member_not_found,
 )
 from service.domain.models import ApiKey, Environment, KeyMode, KeyState, OrgRole, check_etag
-from service.domain.pagination import Page, PageRequest
+from service.domain.pagination import Page
 from service.domain.principal import Denial, Principal, acting_role
 from service.storage.api_keys import ApiKeyRepository
 from service.storage.unit_of_work import UnitOfWork
@@ -172,22 +172,17 @@ class ApiKeys:
         for env_id in env_ids:
             principal.require_administer(env_id)
         owner = _owner_of_new_key(principal, owner_member_id)
-        secret = keys.generate(keys.DEV if mode is KeyMode.DEV else keys.LIVE)
-        key = ApiKey(
-            id=ids.new_id(ids.API_KEY),
-            organization_id=principal.organization_id,
-            name=name,
-            scopes=granted,
-            environment_ids=env_ids,
-            owner_member_id=owner,
-            mode=mode or KeyMode.LIVE,
-            prefix=secret.prefix,
-            create_time=now,
-            update_time=now,
-            expire_time=expire_time,
-            last_used_time=None,
-            revoke_time=None,
-            version=1,
+        secret = keys.generate(mode or KeyMode.LIVE)
+        key = ApiKey.new(
+            principal.organization_id,
+            name,
+            granted,
+            env_ids,
+            owner,
+            secret.mode,
+            secret.prefix,
+            now,
+            expire_time,
         )
 
         async def insert(uow: UnitOfWork) -> str:
@@ -234,8 +229,7 @@ class ApiKeys:
         """The keys within reach, ordered by id. `environment_id` (visible to the caller) keeps
         the keys that may act there: those listing it and organization-wide ones. Revoked keys
         are hidden unless `show_revoked`; expired ones are listed, with state EXPIRED."""
-        request = PageRequest.of(
-            self._deps.page_tokens,
+        request = self._deps.pager.request(
             page_size,
             page_token,
             ("ListApiKeys", principal.key.id, environment_id, show_revoked),
@@ -251,7 +245,7 @@ class ApiKeys:
                 environment_id=environment_id or None,
                 show_revoked=show_revoked,
             )
-        return request.page(self._deps.page_tokens, fetched, lambda key: (key.id,))
+        return self._deps.pager.page(request, fetched, lambda key: (key.id,))
 
     # -- change -------------------------------------------------------------------------------
 
@@ -298,14 +292,12 @@ class ApiKeys:
                     principal.require_administer(env_id)
                 for env_id in added:
                     await recheck_active(uow, principal.organization_id, env_id)
-            updated = replace(
-                current,
+            updated = current.revised(
+                now,
                 name=name if name is not None else current.name,
                 scopes=new_scopes if new_scopes is not None else current.scopes,
                 environment_ids=new_env_ids if new_env_ids is not None else current.environment_ids,
                 expire_time=changes.expire_time if "expire_time" in fields else current.expire_time,
-                update_time=now,
-                version=current.version + 1,
             )
             lives_longer = _lives_longer(current.expire_time, updated.expire_time)
             if lives_longer:
@@ -326,7 +318,7 @@ class ApiKeys:
             if current.revoke_time is not None:
                 return current
             now = utcnow()
-            revoked = replace(current, revoke_time=now, update_time=now, version=current.version + 1)
+            revoked = current.revised(now, revoke_time=now)
             await repository.save(revoked)
         return revoked
 
@@ -359,24 +351,24 @@ class ApiKeys:
             ):
                 raise Denied("this key may only roll keys owned by its own member", reason="OWNER_ESCALATION")
             principal.require_act_as(await _acting_role_of_key(uow, current))
-            secret = keys.generate(keys.DEV if current.mode is KeyMode.DEV else keys.LIVE)
-            successor = replace(
-                current,
-                id=ids.new_id(ids.API_KEY),
-                prefix=secret.prefix,
-                create_time=now,
-                update_time=now,
-                last_used_time=None,
-                version=1,
+            secret = keys.generate(current.mode)
+            successor = ApiKey.new(
+                current.organization_id,
+                current.name,
+                current.scopes,
+                current.environment_ids,
+                current.owner_member_id,
+                current.mode,
+                secret.prefix,
+                now,
+                current.expire_time,
             )
             overlap_end = now + ttl
-            previous = replace(
-                current,
+            previous = current.revised(
+                now,
                 expire_time=overlap_end
                 if current.expire_time is None
                 else min(current.expire_time, overlap_end),
-                update_time=now,
-                version=current.version + 1,
             )
             await repository.save(previous)
             await repository.insert(successor, self._deps.hasher.digest(secret.secret))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from service.application.access import AccessCache
 from service.domain.keys import SecretHasher
-from service.domain.pagination import PageTokens
+from service.domain.pagination import Pager
 from service.storage.database import Database
 
 
@@ -17,4 +17,4 @@ class Dependencies:
     database: Database
     access: AccessCache
     hasher: SecretHasher
-    page_tokens: PageTokens
+    pager: Pager

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
 from service.application.dependencies import Dependencies
 from service.application.idempotency import create_or_replay
-from service.domain import ids, validation
+from service.domain import validation
 from service.domain.clock import utcnow
 from service.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, environment_not_found
 from service.domain.models import Environment, check_etag
-from service.domain.pagination import Page, PageRequest
+from service.domain.pagination import Page
 from service.domain.principal import Principal
 from service.storage.environments import EnvironmentRepository
 from service.storage.unit_of_work import UnitOfWork
@@ -34,18 +33,7 @@ class Environments:
         description = validation.text("description", description, max_length=1000, required=False)
         idempotency_key = validation.request_id(request_id)
         now = utcnow()
-        env = Environment(
-            id=ids.new_id(ids.ENVIRONMENT),
-            organization_id=principal.organization_id,
-            name=name,
-            slug=slug,
-            description=description,
-            is_default=False,
-            create_time=now,
-            update_time=now,
-            delete_time=None,
-            version=1,
-        )
+        env = Environment.new(principal.organization_id, name, slug, description, now)
 
         async def insert(uow: UnitOfWork) -> str:
             await uow.environments.insert(env)
@@ -84,8 +72,7 @@ class Environments:
         self, principal: Principal, page_size: int, page_token: str, show_deleted: bool
     ) -> Page[Environment]:
         """The environments within reach, ordered by id."""
-        request = PageRequest.of(
-            self._deps.page_tokens,
+        request = self._deps.pager.request(
             page_size,
             page_token,
             ("ListEnvironments", principal.key.id, show_deleted),
@@ -97,7 +84,7 @@ class Environments:
             if env_id > after and (show_deleted or not principal.snapshot.environments[env_id].deleted)
         )
         fetched = [principal.snapshot.environments[env_id] for env_id in candidates[: request.size + 1]]
-        return request.page(self._deps.page_tokens, fetched, lambda env: (env.id,))
+        return self._deps.pager.page(request, fetched, lambda env: (env.id,))
 
     async def update(
         self,
@@ -131,9 +118,7 @@ class Environments:
                 # Nothing changes, so neither do the etag and update_time: a client retrying an
                 # update, or re-applying its configuration, must not invalidate others' etags.
                 return current
-            updated = replace(
-                current, name=name, description=description, update_time=utcnow(), version=current.version + 1
-            )
+            updated = current.revised(utcnow(), name=name, description=description)
             await repository.save(updated)
         return updated
 
@@ -151,7 +136,7 @@ class Environments:
             if current.deleted:
                 return current
             now = utcnow()
-            updated = replace(current, delete_time=now, update_time=now, version=current.version + 1)
+            updated = current.revised(now, delete_time=now)
             await repository.save(updated)
         return updated
 
@@ -164,7 +149,7 @@ class Environments:
             check_etag(etag, current.etag)
             if not current.deleted:
                 raise AlreadyExists("the environment is not deleted", reason="ENVIRONMENT_NOT_DELETED")
-            updated = replace(current, delete_time=None, update_time=utcnow(), version=current.version + 1)
+            updated = current.revised(utcnow(), delete_time=None)
             await repository.save(updated)
         return updated
 

@@ -33,7 +33,7 @@ from dataclasses import replace
 from service.application.dependencies import Dependencies
 from service.application.environments import recheck_active
 from service.application.idempotency import create_or_replay
-from service.domain import ids, validation
+from service.domain import validation
 from service.domain.clock import utcnow
 from service.domain.errors import (
     Denied,
@@ -43,7 +43,7 @@ from service.domain.errors import (
     member_not_found,
 )
 from service.domain.models import Environment, EnvironmentMembership, EnvRole, Member, OrgRole, check_etag
-from service.domain.pagination import Page, PageRequest
+from service.domain.pagination import Page
 from service.domain.principal import Principal
 from service.storage.members import MemberRepository
 from service.storage.unit_of_work import UnitOfWork
@@ -106,16 +106,7 @@ class Members:
         if role is OrgRole.OWNER:
             require_owner_level(principal)
         now = utcnow()
-        member = Member(
-            id=ids.new_id(ids.MEMBER),
-            organization_id=principal.organization_id,
-            email=email,
-            display_name=display_name,
-            role=role,
-            create_time=now,
-            update_time=now,
-            version=1,
-        )
+        member = Member.new(principal.organization_id, email, display_name, role, now)
 
         async def insert(uow: UnitOfWork) -> str:
             await uow.members.insert(member)
@@ -149,13 +140,11 @@ class Members:
 
     async def list(self, principal: Principal, page_size: int, page_token: str) -> Page[Member]:
         """The organization's members, ordered by id (an organization-level call)."""
-        request = PageRequest.of(
-            self._deps.page_tokens, page_size, page_token, ("ListMembers", principal.key.id)
-        )
+        request = self._deps.pager.request(page_size, page_token, ("ListMembers", principal.key.id))
         after = request.after[0] if request.after else ""
         async with self._deps.database.read() as uow:
             fetched = await uow.members.page(principal.organization_id, after, request.size + 1)
-        return request.page(self._deps.page_tokens, fetched, lambda member: (member.id,))
+        return self._deps.pager.page(request, fetched, lambda member: (member.id,))
 
     async def update(
         self,
@@ -192,12 +181,10 @@ class Members:
             demoted = current.role is OrgRole.OWNER and new_role not in (None, OrgRole.OWNER)
             if demoted:
                 await _require_another_owner(repository, principal.organization_id)
-            updated = replace(
-                current,
+            updated = current.revised(
+                utcnow(),
                 display_name=new_display_name if new_display_name is not None else current.display_name,
                 role=new_role or current.role,
-                update_time=utcnow(),
-                version=current.version + 1,
             )
             await repository.save(updated)
         return updated
@@ -250,8 +237,7 @@ class Members:
     ) -> Page[EnvironmentMembership]:
         """The members given access to an environment within reach, ordered by member id."""
         validation.required_id("environment_id", environment_id)
-        request = PageRequest.of(
-            self._deps.page_tokens,
+        request = self._deps.pager.request(
             page_size,
             page_token,
             ("ListEnvironmentMembers", principal.key.id, environment_id),
@@ -262,7 +248,7 @@ class Members:
             fetched = await uow.members.memberships_page(
                 principal.organization_id, environment_id, after, request.size + 1
             )
-        return request.page(self._deps.page_tokens, fetched, lambda membership: (membership.member_id,))
+        return self._deps.pager.page(request, fetched, lambda membership: (membership.member_id,))
 
     async def update_environment_member(
         self,
@@ -309,8 +295,7 @@ class Members:
     ) -> Page[Environment]:
         """The active environments a visible member reaches that the caller reaches too, by id."""
         validation.required_id("member_id", member_id)
-        request = PageRequest.of(
-            self._deps.page_tokens,
+        request = self._deps.pager.request(
             page_size,
             page_token,
             ("ListMemberEnvironments", principal.key.id, member_id),
@@ -325,7 +310,7 @@ class Members:
             if env_id > after
         )
         fetched = [snapshot.environments[env_id] for env_id in candidates[: request.size + 1]]
-        return request.page(self._deps.page_tokens, fetched, lambda env: (env.id,))
+        return self._deps.pager.page(request, fetched, lambda env: (env.id,))
 
     @staticmethod
     def _administered_environment(principal: Principal, environment_id: str) -> Environment:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from service.application.dependencies import Dependencies
 from service.application.idempotency import create_once
-from service.domain import ids, keys, scopes, validation
+from service.domain import keys, scopes, validation
 from service.domain.clock import utcnow
 from service.domain.errors import AlreadyExists
 from service.domain.models import ApiKey, Environment, KeyMode, Member, Organization, OrgRole
@@ -45,45 +45,12 @@ class Organizations:
         )
         idempotency_key = validation.request_id(request_id)
         now = utcnow()
-        organization = Organization(id=ids.new_id(ids.ORGANIZATION), name=name, create_time=now)
-        environment = Environment(
-            id=ids.new_id(ids.ENVIRONMENT),
-            organization_id=organization.id,
-            name="Default",
-            slug="default",
-            description="",
-            is_default=True,
-            create_time=now,
-            update_time=now,
-            delete_time=None,
-            version=1,
-        )
-        owner = Member(
-            id=ids.new_id(ids.MEMBER),
-            organization_id=organization.id,
-            email=owner_email,
-            display_name=owner_display_name,
-            role=OrgRole.OWNER,
-            create_time=now,
-            update_time=now,
-            version=1,
-        )
-        secret = keys.generate(keys.LIVE)
-        key = ApiKey(
-            id=ids.new_id(ids.API_KEY),
-            organization_id=organization.id,
-            name="Owner key",
-            scopes=scopes.ALL_SCOPES,
-            environment_ids=(),
-            owner_member_id=owner.id,
-            mode=KeyMode.LIVE,
-            prefix=secret.prefix,
-            create_time=now,
-            update_time=now,
-            expire_time=None,
-            last_used_time=None,
-            revoke_time=None,
-            version=1,
+        organization = Organization.new(name, now)
+        environment = Environment.new(organization.id, "Default", "default", "", now, is_default=True)
+        owner = Member.new(organization.id, owner_email, owner_display_name, OrgRole.OWNER, now)
+        secret = keys.generate(KeyMode.LIVE)
+        key = ApiKey.new(
+            organization.id, "Owner key", scopes.ALL_SCOPES, (), owner.id, KeyMode.LIVE, secret.prefix, now
         )
 
         async def insert_all(uow: UnitOfWork) -> str:

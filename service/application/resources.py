@@ -122,8 +122,7 @@ class Resources:
             kinds = [k for k in ResourceKind if principal.has_scope(f"{k.scope_area}:read")]
             if not kinds:
                 raise Denied("the API key holds no resource `:read` scope", reason="SCOPE_MISSING")
-        request = PageRequest.of(
-            self._deps.page_tokens,
+        request = self._deps.pager.request(
             page_size,
             page_token,
             ("ListResources", principal.key.id, environment.id, kind.value if kind else ""),
@@ -146,8 +145,7 @@ class Resources:
         """The resources (every kind) of a deleted environment within reach; an active one is
         FAILED_PRECONDITION ENVIRONMENT_NOT_DELETED."""
         environment = principal.visible_environment(validation.required_id("environment_id", environment_id))
-        request = PageRequest.of(
-            self._deps.page_tokens,
+        request = self._deps.pager.request(
             page_size,
             page_token,
             ("ListOrphanedResources", principal.key.id, environment.id),
@@ -197,7 +195,7 @@ class Resources:
             fetched = await uow.resources.page_of(
                 principal.organization_id, environment_id, kinds, after, request.size + 1
             )
-        return request.page(self._deps.page_tokens, fetched, lambda item: (item.kind.value, item.resource_id))
+        return self._deps.pager.page(request, fetched, lambda item: (item.kind.value, item.resource_id))
 
 
 def _cursor(after: tuple[str, ...] | None) -> tuple[str, str] | None:

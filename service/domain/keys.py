@@ -17,8 +17,8 @@ from typing import Final
 
 import base62
 
-LIVE: Final = "live"
-DEV: Final = "dev"
+from service.domain.models import KeyMode
+
 PREFIX_LENGTH: Final = 12
 _BODY_LENGTH: Final = 32
 _CHECKSUM_LENGTH: Final = 6
@@ -34,7 +34,7 @@ class ParsedSecret:
     """A secret whose shape and checksum are right. It may still name no key."""
 
     secret: str
-    mode: str
+    mode: KeyMode
 
     @property
     def prefix(self) -> str:
@@ -42,10 +42,10 @@ class ParsedSecret:
         return self.secret[:PREFIX_LENGTH]
 
 
-def generate(mode: str) -> ParsedSecret:
-    """A new random secret for `mode` (`live` or `dev`)."""
+def generate(mode: KeyMode) -> ParsedSecret:
+    """A new random secret of a key of `mode`."""
     body = "".join(secrets.choice(base62.CHARSET_DEFAULT) for _ in range(_BODY_LENGTH))
-    head = f"ap_sk_{mode}_{body}"
+    head = f"ap_sk_{mode.value.lower()}_{body}"
     return ParsedSecret(secret=head + _checksum(head), mode=mode)
 
 
@@ -57,7 +57,7 @@ def parse(secret: str) -> ParsedSecret | None:
     head = secret[:-_CHECKSUM_LENGTH]
     if not hmac.compare_digest(_checksum(head), match.group(3)):
         return None
-    return ParsedSecret(secret=secret, mode=match.group(1))
+    return ParsedSecret(secret=secret, mode=KeyMode(match.group(1).upper()))
 
 
 class SecretHasher:

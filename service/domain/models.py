@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Any, Self
 
+from service.domain import ids
 from service.domain.errors import Conflict
 
 
 def etag_of(resource_id: str, version: int) -> str:
     """An opaque tag that changes whenever the resource changes (AIP-154)."""
     return hashlib.sha256(f"{resource_id}:{version}".encode()).hexdigest()[:16]
+
+
+class Versioned:
+    """A resource whose every change bumps its version (and so its etag) and its update time."""
+
+    version: int
+
+    def revised(self, now: datetime, **changes: Any) -> Self:
+        """The next version of this resource: `changes` applied at `now`."""
+        return replace(self, update_time=now, version=self.version + 1, **changes)  # type: ignore[type-var]
 
 
 def check_etag(given: str, current: str) -> None:
@@ -92,9 +104,14 @@ class Organization:
     name: str
     create_time: datetime
 
+    @classmethod
+    def new(cls, name: str, now: datetime) -> Organization:
+        """A new organization with a fresh id."""
+        return cls(id=ids.new_id(ids.ORGANIZATION), name=name, create_time=now)
+
 
 @dataclass(frozen=True)
-class Environment:
+class Environment(Versioned):
     """An environment of an organization; `delete_time` set means soft-deleted."""
 
     id: str
@@ -108,6 +125,31 @@ class Environment:
     delete_time: datetime | None
     version: int
 
+    @classmethod
+    def new(
+        cls,
+        organization_id: str,
+        name: str,
+        slug: str,
+        description: str,
+        now: datetime,
+        *,
+        is_default: bool = False,
+    ) -> Environment:
+        """A new active environment with a fresh id, at version 1."""
+        return cls(
+            id=ids.new_id(ids.ENVIRONMENT),
+            organization_id=organization_id,
+            name=name,
+            slug=slug,
+            description=description,
+            is_default=is_default,
+            create_time=now,
+            update_time=now,
+            delete_time=None,
+            version=1,
+        )
+
     @property
     def deleted(self) -> bool:
         """True once soft-deleted."""
@@ -120,7 +162,7 @@ class Environment:
 
 
 @dataclass(frozen=True)
-class Member:
+class Member(Versioned):
     """A person in an organization."""
 
     id: str
@@ -131,6 +173,20 @@ class Member:
     create_time: datetime
     update_time: datetime
     version: int
+
+    @classmethod
+    def new(cls, organization_id: str, email: str, display_name: str, role: OrgRole, now: datetime) -> Member:
+        """A new member with a fresh id, at version 1."""
+        return cls(
+            id=ids.new_id(ids.MEMBER),
+            organization_id=organization_id,
+            email=email,
+            display_name=display_name,
+            role=role,
+            create_time=now,
+            update_time=now,
+            version=1,
+        )
 
     @property
     def etag(self) -> str:
@@ -150,7 +206,7 @@ class EnvironmentMembership:
 
 
 @dataclass(frozen=True)
-class ApiKey:
+class ApiKey(Versioned):
     """An API key's record; the secret's digest lives only in storage."""
 
     id: str
@@ -167,6 +223,37 @@ class ApiKey:
     last_used_time: datetime | None
     revoke_time: datetime | None
     version: int
+
+    @classmethod
+    def new(
+        cls,
+        organization_id: str,
+        name: str,
+        scopes: tuple[str, ...],
+        environment_ids: tuple[str, ...],
+        owner_member_id: str | None,
+        mode: KeyMode,
+        prefix: str,
+        now: datetime,
+        expire_time: datetime | None = None,
+    ) -> ApiKey:
+        """A new, never used key with a fresh id, at version 1."""
+        return cls(
+            id=ids.new_id(ids.API_KEY),
+            organization_id=organization_id,
+            name=name,
+            scopes=scopes,
+            environment_ids=environment_ids,
+            owner_member_id=owner_member_id,
+            mode=mode,
+            prefix=prefix,
+            create_time=now,
+            update_time=now,
+            expire_time=expire_time,
+            last_used_time=None,
+            revoke_time=None,
+            version=1,
+        )
 
     @property
     def organization_wide(self) -> bool:

@@ -113,14 +113,25 @@ class PageRequest:
     after: tuple[str, ...] | None
     query: tuple[object, ...]
 
-    @classmethod
-    def of(cls, tokens: PageTokens, page_size: int, page_token: str, query: Sequence[object]) -> PageRequest:
-        """Validates size and token; `query` names the method, the caller and every filter."""
-        return cls(validation.page_size(page_size), tokens.decode(page_token, query), tuple(query))
 
-    def page(self, tokens: PageTokens, fetched: list[T], sort_key: Callable[[T], tuple[str, ...]]) -> Page[T]:
-        """Builds the page from up to size+1 fetched items (the extra one means there is more)."""
-        items = fetched[: self.size]
-        if len(fetched) <= self.size or not items:
+class Pager:
+    """Keyset pagination for every list: validates a request's size and token, and cuts pages
+    whose next token it signs with its `PageTokens`."""
+
+    def __init__(self, tokens: PageTokens) -> None:
+        self.tokens = tokens
+
+    def request(self, page_size: int, page_token: str, query: Sequence[object]) -> PageRequest:
+        """Validates size and token; `query` names the method, the caller and every filter."""
+        return PageRequest(
+            validation.page_size(page_size), self.tokens.decode(page_token, query), tuple(query)
+        )
+
+    def page(
+        self, request: PageRequest, fetched: list[T], sort_key: Callable[[T], tuple[str, ...]]
+    ) -> Page[T]:
+        """The page of up to size+1 fetched items (the extra one means there is more)."""
+        items = fetched[: request.size]
+        if len(fetched) <= request.size or not items:
             return Page(items, "")
-        return Page(items, tokens.encode(sort_key(items[-1]), self.query))
+        return Page(items, self.tokens.encode(sort_key(items[-1]), request.query))

@@ -6,8 +6,6 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,19 +28,3 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
 
     async with engine.begin() as connection:
         await connection.run_sync(run)
-
-
-async def pending(engine: AsyncEngine) -> bool:
-    """True when the database is not at the newest revision."""
-    head = ScriptDirectory.from_config(_config()).get_current_head()
-
-    def current(connection: Connection) -> str | None:
-        return MigrationContext.configure(connection).get_current_revision()
-
-    async with engine.connect() as connection:
-        return await connection.run_sync(current) != head
-
-
-def autogenerate(connection: Connection, message: str) -> None:
-    """Writes a new revision from the difference between the models and the database."""
-    command.revision(_config(connection), message=message, autogenerate=True)
