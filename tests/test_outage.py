@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import grpc
 import pytest
 from agentpost.environments.v1 import (
@@ -31,7 +32,11 @@ from agentpost.environments.v1 import (
     organization_pb2_grpc,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
+from service.domain.errors import Unavailable
+from service.storage.database import translated_errors
 from tests import private_postgres
 from tests.bench_processes import ServerProcess, free_port, health_serving
 from tests.harness import OPERATOR_TOKEN, auth, failure_of
@@ -52,7 +57,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # Named [postgres] so that, under CI=true, a skip fails the run like every PostgreSQL test.
-pytestmark = pytest.mark.parametrize("database", ["postgres"])
+on_postgres = pytest.mark.parametrize("database", ["postgres"])
 
 
 @pytest.fixture
@@ -256,6 +261,7 @@ async def _new_key(replica: Replica, owner_secret: str, name: str) -> tuple[str,
     return response.api_key.id, response.secret
 
 
+@on_postgres
 async def test_database_outage_under_two_replicas(
     database: str, cluster: PrivatePostgres, replicas: Callable[..., Awaitable[Replica]]
 ) -> None:
@@ -355,6 +361,7 @@ async def test_database_outage_under_two_replicas(
     )
 
 
+@on_postgres
 async def test_cached_keys_refused_after_max_staleness(
     database: str, cluster: PrivatePostgres, replicas: Callable[..., Awaitable[Replica]]
 ) -> None:
@@ -416,3 +423,51 @@ async def test_cached_keys_refused_after_max_staleness(
         f"then {dict(codes.seen)} for the warm key; SERVING {back * 1000:.0f} ms after the restart, "
         f"write {write * 1000:.0f} ms later (up {time.monotonic() - up_at:.1f} s)"
     )
+
+
+class _DriverError(Exception):
+    """Stands in for the driver exception SQLAlchemy wraps, with its SQLSTATE."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"SQLSTATE {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+# The ways an unreachable database shows itself that the outage above cannot produce on demand
+# (a server still starting, a full pool, a connect that times out), each as the driver raises it.
+UNREACHABLE = {
+    "refused": ConnectionRefusedError(111, "Connect call failed"),
+    "connect timed out": TimeoutError(),
+    "starting up (57P03, raw)": asyncpg.exceptions.CannotConnectNowError(
+        "the database system is starting up"
+    ),
+    "admin shutdown (57P01, raw)": asyncpg.exceptions.AdminShutdownError("terminating connection"),
+    "too many connections (53300, raw)": asyncpg.exceptions.TooManyConnectionsError("too many clients"),
+    "connection closed (raw)": asyncpg.exceptions.InterfaceError("connection is closed"),
+    "admin shutdown (57P01, wrapped)": DBAPIError("SELECT 1", None, _DriverError("57P01")),
+    "cannot connect now (57P03, wrapped)": DBAPIError("SELECT 1", None, _DriverError("57P03")),
+    "connection failure (08006, wrapped)": DBAPIError("SELECT 1", None, _DriverError("08006")),
+    "pool timed out": PoolTimeout("QueuePool limit reached"),
+}
+SERVICE_FAULTS = {
+    "a bug": ValueError("bug"),
+    "undefined table (42P01, wrapped)": DBAPIError("SELECT 1", None, _DriverError("42P01")),
+    "misuse of a connection (raw)": asyncpg.exceptions.InterfaceError("another operation is in progress"),
+}
+
+
+@pytest.mark.parametrize("error", UNREACHABLE.values(), ids=UNREACHABLE.keys())
+async def test_every_unreachable_database_error_is_database_unavailable(error: Exception) -> None:
+    with pytest.raises(Unavailable) as raised:
+        async with translated_errors():
+            raise error
+    assert raised.value.reason == "DATABASE_UNAVAILABLE"
+    assert raised.value.__cause__ is error
+
+
+@pytest.mark.parametrize("error", SERVICE_FAULTS.values(), ids=SERVICE_FAULTS.keys())
+async def test_faults_of_the_service_are_not_called_unavailable(error: Exception) -> None:
+    with pytest.raises(type(error)) as raised:
+        async with translated_errors():
+            raise error
+    assert raised.value is error
