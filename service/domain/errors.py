@@ -84,4 +84,4 @@ class Unauthenticated(DomainError):
 class Unavailable(DomainError):
     """A dependency (the database) is unreachable or busy; the request may be retried."""
 
-    default_reason = "STORAGE_UNAVAILABLE"
+    default_reason = "DATABASE_UNAVAILABLE"
