@@ -40,3 +40,15 @@ class Settings(BaseSettings):
         1.0, gt=0, description="how often other replicas' writes are looked for (the revocation bound)"
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
+    database_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        description="PostgreSQL: how long a connect or a wait for a pooled connection may take "
+        "before the call answers UNAVAILABLE",
+    )
+    max_staleness_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="while the database does not answer, how long cached keys keep verifying and "
+        "health stays SERVING (at least twice the cache refresh interval)",
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -98,7 +99,9 @@ class Application:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         logs.install_request_ids()
-        self.engine = build_engine(settings.database_url, schema=settings.database_schema)
+        self.engine = build_engine(
+            settings.database_url, schema=settings.database_schema, timeout=settings.database_timeout_seconds
+        )
         self.database = Database(self.engine)
         self.hasher = SecretHasher(settings.key_pepper)
         self.access = AccessCache(
@@ -106,7 +109,11 @@ class Application:
             self.hasher,
             max_keys=settings.key_cache_size,
             refresh_interval=settings.cache_refresh_seconds,
+            max_staleness=settings.max_staleness_seconds,
+            # A poll may wait for a pooled connection, then for a connect, then run.
+            poll_timeout=3 * settings.database_timeout_seconds,
         )
+        self._health_task: asyncio.Task[None] | None = None
         self.dependencies = Dependencies(
             database=self.database,
             access=self.access,
@@ -160,17 +167,69 @@ class Application:
             raise BindError(f"cannot listen on {self.settings.listen_address}: {error}") from error
         if self.port == 0:
             raise BindError(f"cannot listen on {self.settings.listen_address}")
+        serving = await self._initial_health()
         await self.server.start()
         self.access.start()
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._health_task = asyncio.create_task(self._follow_database(serving))
         log.info("serving on %s (port %d)", self.settings.listen_address, self.port)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
         """Health NOT_SERVING, in-flight calls finish within the grace, then storage closes."""
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
-        await self.access.stop()
-        await self.database.dispose()
+        try:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+        finally:
+            await self._close_storage()
         log.info("stopped")
+
+    # -- health and storage lifetime --------------------------------------------------------------
+
+    async def _set_health(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+    async def _initial_health(self) -> bool:
+        """NOT_SERVING until the database has answered once; returns whether it has."""
+        serving = await self.access.confirm()
+        await self._set_health(serving)
+        return serving
+
+    async def _follow_database(self, serving: bool) -> None:
+        """Keeps health honest: SERVING while the database last answered within the maximum
+        staleness (so a short outage does not pull every replica from a load balancer at once),
+        NOT_SERVING after, SERVING again as soon as a poll succeeds. Health ignores updates once
+        shutdown began."""
+        interval = min(1.0, self.access.refresh_interval)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                now_serving = self.access.fresh_enough()
+                if now_serving != serving:
+                    await self._set_health(now_serving)
+                    serving = now_serving
+                    if serving:
+                        log.info("health SERVING: the database answers again")
+                    else:
+                        log.warning(
+                            "health NOT_SERVING: the database has not answered for %.0f s",
+                            self.access.staleness(),
+                        )
+            except Exception:
+                log.exception("health update failed; retrying")
+
+    async def _close_storage(self) -> None:
+        """Stops background work and disposes the engine, whatever fails on the way."""
+        try:
+            if self._health_task is not None:
+                self._health_task.cancel()
+                await asyncio.gather(self._health_task, return_exceptions=True)
+                self._health_task = None
+            await self.access.stop()
+        except Exception:
+            log.exception("stopping background work failed")
+        finally:
+            await self.database.dispose()

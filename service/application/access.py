@@ -4,27 +4,35 @@ The database stays the truth. This replica's writes invalidate what they touch a
 so the next call sees them; other replicas' writes are noticed by polling each cached
 organization's `revision` every `refresh_interval` seconds. Keys are held in a bounded LRU keyed
 by the digest of their secret; unknown secrets are never cached.
+
+During a database outage the cache keeps answering for what it holds: a failed poll empties
+nothing. Each answer from memory is as old as the later of the last successful poll and the
+moment its key and organization were loaded; once that is more than `max_staleness` seconds ago,
+cached entries are refused as `Unavailable` until the database answers again.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from service.domain import keys
 from service.domain.clock import utcnow
-from service.domain.errors import DomainError
 from service.domain.models import ApiKey
 from service.domain.principal import Denial, OrgSnapshot, Principal, key_denial
 from service.storage.database import Database
+from service.storage.errors import database_unavailable
 
 log = logging.getLogger(__name__)
 
 LAST_USED_FLUSH_SECONDS = 30.0
+DEFAULT_MAX_STALENESS_SECONDS = 300.0
+DEFAULT_POLL_TIMEOUT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,8 @@ class Authentication:
 class _KeyEntry:
     key: ApiKey
     stored_hash: str
+    # time.monotonic() when the load started: the entry is at least that fresh.
+    loaded_at: float = field(default_factory=time.monotonic)
     principal: Principal | None = None
 
 
@@ -53,14 +63,22 @@ class AccessCache:
         *,
         max_keys: int = 100_000,
         refresh_interval: float = 1.0,
+        max_staleness: float = DEFAULT_MAX_STALENESS_SECONDS,
+        poll_timeout: float = DEFAULT_POLL_TIMEOUT_SECONDS,
     ) -> None:
         self._db = database
         self._hasher = hasher
         self._max_keys = max_keys
         self.refresh_interval = refresh_interval
+        # Below two polls, warm keys would be refused between two successful polls.
+        self.max_staleness = max(max_staleness, 2 * refresh_interval)
+        self._poll_timeout = poll_timeout
         self._keys: OrderedDict[str, _KeyEntry] = OrderedDict()
         self._org_keys: dict[str, set[str]] = {}
         self._snapshots: dict[str, OrgSnapshot] = {}
+        self._snapshot_loaded_at: dict[str, float] = {}
+        # time.monotonic() when the last successful poll started; None before the first one.
+        self._confirmed_at: float | None = None
         self._epoch = 0
         self._invalidated_at: dict[str, int] = {}
         self._last_used: dict[str, datetime] = {}
@@ -75,6 +93,7 @@ class AccessCache:
         self._epoch += 1
         self._invalidated_at[organization_id] = self._epoch
         self._snapshots.pop(organization_id, None)
+        self._snapshot_loaded_at.pop(organization_id, None)
         for digest in self._org_keys.pop(organization_id, set()):
             self._keys.pop(digest, None)
 
@@ -88,7 +107,11 @@ class AccessCache:
         cached = self._snapshots.get(organization_id)
         if cached is not None:
             return cached
+        return await self._load_snapshot(organization_id)
+
+    async def _load_snapshot(self, organization_id: str) -> OrgSnapshot | None:
         epoch_before = self._epoch
+        started = time.monotonic()
         async with self._db.read() as uow:
             organization = await uow.organizations.get(organization_id)
             if organization is None:
@@ -107,22 +130,28 @@ class AccessCache:
         )
         if self._still_fresh(organization_id, epoch_before):
             self._snapshots[organization_id] = snapshot
+            self._snapshot_loaded_at[organization_id] = started
         return snapshot
 
     # -- keys ---------------------------------------------------------------------------------
 
-    async def _key_entry(self, digest: str) -> _KeyEntry | None:
+    async def _key_entry(self, digest: str) -> tuple[_KeyEntry | None, bool]:
+        """The key with that digest and whether it came from the cache."""
         entry = self._keys.get(digest)
         if entry is not None:
             self._keys.move_to_end(digest)
-            return entry
+            return entry, True
+        return await self._load_key_entry(digest), False
+
+    async def _load_key_entry(self, digest: str) -> _KeyEntry | None:
         epoch_before = self._epoch
+        started = time.monotonic()
         async with self._db.read() as uow:
             found = await uow.api_keys.find_by_hash(digest)
         if found is None:
             return None
         key, stored_hash = found
-        entry = _KeyEntry(key=key, stored_hash=stored_hash)
+        entry = _KeyEntry(key=key, stored_hash=stored_hash, loaded_at=started)
         if self._still_fresh(key.organization_id, epoch_before):
             self._keys[digest] = entry
             self._org_keys.setdefault(key.organization_id, set()).add(digest)
@@ -136,13 +165,23 @@ class AccessCache:
         if parsed is None:
             return Authentication(None, Denial.MALFORMED)
         digest = self._hasher.digest(parsed.secret)
-        entry = await self._key_entry(digest)
+        entry, key_cached = await self._key_entry(digest)
         if entry is None or not self._hasher.same(entry.stored_hash, digest):
             return Authentication(None, Denial.NOT_FOUND)
-        key = entry.key
-        snapshot = await self.snapshot(key.organization_id)
+        snapshot = self._snapshots.get(entry.key.organization_id)
+        if snapshot is None:
+            snapshot = await self._load_snapshot(entry.key.organization_id)
+            if key_cached:
+                # The key outlived its organization's snapshot (a load failed in between, as in
+                # an outage): no poll covered it since, so it may predate what the new snapshot
+                # shows. Read it again rather than trust it.
+                entry = await self._load_key_entry(digest)
+                if entry is None or not self._hasher.same(entry.stored_hash, digest):
+                    return Authentication(None, Denial.NOT_FOUND)
         if snapshot is None:  # pragma: no cover - keys always belong to an organization
             return Authentication(None, Denial.NOT_FOUND)
+        self._require_fresh(entry, snapshot.organization.id)
+        key = entry.key
         when = now or utcnow()
         denial = key_denial(key, snapshot, when)
         if denial is not None:
@@ -153,6 +192,29 @@ class AccessCache:
             entry.principal = principal
         self._touch(key.id, when)
         return Authentication(principal, None, key)
+
+    # -- staleness ----------------------------------------------------------------------------
+
+    def staleness(self) -> float:
+        """Seconds since the database last confirmed what the cache holds (infinite before the
+        first successful poll)."""
+        if self._confirmed_at is None:
+            return float("inf")
+        return time.monotonic() - self._confirmed_at
+
+    def fresh_enough(self) -> bool:
+        """True while the last successful poll is within the maximum staleness."""
+        return self.staleness() <= self.max_staleness
+
+    def _require_fresh(self, entry: _KeyEntry, organization_id: str) -> None:
+        """Refuses an answer built from entries no poll or load has confirmed for too long."""
+        loaded_at = min(entry.loaded_at, self._snapshot_loaded_at.get(organization_id, entry.loaded_at))
+        confirmed_at = loaded_at if self._confirmed_at is None else max(self._confirmed_at, loaded_at)
+        age = time.monotonic() - confirmed_at
+        if age > self.max_staleness:
+            raise database_unavailable(
+                f"the database has not answered for {age:.0f} s, longer than cached credentials are trusted"
+            )
 
     # -- last used ----------------------------------------------------------------------------
 
@@ -183,43 +245,72 @@ class AccessCache:
     # -- background work ----------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Drops organizations whose revision moved on in the database (another replica wrote)."""
+        """Confirms the cache with the database: drops organizations whose revision moved on
+        (another replica wrote), or, with nothing cached, just reaches the database. Only a poll
+        that succeeds counts as a confirmation; one that fails leaves the cache as it was."""
+        started = time.monotonic()
         cached = dict(self._snapshots)
-        if not cached:
-            return
-        async with self._db.read() as uow:
-            revisions = await uow.organizations.revisions(list(cached))
-        for organization_id, snapshot in cached.items():
-            # A snapshot reloaded while the poll ran is newer than the one compared: keep it.
-            if (
-                self._snapshots.get(organization_id) is snapshot
-                and revisions.get(organization_id) != snapshot.revision
-            ):
-                self.invalidate(organization_id)
+        if cached:
+            async with self._db.read() as uow:
+                revisions = await uow.organizations.revisions(list(cached))
+            for organization_id, snapshot in cached.items():
+                # A snapshot reloaded while the poll ran is newer than the one compared: keep it.
+                if (
+                    self._snapshots.get(organization_id) is snapshot
+                    and revisions.get(organization_id) != snapshot.revision
+                ):
+                    self.invalidate(organization_id)
+        else:
+            await self._db.ping()
+        self._confirmed_at = started
 
-    async def _every(self, seconds: float, work: str) -> None:
+    async def confirm(self) -> bool:
+        """One poll now, for start-up: True when the database answered."""
+        try:
+            await asyncio.wait_for(self.refresh(), timeout=self._poll_timeout)
+        except Exception:
+            log.exception("the database did not answer at start-up; retrying in the background")
+            return False
+        return True
+
+    async def _every(self, seconds: float, name: str, work: Callable[[], Awaitable[None]]) -> None:
+        """Runs `work` every `seconds` until cancelled, each run bounded by the poll timeout. A
+        failure never ends the loop: the first of a run of failures of one kind is logged with its
+        traceback, the repeats on one line each, so an outage does not flood the log."""
+        failing: type[BaseException] | None = None
+        failures = 0
         while True:
             await asyncio.sleep(seconds)
             try:
-                await (self.refresh() if work == "refresh" else self.flush_last_used())
-            except DomainError as error:
-                log.warning("access cache %s failed: %s", work, error.message)
+                await asyncio.wait_for(work(), timeout=max(self._poll_timeout, seconds))
+            except Exception as error:
+                failures += 1
+                if type(error) is not failing:
+                    failing = type(error)
+                    log.exception("access cache %s failed; retrying every %.1f s", name, seconds)
+                else:
+                    log.warning("access cache %s failed again (%d in a row): %r", name, failures, error)
+                continue
+            if failing is not None:
+                log.info("access cache %s works again after %d failures", name, failures)
+            failing, failures = None, 0
 
     def start(self) -> None:
         """Starts polling for other replicas' writes and flushing last-used times."""
         self._tasks = [
-            asyncio.create_task(self._every(self.refresh_interval, "refresh")),
-            asyncio.create_task(self._every(LAST_USED_FLUSH_SECONDS / 3, "flush")),
+            asyncio.create_task(self._every(self.refresh_interval, "refresh", self.refresh)),
+            asyncio.create_task(self._every(LAST_USED_FLUSH_SECONDS / 3, "flush", self.flush_last_used)),
         ]
 
     async def stop(self) -> None:
-        """Stops background work and writes pending last-used times."""
+        """Stops background work and writes pending last-used times (a failure is logged: the
+        times are advisory and shutdown must go on)."""
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        with contextlib.suppress(DomainError):
-            self._flushed.clear()
-            await self.flush_last_used()
+        self._flushed.clear()
+        try:
+            await asyncio.wait_for(self.flush_last_used(), timeout=self._poll_timeout)
+        except Exception:
+            log.exception("last-used times could not be written at shutdown")

@@ -84,7 +84,7 @@ class Unauthenticated(DomainError):
 class Unavailable(DomainError):
     """A dependency (the database) is unreachable or busy; the request may be retried."""
 
-    default_reason = "STORAGE_UNAVAILABLE"
+    default_reason = "DATABASE_UNAVAILABLE"
 
 
 # The one NOT_FOUND of each resource type: an id that does not exist and an id outside the

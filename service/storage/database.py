@@ -9,10 +9,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event, update
+from sqlalchemy import event, text, update
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import DBAPIError
-from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from service.domain.errors import DomainError
@@ -24,6 +22,11 @@ log = logging.getLogger(__name__)
 
 CommitListener = Callable[[str], None]
 
+# How long connecting to PostgreSQL, or waiting for a pooled connection, may take before the call
+# is UNAVAILABLE: long enough for a busy server, short enough that an outage answers well within a
+# client's usual deadline instead of hanging.
+DEFAULT_TIMEOUT_SECONDS = 5.0
+
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
@@ -34,24 +37,27 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-def build_engine(url: str | URL, *, schema: str | None = None) -> AsyncEngine:
+def build_engine(
+    url: str | URL, *, schema: str | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS
+) -> AsyncEngine:
     """An async engine for `sqlite+aiosqlite://` or `postgresql+asyncpg://` URLs.
 
     `schema` puts every table of a PostgreSQL database in that schema (used to isolate test runs).
+    `timeout` bounds a PostgreSQL connect and the wait for a pooled connection.
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         engine = create_async_engine(parsed, pool_pre_ping=False)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    connect_args: dict[str, Any] = {}
+    connect_args: dict[str, Any] = {"timeout": timeout}
     if schema:
         connect_args["server_settings"] = {"search_path": schema}
     return create_async_engine(
         parsed,
         pool_size=10,
         max_overflow=10,
-        pool_timeout=10,
+        pool_timeout=timeout,
         pool_pre_ping=True,
         connect_args=connect_args,
     )
@@ -59,16 +65,18 @@ def build_engine(url: str | URL, *, schema: str | None = None) -> AsyncEngine:
 
 @asynccontextmanager
 async def translated_errors() -> AsyncIterator[None]:
-    """Re-raises driver errors as the domain errors they mean."""
+    """Re-raises driver errors as the domain errors they mean, including those raised while
+    connecting (refused, timed out, server starting or shutting down), which no SQLAlchemy
+    wrapper covers. Anything else, a fault of the service itself, goes on unchanged."""
     try:
         yield
-    except (DBAPIError, PoolTimeout) as error:
+    except DomainError:
+        raise
+    except Exception as error:
         meaning = translate(error)
         if meaning is None:
             raise
-        if not isinstance(meaning, DomainError):  # pragma: no cover - translate's contract
-            raise
-        log.debug("storage error translated: %s", type(error).__name__)
+        log.debug("storage error translated: %s: %s", type(error).__name__, error)
         raise meaning from error
 
 
@@ -105,6 +113,11 @@ class Database:
         if organization_id is not None:
             for listener in self._listeners:
                 listener(organization_id)
+
+    async def ping(self) -> None:
+        """One round trip to the database; `Unavailable` when it does not answer."""
+        async with translated_errors(), self._sessions() as session:
+            await session.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
         """Closes every pooled connection."""

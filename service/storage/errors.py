@@ -1,10 +1,17 @@
-"""Driver errors become domain errors here, and only here, for aiosqlite and asyncpg alike."""
+"""Driver errors become domain errors here, and only here, for aiosqlite and asyncpg alike.
+
+A database that cannot be reached is `Unavailable` (DATABASE_UNAVAILABLE) however the failure
+shows itself: SQLAlchemy wraps errors raised on a live connection, but a refused or timed-out
+connect surfaces as a bare `OSError`/`TimeoutError`, and a server that is starting or shutting
+down refuses the connect with asyncpg's own exception, neither wrapped.
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
@@ -50,6 +57,17 @@ _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (.+)$")
 _SQLSTATE_UNIQUE = "23505"
 _SQLSTATE_FOREIGN_KEY = "23503"
 _RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03", "57014"}
+# Class 08 (connection exception), 53300 (too many connections), 57P01..57P03 (admin shutdown,
+# crash shutdown, cannot connect now): the server is not there to answer.
+_UNREACHABLE_SQLSTATE_PREFIXES = ("08", "53300", "57P01", "57P02", "57P03")
+# asyncpg raises these outside SQLAlchemy's wrapping while connecting, or once a connection died.
+_UNREACHABLE_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.CannotConnectNowError,
+)
+_CLOSED_CONNECTION = re.compile(r"connection (is|was) closed|connection_lost", re.IGNORECASE)
 
 
 def _constraint_name(error: IntegrityError) -> str | None:
@@ -71,10 +89,35 @@ def _sqlstate(error: DBAPIError) -> str | None:
     return str(state) if state else None
 
 
-def translate(error: Exception) -> DomainError | None:
+def _unreachable(error: BaseException) -> bool:
+    """True when `error` (or the driver error SQLAlchemy wrapped in it) says the database is gone."""
+    seen: set[int] = set()
+    candidate: BaseException | None = error
+    while candidate is not None and id(candidate) not in seen:
+        seen.add(id(candidate))
+        # A refused or reset connection, or asyncio's time-out on connect (TimeoutError is an OSError).
+        if isinstance(candidate, (OSError, *_UNREACHABLE_DRIVER_ERRORS)):
+            return True
+        if isinstance(candidate, asyncpg.InterfaceError) and _CLOSED_CONNECTION.search(str(candidate)):
+            return True
+        state = getattr(candidate, "sqlstate", None)
+        if isinstance(state, str) and state.startswith(_UNREACHABLE_SQLSTATE_PREFIXES):
+            return True
+        candidate = getattr(candidate, "orig", None) or candidate.__cause__
+    return False
+
+
+def database_unavailable(what: str = "the database is unreachable") -> Unavailable:
+    """The one error every caller sees while the database cannot be reached."""
+    return Unavailable(f"{what}; retry later", reason="DATABASE_UNAVAILABLE")
+
+
+def translate(error: BaseException) -> DomainError | None:
     """The domain error a driver error means, or None for a fault of the service itself."""
+    if isinstance(error, DomainError):
+        return error
     if isinstance(error, PoolTimeout):
-        return Unavailable("the database connection pool is exhausted; retry")
+        return database_unavailable("no database connection became free in time")
     if isinstance(error, IntegrityError):
         meaning = _UNIQUE_MEANINGS.get(_constraint_name(error) or "")
         if meaning is not None:
@@ -87,10 +130,12 @@ def translate(error: Exception) -> DomainError | None:
         if _sqlstate(error) == _SQLSTATE_UNIQUE or "UNIQUE" in text:
             return AlreadyExists("the record already exists")
         return None
+    if _unreachable(error):
+        return database_unavailable()
     if isinstance(error, OperationalError) or (
         isinstance(error, DBAPIError) and _sqlstate(error) in _RETRYABLE_SQLSTATES
     ):
-        return Unavailable("the database is busy or unreachable; retry")
+        return database_unavailable("the database is busy or unreachable")
     if isinstance(error, DBAPIError) and error.connection_invalidated:
-        return Unavailable("the database connection was lost; retry")
+        return database_unavailable("the database connection was lost")
     return None

@@ -1,0 +1,473 @@
+"""A database outage under real server processes: the database is a private PostgreSQL cluster
+(never the shared one) that the test stops and starts.
+
+While it is down, every call that needs the database is UNAVAILABLE DATABASE_UNAVAILABLE (never
+UNKNOWN, INTERNAL or a hang), warm keys keep verifying from memory and health stays SERVING for at
+most the configured staleness; when it is back, writes succeed again and replicas notice each
+other's revocations within the usual bound. The figures printed here are the README's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from agentpost.environments.v1 import (
+    api_key_pb2,
+    api_key_pb2_grpc,
+    environment_pb2,
+    environment_pb2_grpc,
+    organization_pb2,
+    organization_pb2_grpc,
+)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+
+from service.domain.errors import Unavailable
+from service.storage.database import translated_errors
+from tests import private_postgres
+from tests.bench.processes import ServerProcess, free_port, health_serving
+from tests.harness import OPERATOR_TOKEN, auth, failure_of
+from tests.private_postgres import PrivatePostgres
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+REFRESH_SECONDS = 0.2
+DATABASE_TIMEOUT_SECONDS = 2.0
+# Every call carries a deadline well above the database time-out: an outage must answer, not hang.
+CALL_TIMEOUT = 15.0
+REVOCATION_BOUND_SECONDS = 3.0
+RECOVERY_BOUND_SECONDS = 60.0
+POLL_SECONDS = 0.05
+WARM_VERIFIES = 50
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# Named [postgres] so that, under CI=true, a skip fails the run like every PostgreSQL test.
+on_postgres = pytest.mark.parametrize("database", ["postgres"])
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[PrivatePostgres]:
+    """A running private PostgreSQL cluster with the schema migrated, deleted afterwards."""
+    reason = private_postgres.available()
+    if reason is not None:
+        pytest.skip(reason)
+    pg = PrivatePostgres()
+    try:
+        pg.create()
+        pg.start()
+        completed = subprocess.run(
+            [sys.executable, "-m", "service", "migrate"],
+            cwd=PROJECT_ROOT,
+            env=_environment(pg, {}),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+        yield pg
+    finally:
+        pg.destroy()
+
+
+def _environment(pg: PrivatePostgres, settings: dict[str, str]) -> dict[str, str]:
+    """This process's environment without any AGENTPOST_* setting, plus the given ones."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("AGENTPOST_")}
+    environment["AGENTPOST_DATABASE_URL"] = pg.url
+    environment.update(settings)
+    return environment
+
+
+@dataclass
+class Replica:
+    """A server process and stubs on a channel to it."""
+
+    process: ServerProcess
+    channel: grpc.aio.Channel
+
+    @property
+    def organizations(self) -> organization_pb2_grpc.OrganizationServiceStub:
+        """OrganizationService on this replica."""
+        return organization_pb2_grpc.OrganizationServiceStub(self.channel)
+
+    @property
+    def environments(self) -> environment_pb2_grpc.EnvironmentServiceStub:
+        """EnvironmentService on this replica."""
+        return environment_pb2_grpc.EnvironmentServiceStub(self.channel)
+
+    @property
+    def api_keys(self) -> api_key_pb2_grpc.ApiKeyServiceStub:
+        """ApiKeyService on this replica."""
+        return api_key_pb2_grpc.ApiKeyServiceStub(self.channel)
+
+    async def health(self) -> int:
+        """The server's overall health status."""
+        response = await health_pb2_grpc.HealthStub(self.channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT
+        )
+        return int(response.status)
+
+    async def verify(self, secret: str) -> api_key_pb2.VerifyApiKeyResponse:
+        """VerifyApiKey for the secret, in any environment it may use."""
+        response: api_key_pb2.VerifyApiKeyResponse = await self.api_keys.VerifyApiKey(
+            api_key_pb2.VerifyApiKeyRequest(secret=secret), timeout=CALL_TIMEOUT
+        )
+        return response
+
+
+@pytest.fixture
+async def replicas(
+    cluster: PrivatePostgres, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[Replica]]]:
+    """Starts server processes on the private cluster; all are stopped at the end."""
+    started: list[Replica] = []
+
+    async def start(name: str, **settings: str) -> Replica:
+        port = free_port()
+        values = {
+            "AGENTPOST_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+            "AGENTPOST_OPERATOR_TOKEN": OPERATOR_TOKEN,
+            "AGENTPOST_CACHE_REFRESH_SECONDS": str(REFRESH_SECONDS),
+            "AGENTPOST_DATABASE_TIMEOUT_SECONDS": str(DATABASE_TIMEOUT_SECONDS),
+            "AGENTPOST_SHUTDOWN_GRACE_SECONDS": "1",
+            **settings,
+        }
+        log_path = tmp_path / f"{name}.log"
+        with log_path.open("wb") as log:
+            process = await asyncio.to_thread(
+                subprocess.Popen,
+                [sys.executable, "-m", "service", "serve"],
+                cwd=PROJECT_ROOT,
+                env=_environment(cluster, values),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        server = ServerProcess(name, process, port, log_path)
+        replica = Replica(server, grpc.aio.insecure_channel(server.address))
+        started.append(replica)
+        await server.wait_ready(health_serving)
+        return replica
+
+    try:
+        yield start
+    finally:
+        for replica in started:
+            await replica.channel.close()
+            replica.process.stop()
+
+
+async def stop_database(pg: PrivatePostgres, mode: str = "immediate") -> float:
+    """Stops the cluster, by default as a crash would (every connection dropped at once; `fast`
+    terminates sessions with AdminShutdown first); returns when the stop began: the server may
+    refuse connections before `pg_ctl` returns."""
+    began = time.monotonic()
+    await asyncio.to_thread(pg.stop, mode)
+    return began
+
+
+async def start_database(pg: PrivatePostgres) -> float:
+    """Starts the cluster again; returns when it accepts connections."""
+    await asyncio.to_thread(pg.start)
+    return time.monotonic()
+
+
+async def until(condition: Callable[[], Awaitable[bool]], bound: float, what: str) -> float:
+    """Waits until `condition()` holds, at most `bound` seconds; returns how long it took."""
+    started = time.monotonic()
+    while not await condition():
+        assert time.monotonic() - started < bound, f"{what}: not within {bound:.0f} s"
+        await asyncio.sleep(POLL_SECONDS)
+    return time.monotonic() - started
+
+
+class Codes:
+    """The outcome of each call made during the outage, by code and reason."""
+
+    def __init__(self) -> None:
+        self.seen: collections.Counter[str] = collections.Counter()
+
+    async def call(self, call: Awaitable[object]) -> object | None:
+        """Runs the call and records OK or its code and reason; returns its response, if any."""
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as error:
+            failure = failure_of(error)
+            self.seen[f"{failure.code.name} {failure.reason}".strip()] += 1
+            return None
+        self.seen["OK"] += 1
+        return response
+
+    async def unavailable(self, call: Awaitable[object]) -> None:
+        """The call must be UNAVAILABLE DATABASE_UNAVAILABLE."""
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as error:
+            failure = failure_of(error)
+            self.seen[f"{failure.code.name} {failure.reason}"] += 1
+            assert (failure.code, failure.reason) == (UNAVAILABLE, "DATABASE_UNAVAILABLE"), (
+                f"{failure.code} {failure.reason}: {failure.message}"
+            )
+            return
+        raise AssertionError(f"expected UNAVAILABLE during the outage, got {response}")
+
+
+async def _write_works(replica: Replica, secret: str) -> bool:
+    """True when CreateEnvironment commits on this replica; UNAVAILABLE means not yet."""
+    try:
+        await replica.environments.CreateEnvironment(
+            environment_pb2.CreateEnvironmentRequest(name=f"After {uuid.uuid4().hex[:8]}"),
+            metadata=auth(secret),
+            timeout=CALL_TIMEOUT,
+        )
+    except grpc.aio.AioRpcError as error:
+        failure = failure_of(error)
+        assert (failure.code, failure.reason) == (UNAVAILABLE, "DATABASE_UNAVAILABLE"), failure
+        return False
+    return True
+
+
+async def _new_org(replica: Replica) -> organization_pb2.CreateOrganizationResponse:
+    response: organization_pb2.CreateOrganizationResponse = await replica.organizations.CreateOrganization(
+        organization_pb2.CreateOrganizationRequest(
+            name="Outage", owner_email=f"owner-{uuid.uuid4().hex[:8]}@example.com", owner_display_name="Owner"
+        ),
+        metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),),
+        timeout=CALL_TIMEOUT,
+    )
+    return response
+
+
+async def _new_key(replica: Replica, owner_secret: str, name: str) -> tuple[str, str]:
+    response = await replica.api_keys.CreateApiKey(
+        api_key_pb2.CreateApiKeyRequest(name=name, scopes=["inboxes:read", "environments:read"]),
+        metadata=auth(owner_secret),
+        timeout=CALL_TIMEOUT,
+    )
+    return response.api_key.id, response.secret
+
+
+@on_postgres
+async def test_database_outage_under_two_replicas(
+    database: str, cluster: PrivatePostgres, replicas: Callable[..., Awaitable[Replica]]
+) -> None:
+    a = await replicas("replica-a")
+    b = await replicas("replica-b")
+    org = await _new_org(a)
+    owner = org.owner_api_key_secret
+    _, warm = await _new_key(a, owner, "warm")
+    revoked_id, to_revoke = await _new_key(a, owner, "revoked after the outage")
+    _, cold = await _new_key(a, owner, "never used before the outage")
+    # Warm the owner key and two keys on both replicas, after the last write.
+    for replica in (a, b):
+        for secret in (owner, warm, to_revoke):
+            assert (await replica.verify(secret)).valid
+        await replica.environments.ListEnvironments(
+            environment_pb2.ListEnvironmentsRequest(), metadata=auth(owner), timeout=CALL_TIMEOUT
+        )
+
+    down_at = await stop_database(cluster)
+    codes = Codes()
+    for replica in (a, b):
+        # The refresh loop fails, logs it with its traceback, and goes on failing.
+        async def refresh_failed(replica: Replica = replica) -> bool:
+            log = replica.process.log_path.read_text(errors="replace")
+            return "access cache refresh failed" in log and "Traceback" in log and "(5 in a row)" in log
+
+        await until(
+            refresh_failed, RECOVERY_BOUND_SECONDS, f"{replica.process.name} logs the refresh failure"
+        )
+        # Uncached keys: VerifyApiKey, and the interceptor's authentication.
+        await codes.unavailable(replica.verify(cold))
+        await codes.unavailable(
+            replica.organizations.GetOrganization(
+                organization_pb2.GetOrganizationRequest(), metadata=auth(cold), timeout=CALL_TIMEOUT
+            )
+        )
+        # Handlers that read or write the database, with a warm key.
+        await codes.unavailable(
+            replica.api_keys.ListApiKeys(
+                api_key_pb2.ListApiKeysRequest(), metadata=auth(owner), timeout=CALL_TIMEOUT
+            )
+        )
+        await codes.unavailable(
+            replica.environments.CreateEnvironment(
+                environment_pb2.CreateEnvironmentRequest(name="During the outage"),
+                metadata=auth(owner),
+                timeout=CALL_TIMEOUT,
+            )
+        )
+        # Warm keys still verify from memory, failed writes notwithstanding; environment reads
+        # come from the cached snapshot.
+        answered = 0
+        for _ in range(WARM_VERIFIES):
+            response = await codes.call(replica.verify(warm))
+            answered += isinstance(response, api_key_pb2.VerifyApiKeyResponse) and response.valid
+        assert answered == WARM_VERIFIES
+        listed = await codes.call(
+            replica.environments.ListEnvironments(
+                environment_pb2.ListEnvironmentsRequest(), metadata=auth(owner), timeout=CALL_TIMEOUT
+            )
+        )
+        assert listed is not None
+        assert await replica.health() == SERVING
+    outage_seconds = time.monotonic() - down_at
+    assert not any(code.startswith(("UNKNOWN", "INTERNAL", "DEADLINE")) for code in codes.seen), codes.seen
+
+    up_at = await start_database(cluster)
+    recovered = {
+        replica.process.name: await until(
+            lambda replica=replica: _write_works(replica, owner),  # type: ignore[misc]
+            RECOVERY_BOUND_SECONDS,
+            f"{replica.process.name} writes again",
+        )
+        for replica in (a, b)
+    }
+    for replica in (a, b):
+        assert await replica.health() == SERVING
+        assert (await replica.verify(warm)).valid
+
+    # B's refresh loop survived the outage: a revoke on A reaches it within the usual bound.
+    assert (await b.verify(to_revoke)).valid
+    await a.api_keys.RevokeApiKey(
+        api_key_pb2.RevokeApiKeyRequest(id=revoked_id), metadata=auth(owner), timeout=CALL_TIMEOUT
+    )
+
+    async def b_refuses() -> bool:
+        return not (await b.verify(to_revoke)).valid
+
+    revoke_seen = await until(b_refuses, REVOCATION_BOUND_SECONDS, "replica B refuses the revoked key")
+    assert (await b.verify(to_revoke)).denial_reason == api_key_pb2.VerifyApiKeyResponse.REVOKED
+    print(
+        f"\n[{database}] outage of {outage_seconds:.1f} s: codes {dict(codes.seen)}; "
+        f"warm verifies answered {2 * WARM_VERIFIES}/{2 * WARM_VERIFIES}; "
+        f"first successful write after restart: "
+        + ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in recovered.items())
+        + f" (database up {time.monotonic() - up_at:.1f} s ago); revoke seen by B after {revoke_seen * 1000:.0f} ms"
+    )
+
+
+@on_postgres
+async def test_cached_keys_refused_after_max_staleness(
+    database: str, cluster: PrivatePostgres, replicas: Callable[..., Awaitable[Replica]]
+) -> None:
+    max_staleness = 2.0
+    replica = await replicas("stale", AGENTPOST_MAX_STALENESS_SECONDS=str(max_staleness))
+    org = await _new_org(replica)
+    owner = org.owner_api_key_secret
+    _, warm = await _new_key(replica, owner, "warm")
+    assert (await replica.verify(warm)).valid
+
+    down_at = await stop_database(cluster, "fast")
+
+    async def not_serving() -> bool:
+        return await replica.health() == NOT_SERVING
+
+    await until(not_serving, RECOVERY_BOUND_SECONDS, "health turns NOT_SERVING")
+    turned = time.monotonic() - down_at
+    # The last successful poll started at most one refresh interval before the stop.
+    assert turned >= max_staleness - REFRESH_SECONDS - 0.05, f"NOT_SERVING after only {turned:.2f} s"
+    codes = Codes()
+
+    async def warm_refused() -> bool:
+        # A key and organization loaded after the last successful poll count from their load,
+        # which may be up to one refresh interval after the moment health goes by.
+        try:
+            await replica.verify(warm)
+        except grpc.aio.AioRpcError:
+            return True
+        return False
+
+    await until(warm_refused, RECOVERY_BOUND_SECONDS, "the warm key is refused")
+    await codes.unavailable(replica.verify(warm))
+    await codes.unavailable(
+        replica.organizations.GetOrganization(
+            organization_pb2.GetOrganizationRequest(), metadata=auth(warm), timeout=CALL_TIMEOUT
+        )
+    )
+
+    up_at = await start_database(cluster)
+
+    async def serving() -> bool:
+        return await replica.health() == SERVING
+
+    back = await until(serving, RECOVERY_BOUND_SECONDS, "health turns SERVING again")
+    assert (await replica.verify(warm)).valid
+    write = await until(lambda: _write_works(replica, owner), RECOVERY_BOUND_SECONDS, "writes work again")
+
+    # A shutdown during an outage still completes: the last-used flush fails, is logged, and the
+    # engine is disposed.
+    assert (await replica.verify(warm)).valid
+    await stop_database(cluster)
+    await asyncio.to_thread(replica.process.stop)
+    assert replica.process.process.returncode == 0, replica.process.log_tail()
+    log = replica.process.log_path.read_text(errors="replace")
+    assert "last-used times could not be written at shutdown" in log
+    assert log.rstrip().endswith("stopped"), replica.process.log_tail()
+    print(
+        f"\n[{database}] max staleness {max_staleness:.1f} s: NOT_SERVING {turned:.2f} s after the stop, "
+        f"then {dict(codes.seen)} for the warm key; SERVING {back * 1000:.0f} ms after the restart, "
+        f"write {write * 1000:.0f} ms later (up {time.monotonic() - up_at:.1f} s)"
+    )
+
+
+class _DriverError(Exception):
+    """Stands in for the driver exception SQLAlchemy wraps, with its SQLSTATE."""
+
+    def __init__(self, sqlstate: str) -> None:
+        super().__init__(f"SQLSTATE {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+# The ways an unreachable database shows itself that the outage above cannot produce on demand
+# (a server still starting, a full pool, a connect that times out), each as the driver raises it.
+UNREACHABLE = {
+    "refused": ConnectionRefusedError(111, "Connect call failed"),
+    "connect timed out": TimeoutError(),
+    "starting up (57P03, raw)": asyncpg.exceptions.CannotConnectNowError(
+        "the database system is starting up"
+    ),
+    "admin shutdown (57P01, raw)": asyncpg.exceptions.AdminShutdownError("terminating connection"),
+    "too many connections (53300, raw)": asyncpg.exceptions.TooManyConnectionsError("too many clients"),
+    "connection closed (raw)": asyncpg.exceptions.InterfaceError("connection is closed"),
+    "admin shutdown (57P01, wrapped)": DBAPIError("SELECT 1", None, _DriverError("57P01")),
+    "cannot connect now (57P03, wrapped)": DBAPIError("SELECT 1", None, _DriverError("57P03")),
+    "connection failure (08006, wrapped)": DBAPIError("SELECT 1", None, _DriverError("08006")),
+    "pool timed out": PoolTimeout("QueuePool limit reached"),
+}
+SERVICE_FAULTS = {
+    "a bug": ValueError("bug"),
+    "undefined table (42P01, wrapped)": DBAPIError("SELECT 1", None, _DriverError("42P01")),
+    "misuse of a connection (raw)": asyncpg.exceptions.InterfaceError("another operation is in progress"),
+}
+
+
+@pytest.mark.parametrize("error", UNREACHABLE.values(), ids=UNREACHABLE.keys())
+async def test_every_unreachable_database_error_is_database_unavailable(error: Exception) -> None:
+    with pytest.raises(Unavailable) as raised:
+        async with translated_errors():
+            raise error
+    assert raised.value.reason == "DATABASE_UNAVAILABLE"
+    assert raised.value.__cause__ is error
+
+
+@pytest.mark.parametrize("error", SERVICE_FAULTS.values(), ids=SERVICE_FAULTS.keys())
+async def test_faults_of_the_service_are_not_called_unavailable(error: Exception) -> None:
+    with pytest.raises(type(error)) as raised:
+        async with translated_errors():
+            raise error
+    assert raised.value is error
