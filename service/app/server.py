@@ -41,10 +41,15 @@ from service.transport.servicers.resources import ResourceServicer
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_METADATA_BYTES = 16 * 1024
 SERVER_OPTIONS = [
     # Requests are small; 4 MiB bounds memory per call while leaving room for large pages.
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # One limit for a request's metadata. gRPC's defaults (a soft 8 KiB under a hard 16 KiB) refuse
+    # metadata between the two at random, so the same request could get two different answers.
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
     # Ping idle connections so dead peers behind load balancers are noticed within ~1.5 minutes,
     # and accept client pings no more often than every 10 s.
     ("grpc.keepalive_time_ms", 60_000),
