@@ -38,7 +38,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from service.domain.errors import Unavailable
 from service.storage.database import translated_errors
 from tests import private_postgres
-from tests.bench_processes import ServerProcess, free_port, health_serving
+from tests.bench.processes import ServerProcess, free_port, health_serving
 from tests.harness import OPERATOR_TOKEN, auth, failure_of
 from tests.private_postgres import PrivatePostgres
 
