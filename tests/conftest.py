@@ -43,6 +43,7 @@ class Backend:
             "listen_address": "127.0.0.1:0",
             "operator_token": OPERATOR_TOKEN,
             "shutdown_grace_seconds": 1.0,
+            "shutdown_drain_seconds": 0.0,
             "cache_refresh_seconds": 0.2,
         }
         values.update(overrides)

@@ -9,16 +9,22 @@ import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
-from agentpost.environments.v1 import environment_pb2, environment_pb2_grpc
+from agentpost.environments.v1 import (
+    environment_pb2,
+    environment_pb2_grpc,
+    organization_pb2,
+    organization_pb2_grpc,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.app.server import Application
 from service.domain.policy import POLICY, Level, Rule
 from tests.conftest import Backend
-from tests.harness import auth
+from tests.harness import OPERATOR_TOKEN, auth
 
 SECRET = re.compile(r"ap_sk_live_[0-9A-Za-z]{38}")
 
@@ -34,6 +40,7 @@ def _environment(tmp_path: Path, port: int) -> dict[str, str]:
     env["AGENTPOST_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'served.db'}"
     env["AGENTPOST_LISTEN_ADDRESS"] = f"127.0.0.1:{port}"
     env["AGENTPOST_SHUTDOWN_GRACE_SECONDS"] = "2"
+    env["AGENTPOST_SHUTDOWN_DRAIN_SECONDS"] = "0"
     return env
 
 
@@ -49,6 +56,54 @@ async def _serve(env: dict[str, str]) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
+
+
+def _backend_environment(backend: Backend, port: int, drain: float, grace: float) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPOST_")}
+    env["AGENTPOST_DATABASE_URL"] = backend.url
+    if backend.schema is not None:
+        env["AGENTPOST_DATABASE_SCHEMA"] = backend.schema
+    env["AGENTPOST_LISTEN_ADDRESS"] = f"127.0.0.1:{port}"
+    env["AGENTPOST_OPERATOR_TOKEN"] = OPERATOR_TOKEN
+    env["AGENTPOST_SHUTDOWN_DRAIN_SECONDS"] = str(drain)
+    env["AGENTPOST_SHUTDOWN_GRACE_SECONDS"] = str(grace)
+    return env
+
+
+async def _serve_migrated(env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "service",
+        "serve",
+        "--migrate",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+async def _until_serving(process: asyncio.subprocess.Process, health: health_pb2_grpc.HealthStub) -> None:
+    async with asyncio.timeout(30):
+        while True:
+            assert process.returncode is None, "the server exited while starting"
+            try:
+                checked = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if checked.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError as error:
+                assert error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+            await asyncio.sleep(0.1)
+
+
+async def _owner_secret(channel: grpc.aio.Channel) -> str:
+    created = await organization_pb2_grpc.OrganizationServiceStub(channel).CreateOrganization(
+        organization_pb2.CreateOrganizationRequest(
+            name="Drain", owner_email="owner@example.com", owner_display_name="Owner"
+        ),
+        metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),),
+    )
+    return str(created.owner_api_key_secret)
 
 
 async def _read_secret(process: asyncio.subprocess.Process) -> str:
@@ -119,6 +174,7 @@ async def test_help_documents_every_setting() -> None:
         "AGENTPOST_OPERATOR_TOKEN",
         "AGENTPOST_KEY_PEPPER",
         "AGENTPOST_SHUTDOWN_GRACE_SECONDS",
+        "AGENTPOST_SHUTDOWN_DRAIN_SECONDS",
     ):
         assert variable in text
 
@@ -156,5 +212,111 @@ async def test_in_flight_calls_finish_during_graceful_shutdown(
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await method(b"late", timeout=1)
         assert raised.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+    finally:
+        await channel.close()
+
+
+async def test_sigterm_serves_through_the_drain_then_refuses_and_exits_without_waiting_out_the_grace(
+    backend: Backend,
+) -> None:
+    # A grace far longer than the waits below: a Watch stream holding shutdown would time them out.
+    port = _free_port()
+    process = await _serve_migrated(_backend_environment(backend, port, drain=2.0, grace=120.0))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            environments = environment_pb2_grpc.EnvironmentServiceStub(channel)
+            await _until_serving(process, health)
+            secret = await _owner_secret(channel)
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            first = await watch.read()
+            assert first is not grpc.aio.EOF and first.status == health_pb2.HealthCheckResponse.SERVING
+
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                announced = await watch.read()
+            assert announced is not grpc.aio.EOF
+            assert announced.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # The drain window: health says NOT_SERVING while calls are still served.
+            checked = await health.Check(health_pb2.HealthCheckRequest())
+            assert checked.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            listed = await environments.ListEnvironments(
+                environment_pb2.ListEnvironmentsRequest(), metadata=auth(secret)
+            )
+            assert [e.slug for e in listed.environments] == ["default"]
+
+            # When the server stops accepting, the Watch stream ends normally...
+            async with asyncio.timeout(30):
+                ended = await watch.read()
+            assert ended is grpc.aio.EOF
+            assert await watch.code() == grpc.StatusCode.OK
+            # ...and new calls are UNAVAILABLE (never CANCELLED or UNKNOWN), so clients retry elsewhere.
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await environments.ListEnvironments(
+                    environment_pb2.ListEnvironmentsRequest(), metadata=auth(secret), timeout=10
+                )
+            assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+        async with asyncio.timeout(30):
+            _, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, stderr.decode()
+    assert b"stopped" in stderr
+
+
+async def test_a_second_signal_exits_at_once_during_the_drain(backend: Backend) -> None:
+    port = _free_port()
+    process = await _serve_migrated(_backend_environment(backend, port, drain=120.0, grace=120.0))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            await _until_serving(process, health)
+            watch = health.Watch(health_pb2.HealthCheckRequest())
+            assert await watch.read() != grpc.aio.EOF
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                announced = await watch.read()
+            assert announced is not grpc.aio.EOF
+            assert announced.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            process.send_signal(signal.SIGTERM)
+            async with asyncio.timeout(30):
+                _, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 1, stderr.decode()
+    assert b"second signal" in stderr
+
+
+async def test_watch_streams_see_not_serving_then_end_without_holding_the_grace(backend: Backend) -> None:
+    # No drain: the streams are closed right after NOT_SERVING is announced, and must still show it.
+    app = Application(backend.settings(shutdown_drain_seconds=0.0, shutdown_grace_seconds=120.0))
+    await app.migrate()
+    await app.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    try:
+        health = health_pb2_grpc.HealthStub(channel)
+        services = ("", "", "", "agentpost.environments.v1.EnvironmentService")
+        watches = [health.Watch(health_pb2.HealthCheckRequest(service=name)) for name in services]
+        for watch in watches:
+            first = await watch.read()
+            assert first is not grpc.aio.EOF and first.status == health_pb2.HealthCheckResponse.SERVING
+
+        async def rest_of(watch: Any) -> list[int]:
+            statuses = []
+            while (message := await watch.read()) is not grpc.aio.EOF:
+                statuses.append(message.status)
+            assert await watch.code() == grpc.StatusCode.OK
+            return statuses
+
+        remaining = [asyncio.ensure_future(rest_of(watch)) for watch in watches]
+        async with asyncio.timeout(30):
+            await app.stop()
+            seen = await asyncio.gather(*remaining)
+        assert seen == [[health_pb2.HealthCheckResponse.NOT_SERVING]] * len(services)
     finally:
         await channel.close()

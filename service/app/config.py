@@ -35,6 +35,12 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="on SIGTERM/SIGINT, how long in-flight calls may take to finish"
     )
+    shutdown_drain_seconds: float = Field(
+        2.0,
+        ge=0,
+        description="on SIGTERM/SIGINT, how long calls are still served after health turns NOT_SERVING, "
+        "so that load balancers move traffic away first",
+    )
     key_cache_size: int = Field(100_000, ge=1, description="how many API keys the verification cache holds")
     cache_refresh_seconds: float = Field(
         1.0, gt=0, description="how often other replicas' writes are looked for (the revocation bound)"

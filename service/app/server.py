@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -46,10 +47,15 @@ from service.transport.servicers.resources import ResourceServicer
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_METADATA_BYTES = 16 * 1024
 SERVER_OPTIONS = [
     # Requests are small; 4 MiB bounds memory per call while leaving room for large pages.
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # One limit for a request's metadata. gRPC's defaults (a soft 8 KiB under a hard 16 KiB) refuse
+    # metadata between the two at random, so the same request could get two different answers.
+    ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+    ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
     # Ping idle connections so dead peers behind load balancers are noticed within ~1.5 minutes,
     # and accept client pings no more often than every 10 s.
     ("grpc.keepalive_time_ms", 60_000),
@@ -89,6 +95,66 @@ class _GenericHandlersOnly:
         """Deliberately ignored: see the class docstring."""
 
 
+class _WatchedContext:
+    """A Watch call's context that remembers the last status written, and lets the stream be
+    ended only between writes."""
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
+        self.writing = asyncio.Lock()
+        self.last_status: int | None = None
+
+    async def write(self, response: health_pb2.HealthCheckResponse) -> None:
+        """Writes one status message to the stream."""
+        async with self.writing:
+            await self._context.write(response)
+            self.last_status = response.status
+
+
+class _ShutdownHealth(health.aio.HealthServicer):  # type: ignore[misc]
+    """The standard health service, whose Watch streams end once the server stops accepting calls.
+
+    A load balancer holds a Watch stream open for as long as the server lives; left alone, each one
+    would keep `server.stop(grace)` waiting for the whole grace period.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watches_closed = asyncio.Event()
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        """Streams the service's status, as the standard service does, until `close_watches()`;
+        a stream that showed SERVING ends on NOT_SERVING."""
+        watched = _WatchedContext(context)
+        watching = asyncio.ensure_future(super().Watch(request, watched))
+        closed = asyncio.ensure_future(self._watches_closed.wait())
+        try:
+            await asyncio.wait((watching, closed), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            watching.cancel()
+            raise
+        finally:
+            closed.cancel()
+        if watching.done():
+            watching.result()
+            return
+        # Cancelled between writes only: a write cut short would leave the stream unusable.
+        async with watched.writing:
+            watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
+        # Closing may overtake the standard Watch before it writes the NOT_SERVING that
+        # `enter_graceful_shutdown` announced; the watcher must still see it.
+        if watched.last_status == health_pb2.HealthCheckResponse.SERVING:
+            await context.write(
+                health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+
+    def close_watches(self) -> None:
+        """Ends every Watch stream, open or still to come, with status OK."""
+        self._watches_closed.set()
+
+
 class BindError(RuntimeError):
     """The listen address could not be bound."""
 
@@ -121,7 +187,7 @@ class Application:
             pager=Pager(PageTokens(settings.key_pepper)),
         )
         self.organizations = Organizations(self.dependencies)
-        self.health = health.aio.HealthServicer()
+        self.health = _ShutdownHealth()
         self.server = grpc.aio.server(
             interceptors=[AuthInterceptor(self.access, settings.operator_token)], options=SERVER_OPTIONS
         )
@@ -175,10 +241,24 @@ class Application:
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, in-flight calls finish within the grace, then storage closes."""
+        """Shuts down in order: health NOT_SERVING; calls still served for the drain delay, so that
+        load balancers move traffic away first; then new calls are refused (UNAVAILABLE), Watch
+        streams end and in-flight calls finish within the grace; storage closes last, whatever
+        failed before."""
         try:
             await self.health.enter_graceful_shutdown()
-            await self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+            if self.settings.shutdown_drain_seconds > 0:
+                log.info("NOT_SERVING; still serving calls for %.1f s", self.settings.shutdown_drain_seconds)
+                await asyncio.sleep(self.settings.shutdown_drain_seconds)
+            stopping = asyncio.ensure_future(
+                self.server.stop(self.settings.shutdown_grace_seconds if grace is None else grace)
+            )
+            # One turn of the loop lets the server stop accepting first: a watcher whose stream
+            # ends then finds the server gone rather than opening a new stream that waits out the
+            # grace.
+            await asyncio.sleep(0)
+            self.health.close_watches()
+            await stopping
         finally:
             await self._close_storage()
         log.info("stopped")
