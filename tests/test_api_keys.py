@@ -366,11 +366,17 @@ async def test_update_fields_mask_and_etag(harness: Harness, org: Org) -> None:
         Code.ABORTED,
         "ETAG_MISMATCH",
     )
+    # No mask: the mutable fields the request sets (AIP-134), here only the name.
+    renamed = await keys.UpdateApiKey(
+        pb.UpdateApiKeyRequest(api_key=pb.ApiKey(id=key.id, name="x")), metadata=auth(org.owner_secret)
+    )
+    assert renamed.name == "x" and list(renamed.scopes) == ["inboxes:write", "messages:read"]
     failure = await fails(
         keys.UpdateApiKey(
-            pb.UpdateApiKeyRequest(api_key=pb.ApiKey(id=key.id, name="x")), metadata=auth(org.owner_secret)
+            pb.UpdateApiKeyRequest(api_key=pb.ApiKey(id=key.id)), metadata=auth(org.owner_secret)
         ),
         Code.INVALID_ARGUMENT,
+        "NOTHING_TO_UPDATE",
     )
     assert "update_mask" in failure.violations
     for path in ("mode", "owner_member_id", "prefix", "revoke_time"):

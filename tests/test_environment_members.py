@@ -145,7 +145,7 @@ async def test_update_rejects_other_mask_paths(harness: Harness, org: Org) -> No
     member = await harness.new_member(org, "MEMBER")
     env_id = org.default_environment.id
     await add(harness, org.owner_secret, env_id, member.id)
-    for paths in (("member_id",), ("role", "create_time"), ("*",)):
+    for paths in (("member_id",), ("role", "create_time"), ("*", "role")):
         failure = await fails(
             change_role(harness, org.owner_secret, env_id, member.id, pb.EnvironmentMember.ADMIN, *paths),
             Code.INVALID_ARGUMENT,
@@ -159,6 +159,12 @@ async def test_update_rejects_other_mask_paths(harness: Harness, org: Org) -> No
         Code.INVALID_ARGUMENT,
     )
     assert "environment_member.role" in failure.violations
+    # `*` and no mask both mean the role, the one mutable field (AIP-134).
+    for paths in (("*",), ()):
+        changed = await change_role(
+            harness, org.owner_secret, env_id, member.id, pb.EnvironmentMember.ADMIN, *paths
+        )
+        assert changed.role == pb.EnvironmentMember.ADMIN
 
 
 async def test_unknown_and_foreign_ids_are_not_found(harness: Harness, org: Org) -> None:
@@ -309,11 +315,17 @@ async def test_member_visibility_below_organization_level(harness: Harness, org:
         "ENVIRONMENT_NOT_FOUND",
     )
     await fails(add(harness, staging_key, prod.id, in_staging.id), Code.NOT_FOUND, "ENVIRONMENT_NOT_FOUND")
-    # It administers staging (an unowned key administers its environments), but may only add
-    # members it can see: a member of prod alone is as unknown to it as a random id.
-    await fails(add(harness, staging_key, staging.id, in_prod.id), Code.NOT_FOUND, "MEMBER_NOT_FOUND")
+    # It administers staging (an unowned key administers its environments), so it may add any
+    # member of the organization by id, even one it cannot otherwise see; an unknown id and
+    # another organization's member are the same NOT_FOUND.
+    await add(harness, staging_key, staging.id, in_prod.id)
     await add(harness, staging_key, staging.id, admin.id, pb.EnvironmentMember.ADMIN)
-    assert await environment_member_ids(harness, staging_key, staging.id) == sorted([in_staging.id, admin.id])
+    assert await environment_member_ids(harness, staging_key, staging.id) == sorted(
+        [in_staging.id, in_prod.id, admin.id]
+    )
+    other = await harness.new_org("Other")
+    for unknown in (RANDOM_MEMBER, other.owner_member_id):
+        await fails(add(harness, staging_key, staging.id, unknown), Code.NOT_FOUND, "MEMBER_NOT_FOUND")
 
 
 async def test_deleting_a_member_removes_its_environment_access(harness: Harness, org: Org) -> None:

@@ -196,17 +196,29 @@ async def test_update_changes_only_masked_fields(harness: Harness, org: Org) -> 
 
 async def test_update_rejects_bad_masks_and_stale_etags(harness: Harness, org: Org) -> None:
     member = await harness.new_member(org, "MEMBER")
-    for paths in (("email",), ("display_name", "organization_id"), ("*",), ("create_time",)):
+    for paths in (("email",), ("display_name", "organization_id"), ("*", "role"), ("create_time",)):
         failure = await fails(
             update(harness, org.owner_secret, pb.Member(id=member.id, email="x@example.com"), *paths),
             Code.INVALID_ARGUMENT,
             "FIELD_NOT_MUTABLE",
         )
         assert "update_mask" in failure.violations
+    # No mask: the mutable fields the request sets (AIP-134); `*`: all of them, so an unset role
+    # is refused rather than guessed.
+    named = await update(harness, org.owner_secret, pb.Member(id=member.id, display_name="x"))
+    assert named.display_name == "x" and named.role == pb.Member.MEMBER
+    failure = await fails(update(harness, org.owner_secret, pb.Member(id=member.id)), Code.INVALID_ARGUMENT)
+    assert failure.reason == "NOTHING_TO_UPDATE" and "update_mask" in failure.violations
     failure = await fails(
-        update(harness, org.owner_secret, pb.Member(id=member.id, display_name="x")), Code.INVALID_ARGUMENT
+        update(harness, org.owner_secret, pb.Member(id=member.id, display_name="y"), "*"),
+        Code.INVALID_ARGUMENT,
     )
-    assert "update_mask" in failure.violations
+    assert "member.role" in failure.violations
+    everything = await update(
+        harness, org.owner_secret, pb.Member(id=member.id, display_name="", role=pb.Member.ADMIN), "*"
+    )
+    assert (everything.display_name, everything.role) == ("", pb.Member.ADMIN)
+    member = await update(harness, org.owner_secret, pb.Member(id=member.id, role=pb.Member.MEMBER), "role")
     failure = await fails(
         update(harness, org.owner_secret, pb.Member(id=member.id), "role"), Code.INVALID_ARGUMENT
     )

@@ -191,6 +191,7 @@ async def test_in_flight_calls_finish_during_graceful_shutdown(
 
     monkeypatch.setitem(POLICY, "/test.Slow/Call", Rule(Level.PUBLIC))
     app = Application(backend.settings())
+    await app.migrate()
     app.server.add_generic_rpc_handlers(
         (
             grpc.method_handlers_generic_handler(

@@ -250,17 +250,17 @@ class ApiKeys:
     # -- change -------------------------------------------------------------------------------
 
     async def update(
-        self, principal: Principal, key_id: str, changes: KeyChanges, paths: Sequence[str], etag: str
+        self, principal: Principal, key_id: str, changes: KeyChanges, mask: validation.UpdateMask, etag: str
     ) -> ApiKey:
-        """Applies the fields named in the mask (`name`, `scopes`, `environment_ids`,
-        `expire_time`; an empty mask is refused). `expire_time` in the mask while unset clears it.
+        """Changes `name`, `scopes`, `environment_ids` and `expire_time` by the update-mask rule of
+        every Update (`validation.update_fields`). `expire_time` in the mask while unset clears it.
         New values obey Create's no-escalation rules; scopes and environments the key already
         has may stay. Extending or clearing the expiry needs every scope the key has once
         updated, as a roll does. Any widening (scopes or environments added, organization-wide,
         expiry extended or cleared) needs the caller to act with at least the key's role
         (OWNER_ESCALATION). A revoked key cannot change; an expired one may be given a new
         expiry under those rules."""
-        fields = _mask(paths)
+        fields = validation.update_fields(mask, MUTABLE_FIELDS)
         now = utcnow()
         name = validation.name("api_key.name", changes.name) if "name" in fields else None
         new_scopes = (
@@ -480,11 +480,3 @@ def _environment_ids(field: str, given: Sequence[str]) -> tuple[str, ...]:
 def _check_expiry(field: str, expire_time: datetime | None, now: datetime) -> None:
     if expire_time is not None and expire_time <= now:
         raise InvalidArgument.field(field, "must lie in the future")
-
-
-def _mask(paths: Sequence[str]) -> frozenset[str]:
-    if not paths:
-        raise InvalidArgument.field(
-            "update_mask", "name the fields to change: name, scopes, environment_ids, expire_time"
-        )
-    return validation.update_mask(paths, MUTABLE_FIELDS)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from service.application.dependencies import Dependencies
 from service.application.idempotency import create_or_replay
@@ -91,12 +91,12 @@ class Environments:
         principal: Principal,
         environment_id: str,
         values: Mapping[str, str],
-        paths: Sequence[str],
+        mask: validation.UpdateMask,
         etag: str,
     ) -> Environment:
         """Changes `name` and/or `description` as the update mask says; `values` holds the
         request's fields by name."""
-        fields = _mask(paths, values)
+        fields = validation.update_fields(mask, MUTABLE_FIELDS, immutable={"slug": "SLUG_IMMUTABLE"})
         new_name = validation.name("environment.name", values["name"]) if "name" in fields else None
         new_description = (
             validation.text("environment.description", values["description"], max_length=1000, required=False)
@@ -161,15 +161,6 @@ async def _current(
     if env is None:
         raise environment_not_found(environment_id)
     return env
-
-
-def _mask(paths: Sequence[str], values: Mapping[str, str]) -> frozenset[str]:
-    """The fields to change. No mask means every mutable field the request sets (AIP-134)."""
-    if not paths:
-        return frozenset(field for field in MUTABLE_FIELDS if values.get(field))
-    if "slug" in paths:
-        raise InvalidArgument.field("update_mask", "slug cannot be changed", reason="SLUG_IMMUTABLE")
-    return validation.update_mask(paths, MUTABLE_FIELDS)
 
 
 async def recheck_active(uow: UnitOfWork, organization_id: str, environment_id: str) -> None:

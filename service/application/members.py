@@ -5,8 +5,8 @@ Rules the contract leaves open, decided here:
 - Only an owner-level caller (an organization-level key that no member owns, or one owned by an
   OWNER) may create an OWNER, promote to OWNER, or change or delete an OWNER member; anyone else
   gets PERMISSION_DENIED reason OWNER_REQUIRED, so an ADMIN cannot make itself or others OWNER.
-- Email is immutable; UpdateMember's mask names `display_name` and/or `role` (any other path is
-  INVALID_ARGUMENT FIELD_NOT_MUTABLE, `*` included; an empty mask is INVALID_ARGUMENT).
+- Email is immutable; UpdateMember changes `display_name` and/or `role` by the update-mask rule
+  of every Update (`validation.update_fields`).
 - The last OWNER can be neither demoted nor deleted (FAILED_PRECONDITION LAST_OWNER). Owners are
   counted inside the write transaction, which the organization's revision lock serializes, so two
   concurrent demotions of the last two owners cannot both succeed.
@@ -18,16 +18,15 @@ Rules the contract leaves open, decided here:
 - Environment membership writes need the environment within reach (NOT_FOUND), then the right to
   administer it (PERMISSION_DENIED ENVIRONMENT_ADMIN_REQUIRED), then an active environment
   (FAILED_PRECONDITION ENVIRONMENT_DELETED), then the member in the organization (NOT_FOUND
-  MEMBER_NOT_FOUND). The member must be visible to the caller (the GetMember rule), so a
-  caller below organization level can neither probe for members nor add one it cannot see: a
-  new member with no environments is first added by an organization-level caller.
+  MEMBER_NOT_FOUND). Whoever administers the environment may add any member of the
+  organization by id (ids are unguessable; an unknown id and another organization's are the
+  same NOT_FOUND); listing the organization's members stays organization-level.
 - ListMemberEnvironments lists the active environments the member reaches that the caller also
   reaches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import replace
 
 from service.application.dependencies import Dependencies
@@ -152,13 +151,13 @@ class Members:
         member_id: str,
         display_name: str,
         role: OrgRole | None,
-        paths: Sequence[str],
+        mask: validation.UpdateMask,
         etag: str,
     ) -> Member:
         """Changes `display_name` and/or `role` as the mask says; nothing else ever changes.
         Touching an OWNER or promoting to OWNER needs an owner-level caller; demoting the last
         OWNER is LAST_OWNER."""
-        fields = _member_mask(paths)
+        fields = validation.update_fields(mask, MUTABLE_FIELDS)
         new_display_name = (
             validation.text("member.display_name", display_name, max_length=DISPLAY_NAME_MAX, required=False)
             if "display_name" in fields
@@ -224,10 +223,9 @@ class Members:
         async with self._deps.database.write(principal.organization_id) as uow:
             await recheck_active(uow, principal.organization_id, environment_id)
             repository = uow.members
-            if (
-                not member_visible(principal, member_id)
-                or await repository.get(principal.organization_id, member_id) is None
-            ):
+            # Any member of the organization, by id: ids are unguessable, and an unknown id and
+            # another organization's are the same NOT_FOUND.
+            if await repository.get(principal.organization_id, member_id) is None:
                 raise member_not_found(member_id)
             await repository.insert_membership(principal.organization_id, membership)
         return membership
@@ -256,10 +254,10 @@ class Members:
         environment_id: str,
         member_id: str,
         role: EnvRole | None,
-        paths: Sequence[str],
+        mask: validation.UpdateMask,
     ) -> EnvironmentMembership:
         """Changes a member's role in an environment; the mask is `role` (or empty, meaning role)."""
-        validation.update_mask(paths, ("role",), wildcard=False)
+        validation.update_fields(mask, ("role",))
         validation.required_id("environment_member.environment_id", environment_id)
         validation.required_id("environment_member.member_id", member_id)
         if role is None:
@@ -319,13 +317,6 @@ class Members:
         env = principal.visible_environment(environment_id)
         principal.require_administer(env.id)
         return env
-
-
-def _member_mask(paths: Sequence[str]) -> frozenset[str]:
-    """The member fields an update changes; the mask is required and names only mutable fields."""
-    if not paths:
-        raise InvalidArgument.field("update_mask", "name the fields to change: display_name and/or role")
-    return validation.update_mask(paths, MUTABLE_FIELDS, wildcard=False)
 
 
 async def _require_another_owner(repository: MemberRepository, organization_id: str) -> None:

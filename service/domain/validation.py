@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import unicodedata
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 
 from service.domain.errors import InvalidArgument
 
@@ -137,17 +138,47 @@ def required_id(field: str, value: str) -> str:
     return value
 
 
-def update_mask(paths: Sequence[str], mutable: Collection[str], *, wildcard: bool = True) -> frozenset[str]:
-    """The fields an update mask names. `*` (where allowed) means every mutable field; any other
-    path is INVALID_ARGUMENT FIELD_NOT_MUTABLE. An empty mask gives an empty set: each update
-    decides what that means."""
-    if wildcard and "*" in paths:
-        return frozenset(mutable)
-    for path in paths:
-        if path not in mutable:
+@dataclass(frozen=True)
+class UpdateMask:
+    """An Update request's field mask, with the mutable-or-not fields the request sets."""
+
+    paths: tuple[str, ...]
+    populated: frozenset[str]
+
+
+def update_fields(
+    mask: UpdateMask, mutable: Collection[str], *, immutable: Mapping[str, str] | None = None
+) -> frozenset[str]:
+    """The fields an Update changes, by the one rule of every Update RPC (AIP-134): no mask means
+    every mutable field the request sets; `*` (alone) means every mutable field, so unset ones are
+    cleared or refused as their validation says; otherwise each path must name a mutable field
+    (a known immutable one is refused with its own reason, any other with FIELD_NOT_MUTABLE). An
+    update that would change no field is INVALID_ARGUMENT NOTHING_TO_UPDATE."""
+    if not mask.paths:
+        fields = frozenset(field for field in mutable if field in mask.populated)
+    elif "*" in mask.paths:
+        if len(mask.paths) > 1:
             raise InvalidArgument.field(
-                "update_mask",
-                f"{path[:100]!r} cannot be updated; only {', '.join(sorted(mutable))} can",
-                reason="FIELD_NOT_MUTABLE",
+                "update_mask", "`*` must be the only path", reason="FIELD_NOT_MUTABLE"
             )
-    return frozenset(paths)
+        fields = frozenset(mutable)
+    else:
+        for path in mask.paths:
+            if immutable and path in immutable:
+                raise InvalidArgument.field(
+                    "update_mask", f"{path} cannot be changed", reason=immutable[path]
+                )
+            if path not in mutable:
+                raise InvalidArgument.field(
+                    "update_mask",
+                    f"{path[:100]!r} cannot be updated; only {', '.join(sorted(mutable))} can",
+                    reason="FIELD_NOT_MUTABLE",
+                )
+        fields = frozenset(mask.paths)
+    if not fields:
+        raise InvalidArgument.field(
+            "update_mask",
+            f"names no field and the request sets none of {', '.join(sorted(mutable))}",
+            reason="NOTHING_TO_UPDATE",
+        )
+    return fields

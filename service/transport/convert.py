@@ -11,7 +11,8 @@ from agentpost.environments.v1 import (
     organization_pb2,
     resource_pb2,
 )
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
+from google.protobuf.message import Message
 
 from service.domain.errors import InvalidArgument
 from service.domain.models import (
@@ -23,6 +24,7 @@ from service.domain.models import (
     Organization,
     ScopedResource,
 )
+from service.domain.validation import UpdateMask
 
 # The ranges google/protobuf/duration.proto and timestamp.proto define: about ±10,000 years, and
 # 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
@@ -146,3 +148,9 @@ def scoped_resource(resource: ScopedResource) -> resource_pb2.ScopedResource:
         create_time=timestamp(resource.create_time),
         update_time=timestamp(resource.update_time),
     )
+
+
+def update_mask(mask: field_mask_pb2.FieldMask, resource: Message) -> UpdateMask:
+    """An Update request's mask with the fields the request sets (non-default or present)."""
+    populated = frozenset(field.name for field, _ in resource.ListFields())
+    return UpdateMask(tuple(mask.paths), populated)

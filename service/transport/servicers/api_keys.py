@@ -72,7 +72,11 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
             else None,
         )
         key = await self._keys.update(
-            context.principal(), given.id, changes, list(request.update_mask.paths), given.etag
+            context.principal(),
+            given.id,
+            changes,
+            convert.update_mask(request.update_mask, given),
+            given.etag,
         )
         return self._wire(key)
 

@@ -48,7 +48,7 @@ class EnvironmentServicer(environment_pb2_grpc.EnvironmentServiceServicer):
             context.principal(),
             given.id,
             {"name": given.name, "description": given.description},
-            list(request.update_mask.paths),
+            convert.update_mask(request.update_mask, given),
             given.etag,
         )
         return convert.environment(env)

@@ -50,7 +50,7 @@ class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):
             given.id,
             given.display_name,
             enums.org_role("member.role", given.role),
-            list(request.update_mask.paths),
+            convert.update_mask(request.update_mask, given),
             given.etag,
         )
         return convert.member(member)
@@ -92,7 +92,7 @@ class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):
             given.environment_id,
             given.member_id,
             enums.env_role("environment_member.role", given.role),
-            list(request.update_mask.paths),
+            convert.update_mask(request.update_mask, given),
         )
         return convert.environment_member(membership)
 

@@ -142,8 +142,8 @@ class ApiKeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateApiKey(self, request, context):
-        """Changes `name`, `scopes`, `environment_ids` and/or `expire_time` (`*`: all four; an empty mask
-        is INVALID_ARGUMENT). Narrowing, a shorter `expire_time` included, is always allowed; what is
+        """Changes `name`, `scopes`, `environment_ids` and/or `expire_time`, as `update_mask` says.
+        Narrowing, a shorter `expire_time` included, is always allowed; what is
         added obeys the no-escalation rules. `expire_time` in the mask but unset clears it. Extending
         or clearing the expiry (which revives an expired key) hands access back as a roll does: it
         needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting

@@ -63,8 +63,8 @@ class ApiKeyServiceStub:
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.ListApiKeysRequest, _api_key_pb2.ListApiKeysResponse]
     """Lists the keys within the caller's reach, ordered by id. Needs `api_keys:read`."""
     UpdateApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.UpdateApiKeyRequest, _api_key_pb2.ApiKey]
-    """Changes `name`, `scopes`, `environment_ids` and/or `expire_time` (`*`: all four; an empty mask
-    is INVALID_ARGUMENT). Narrowing, a shorter `expire_time` included, is always allowed; what is
+    """Changes `name`, `scopes`, `environment_ids` and/or `expire_time`, as `update_mask` says.
+    Narrowing, a shorter `expire_time` included, is always allowed; what is
     added obeys the no-escalation rules. `expire_time` in the mask but unset clears it. Extending
     or clearing the expiry (which revives an expired key) hands access back as a roll does: it
     needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
@@ -118,8 +118,8 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_api_key_pb2.ListApiKeysRequest, _api_key_pb2.ListApiKeysResponse]  # type: ignore[assignment]
     """Lists the keys within the caller's reach, ordered by id. Needs `api_keys:read`."""
     UpdateApiKey: _aio.UnaryUnaryMultiCallable[_api_key_pb2.UpdateApiKeyRequest, _api_key_pb2.ApiKey]  # type: ignore[assignment]
-    """Changes `name`, `scopes`, `environment_ids` and/or `expire_time` (`*`: all four; an empty mask
-    is INVALID_ARGUMENT). Narrowing, a shorter `expire_time` included, is always allowed; what is
+    """Changes `name`, `scopes`, `environment_ids` and/or `expire_time`, as `update_mask` says.
+    Narrowing, a shorter `expire_time` included, is always allowed; what is
     added obeys the no-escalation rules. `expire_time` in the mask but unset clears it. Extending
     or clearing the expiry (which revives an expired key) hands access back as a roll does: it
     needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
@@ -194,8 +194,8 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _api_key_pb2.UpdateApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_api_key_pb2.ApiKey, _abc.Awaitable[_api_key_pb2.ApiKey]]:
-        """Changes `name`, `scopes`, `environment_ids` and/or `expire_time` (`*`: all four; an empty mask
-        is INVALID_ARGUMENT). Narrowing, a shorter `expire_time` included, is always allowed; what is
+        """Changes `name`, `scopes`, `environment_ids` and/or `expire_time`, as `update_mask` says.
+        Narrowing, a shorter `expire_time` included, is always allowed; what is
         added obeys the no-escalation rules. `expire_time` in the mask but unset clears it. Extending
         or clearing the expiry (which revives an expired key) hands access back as a roll does: it
         needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting

@@ -103,8 +103,8 @@ class EnvironmentServiceServicer:
 
     def UpdateEnvironment(self, request, context):
         """Updates `name` and/or `description`. Needs `environments:write` and the environment within
-        reach. Returns the updated environment. An empty mask updates the mutable fields the request
-        sets; `*` updates both. A deleted environment cannot be changed (FAILED_PRECONDITION,
+        reach. Returns the updated environment; an update that changes nothing returns it with the
+        same etag. A deleted environment cannot be changed (FAILED_PRECONDITION,
         ENVIRONMENT_DELETED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

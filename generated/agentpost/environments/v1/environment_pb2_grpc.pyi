@@ -48,8 +48,8 @@ class EnvironmentServiceStub:
     """Lists the environments within the caller's reach, ordered by id. Needs `environments:read`."""
     UpdateEnvironment: _grpc.UnaryUnaryMultiCallable[_environment_pb2.UpdateEnvironmentRequest, _environment_pb2.Environment]
     """Updates `name` and/or `description`. Needs `environments:write` and the environment within
-    reach. Returns the updated environment. An empty mask updates the mutable fields the request
-    sets; `*` updates both. A deleted environment cannot be changed (FAILED_PRECONDITION,
+    reach. Returns the updated environment; an update that changes nothing returns it with the
+    same etag. A deleted environment cannot be changed (FAILED_PRECONDITION,
     ENVIRONMENT_DELETED).
     """
     DeleteEnvironment: _grpc.UnaryUnaryMultiCallable[_environment_pb2.DeleteEnvironmentRequest, _environment_pb2.Environment]
@@ -83,8 +83,8 @@ class EnvironmentServiceAsyncStub(EnvironmentServiceStub):
     """Lists the environments within the caller's reach, ordered by id. Needs `environments:read`."""
     UpdateEnvironment: _aio.UnaryUnaryMultiCallable[_environment_pb2.UpdateEnvironmentRequest, _environment_pb2.Environment]  # type: ignore[assignment]
     """Updates `name` and/or `description`. Needs `environments:write` and the environment within
-    reach. Returns the updated environment. An empty mask updates the mutable fields the request
-    sets; `*` updates both. A deleted environment cannot be changed (FAILED_PRECONDITION,
+    reach. Returns the updated environment; an update that changes nothing returns it with the
+    same etag. A deleted environment cannot be changed (FAILED_PRECONDITION,
     ENVIRONMENT_DELETED).
     """
     DeleteEnvironment: _aio.UnaryUnaryMultiCallable[_environment_pb2.DeleteEnvironmentRequest, _environment_pb2.Environment]  # type: ignore[assignment]
@@ -139,8 +139,8 @@ class EnvironmentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_environment_pb2.Environment, _abc.Awaitable[_environment_pb2.Environment]]:
         """Updates `name` and/or `description`. Needs `environments:write` and the environment within
-        reach. Returns the updated environment. An empty mask updates the mutable fields the request
-        sets; `*` updates both. A deleted environment cannot be changed (FAILED_PRECONDITION,
+        reach. Returns the updated environment; an update that changes nothing returns it with the
+        same etag. A deleted environment cannot be changed (FAILED_PRECONDITION,
         ENVIRONMENT_DELETED).
         """
 

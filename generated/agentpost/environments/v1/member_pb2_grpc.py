@@ -132,8 +132,8 @@ class MembershipServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateMember(self, request, context):
-        """Changes `display_name` and/or `role`; the mask must name one or both (email is immutable: any
-        other path is INVALID_ARGUMENT with reason FIELD_NOT_MUTABLE). Organization-level, needs
+        """Changes `display_name` and/or `role`, as `update_mask` says (email is immutable).
+        Organization-level, needs
         `members:write`. Demoting the last OWNER is FAILED_PRECONDITION with reason LAST_OWNER.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -151,8 +151,10 @@ class MembershipServiceServicer:
     def AddEnvironmentMember(self, request, context):
         """Gives a member access to an environment. Needs `members:write` and the environment within
         reach; a member-owned key also needs its owner to be the environment's ADMIN or an
-        organization OWNER/ADMIN. The member must be visible to the caller. Adding the same pair twice
-        is ALREADY_EXISTS with reason ENVIRONMENT_MEMBER_EXISTS.
+        organization OWNER/ADMIN. Any member of the organization may be added by id, even one the
+        caller cannot otherwise see (ids are unguessable; an unknown id and another organization's are
+        the same NOT_FOUND); listing the organization's members stays organization-level. Adding the
+        same pair twice is ALREADY_EXISTS with reason ENVIRONMENT_MEMBER_EXISTS.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -51,8 +51,8 @@ class MembershipServiceStub:
     ListMembers: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListMembersRequest, _member_pb2.ListMembersResponse]
     """Lists the organization's members, ordered by id. Organization-level, needs `members:read`."""
     UpdateMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.Member]
-    """Changes `display_name` and/or `role`; the mask must name one or both (email is immutable: any
-    other path is INVALID_ARGUMENT with reason FIELD_NOT_MUTABLE). Organization-level, needs
+    """Changes `display_name` and/or `role`, as `update_mask` says (email is immutable).
+    Organization-level, needs
     `members:write`. Demoting the last OWNER is FAILED_PRECONDITION with reason LAST_OWNER.
     """
     DeleteMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.DeleteMemberRequest, _empty_pb2.Empty]
@@ -62,8 +62,10 @@ class MembershipServiceStub:
     AddEnvironmentMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.AddEnvironmentMemberRequest, _member_pb2.EnvironmentMember]
     """Gives a member access to an environment. Needs `members:write` and the environment within
     reach; a member-owned key also needs its owner to be the environment's ADMIN or an
-    organization OWNER/ADMIN. The member must be visible to the caller. Adding the same pair twice
-    is ALREADY_EXISTS with reason ENVIRONMENT_MEMBER_EXISTS.
+    organization OWNER/ADMIN. Any member of the organization may be added by id, even one the
+    caller cannot otherwise see (ids are unguessable; an unknown id and another organization's are
+    the same NOT_FOUND); listing the organization's members stays organization-level. Adding the
+    same pair twice is ALREADY_EXISTS with reason ENVIRONMENT_MEMBER_EXISTS.
     """
     ListEnvironmentMembers: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListEnvironmentMembersRequest, _member_pb2.ListEnvironmentMembersResponse]
     """Lists an environment's members, ordered by member id. Needs `members:read`."""
@@ -98,8 +100,8 @@ class MembershipServiceAsyncStub(MembershipServiceStub):
     ListMembers: _aio.UnaryUnaryMultiCallable[_member_pb2.ListMembersRequest, _member_pb2.ListMembersResponse]  # type: ignore[assignment]
     """Lists the organization's members, ordered by id. Organization-level, needs `members:read`."""
     UpdateMember: _aio.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.Member]  # type: ignore[assignment]
-    """Changes `display_name` and/or `role`; the mask must name one or both (email is immutable: any
-    other path is INVALID_ARGUMENT with reason FIELD_NOT_MUTABLE). Organization-level, needs
+    """Changes `display_name` and/or `role`, as `update_mask` says (email is immutable).
+    Organization-level, needs
     `members:write`. Demoting the last OWNER is FAILED_PRECONDITION with reason LAST_OWNER.
     """
     DeleteMember: _aio.UnaryUnaryMultiCallable[_member_pb2.DeleteMemberRequest, _empty_pb2.Empty]  # type: ignore[assignment]
@@ -109,8 +111,10 @@ class MembershipServiceAsyncStub(MembershipServiceStub):
     AddEnvironmentMember: _aio.UnaryUnaryMultiCallable[_member_pb2.AddEnvironmentMemberRequest, _member_pb2.EnvironmentMember]  # type: ignore[assignment]
     """Gives a member access to an environment. Needs `members:write` and the environment within
     reach; a member-owned key also needs its owner to be the environment's ADMIN or an
-    organization OWNER/ADMIN. The member must be visible to the caller. Adding the same pair twice
-    is ALREADY_EXISTS with reason ENVIRONMENT_MEMBER_EXISTS.
+    organization OWNER/ADMIN. Any member of the organization may be added by id, even one the
+    caller cannot otherwise see (ids are unguessable; an unknown id and another organization's are
+    the same NOT_FOUND); listing the organization's members stays organization-level. Adding the
+    same pair twice is ALREADY_EXISTS with reason ENVIRONMENT_MEMBER_EXISTS.
     """
     ListEnvironmentMembers: _aio.UnaryUnaryMultiCallable[_member_pb2.ListEnvironmentMembersRequest, _member_pb2.ListEnvironmentMembersResponse]  # type: ignore[assignment]
     """Lists an environment's members, ordered by member id. Needs `members:read`."""
@@ -166,8 +170,8 @@ class MembershipServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.UpdateMemberRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.Member, _abc.Awaitable[_member_pb2.Member]]:
-        """Changes `display_name` and/or `role`; the mask must name one or both (email is immutable: any
-        other path is INVALID_ARGUMENT with reason FIELD_NOT_MUTABLE). Organization-level, needs
+        """Changes `display_name` and/or `role`, as `update_mask` says (email is immutable).
+        Organization-level, needs
         `members:write`. Demoting the last OWNER is FAILED_PRECONDITION with reason LAST_OWNER.
         """
 
@@ -189,8 +193,10 @@ class MembershipServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_member_pb2.EnvironmentMember, _abc.Awaitable[_member_pb2.EnvironmentMember]]:
         """Gives a member access to an environment. Needs `members:write` and the environment within
         reach; a member-owned key also needs its owner to be the environment's ADMIN or an
-        organization OWNER/ADMIN. The member must be visible to the caller. Adding the same pair twice
-        is ALREADY_EXISTS with reason ENVIRONMENT_MEMBER_EXISTS.
+        organization OWNER/ADMIN. Any member of the organization may be added by id, even one the
+        caller cannot otherwise see (ids are unguessable; an unknown id and another organization's are
+        the same NOT_FOUND); listing the organization's members stays organization-level. Adding the
+        same pair twice is ALREADY_EXISTS with reason ENVIRONMENT_MEMBER_EXISTS.
         """
 
     @_abc_1.abstractmethod
