@@ -171,12 +171,7 @@ class Members:
             require_owner_level(principal)
         async with self._deps.database.write(principal.organization_id) as uow:
             repository = uow.members
-            current = await repository.get(principal.organization_id, member_id)
-            if current is None:
-                raise member_not_found(member_id)
-            if current.role is OrgRole.OWNER:
-                require_owner_level(principal)
-            check_etag(etag, current.etag)
+            current = await _changeable(repository, principal, member_id, etag)
             demoted = current.role is OrgRole.OWNER and new_role not in (None, OrgRole.OWNER)
             if demoted:
                 await _require_another_owner(repository, principal.organization_id)
@@ -194,12 +189,7 @@ class Members:
         validation.required_id("id", member_id)
         async with self._deps.database.write(principal.organization_id) as uow:
             repository = uow.members
-            current = await repository.get(principal.organization_id, member_id)
-            if current is None:
-                raise member_not_found(member_id)
-            if current.role is OrgRole.OWNER:
-                require_owner_level(principal)
-            check_etag(etag, current.etag)
+            current = await _changeable(repository, principal, member_id, etag)
             if current.role is OrgRole.OWNER:
                 await _require_another_owner(repository, principal.organization_id)
             await repository.delete(principal.organization_id, member_id)
@@ -317,6 +307,20 @@ class Members:
         env = principal.visible_environment(environment_id)
         principal.require_administer(env.id)
         return env
+
+
+async def _changeable(
+    repository: MemberRepository, principal: Principal, member_id: str, etag: str
+) -> Member:
+    """The member, read in the write transaction, that this caller may change: an OWNER only by
+    an owner-level caller; a stale etag is ABORTED."""
+    current = await repository.get(principal.organization_id, member_id)
+    if current is None:
+        raise member_not_found(member_id)
+    if current.role is OrgRole.OWNER:
+        require_owner_level(principal)
+    check_etag(etag, current.etag)
+    return current
 
 
 async def _require_another_owner(repository: MemberRepository, organization_id: str) -> None:

@@ -20,7 +20,13 @@ def etag_of(resource_id: str, version: int) -> str:
 class Versioned:
     """A resource whose every change bumps its version (and so its etag) and its update time."""
 
+    id: str
     version: int
+
+    @property
+    def etag(self) -> str:
+        """The current etag (AIP-154): it changes with every version."""
+        return etag_of(self.id, self.version)
 
     def revised(self, now: datetime, **changes: Any) -> Self:
         """The next version of this resource: `changes` applied at `now`."""
@@ -155,11 +161,6 @@ class Environment(Versioned):
         """True once soft-deleted."""
         return self.delete_time is not None
 
-    @property
-    def etag(self) -> str:
-        """The current etag."""
-        return etag_of(self.id, self.version)
-
 
 @dataclass(frozen=True)
 class Member(Versioned):
@@ -187,11 +188,6 @@ class Member(Versioned):
             update_time=now,
             version=1,
         )
-
-    @property
-    def etag(self) -> str:
-        """The current etag."""
-        return etag_of(self.id, self.version)
 
 
 @dataclass(frozen=True)
@@ -267,11 +263,6 @@ class ApiKey(Versioned):
         if self.expire_time is not None and now >= self.expire_time:
             return KeyState.EXPIRED
         return KeyState.ACTIVE
-
-    @property
-    def etag(self) -> str:
-        """The current etag."""
-        return etag_of(self.id, self.version)
 
 
 @dataclass(frozen=True)
