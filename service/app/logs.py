@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from service.transport.context import current_request_id
+from service.domain.calls import current_request_id
 
 _base_factory = logging.getLogRecordFactory()
 

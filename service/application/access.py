@@ -84,7 +84,7 @@ class AccessCache:
         self._last_used: dict[str, datetime] = {}
         self._flushed: dict[str, datetime] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        database.on_commit(self.invalidate)
+        database.on_commit(lambda organization_id, _revision, _events: self.invalidate(organization_id))
 
     # -- invalidation -------------------------------------------------------------------------
 

@@ -49,6 +49,7 @@ from service.domain.errors import (
     api_key_not_found,
     member_not_found,
 )
+from service.domain.events import Action
 from service.domain.models import ApiKey, Environment, KeyMode, KeyState, OrgRole, check_etag
 from service.domain.pagination import Page
 from service.domain.principal import Denial, Principal, acting_role
@@ -194,10 +195,12 @@ class ApiKeys:
             for env_id in env_ids:
                 await recheck_active(uow, principal.organization_id, env_id)
             await uow.api_keys.insert(key, self._deps.hasher.digest(secret.secret))
+            uow.record(Action.CREATED, key)
             return key.id
 
         outcome = await create_once(
             self._deps.database,
+            actor=principal.actor,
             organization_id=principal.organization_id,
             operation=CREATE,
             request_id=idempotency_key,
@@ -274,7 +277,7 @@ class ApiKeys:
         if "expire_time" in fields:
             _check_expiry("api_key.expire_time", changes.expire_time, now)
         key_id = validation.required_id("api_key.id", key_id)
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             repository = uow.api_keys
             current = await self._changeable(repository, principal, key_id)
             check_etag(etag, current.etag)
@@ -305,13 +308,14 @@ class ApiKeys:
             if lives_longer or _reaches_further(current, updated):
                 principal.require_act_as(await _acting_role_of_key(uow, current))
             await repository.save(updated)
+            uow.record_update(current, updated)
         return updated
 
     async def revoke(self, principal: Principal, key_id: str, etag: str) -> ApiKey:
         """Revokes at once: this server refuses the key from the next call, other replicas
         within their cache refresh interval. Revoking a revoked key returns it unchanged."""
         key_id = validation.required_id("id", key_id)
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             repository = uow.api_keys
             current = await self._changeable(repository, principal, key_id)
             check_etag(etag, current.etag)
@@ -320,6 +324,7 @@ class ApiKeys:
             now = utcnow()
             revoked = current.revised(now, revoke_time=now)
             await repository.save(revoked)
+            uow.record_update(current, revoked, Action.REVOKED)
         return revoked
 
     async def roll(self, principal: Principal, key_id: str, previous_key_ttl: timedelta | None) -> RolledKey:
@@ -333,7 +338,7 @@ class ApiKeys:
         if ttl < timedelta(0) or ttl > MAX_PREVIOUS_KEY_TTL:
             raise InvalidArgument.field("previous_key_ttl", "must be between 0 and 7 days")
         key_id = validation.required_id("id", key_id)
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             repository = uow.api_keys
             current = await self._changeable(repository, principal, key_id)
             now = utcnow()
@@ -372,6 +377,8 @@ class ApiKeys:
             )
             await repository.save(previous)
             await repository.insert(successor, self._deps.hasher.digest(secret.secret))
+            uow.record_update(current, previous, Action.ROLLED)
+            uow.record(Action.CREATED, successor)
         return RolledKey(successor, secret.secret, previous)
 
     @staticmethod

@@ -9,6 +9,7 @@ from service.application.idempotency import create_or_replay
 from service.domain import validation
 from service.domain.clock import utcnow
 from service.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, environment_not_found
+from service.domain.events import Action
 from service.domain.models import Environment, check_etag
 from service.domain.pagination import Page
 from service.domain.principal import Principal
@@ -37,6 +38,7 @@ class Environments:
 
         async def insert(uow: UnitOfWork) -> str:
             await uow.environments.insert(env)
+            uow.record(Action.CREATED, env)
             return env.id
 
         async def load(uow: UnitOfWork, environment_id: str) -> Environment | None:
@@ -44,6 +46,7 @@ class Environments:
 
         return await create_or_replay(
             self._deps.database,
+            actor=principal.actor,
             organization_id=principal.organization_id,
             operation="CreateEnvironment",
             request_id=idempotency_key,
@@ -104,7 +107,7 @@ class Environments:
             else None
         )
         principal.visible_environment(validation.required_id("environment.id", environment_id))
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             repository = uow.environments
             current = await _current(repository, principal, environment_id)
             check_etag(etag, current.etag)
@@ -120,12 +123,13 @@ class Environments:
                 return current
             updated = current.revised(utcnow(), name=name, description=description)
             await repository.save(updated)
+            uow.record_update(current, updated)
         return updated
 
     async def delete(self, principal: Principal, environment_id: str, etag: str) -> Environment:
         """Soft-deletes; the default environment is protected. Deleting a deleted one is a no-op."""
         principal.visible_environment(validation.required_id("id", environment_id))
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             repository = uow.environments
             current = await _current(repository, principal, environment_id)
             check_etag(etag, current.etag)
@@ -138,12 +142,13 @@ class Environments:
             now = utcnow()
             updated = current.revised(now, delete_time=now)
             await repository.save(updated)
+            uow.record_update(current, updated, Action.DELETED)
         return updated
 
     async def undelete(self, principal: Principal, environment_id: str, etag: str) -> Environment:
         """Restores a deleted environment; one that is not deleted is ALREADY_EXISTS (AIP-164)."""
         principal.visible_environment(validation.required_id("id", environment_id))
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             repository = uow.environments
             current = await _current(repository, principal, environment_id)
             check_etag(etag, current.etag)
@@ -151,6 +156,7 @@ class Environments:
                 raise AlreadyExists("the environment is not deleted", reason="ENVIRONMENT_NOT_DELETED")
             updated = current.revised(utcnow(), delete_time=None)
             await repository.save(updated)
+            uow.record_update(current, updated, Action.UNDELETED)
         return updated
 
 

@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from service.domain.clock import utcnow
 from service.domain.errors import AlreadyExists, DomainError
+from service.domain.events import Actor
 from service.storage.database import Database
 from service.storage.unit_of_work import UnitOfWork
 
@@ -38,6 +39,7 @@ async def create_once(
     operation: str,
     request_id: str | None,
     create: Callable[[UnitOfWork], Awaitable[str]],
+    actor: Actor,
     scope: str | None = None,
 ) -> Outcome:
     """Runs `create` in one write transaction of the organization and remembers its result under
@@ -46,7 +48,7 @@ async def create_once(
     kinds (`org_...`, `key_...`, `operator`) never collide."""
     scope = scope or organization_id or "operator"
     try:
-        async with database.write(organization_id) as uow:
+        async with database.write(organization_id, actor) as uow:
             if request_id is not None:
                 earlier = await uow.request_ids.find(scope, operation, request_id)
                 if earlier is not None:
@@ -75,11 +77,17 @@ async def create_or_replay(
     insert: Callable[[UnitOfWork], Awaitable[str]],
     load: Callable[[UnitOfWork, str], Awaitable[T | None]],
     gone: Callable[[str], DomainError],
+    actor: Actor,
 ) -> T:
     """`create_once` for resources that can be read back: `created` when this call made it, else
     what the first call made as it stands now (`gone` when it has since been removed)."""
     outcome = await create_once(
-        database, organization_id=organization_id, operation=operation, request_id=request_id, create=insert
+        database,
+        organization_id=organization_id,
+        operation=operation,
+        request_id=request_id,
+        create=insert,
+        actor=actor,
     )
     if outcome.created:
         return created

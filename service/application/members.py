@@ -41,6 +41,7 @@ from service.domain.errors import (
     environment_member_not_found,
     member_not_found,
 )
+from service.domain.events import Action
 from service.domain.models import Environment, EnvironmentMembership, EnvRole, Member, OrgRole, check_etag
 from service.domain.pagination import Page
 from service.domain.principal import Principal
@@ -109,6 +110,7 @@ class Members:
 
         async def insert(uow: UnitOfWork) -> str:
             await uow.members.insert(member)
+            uow.record(Action.CREATED, member)
             return member.id
 
         async def load(uow: UnitOfWork, member_id: str) -> Member | None:
@@ -117,6 +119,7 @@ class Members:
         # A retry after the first call's member was deleted finds nothing: MEMBER_NOT_FOUND.
         return await create_or_replay(
             self._deps.database,
+            actor=principal.actor,
             organization_id=principal.organization_id,
             operation="CreateMember",
             request_id=idempotency_key,
@@ -169,7 +172,7 @@ class Members:
         validation.required_id("member.id", member_id)
         if new_role is OrgRole.OWNER:
             require_owner_level(principal)
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             repository = uow.members
             current = await _changeable(repository, principal, member_id, etag)
             demoted = current.role is OrgRole.OWNER and new_role not in (None, OrgRole.OWNER)
@@ -181,18 +184,21 @@ class Members:
                 role=new_role or current.role,
             )
             await repository.save(updated)
+            uow.record_update(current, updated)
         return updated
 
     async def delete(self, principal: Principal, member_id: str, etag: str) -> None:
         """Removes the member and its environment access; its keys then refuse (OWNER_REMOVED).
         Removing an OWNER needs an owner-level caller; the last OWNER cannot be removed."""
         validation.required_id("id", member_id)
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             repository = uow.members
             current = await _changeable(repository, principal, member_id, etag)
             if current.role is OrgRole.OWNER:
                 await _require_another_owner(repository, principal.organization_id)
-            await repository.delete(principal.organization_id, member_id)
+            for membership in await repository.delete(principal.organization_id, member_id):
+                uow.record(Action.REMOVED, membership)
+            uow.record(Action.DELETED, current)
 
     # -- environment access ------------------------------------------------------------------
 
@@ -210,7 +216,7 @@ class Members:
         membership = EnvironmentMembership(
             environment_id=environment_id, member_id=member_id, role=role, create_time=now, update_time=now
         )
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             await recheck_active(uow, principal.organization_id, environment_id)
             repository = uow.members
             # Any member of the organization, by id: ids are unguessable, and an unknown id and
@@ -218,6 +224,7 @@ class Members:
             if await repository.get(principal.organization_id, member_id) is None:
                 raise member_not_found(member_id)
             await repository.insert_membership(principal.organization_id, membership)
+            uow.record(Action.ADDED, membership)
         return membership
 
     async def list_environment_members(
@@ -253,7 +260,7 @@ class Members:
         if role is None:
             raise InvalidArgument.field("environment_member.role", "must be ADMIN or MEMBER")
         self._administered_environment(principal, environment_id)
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             await recheck_active(uow, principal.organization_id, environment_id)
             repository = uow.members
             current = await repository.get_membership(principal.organization_id, environment_id, member_id)
@@ -261,6 +268,7 @@ class Members:
                 raise environment_member_not_found(environment_id, member_id)
             updated = replace(current, role=role, update_time=utcnow())
             await repository.save_membership(principal.organization_id, updated)
+            uow.record(Action.UPDATED, updated, ("role",) if role is not current.role else ())
         return updated
 
     async def remove_environment_member(
@@ -270,13 +278,14 @@ class Members:
         validation.required_id("environment_id", environment_id)
         validation.required_id("member_id", member_id)
         self._administered_environment(principal, environment_id)
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             await recheck_active(uow, principal.organization_id, environment_id)
             removed = await uow.members.delete_membership(
                 principal.organization_id, environment_id, member_id
             )
-            if not removed:
+            if removed is None:
                 raise environment_member_not_found(environment_id, member_id)
+            uow.record(Action.REMOVED, removed)
 
     def list_member_environments(
         self, principal: Principal, member_id: str, page_size: int, page_token: str

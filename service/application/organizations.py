@@ -9,6 +9,7 @@ from service.application.idempotency import create_once
 from service.domain import keys, scopes, validation
 from service.domain.clock import utcnow
 from service.domain.errors import AlreadyExists
+from service.domain.events import OPERATOR, Action
 from service.domain.models import ApiKey, Environment, KeyMode, Member, Organization, OrgRole
 from service.domain.principal import Principal
 from service.storage.unit_of_work import UnitOfWork
@@ -58,10 +59,13 @@ class Organizations:
             await uow.environments.insert(environment)
             await uow.members.insert(owner)
             await uow.api_keys.insert(key, self._deps.hasher.digest(secret.secret))
+            for created in (organization, environment, owner, key):
+                uow.record(Action.CREATED, created)
             return organization.id
 
         outcome = await create_once(
             self._deps.database,
+            actor=OPERATOR,
             organization_id=None,
             operation=CREATE,
             request_id=idempotency_key,

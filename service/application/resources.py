@@ -17,6 +17,7 @@ from service.application.idempotency import create_once
 from service.domain import validation
 from service.domain.clock import utcnow
 from service.domain.errors import Denied, FailedPrecondition, InvalidArgument, resource_not_found
+from service.domain.events import Action
 from service.domain.models import ResourceKind, ScopedResource
 from service.domain.pagination import Page, PageRequest
 from service.domain.principal import Principal
@@ -80,10 +81,12 @@ class Resources:
         async def insert(uow: UnitOfWork) -> str:
             await recheck_active(uow, principal.organization_id, environment.id)
             await uow.resources.insert(resource)
+            uow.record(Action.REGISTERED, resource)
             return _result_id(kind, resource_id)
 
         outcome = await create_once(
             self._deps.database,
+            actor=principal.actor,
             organization_id=principal.organization_id,
             operation="RegisterResource",
             request_id=idempotency_key,
@@ -134,10 +137,11 @@ class Resources:
         kind = _required_kind("kind", kind)
         resource_id = validation.resource_id("resource_id", resource_id)
         environment = principal.context_environment
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             removed = await uow.resources.delete(principal.organization_id, environment.id, kind, resource_id)
-            if not removed:
+            if removed is None:
                 raise resource_not_found(kind, resource_id)
+            uow.record(Action.DEREGISTERED, removed)
 
     async def list_orphaned(
         self, principal: Principal, environment_id: str, page_size: int, page_token: str
@@ -177,7 +181,7 @@ class Resources:
         keys = _listed_keys(listed)
         source = principal.visible_environment(from_id)
         target = principal.usable_environment(to_id)
-        async with self._deps.database.write(principal.organization_id) as uow:
+        async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             await recheck_active(uow, principal.organization_id, target.id)
             repository = uow.resources
             if keys is not None:
@@ -185,7 +189,10 @@ class Resources:
                 missing = [key for key in keys if key not in present]
                 if missing:
                     raise resource_not_found(*missing[0])
-            return await repository.move(principal.organization_id, source.id, target.id, keys, utcnow())
+            moved = await repository.move(principal.organization_id, source.id, target.id, keys, utcnow())
+            for resource in moved:
+                uow.record(Action.REASSIGNED, resource, ("environment_id",))
+            return len(moved)
 
     async def _page(
         self, principal: Principal, environment_id: str, kinds: Sequence[ResourceKind], request: PageRequest

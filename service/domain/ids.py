@@ -12,6 +12,7 @@ ORGANIZATION: Final = "org"
 ENVIRONMENT: Final = "env"
 MEMBER: Final = "mem"
 API_KEY: Final = "key"
+EVENT: Final = "evt"
 
 
 def new_id(prefix: str) -> str:

@@ -19,6 +19,7 @@ from datetime import datetime
 from typing import Final
 
 from service.domain.errors import Denied, FailedPrecondition, Unauthenticated, environment_not_found
+from service.domain.events import Actor
 from service.domain.models import ApiKey, Environment, EnvRole, KeyState, Organization, OrgRole
 
 
@@ -133,6 +134,11 @@ class Principal:
     def organization_id(self) -> str:
         """The caller's organization."""
         return self.key.organization_id
+
+    @property
+    def actor(self) -> Actor:
+        """Who the event log says made a change: this key and the member owning it."""
+        return Actor(api_key_id=self.key.id, member_id=self.key.owner_member_id)
 
     @property
     def owner_role(self) -> OrgRole | None:

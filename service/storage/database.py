@@ -9,18 +9,30 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event, text, update
+from sqlalchemy import event, func, select, text, update
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
+from service.domain.calls import committed_revision, current_request_id
+from service.domain.clock import utcnow
 from service.domain.errors import DomainError
+from service.domain.events import Actor, Change, Event
+from service.domain.models import Organization
 from service.storage.errors import translate
 from service.storage.tables import OrganizationRow
 from service.storage.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 
-CommitListener = Callable[[str], None]
+CommitListener = Callable[[str, int, list[Event]], None]
+# The PostgreSQL channel every commit NOTIFYs with `organization_id:revision`.
+REVISION_CHANNEL = "agentpost_revisions"
+
+
+def _created_organization(changes: list[Change]) -> str | None:
+    """The organization a write without one creates, if it does."""
+    return next((change.resource.id for change in changes if isinstance(change.resource, Organization)), None)
+
 
 # How long connecting to PostgreSQL, or waiting for a pooled connection, may take before the call
 # is UNAVAILABLE: long enough for a busy server, short enough that an outage answers well within a
@@ -87,9 +99,10 @@ class Database:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._listeners: list[CommitListener] = []
+        self._notify = engine.dialect.name == "postgresql"
 
     def on_commit(self, listener: CommitListener) -> None:
-        """Calls `listener(organization_id)` after each committed write of that organization."""
+        """Calls `listener(organization_id, revision, events)` after each committed write."""
         self._listeners.append(listener)
 
     @asynccontextmanager
@@ -99,20 +112,50 @@ class Database:
             yield UnitOfWork(session)
 
     @asynccontextmanager
-    async def write(self, organization_id: str | None) -> AsyncIterator[UnitOfWork]:
-        """One transaction. With an organization, its revision is raised first (taking its row
-        lock) and listeners are told after commit; None is for creating an organization."""
+    async def write(
+        self, organization_id: str | None, actor: Actor | None = None
+    ) -> AsyncIterator[UnitOfWork]:
+        """One transaction of one organization's writes, by `actor`.
+
+        The organization's revision is raised first: that row lock orders the organization's
+        writes, so revisions are gapless and in commit order. What the use case recorded in the
+        unit of work is appended to the event log under that revision, in the same transaction;
+        on PostgreSQL a NOTIFY (delivered at commit) tells other replicas. After commit the
+        revision is set in `committed_revision` for the call's answer and listeners (this
+        replica's cache) get the events. `None` is for creating an organization: its revision
+        is raised once its row exists.
+        """
         async with translated_errors(), self._sessions() as session, session.begin():
+            revision = None
             if organization_id is not None:
-                await session.execute(
-                    update(OrganizationRow)
-                    .where(OrganizationRow.id == organization_id)
-                    .values(revision=OrganizationRow.revision + 1)
+                revision = await self._raise_revision(session, organization_id)
+            uow = UnitOfWork(session, organization_id)
+            yield uow
+            owner = organization_id or _created_organization(uow.changes)
+            if owner is None:
+                return
+            if revision is None:
+                revision = await self._raise_revision(session, owner)
+            events: list[Event] = []
+            if uow.changes:
+                events = await uow.events.append(
+                    owner, revision, utcnow(), actor or Actor(), current_request_id.get(), uow.changes
                 )
-            yield UnitOfWork(session, organization_id)
-        if organization_id is not None:
-            for listener in self._listeners:
-                listener(organization_id)
+            if self._notify:
+                await session.execute(select(func.pg_notify(REVISION_CHANNEL, f"{owner}:{revision}")))
+        committed_revision.set(revision)
+        for listener in self._listeners:
+            listener(owner, revision, events)
+
+    @staticmethod
+    async def _raise_revision(session: AsyncSession, organization_id: str) -> int:
+        raised = await session.scalar(
+            update(OrganizationRow)
+            .where(OrganizationRow.id == organization_id)
+            .values(revision=OrganizationRow.revision + 1)
+            .returning(OrganizationRow.revision)
+        )
+        return int(raised or 0)
 
     async def ping(self) -> None:
         """One round trip to the database; `Unavailable` when it does not answer."""

@@ -103,9 +103,17 @@ class MemberRepository:
         row.version = member.version
         await self._session.flush()
 
-    async def delete(self, organization_id: str, member_id: str) -> None:
-        """Removes a member and its environment memberships. The foreign key cascades too; the
-        memberships are deleted explicitly so no backend setting can leave them behind."""
+    async def delete(self, organization_id: str, member_id: str) -> list[EnvironmentMembership]:
+        """Removes a member and its environment memberships, and returns those memberships. The
+        foreign key cascades too; the memberships are deleted explicitly so no backend setting
+        can leave them behind."""
+        memberships = await self._session.scalars(
+            select(EnvironmentMemberRow).where(
+                EnvironmentMemberRow.organization_id == organization_id,
+                EnvironmentMemberRow.member_id == member_id,
+            )
+        )
+        removed = [to_membership(row) for row in memberships]
         await self._session.execute(
             delete(EnvironmentMemberRow).where(
                 EnvironmentMemberRow.organization_id == organization_id,
@@ -115,6 +123,7 @@ class MemberRepository:
         await self._session.execute(
             delete(MemberRow).where(MemberRow.organization_id == organization_id, MemberRow.id == member_id)
         )
+        return removed
 
     async def count_owners(self, organization_id: str) -> int:
         """How many OWNER members the organization has."""
@@ -157,16 +166,20 @@ class MemberRepository:
         row.update_time = membership.update_time
         await self._session.flush()
 
-    async def delete_membership(self, organization_id: str, environment_id: str, member_id: str) -> bool:
-        """Removes a member's access to an environment; False when it had none."""
-        result = await self._session.execute(
-            delete(EnvironmentMemberRow).where(
-                EnvironmentMemberRow.organization_id == organization_id,
-                EnvironmentMemberRow.environment_id == environment_id,
-                EnvironmentMemberRow.member_id == member_id,
+    async def delete_membership(
+        self, organization_id: str, environment_id: str, member_id: str
+    ) -> EnvironmentMembership | None:
+        """Removes a member's access to an environment and returns it; None when it had none."""
+        removed = await self.get_membership(organization_id, environment_id, member_id)
+        if removed is not None:
+            await self._session.execute(
+                delete(EnvironmentMemberRow).where(
+                    EnvironmentMemberRow.organization_id == organization_id,
+                    EnvironmentMemberRow.environment_id == environment_id,
+                    EnvironmentMemberRow.member_id == member_id,
+                )
             )
-        )
-        return bool(getattr(result, "rowcount", 0))
+        return removed
 
     async def memberships_page(
         self, organization_id: str, environment_id: str, after: str, limit: int

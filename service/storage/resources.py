@@ -67,17 +67,22 @@ class ResourceRepository:
 
     async def delete(
         self, organization_id: str, environment_id: str, kind: ResourceKind, resource_id: str
-    ) -> bool:
-        """Removes a registration if it belongs to the environment; False when there was none."""
-        result = await self._session.execute(
-            delete(ResourceRow).where(
+    ) -> ScopedResource | None:
+        """Removes a registration if it belongs to the environment and returns it; None when
+        there was none."""
+        rows = await self._session.scalars(
+            delete(ResourceRow)
+            .where(
                 ResourceRow.organization_id == organization_id,
                 ResourceRow.kind == kind.value,
                 ResourceRow.resource_id == resource_id,
                 ResourceRow.environment_id == environment_id,
             )
+            .returning(ResourceRow),
+            execution_options={"synchronize_session": False},
         )
-        return bool(getattr(result, "rowcount", 0))
+        removed = rows.first()
+        return None if removed is None else to_resource(removed)
 
     async def page_of(
         self,
@@ -124,9 +129,9 @@ class ResourceRepository:
         to_environment_id: str,
         keys: Collection[ResourceKey] | None,
         now: datetime,
-    ) -> int:
+    ) -> list[ScopedResource]:
         """Moves the named resources (all when `keys` is None) of one environment to another;
-        returns how many moved."""
+        returns them as they are now."""
         statement = (
             update(ResourceRow)
             .where(
@@ -141,5 +146,7 @@ class ResourceRepository:
                     [(kind.value, resource_id) for kind, resource_id in keys]
                 )
             )
-        result = await self._session.execute(statement, execution_options={"synchronize_session": False})
-        return int(getattr(result, "rowcount", 0))
+        rows = await self._session.scalars(
+            statement.returning(ResourceRow), execution_options={"synchronize_session": False}
+        )
+        return [to_resource(row) for row in rows]

@@ -187,3 +187,31 @@ class ServerSecretRow(Base):
     name: Mapped[str] = mapped_column(String(40), primary_key=True)
     value: Mapped[str] = mapped_column(String(200))
     create_time: Mapped[datetime] = mapped_column(UtcDateTime())
+
+
+class EventRow(Base):
+    """One committed change of an organization: the log that caches, replicas and the audit log
+    follow. (organization, revision, sequence) orders it; a revision holds one event per resource
+    its write changed."""
+
+    __tablename__ = "events"
+    __table_args__ = (
+        UniqueConstraint("organization_id", "revision", "sequence"),
+        Index("ix_events_create_time", "create_time"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
+    revision: Mapped[int] = mapped_column(BigInteger)
+    sequence: Mapped[int] = mapped_column(Integer)
+    create_time: Mapped[datetime] = mapped_column(UtcDateTime())
+    actor_api_key_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    actor_member_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    actor_operator: Mapped[bool] = mapped_column(Boolean, default=False)
+    request_id: Mapped[str] = mapped_column(String(128), default="")
+    action: Mapped[str] = mapped_column(String(20))
+    resource_type: Mapped[str] = mapped_column(String(30))
+    resource_id: Mapped[str] = mapped_column(String(300))
+    environment_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    changed_fields: Mapped[str] = mapped_column(Text, default="[]")
+    resource: Mapped[str] = mapped_column(Text)

@@ -6,12 +6,15 @@ Use cases never see a session: `Database.read()` and `Database.write(organizatio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import cached_property
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from service.domain.events import Action, Change, Resource, changed_fields
 from service.storage.api_keys import ApiKeyRepository
 from service.storage.environments import EnvironmentRepository
+from service.storage.events import EventRepository
 from service.storage.last_used import LastUsedRepository
 from service.storage.members import MemberRepository
 from service.storage.organizations import OrganizationRepository
@@ -30,6 +33,16 @@ class UnitOfWork:
     def __init__(self, session: AsyncSession, organization_id: str | None = None) -> None:
         self._session = session
         self.organization_id = organization_id
+        self.changes: list[Change] = []
+
+    def record(self, action: Action, resource: Resource, changed_fields: Sequence[str] = ()) -> None:
+        """Notes one resource this write changed; its event is appended, numbered with the
+        organization's new revision, in the same transaction when the write commits."""
+        self.changes.append(Change(action, resource, tuple(changed_fields)))
+
+    def record_update(self, before: Resource, after: Resource, action: Action = Action.UPDATED) -> None:
+        """Notes a changed record, naming the fields whose values differ."""
+        self.record(action, after, changed_fields(before, after))
 
     @cached_property
     def organizations(self) -> OrganizationRepository:
@@ -70,3 +83,8 @@ class UnitOfWork:
     def server_secrets(self) -> ServerSecretRepository:
         """Secrets made once per database (the page-token key)."""
         return ServerSecretRepository(self._session)
+
+    @cached_property
+    def events(self) -> EventRepository:
+        """The organization's event log."""
+        return EventRepository(self._session)

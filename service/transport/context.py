@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
+from service.domain.calls import current_request_id
 from service.domain.principal import Principal
 
+__all__ = ["current_principal", "current_request_id", "principal"]
+
 current_principal: ContextVar[Principal | None] = ContextVar("current_principal", default=None)
-current_request_id: ContextVar[str] = ContextVar("current_request_id", default="-")
 
 
 def principal() -> Principal:
