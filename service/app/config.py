@@ -42,8 +42,12 @@ class Settings(BaseSettings):
         "so that load balancers move traffic away first",
     )
     key_cache_size: int = Field(100_000, ge=1, description="how many API keys the verification cache holds")
-    cache_refresh_seconds: float = Field(
-        1.0, gt=0, description="how often other replicas' writes are looked for (the revocation bound)"
+    cache_refresh_seconds: float | None = Field(
+        None,
+        gt=0,
+        description="how often the revisions of cached organizations are polled for other processes' "
+        "writes: the way they are found on SQLite (default 0.05), the safety net behind LISTEN/NOTIFY "
+        "on PostgreSQL (default 1.0)",
     )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     database_timeout_seconds: float = Field(

@@ -46,6 +46,11 @@ from service.transport.servicers.resources import ResourceServicer
 
 log = logging.getLogger(__name__)
 
+# Without notifications (SQLite) other processes' writes are found by polling the revisions of
+# the cached organizations: one indexed read this often. With LISTEN/NOTIFY (PostgreSQL) the poll
+# is only the safety net for a lost notification.
+SQLITE_REFRESH_SECONDS = 0.05
+NOTIFIED_REFRESH_SECONDS = 1.0
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_METADATA_BYTES = 16 * 1024
 SERVER_OPTIONS = [
@@ -174,7 +179,8 @@ class Application:
             self.database,
             self.hasher,
             max_keys=settings.key_cache_size,
-            refresh_interval=settings.cache_refresh_seconds,
+            refresh_interval=settings.cache_refresh_seconds
+            or (SQLITE_REFRESH_SECONDS if self.engine.dialect.name == "sqlite" else NOTIFIED_REFRESH_SECONDS),
             max_staleness=settings.max_staleness_seconds,
             # A poll may wait for a pooled connection, then for a connect, then run.
             poll_timeout=3 * settings.database_timeout_seconds,

@@ -1,11 +1,16 @@
 """The in-memory view that serves authentication, VerifyApiKey and environment reads.
 
-The database stays the truth. This replica's writes invalidate what they touch as they commit,
-so the next call sees them; other replicas' writes are noticed by polling each cached
-organization's `revision` every `refresh_interval` seconds. Keys are held in a bounded LRU keyed
-by the digest of their secret; unknown secrets are never cached.
+The database stays the truth; the event log is how this view follows it. Every write appends one
+event per changed resource under its organization's revision, and the view applies events
+instead of forgetting organizations: a key event replaces that key's record (if newer), an
+environment, member or membership event patches the organization's snapshot, and a registered
+resource changes nothing at all. Writes made here are applied as they commit, so the next call
+sees them; other replicas' writes are heard through PostgreSQL NOTIFY, or found by polling the
+revisions of the organizations held here (the only way on SQLite, the safety net on PostgreSQL),
+and read from the log after the revision applied so far. A miss loads once, whatever the number
+of concurrent callers asking for it.
 
-During a database outage the cache keeps answering for what it holds: a failed poll empties
+During a database outage the view keeps answering for what it holds: a failed poll empties
 nothing. Each answer from memory is as old as the later of the last successful poll and the
 moment its key and organization were loaded; once that is more than `max_staleness` seconds ago,
 cached entries are refused as `Unavailable` until the database answers again.
@@ -14,15 +19,19 @@ cached entries are refused as `Unavailable` until the database answers again.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import groupby
+from typing import Any, TypeVar
 
 from service.domain import keys
 from service.domain.clock import utcnow
+from service.domain.events import Event
 from service.domain.models import ApiKey
 from service.domain.principal import Denial, OrgSnapshot, Principal, key_denial
 from service.storage.database import Database
@@ -33,6 +42,14 @@ log = logging.getLogger(__name__)
 LAST_USED_FLUSH_SECONDS = 30.0
 DEFAULT_MAX_STALENESS_SECONDS = 300.0
 DEFAULT_POLL_TIMEOUT_SECONDS = 10.0
+# Past this many events behind, an organization is loaded afresh rather than caught up.
+MAX_CATCH_UP_EVENTS = 5_000
+# How long a caller asking for a revision not yet visible here waits for it.
+MIN_REVISION_WAIT_SECONDS = 2.0
+# Key versions seen in events, remembered so a load that raced an event keeps the newer record.
+_SEEN_KEY_VERSIONS = 100_000
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -53,8 +70,40 @@ class _KeyEntry:
     principal: Principal | None = None
 
 
+class _SingleFlight:
+    """Concurrent requests for the same load share one: the first runs it, the others await it."""
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, asyncio.Future[Any]] = {}
+
+    async def run(self, key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
+        """The result of `load`, run once for all callers that ask while it runs."""
+        running = self._running.get(key)
+        if running is not None:
+            result: T = await asyncio.shield(running)
+            return result
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._running[key] = future
+        try:
+            value = await load()
+        except BaseException as error:
+            future.set_exception(error)
+            # Nobody may be waiting: mark the exception retrieved so it is not reported as lost.
+            future.exception()
+            raise
+        else:
+            future.set_result(value)
+            return value
+        finally:
+            del self._running[key]
+
+    def pending(self, key: Hashable) -> asyncio.Future[Any] | None:
+        """The load running for `key`, if any."""
+        return self._running.get(key)
+
+
 class AccessCache:
-    """Keys, organization snapshots and last-used times, kept in memory."""
+    """Keys, organization snapshots and last-used times, kept in memory and following the log."""
 
     def __init__(
         self,
@@ -74,31 +123,140 @@ class AccessCache:
         self.max_staleness = max(max_staleness, 2 * refresh_interval)
         self._poll_timeout = poll_timeout
         self._keys: OrderedDict[str, _KeyEntry] = OrderedDict()
-        self._org_keys: dict[str, set[str]] = {}
+        self._digests: dict[str, str] = {}  # key id -> digest of the cached entry
+        self._seen_key_versions: OrderedDict[str, int] = OrderedDict()
         self._snapshots: dict[str, OrgSnapshot] = {}
         self._snapshot_loaded_at: dict[str, float] = {}
+        # The revision of each followed organization whose events are all applied here.
+        self._applied: dict[str, int] = {}
+        # The newest revision of each organization this replica committed or heard of.
+        self._heard: dict[str, int] = {}
+        self._loads = _SingleFlight()
         # time.monotonic() when the last successful poll started; None before the first one.
         self._confirmed_at: float | None = None
-        self._epoch = 0
-        self._invalidated_at: dict[str, int] = {}
         self._last_used: dict[str, datetime] = {}
         self._flushed: dict[str, datetime] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        database.on_commit(lambda organization_id, _revision, _events: self.invalidate(organization_id))
+        self._catch_ups: set[asyncio.Task[None]] = set()
+        database.on_commit(self._committed)
 
-    # -- invalidation -------------------------------------------------------------------------
+    # -- following the log --------------------------------------------------------------------
 
-    def invalidate(self, organization_id: str) -> None:
-        """Forgets everything cached about the organization; called after each of its writes."""
-        self._epoch += 1
-        self._invalidated_at[organization_id] = self._epoch
+    def revision(self, organization_id: str) -> int | None:
+        """The revision of the organization this view reflects; None when it holds none."""
+        return self._applied.get(organization_id)
+
+    def _committed(self, organization_id: str, revision: int, events: list[Event]) -> None:
+        """A write of this replica committed: apply it now when it follows what is applied,
+        else catch up from the log (another replica's commit came in between). Key records are
+        replaced at once either way, so a revoke is refused from the very next call."""
+        self._apply_keys(events)
+        self._heard[organization_id] = max(revision, self._heard.get(organization_id, 0))
+        applied = self._applied.get(organization_id)
+        if applied is None or revision <= applied:
+            return
+        if revision == applied + 1:
+            self._apply(organization_id, revision, events)
+        else:
+            self._schedule_catch_up(organization_id)
+
+    def _heard_of(self, organization_id: str, revision: int) -> None:
+        """Another replica committed `revision` (a notification)."""
+        self._heard[organization_id] = max(revision, self._heard.get(organization_id, 0))
+        applied = self._applied.get(organization_id)
+        if applied is not None and revision > applied:
+            self._schedule_catch_up(organization_id)
+
+    def _apply(self, organization_id: str, revision: int, events: Iterable[Event]) -> None:
+        """Applies one revision's events in order to the snapshot; keys were applied already."""
+        snapshot = self._snapshots.get(organization_id)
+        if snapshot is not None:
+            self._snapshots[organization_id] = snapshot.applying(events, revision)
+        self._applied[organization_id] = revision
+
+    def _apply_keys(self, events: Iterable[Event]) -> None:
+        for event in events:
+            record = event.resource
+            if not isinstance(record, ApiKey):
+                continue
+            self._seen_key_versions[record.id] = max(
+                record.version, self._seen_key_versions.get(record.id, 0)
+            )
+            self._seen_key_versions.move_to_end(record.id)
+            while len(self._seen_key_versions) > _SEEN_KEY_VERSIONS:
+                self._seen_key_versions.popitem(last=False)
+            digest = self._digests.get(record.id)
+            entry = self._keys.get(digest) if digest is not None else None
+            if entry is not None and entry.key.version < record.version:
+                entry.key = record
+                entry.principal = None
+
+    def _schedule_catch_up(self, organization_id: str) -> None:
+        task = asyncio.ensure_future(self._catch_up_quietly(organization_id))
+        self._catch_ups.add(task)
+        task.add_done_callback(self._catch_ups.discard)
+
+    async def _catch_up_quietly(self, organization_id: str) -> None:
+        try:
+            # A read already running may predate the commit that asked for this one: go on
+            # until what was heard of is applied (the next poll takes over after a few tries).
+            for _ in range(3):
+                await self.catch_up(organization_id)
+                if self._heard.get(organization_id, 0) <= self._applied.get(organization_id, 0):
+                    return
+        except Exception:
+            log.warning("catching up organization %s failed; the next poll retries", organization_id)
+
+    async def catch_up(self, organization_id: str) -> None:
+        """Reads and applies the organization's events after the applied revision, up to its
+        current revision. Concurrent calls for one organization share the read."""
+        if organization_id not in self._applied:
+            return
+        await self._loads.run(("catch-up", organization_id), lambda: self._read_and_apply(organization_id))
+
+    async def _read_and_apply(self, organization_id: str) -> None:
+        applied = self._applied.get(organization_id)
+        if applied is None:
+            return
+        async with self._db.read() as uow:
+            # The revision first: every event up to it has committed, so none is skipped.
+            latest = (await uow.organizations.revisions([organization_id])).get(organization_id)
+            if latest is None or latest <= applied:
+                return
+            events = await uow.events.after(
+                organization_id, applied, up_to=latest, limit=MAX_CATCH_UP_EVENTS + 1
+            )
+        if len(events) > MAX_CATCH_UP_EVENTS:
+            log.info("organization %s is %d+ events behind: loading it afresh", organization_id, len(events))
+            self._forget(organization_id)
+            return
+        self._apply_keys(events)
+        for revision, group in groupby(events, key=lambda event: event.revision):
+            if revision > self._applied.get(organization_id, revision):
+                self._apply(organization_id, revision, list(group))
+        # Revisions without events (a write that changed nothing) are applied too.
+        if latest > self._applied.get(organization_id, latest):
+            self._apply(organization_id, latest, ())
+
+    async def reach(self, organization_id: str, revision: int) -> None:
+        """Waits, within a bounded time, until this view reflects at least `revision` of the
+        organization (a caller's freshness demand); reads through to the log to get there."""
+        deadline = time.monotonic() + MIN_REVISION_WAIT_SECONDS
+        while (self._applied.get(organization_id) or 0) < revision and time.monotonic() < deadline:
+            await self.catch_up(organization_id)
+            if (self._applied.get(organization_id) or 0) < revision:
+                await asyncio.sleep(0.01)
+
+    def _forget(self, organization_id: str) -> None:
+        """Drops everything held about the organization; the next call loads it afresh."""
         self._snapshots.pop(organization_id, None)
         self._snapshot_loaded_at.pop(organization_id, None)
-        for digest in self._org_keys.pop(organization_id, set()):
-            self._keys.pop(digest, None)
-
-    def _still_fresh(self, organization_id: str, epoch_before: int) -> bool:
-        return self._invalidated_at.get(organization_id, 0) <= epoch_before
+        self._applied.pop(organization_id, None)
+        for key_id, digest in list(self._digests.items()):
+            entry = self._keys.get(digest)
+            if entry is None or entry.key.organization_id == organization_id:
+                self._digests.pop(key_id, None)
+                self._keys.pop(digest, None)
 
     # -- snapshots ----------------------------------------------------------------------------
 
@@ -107,20 +265,24 @@ class AccessCache:
         cached = self._snapshots.get(organization_id)
         if cached is not None:
             return cached
-        return await self._load_snapshot(organization_id)
+        return await self._loads.run(
+            ("snapshot", organization_id), lambda: self._load_snapshot(organization_id)
+        )
 
     async def _load_snapshot(self, organization_id: str) -> OrgSnapshot | None:
-        epoch_before = self._epoch
         started = time.monotonic()
         async with self._db.read() as uow:
-            organization = await uow.organizations.get(organization_id)
-            if organization is None:
+            # The revision first: the state read after it reflects at least that revision, and
+            # events after it re-applied on top change nothing they already show.
+            revision = (await uow.organizations.revisions([organization_id])).get(organization_id)
+            if revision is None:
                 return None
-            revision = (await uow.organizations.revisions([organization_id])).get(organization_id, 0)
+            organization = await uow.organizations.get(organization_id)
             environments = await uow.environments.all_of(organization_id)
-            members = uow.members
-            roles = await members.roles_of(organization_id)
-            environment_roles = await members.environment_roles_of(organization_id)
+            roles = await uow.members.roles_of(organization_id)
+            environment_roles = await uow.members.environment_roles_of(organization_id)
+        if organization is None:  # pragma: no cover - organizations are never removed
+            return None
         snapshot = OrgSnapshot(
             organization=organization,
             revision=revision,
@@ -128,9 +290,12 @@ class AccessCache:
             member_roles=roles,
             environment_roles=environment_roles,
         )
-        if self._still_fresh(organization_id, epoch_before):
-            self._snapshots[organization_id] = snapshot
-            self._snapshot_loaded_at[organization_id] = started
+        self._snapshots[organization_id] = snapshot
+        self._snapshot_loaded_at[organization_id] = started
+        self._applied[organization_id] = revision
+        if self._heard.get(organization_id, 0) > revision:
+            # A commit was applied to nothing while this load ran: read it from the log.
+            self._schedule_catch_up(organization_id)
         return snapshot
 
     # -- keys ---------------------------------------------------------------------------------
@@ -141,22 +306,28 @@ class AccessCache:
         if entry is not None:
             self._keys.move_to_end(digest)
             return entry, True
-        return await self._load_key_entry(digest), False
+        return await self._loads.run(("key", digest), lambda: self._load_key_entry(digest)), False
 
     async def _load_key_entry(self, digest: str) -> _KeyEntry | None:
-        epoch_before = self._epoch
         started = time.monotonic()
         async with self._db.read() as uow:
             found = await uow.api_keys.find_by_hash(digest)
         if found is None:
             return None
         key, stored_hash = found
+        if key.version < self._seen_key_versions.get(key.id, 0):
+            # An event newer than this read was applied while it ran: read once more.
+            async with self._db.read() as uow:
+                found = await uow.api_keys.find_by_hash(digest)
+            if found is None:  # pragma: no cover - keys are never removed
+                return None
+            key, stored_hash = found
         entry = _KeyEntry(key=key, stored_hash=stored_hash, loaded_at=started)
-        if self._still_fresh(key.organization_id, epoch_before):
-            self._keys[digest] = entry
-            self._org_keys.setdefault(key.organization_id, set()).add(digest)
-            while len(self._keys) > self._max_keys:
-                self._keys.popitem(last=False)
+        self._keys[digest] = entry
+        self._digests[key.id] = digest
+        while len(self._keys) > self._max_keys:
+            _, evicted = self._keys.popitem(last=False)
+            self._digests.pop(evicted.key.id, None)
         return entry
 
     async def authenticate(self, secret: str, now: datetime | None = None) -> Authentication:
@@ -168,19 +339,25 @@ class AccessCache:
         entry, key_cached = await self._key_entry(digest)
         if entry is None or not self._hasher.same(entry.stored_hash, digest):
             return Authentication(None, Denial.NOT_FOUND)
-        snapshot = self._snapshots.get(entry.key.organization_id)
+        organization_id = entry.key.organization_id
+        snapshot = self._snapshots.get(organization_id)
         if snapshot is None:
-            snapshot = await self._load_snapshot(entry.key.organization_id)
-            if key_cached:
+            snapshot = await self.snapshot(organization_id)
+            if key_cached and organization_id not in self._snapshots:
                 # The key outlived its organization's snapshot (a load failed in between, as in
-                # an outage): no poll covered it since, so it may predate what the new snapshot
-                # shows. Read it again rather than trust it.
+                # an outage): nothing followed the log for it since. Read it again.
                 entry = await self._load_key_entry(digest)
                 if entry is None or not self._hasher.same(entry.stored_hash, digest):
                     return Authentication(None, Denial.NOT_FOUND)
         if snapshot is None:  # pragma: no cover - keys always belong to an organization
             return Authentication(None, Denial.NOT_FOUND)
-        self._require_fresh(entry, snapshot.organization.id)
+        pending = self._loads.pending(("catch-up", organization_id))
+        if pending is not None:
+            # Another replica's commit is being read: answer from what it shows.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(pending)
+            snapshot = self._snapshots.get(organization_id, snapshot)
+        self._require_fresh(entry, organization_id)
         key = entry.key
         when = now or utcnow()
         denial = key_denial(key, snapshot, when)
@@ -245,21 +422,25 @@ class AccessCache:
     # -- background work ----------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        """Confirms the cache with the database: drops organizations whose revision moved on
-        (another replica wrote), or, with nothing cached, just reaches the database. Only a poll
-        that succeeds counts as a confirmation; one that fails leaves the cache as it was."""
+        """Confirms the view with the database: catches up every followed organization whose
+        revision moved on (another replica wrote), or, following none, just reaches the
+        database. Only a poll that succeeds counts as a confirmation; one that fails leaves the
+        view as it was."""
         started = time.monotonic()
-        cached = dict(self._snapshots)
-        if cached:
+        followed = list(self._applied)
+        if followed:
             async with self._db.read() as uow:
-                revisions = await uow.organizations.revisions(list(cached))
-            for organization_id, snapshot in cached.items():
-                # A snapshot reloaded while the poll ran is newer than the one compared: keep it.
-                if (
-                    self._snapshots.get(organization_id) is snapshot
-                    and revisions.get(organization_id) != snapshot.revision
-                ):
-                    self.invalidate(organization_id)
+                revisions = await uow.organizations.revisions(followed)
+            behind = [
+                organization_id
+                for organization_id, revision in revisions.items()
+                if revision > self._applied.get(organization_id, revision)
+            ]
+            for organization_id in behind:
+                self._heard[organization_id] = max(
+                    revisions[organization_id], self._heard.get(organization_id, 0)
+                )
+            await asyncio.gather(*(self.catch_up(organization_id) for organization_id in behind))
         else:
             await self._db.ping()
         self._confirmed_at = started
@@ -272,6 +453,11 @@ class AccessCache:
             log.exception("the database did not answer at start-up; retrying in the background")
             return False
         return True
+
+    async def _caught_up_after_reconnect(self) -> None:
+        """The listener (re)connected: commits made while it was away are read from the log."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.refresh(), timeout=self._poll_timeout)
 
     async def _every(self, seconds: float, name: str, work: Callable[[], Awaitable[None]]) -> None:
         """Runs `work` every `seconds` until cancelled, each run bounded by the poll timeout. A
@@ -296,18 +482,26 @@ class AccessCache:
             failing, failures = None, 0
 
     def start(self) -> None:
-        """Starts polling for other replicas' writes and flushing last-used times."""
+        """Starts following other replicas' commits and flushing last-used times."""
         self._tasks = [
             asyncio.create_task(self._every(self.refresh_interval, "refresh", self.refresh)),
             asyncio.create_task(self._every(LAST_USED_FLUSH_SECONDS / 3, "flush", self.flush_last_used)),
         ]
+        if self._db.notifies:
+            self._tasks.append(
+                asyncio.create_task(
+                    self._db.follow_commits(
+                        self._heard_of, self._caught_up_after_reconnect, self._poll_timeout
+                    )
+                )
+            )
 
     async def stop(self) -> None:
         """Stops background work and writes pending last-used times (a failure is logged: the
         times are advisory and shutdown must go on)."""
-        for task in self._tasks:
+        for task in (*self._tasks, *self._catch_ups):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._catch_ups, return_exceptions=True)
         self._tasks = []
         self._flushed.clear()
         try:

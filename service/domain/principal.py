@@ -13,14 +13,23 @@ or widens) must not act with a higher role than the caller's own (`Principal.may
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Final
 
 from service.domain.errors import Denied, FailedPrecondition, Unauthenticated, environment_not_found
-from service.domain.events import Actor
-from service.domain.models import ApiKey, Environment, EnvRole, KeyState, Organization, OrgRole
+from service.domain.events import Action, Actor, Event, ResourceType
+from service.domain.models import (
+    ApiKey,
+    Environment,
+    EnvironmentMembership,
+    EnvRole,
+    KeyState,
+    Member,
+    Organization,
+    OrgRole,
+)
 
 
 class Denial(enum.StrEnum):
@@ -52,6 +61,18 @@ def unauthenticated(denial: Denial) -> Unauthenticated:
     return Unauthenticated(_KEY_DENIAL_MESSAGES[denial], reason=f"API_KEY_{denial.value}")
 
 
+# The records whose changes change who may do what; the others (keys are cached one by one,
+# registered resources not at all) leave a snapshot as it is.
+_ACCESS_TYPES = frozenset(
+    {
+        ResourceType.ORGANIZATION,
+        ResourceType.ENVIRONMENT,
+        ResourceType.MEMBER,
+        ResourceType.ENVIRONMENT_MEMBER,
+    }
+)
+
+
 @dataclass(frozen=True)
 class OrgSnapshot:
     """Everything about one organization that deciding access needs, read at one revision."""
@@ -77,6 +98,37 @@ class OrgSnapshot:
         if env is None and reference in self.slugs:
             env = self.environments[self.slugs[reference]]
         return env
+
+    def applying(self, events: Iterable[Event], revision: int) -> OrgSnapshot:
+        """This snapshot with the changes of `events` (in commit order) applied, as of
+        `revision`; itself when none of them touches access (a registered inbox, a key)."""
+        relevant = [event for event in events if event.resource_type in _ACCESS_TYPES]
+        if not relevant:
+            return self
+        organization = self.organization
+        environments = dict(self.environments)
+        roles = dict(self.member_roles)
+        environment_roles = dict(self.environment_roles)
+        for event in relevant:
+            resource = event.resource
+            if isinstance(resource, Organization):
+                organization = resource
+            elif isinstance(resource, Environment):
+                environments[resource.id] = resource
+            elif isinstance(resource, Member):
+                if event.action is Action.DELETED:
+                    roles.pop(resource.id, None)
+                    environment_roles.pop(resource.id, None)
+                else:
+                    roles[resource.id] = resource.role
+            elif isinstance(resource, EnvironmentMembership):
+                held = dict(environment_roles.get(resource.member_id, {}))
+                if event.action is Action.REMOVED:
+                    held.pop(resource.environment_id, None)
+                else:
+                    held[resource.environment_id] = resource.role
+                environment_roles[resource.member_id] = held
+        return OrgSnapshot(organization, revision, environments, roles, environment_roles)
 
     def member_environment_ids(self, member_id: str) -> frozenset[str]:
         """The environments a member reaches: all for OWNER/ADMIN, else those it was added to."""

@@ -19,14 +19,13 @@ from service.domain.errors import DomainError
 from service.domain.events import Actor, Change, Event
 from service.domain.models import Organization
 from service.storage.errors import translate
+from service.storage.notifications import REVISION_CHANNEL, OnConnected, OnRevision, listen_for_revisions
 from service.storage.tables import OrganizationRow
 from service.storage.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 
 CommitListener = Callable[[str, int, list[Event]], None]
-# The PostgreSQL channel every commit NOTIFYs with `organization_id:revision`.
-REVISION_CHANNEL = "agentpost_revisions"
 
 
 def _created_organization(changes: list[Change]) -> str | None:
@@ -42,8 +41,12 @@ DEFAULT_TIMEOUT_SECONDS = 5.0
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=10000")
+    # WAL is a property of the file: switch once. Asking again on every connection races with
+    # another process's last connection closing (and removing the WAL), a "disk I/O error".
+    cursor.execute("PRAGMA journal_mode")
+    if str(cursor.fetchone()[0]).lower() != "wal":
+        cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
@@ -161,6 +164,19 @@ class Database:
         """One round trip to the database; `Unavailable` when it does not answer."""
         async with translated_errors(), self._sessions() as session:
             await session.execute(text("SELECT 1"))
+
+    @property
+    def notifies(self) -> bool:
+        """Whether commits are announced to other replicas (PostgreSQL); else they poll."""
+        return self._notify
+
+    async def follow_commits(
+        self, on_revision: OnRevision, on_connected: OnConnected, connect_seconds: float
+    ) -> None:
+        """Hears every replica's commits until cancelled (PostgreSQL only; see notifications)."""
+        await listen_for_revisions(
+            self.engine.url, on_revision, on_connected, connect_seconds=connect_seconds
+        )
 
     async def dispose(self) -> None:
         """Closes every pooled connection."""

@@ -23,6 +23,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from service.application.access import AccessCache
+from service.domain.calls import committed_revision
 from service.domain.errors import Denied, DomainError, InvalidArgument, Unauthenticated
 from service.domain.policy import POLICY, Level, Rule, authorize
 from service.domain.principal import Principal, unauthenticated
@@ -34,6 +35,10 @@ log = logging.getLogger(__name__)
 
 ENVIRONMENT_HEADER = "x-agentpost-environment"
 REQUEST_ID_HEADER = "x-request-id"
+# Answered by every successful write: the organization's revision it committed (SPEC §6).
+REVISION_HEADER = "x-agentpost-revision"
+# Asked by a caller that needs an answer reflecting at least this revision of its organization.
+MIN_REVISION_HEADER = "x-agentpost-min-revision"
 _MAX_REQUEST_ID = 128
 
 
@@ -177,6 +182,7 @@ def _guarded(
         request_id = state.request_id if state is not None else _request_id({})
         id_token = call_context.current_request_id.set(request_id)
         principal_token = call_context.current_principal.set(None)
+        revision_token = committed_revision.set(None)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         try:
             if state is None:  # pragma: no cover - intercept_service always sets it
@@ -200,7 +206,13 @@ def _guarded(
                 if state.rule.level is Level.CONTEXT:
                     acting = acting.in_context(state.environment)
                 call_context.current_principal.set(acting)
-            return await behaviour(request, context)
+            response = await behaviour(request, context)
+            revision = committed_revision.get()
+            if revision is not None:
+                context.set_trailing_metadata(
+                    ((REQUEST_ID_HEADER, request_id), (REVISION_HEADER, str(revision)))
+                )
+            return response
         except DomainError as error:
             log.info("refused: %s %s", error.reason, error.message)
             await abort(context, to_status(error), request_id)
@@ -210,6 +222,7 @@ def _guarded(
             log.exception("failed")
             await abort(context, internal_status(request_id), request_id)
         finally:
+            committed_revision.reset(revision_token)
             call_context.current_principal.reset(principal_token)
             call_context.current_request_id.reset(id_token)
 
