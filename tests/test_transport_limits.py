@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from agentpost.environments.v1 import environment_pb2
+from agentpost.environments.v1 import environment_pb2, environment_pb2_grpc
 
 from service.app.server import MAX_MESSAGE_BYTES, MAX_METADATA_BYTES
 from tests.harness import Failure, Harness, Org, auth, fails, failure_of
@@ -57,25 +57,31 @@ async def test_a_valid_key_with_large_metadata_is_always_served(harness: Harness
 
 async def test_metadata_over_the_limit_is_always_resource_exhausted(harness: Harness, org: Org) -> None:
     request = environment_pb2.ListEnvironmentsRequest()
-    for metadata in (
-        auth("x" * MAX_METADATA_BYTES),
-        auth("x" * 20_000),
-        (*auth(org.owner_secret), ("x-trace-baggage", "b" * 20_000)),
-    ):
-        answers = await _refused_every_time(
-            lambda metadata=metadata: harness.environments.ListEnvironments(request, metadata=metadata)
-        )
-        # Refused by the gRPC runtime before the service sees the call: no ErrorInfo, as the
-        # README's documented exceptions say.
-        assert answers == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "")}
+    # A channel of its own: the runtime may end a connection that sent oversized metadata
+    # (GOAWAY), which must not fail the next test's calls on the shared channel.
+    async with grpc.aio.insecure_channel(harness.address) as channel:
+        environments = environment_pb2_grpc.EnvironmentServiceStub(channel)
+        for metadata in (
+            auth("x" * MAX_METADATA_BYTES),
+            auth("x" * 20_000),
+            (*auth(org.owner_secret), ("x-trace-baggage", "b" * 20_000)),
+        ):
+            answers = await _refused_every_time(
+                lambda metadata=metadata: environments.ListEnvironments(request, metadata=metadata)
+            )
+            # Refused by the gRPC runtime before the service sees the call: no ErrorInfo, as the
+            # README's documented exceptions say.
+            assert answers == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "")}
 
 
 async def test_a_message_over_4_mib_is_always_resource_exhausted(harness: Harness, org: Org) -> None:
     too_large = environment_pb2.ListEnvironmentsRequest(page_token="t" * MAX_MESSAGE_BYTES)
     assert too_large.ByteSize() > MAX_MESSAGE_BYTES
-    answers = await _refused_every_time(
-        lambda: harness.environments.ListEnvironments(too_large, metadata=auth(org.owner_secret))
-    )
+    async with grpc.aio.insecure_channel(harness.address) as channel:
+        environments = environment_pb2_grpc.EnvironmentServiceStub(channel)
+        answers = await _refused_every_time(
+            lambda: environments.ListEnvironments(too_large, metadata=auth(org.owner_secret))
+        )
     assert answers == {(grpc.StatusCode.RESOURCE_EXHAUSTED, "")}
     # Just under the limit the service itself answers, with its own error vocabulary.
     just_under = environment_pb2.ListEnvironmentsRequest(page_token="t" * (MAX_MESSAGE_BYTES - 64))

@@ -46,6 +46,7 @@ DEFAULT_POLL_TIMEOUT_SECONDS = 10.0
 MAX_CATCH_UP_EVENTS = 5_000
 # How long a caller asking for a revision not yet visible here waits for it.
 MIN_REVISION_WAIT_SECONDS = 2.0
+OWN_COMMIT_GRACE_SECONDS = 0.002
 # Key versions seen in events, remembered so a load that raced an event keeps the newer record.
 _SEEN_KEY_VERSIONS = 100_000
 
@@ -197,6 +198,11 @@ class AccessCache:
         task.add_done_callback(self._catch_ups.discard)
 
     async def _catch_up_quietly(self, organization_id: str) -> None:
+        # A replica hears its own commits too, sometimes before the writer applies them: give the
+        # writer a moment, so a commit made here costs no read of the log.
+        await asyncio.sleep(OWN_COMMIT_GRACE_SECONDS)
+        if self._heard.get(organization_id, 0) <= self._applied.get(organization_id, 0):
+            return
         try:
             # A read already running may predate the commit that asked for this one: go on
             # until what was heard of is applied (the next poll takes over after a few tries).
@@ -330,8 +336,11 @@ class AccessCache:
             self._digests.pop(evicted.key.id, None)
         return entry
 
-    async def authenticate(self, secret: str, now: datetime | None = None) -> Authentication:
-        """Who the secret is. A malformed secret is refused before any lookup."""
+    async def authenticate(
+        self, secret: str, now: datetime | None = None, *, min_revision: int = 0
+    ) -> Authentication:
+        """Who the secret is, as of at least `min_revision` of its organization (see `reach`).
+        A malformed secret is refused before any lookup."""
         parsed = keys.parse(secret)
         if parsed is None:
             return Authentication(None, Denial.MALFORMED)
@@ -351,6 +360,9 @@ class AccessCache:
                     return Authentication(None, Denial.NOT_FOUND)
         if snapshot is None:  # pragma: no cover - keys always belong to an organization
             return Authentication(None, Denial.NOT_FOUND)
+        if min_revision > (self._applied.get(organization_id) or 0):
+            await self.reach(organization_id, min_revision)
+            snapshot = self._snapshots.get(organization_id, snapshot)
         pending = self._loads.pending(("catch-up", organization_id))
         if pending is not None:
             # Another replica's commit is being read: answer from what it shows.

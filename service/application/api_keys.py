@@ -393,17 +393,22 @@ class ApiKeys:
 
     # -- verify -------------------------------------------------------------------------------
 
-    async def verify(self, secret: str, environment: str, required_scopes: Sequence[str]) -> Verification:
+    async def verify(
+        self, secret: str, environment: str, required_scopes: Sequence[str], min_revision: int = 0
+    ) -> Verification:
         """Who the secret is and whether it may act in `environment` (id or slug; empty: the key's
         only environment, else the default one if usable) with every required scope. Checks run
         in that order: the key, the environment, the scopes. A malformed secret is refused from
         its checksum alone, a warm key without a database round trip. An unknown key and a key of
         another organization look the same; an environment of another organization is
-        ENVIRONMENT_NOT_FOUND. Unknown required scopes are INVALID_ARGUMENT (never holdable)."""
+        ENVIRONMENT_NOT_FOUND. Unknown required scopes are INVALID_ARGUMENT (never holdable).
+        `min_revision` asks for an answer reflecting at least that revision of the organization."""
         required = scopes.validate("required_scopes", required_scopes, required=False)
+        if min_revision < 0:
+            raise InvalidArgument.field("min_revision", "must not be negative")
         if not secret:
             return Verification.denied(Denial.MALFORMED)
-        outcome = await self._deps.access.authenticate(secret)
+        outcome = await self._deps.access.authenticate(secret, min_revision=min_revision)
         if outcome.principal is None:
             assert outcome.denial is not None
             return Verification.denied(outcome.denial, outcome.key)

@@ -105,6 +105,18 @@ def _request_id(metadata: dict[str, str]) -> str:
     return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
 
 
+def _min_revision(metadata: dict[str, str]) -> int:
+    """The revision of the caller's organization the answer must reflect (0: any)."""
+    given = metadata.get(MIN_REVISION_HEADER, "")
+    if not given:
+        return 0
+    if not given.isdigit() or len(given) > 18:
+        raise InvalidArgument.field(
+            MIN_REVISION_HEADER, "must be a revision: a non-negative integer", reason="INVALID_MIN_REVISION"
+        )
+    return int(given)
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Identifies callers and enforces the policy table on every call."""
 
@@ -127,7 +139,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if not hmac.compare_digest(token.encode(), self._operator_token.encode()):
                 raise Unauthenticated("the operator token is wrong", reason="OPERATOR_TOKEN_INVALID")
             return None
-        outcome = await self._access.authenticate(token)
+        outcome = await self._access.authenticate(token, min_revision=_min_revision(metadata))
         if outcome.principal is None:
             assert outcome.denial is not None
             raise unauthenticated(outcome.denial)

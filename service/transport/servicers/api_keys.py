@@ -105,7 +105,7 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
         self, request: api_key_pb2.VerifyApiKeyRequest, _context: grpc.aio.ServicerContext
     ) -> api_key_pb2.VerifyApiKeyResponse:
         verification = await self._keys.verify(
-            request.secret, request.environment, list(request.required_scopes)
+            request.secret, request.environment, list(request.required_scopes), request.min_revision
         )
         return _verification(verification)
 

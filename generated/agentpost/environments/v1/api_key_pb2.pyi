@@ -151,14 +151,16 @@ class RollApiKeyResponse(_message.Message):
     def __init__(self, api_key: _Optional[_Union[ApiKey, _Mapping]] = ..., secret: _Optional[str] = ..., previous_api_key: _Optional[_Union[ApiKey, _Mapping]] = ...) -> None: ...
 
 class VerifyApiKeyRequest(_message.Message):
-    __slots__ = ("secret", "environment", "required_scopes")
+    __slots__ = ("secret", "environment", "required_scopes", "min_revision")
     SECRET_FIELD_NUMBER: _ClassVar[int]
     ENVIRONMENT_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_SCOPES_FIELD_NUMBER: _ClassVar[int]
+    MIN_REVISION_FIELD_NUMBER: _ClassVar[int]
     secret: str
     environment: str
     required_scopes: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, secret: _Optional[str] = ..., environment: _Optional[str] = ..., required_scopes: _Optional[_Iterable[str]] = ...) -> None: ...
+    min_revision: int
+    def __init__(self, secret: _Optional[str] = ..., environment: _Optional[str] = ..., required_scopes: _Optional[_Iterable[str]] = ..., min_revision: _Optional[int] = ...) -> None: ...
 
 class VerifyApiKeyResponse(_message.Message):
     __slots__ = ("valid", "denial_reason", "principal")
