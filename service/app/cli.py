@@ -12,10 +12,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from service.app import logs
+from service.app import logs, workers
 from service.app.config import Settings
 from service.app.server import Application, BindError
-from service.application.organizations import CreatedOrganization
+from service.application.organizations import CreatedOrganization, Organizations
 from service.domain.errors import DomainError
 
 log = logging.getLogger("service")
@@ -36,6 +36,8 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on an empty database, create one organization and print its owner key once",
     )
+    # Set by the supervisor of `--workers N` on the processes it starts.
+    serve.add_argument(workers.WORKER_FLAG, dest="worker_of", default=None, help=argparse.SUPPRESS)
     commands.add_parser("migrate", help="migrate the database to the newest schema and exit")
     bootstrap = commands.add_parser(
         "bootstrap", help="create an organization locally and print its owner key"
@@ -86,7 +88,13 @@ async def _bootstrap(app: Application, name: str, owner_email: str) -> CreatedOr
     return await app.organizations.create(name, owner_email, "Owner", "")
 
 
-async def _serve(settings: Settings, migrate: bool, bootstrap_if_empty: bool) -> int:
+async def _first_organization(organizations: Organizations) -> CreatedOrganization:
+    return await organizations.create("Local organization", "owner@example.com", "Owner", "")
+
+
+async def _serve(
+    settings: Settings, migrate: bool, bootstrap_if_empty: bool, role: workers.WorkerRole | None = None
+) -> int:
     app = Application(settings)
     if migrate:
         await app.migrate()
@@ -111,6 +119,8 @@ async def _serve(settings: Settings, migrate: bool, bootstrap_if_empty: bool) ->
         log.error("%s", error)
         await app.database.dispose()
         return 2
+    if role is not None:
+        role.report_serving()
     if created is not None:
         host = settings.listen_address.rsplit(":", 1)[0]
         _print_owner_key(created, f"{host}:{port}")
@@ -146,7 +156,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _prepare_sqlite(settings)
     try:
         if args.command == "serve":
-            return asyncio.run(_serve(settings, args.migrate, args.bootstrap_if_empty))
+            role = workers.WorkerRole.parse(args.worker_of) if args.worker_of else None
+            if role is None and settings.workers > 1:
+                return workers.supervise(
+                    settings,
+                    migrate_first=args.migrate,
+                    bootstrap=_first_organization if args.bootstrap_if_empty else None,
+                    announce=_print_owner_key,
+                )
+            if role is not None:
+                workers.become_worker(role)
+            return asyncio.run(_serve(settings, args.migrate, args.bootstrap_if_empty, role))
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
         return asyncio.run(_bootstrap_command(settings, args.name, args.owner_email))

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         "writes: the way they are found on SQLite (default 0.05), the safety net behind LISTEN/NOTIFY "
         "on PostgreSQL (default 1.0)",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="serve: how many processes share the listen address (SO_REUSEPORT), each a full "
+        "server whose cache follows the event log",
+    )
     log_level: str = Field("INFO", description="DEBUG, INFO, WARNING or ERROR")
     database_timeout_seconds: float = Field(
         5.0,

@@ -72,6 +72,15 @@ SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
 ]
 
+
+def server_options(workers: int) -> list[tuple[str, int]]:
+    """SERVER_OPTIONS; the workers of `serve --workers N` share their port (SO_REUSEPORT), having
+    checked first that no other process holds it (service/app/workers.py)."""
+    return [
+        (name, 1 if name == "grpc.so_reuseport" and workers > 1 else value) for name, value in SERVER_OPTIONS
+    ]
+
+
 SERVICE_NAMES = (
     organization_pb2.DESCRIPTOR.services_by_name["OrganizationService"].full_name,
     environment_pb2.DESCRIPTOR.services_by_name["EnvironmentService"].full_name,
@@ -195,7 +204,8 @@ class Application:
         self.organizations = Organizations(self.dependencies)
         self.health = _ShutdownHealth()
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.access, settings.operator_token)], options=SERVER_OPTIONS
+            interceptors=[AuthInterceptor(self.access, settings.operator_token)],
+            options=server_options(settings.workers),
         )
         registrar = _GenericHandlersOnly(self.server)
         organization_pb2_grpc.add_OrganizationServiceServicer_to_server(

@@ -1,0 +1,377 @@
+"""`serve --workers 2` as a real process tree: one port served by both workers, revocations
+followed across them, migrations and bootstrap once, ordered shutdown, failures, a taken port.
+
+Which worker answers a connection is read from the log: every worker's lines start with
+`worker I/N pid P`, and a refused call logs its `x-request-id`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import socket
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import grpc
+from agentpost.environments.v1 import api_key_pb2 as pb
+from agentpost.environments.v1 import api_key_pb2_grpc, organization_pb2, organization_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sqlalchemy.engine import make_url
+
+from service.app.workers import AddressUnavailable, check_address_free
+from tests.conftest import Backend
+from tests.harness import OPERATOR_TOKEN, auth
+
+SECRET = re.compile(r"ap_sk_live_[0-9A-Za-z]{38}")
+WORKER_LINE = re.compile(r"^worker (\d+)/(\d+) pid (\d+) ")
+START_SECONDS = 60.0
+# The documented bound for another process to honour a revoke is the cache refresh interval
+# (PostgreSQL's safety net: 1 s) plus one poll; the loop allows for a loaded machine.
+REVOCATION_BOUND_SECONDS = 3.0
+REVOCATIONS = 20
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def _fresh_database(backend: Backend, tmp_path: Path) -> AsyncIterator[Backend]:
+    """An empty database on the backend: a new SQLite file, or a new PostgreSQL schema."""
+    if backend.schema is None:
+        yield Backend(backend.name, f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}", None)
+        return
+    dsn = make_url(backend.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    schema = f"agentpost_workers_{uuid.uuid4().hex[:12]}"
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(f'CREATE SCHEMA "{schema}"')
+        yield Backend(backend.name, backend.url, schema)
+    finally:
+        await connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
+        await connection.close()
+
+
+@dataclass
+class Served:
+    """A `serve --workers N` process tree and its output."""
+
+    process: asyncio.subprocess.Process
+    port: int
+    stdout: Path
+    stderr: Path
+
+    @property
+    def address(self) -> str:
+        """host:port the workers share."""
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        """Everything the supervisor and the workers logged so far."""
+        return self.stderr.read_text()
+
+    def worker_pids(self) -> set[int]:
+        """The supervisor's child processes, from the kernel."""
+        pid = self.process.pid
+        return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+
+    async def until_serving(self, workers: int = 2) -> None:
+        """Waits for the supervisor's line saying every worker serves."""
+        async with asyncio.timeout(START_SECONDS):
+            while f"{workers} workers serving on {self.address}" not in self.log():
+                assert self.process.returncode is None, self.log()
+                await asyncio.sleep(0.1)
+
+    def channel(self) -> grpc.aio.Channel:
+        """A channel with a connection of its own, so the kernel may hand it to either worker."""
+        return grpc.aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
+
+    async def worker_behind(self, channel: grpc.aio.Channel) -> int:
+        """The pid of the worker serving `channel`'s connection: a refused call with a request id
+        of its own, then the log line that carries that id."""
+        request_id = f"which-worker-{uuid.uuid4().hex}"
+        stub = organization_pb2_grpc.OrganizationServiceStub(channel)
+        try:
+            await stub.GetOrganization(
+                organization_pb2.GetOrganizationRequest(),
+                metadata=auth("ap_sk_live_" + "0" * 38, request_id=request_id),
+            )
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAUTHENTICATED
+        else:
+            raise AssertionError("a made-up key was accepted")
+        async with asyncio.timeout(10):
+            while True:
+                for line in self.log().splitlines():
+                    found = WORKER_LINE.match(line)
+                    if found and f"[{request_id}]" in line:
+                        return int(found.group(3))
+                await asyncio.sleep(0.05)
+
+    async def stop(self, signum: int = signal.SIGTERM) -> int:
+        """Signals the supervisor and waits for it; returns its exit status."""
+        if self.process.returncode is None:
+            self.process.send_signal(signum)
+        async with asyncio.timeout(60):
+            return await self.process.wait()
+
+
+async def _serve(
+    backend: Backend, tmp_path: Path, *flags: str, port: int | None = None, drain: float = 0.0
+) -> Served:
+    port = port or _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPOST_")}
+    env["AGENTPOST_DATABASE_URL"] = backend.url
+    if backend.schema is not None:
+        env["AGENTPOST_DATABASE_SCHEMA"] = backend.schema
+    env["AGENTPOST_LISTEN_ADDRESS"] = f"127.0.0.1:{port}"
+    env["AGENTPOST_OPERATOR_TOKEN"] = OPERATOR_TOKEN
+    env["AGENTPOST_SHUTDOWN_DRAIN_SECONDS"] = str(drain)
+    env["AGENTPOST_SHUTDOWN_GRACE_SECONDS"] = "2"
+    # Every worker runs as in production: the default refresh (the poll on SQLite, the safety net
+    # behind LISTEN/NOTIFY on PostgreSQL).
+    tag = uuid.uuid4().hex[:8]
+    stdout, stderr = tmp_path / f"stdout-{tag}.txt", tmp_path / f"stderr-{tag}.txt"
+    with stdout.open("wb") as out, stderr.open("wb") as err:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "service",
+            "serve",
+            "--workers",
+            "2",
+            *flags,
+            env=env,
+            stdout=out,
+            stderr=err,
+        )
+    return Served(process, port, stdout, stderr)
+
+
+async def _one_channel_per_worker(served: Served) -> dict[int, grpc.aio.Channel]:
+    """New connections until each worker holds one (the kernel picks a worker per connection)."""
+    channels: dict[int, grpc.aio.Channel] = {}
+    spare: list[grpc.aio.Channel] = []
+    for _ in range(64):
+        channel = served.channel()
+        pid = await served.worker_behind(channel)
+        if pid in channels:
+            spare.append(channel)
+        else:
+            channels[pid] = channel
+        if len(channels) == 2:
+            break
+    for channel in spare:
+        await channel.close()
+    return channels
+
+
+async def _owner_secret(channel: grpc.aio.Channel) -> str:
+    created = await organization_pb2_grpc.OrganizationServiceStub(channel).CreateOrganization(
+        organization_pb2.CreateOrganizationRequest(
+            name="Workers", owner_email="owner@example.com", owner_display_name="Owner"
+        ),
+        metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),),
+    )
+    return str(created.owner_api_key_secret)
+
+
+async def _revoked_after(revoking: grpc.aio.Channel, watching: grpc.aio.Channel, owner_secret: str) -> float:
+    """Creates a key, warms it on both workers, revokes it through `revoking`; returns the seconds
+    until `watching` refuses it."""
+    keys_a = api_key_pb2_grpc.ApiKeyServiceStub(revoking)
+    keys_b = api_key_pb2_grpc.ApiKeyServiceStub(watching)
+    created = await keys_a.CreateApiKey(
+        pb.CreateApiKeyRequest(name="revoked", scopes=["inboxes:read"]), metadata=auth(owner_secret)
+    )
+    for stub in (keys_a, keys_b):
+        assert (await stub.VerifyApiKey(pb.VerifyApiKeyRequest(secret=created.secret))).valid
+    await keys_a.RevokeApiKey(pb.RevokeApiKeyRequest(id=created.api_key.id), metadata=auth(owner_secret))
+    revoked_at = time.monotonic()
+    refused_here = await keys_a.VerifyApiKey(pb.VerifyApiKeyRequest(secret=created.secret))
+    assert refused_here.denial_reason == pb.VerifyApiKeyResponse.REVOKED
+    while time.monotonic() - revoked_at < REVOCATION_BOUND_SECONDS:
+        answer = await keys_b.VerifyApiKey(pb.VerifyApiKeyRequest(secret=created.secret))
+        if not answer.valid:
+            assert answer.denial_reason == pb.VerifyApiKeyResponse.REVOKED
+            return time.monotonic() - revoked_at
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"the other worker still accepted a revoked key after {REVOCATION_BOUND_SECONDS} s")
+
+
+async def _watch(channel: grpc.aio.Channel, first: asyncio.Event) -> list[int]:
+    """Every status a health Watch stream shows until it ends; `first` is set on the first."""
+    statuses: list[int] = []
+    async for response in health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()):
+        statuses.append(response.status)
+        first.set()
+    return statuses
+
+
+def _gone(pid: int) -> bool:
+    """True once the process has exited (a zombie not yet reaped counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
+async def test_both_workers_serve_the_port_follow_revocations_and_drain_on_sigterm(
+    backend: Backend, tmp_path: Path
+) -> None:
+    served = await _serve(backend, tmp_path, "--migrate", drain=0.5)
+    channels: dict[int, grpc.aio.Channel] = {}
+    try:
+        await served.until_serving()
+        workers = served.worker_pids()
+        assert len(workers) == 2
+        channels = await _one_channel_per_worker(served)
+        assert set(channels) == workers, "new connections never reached both workers"
+        first, second = (channels[pid] for pid in sorted(channels))
+
+        # A revoke through either worker is honoured by the other, which follows the log.
+        owner_secret = await _owner_secret(first)
+        delays = [
+            await _revoked_after(*((first, second) if n % 2 == 0 else (second, first)), owner_secret)
+            for n in range(REVOCATIONS)
+        ]
+        delays_ms = sorted(delay * 1000 for delay in delays)
+        percentiles = statistics.quantiles(delays_ms, n=100, method="inclusive")
+        print(
+            f"\n[{backend.name}] revoke seen by the other worker, {REVOCATIONS} revocations: "
+            f"min {delays_ms[0]:.0f} ms, p50 {percentiles[49]:.0f} ms, p99 {percentiles[98]:.0f} ms, "
+            f"max {delays_ms[-1]:.0f} ms"
+        )
+
+        # SIGTERM: each worker goes NOT_SERVING (its Watch stream says so), drains, and stops.
+        watching = [asyncio.Event(), asyncio.Event()]
+        watches = [
+            asyncio.ensure_future(_watch(channel, started))
+            for channel, started in zip((first, second), watching, strict=True)
+        ]
+        async with asyncio.timeout(10):
+            for started in watching:
+                await started.wait()
+        assert await served.stop() == 0, served.log()
+        async with asyncio.timeout(30):
+            seen = await asyncio.gather(*watches)
+        for statuses in seen:
+            assert statuses[0] == SERVING and statuses[-1] == NOT_SERVING, statuses
+        log = served.log()
+        for pid in workers:
+            assert re.search(rf"^worker \d/2 pid {pid} .* stopped$", log, re.MULTILINE), log
+            assert _gone(pid)
+        assert "all 2 workers stopped" in log
+    finally:
+        for channel in channels.values():
+            await channel.close()
+        await served.stop(signal.SIGKILL)
+
+
+async def test_migrations_and_bootstrap_run_once_for_all_workers(backend: Backend, tmp_path: Path) -> None:
+    async with _fresh_database(backend, tmp_path) as fresh:
+        served = await _serve(fresh, tmp_path, "--migrate", "--bootstrap-if-empty")
+        channels: dict[int, grpc.aio.Channel] = {}
+        try:
+            await served.until_serving()
+            secrets = SECRET.findall(served.stdout.read_text())
+            assert len(set(secrets)) == 1, served.stdout.read_text()
+            channels = await _one_channel_per_worker(served)
+            assert len(channels) == 2
+            for channel in channels.values():
+                organization = await organization_pb2_grpc.OrganizationServiceStub(channel).GetOrganization(
+                    organization_pb2.GetOrganizationRequest(), metadata=auth(secrets[0])
+                )
+                assert organization.name == "Local organization"
+            log = served.log()
+            upgrades = [line for line in log.splitlines() if "Running upgrade" in line]
+            assert upgrades, log
+            assert all(line.startswith("supervisor pid ") for line in upgrades), upgrades
+        finally:
+            for channel in channels.values():
+                await channel.close()
+            assert await served.stop() == 0, served.log()
+
+
+async def test_a_worker_that_dies_stops_the_others_and_fails_the_supervisor(
+    backend: Backend, tmp_path: Path
+) -> None:
+    served = await _serve(backend, tmp_path, "--migrate")
+    try:
+        await served.until_serving()
+        killed, survivor = sorted(served.worker_pids())
+        os.kill(killed, signal.SIGKILL)
+        async with asyncio.timeout(30):
+            status = await served.process.wait()
+        assert status == 1
+        log = served.log()
+        assert re.search(rf"worker \d \(pid {killed}\) exited with status -9; stopping the others", log), log
+        assert re.search(rf"^worker \d/2 pid {survivor} .* stopped$", log, re.MULTILINE), log
+        assert _gone(survivor)
+    finally:
+        await served.stop(signal.SIGKILL)
+
+
+async def test_workers_drain_and_exit_when_the_supervisor_is_killed(backend: Backend, tmp_path: Path) -> None:
+    served = await _serve(backend, tmp_path, "--migrate")
+    await served.until_serving()
+    workers = served.worker_pids()
+    await served.stop(signal.SIGKILL)
+    async with asyncio.timeout(30):
+        while True:
+            if all(_gone(pid) for pid in workers):
+                break
+            await asyncio.sleep(0.1)
+    log = served.log()
+    for pid in workers:
+        assert re.search(
+            rf"^worker \d/2 pid {pid} .* the supervisor \(pid \d+\) is gone", log, re.MULTILINE
+        ), log
+        assert re.search(rf"^worker \d/2 pid {pid} .* stopped$", log, re.MULTILINE), log
+
+
+async def test_a_port_held_by_another_process_fails_the_start(backend: Backend, tmp_path: Path) -> None:
+    for shared in (False, True):
+        with socket.socket() as holder:
+            if shared:
+                # Even a holder that allows sharing: the workers would join it without the check.
+                holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = int(holder.getsockname()[1])
+            served = await _serve(backend, tmp_path, "--migrate", port=port)
+            async with asyncio.timeout(START_SECONDS):
+                status = await served.process.wait()
+            log = served.log()
+            assert status == 2, log
+            lines = log.strip().splitlines()
+            assert len(lines) == 1, log
+            assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in lines[0]
+
+
+def test_the_address_check_chooses_the_port_for_port_zero_and_refuses_what_cannot_be_shared() -> None:
+    chosen = check_address_free("127.0.0.1:0")
+    host, port = chosen.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) > 0
+    for address in ("unix:/tmp/agentpost.sock", "127.0.0.1:http"):
+        try:
+            check_address_free(address)
+        except AddressUnavailable as error:
+            assert address in str(error)
+        else:
+            raise AssertionError(f"{address} was accepted")
