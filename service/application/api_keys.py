@@ -194,6 +194,7 @@ class ApiKeys:
             for env_id in env_ids:
                 await recheck_active(uow, principal.organization_id, env_id)
             await uow.api_keys.insert(key, self._deps.hasher.digest(secret.secret))
+            self._deps.access.remember(self._deps.hasher.digest(secret.secret))
             return key.id
 
         outcome = await create_once(
@@ -372,6 +373,7 @@ class ApiKeys:
             )
             await repository.save(previous)
             await repository.insert(successor, self._deps.hasher.digest(secret.secret))
+            self._deps.access.remember(self._deps.hasher.digest(secret.secret))
         return RolledKey(successor, secret.secret, previous)
 
     @staticmethod

@@ -58,6 +58,7 @@ class Organizations:
             await uow.environments.insert(environment)
             await uow.members.insert(owner)
             await uow.api_keys.insert(key, self._deps.hasher.digest(secret.secret))
+            self._deps.access.remember(self._deps.hasher.digest(secret.secret))
             return organization.id
 
         outcome = await create_once(

@@ -13,7 +13,7 @@ from sqlalchemy import event, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
-from service.domain.errors import DomainError
+from service.domain.errors import DomainError, Unavailable
 from service.storage.errors import translate
 from service.storage.tables import OrganizationRow
 from service.storage.unit_of_work import UnitOfWork
@@ -87,21 +87,35 @@ class Database:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         self._listeners: list[CommitListener] = []
+        # (reason, message) while the schema is not known to be the one this code needs (start-up
+        # found it behind, or could not tell): every unit of work is refused with it.
+        self.closed_because: tuple[str, str] | None = None
 
     def on_commit(self, listener: CommitListener) -> None:
         """Calls `listener(organization_id)` after each committed write of that organization."""
         self._listeners.append(listener)
 
+    def _require_schema(self) -> None:
+        if self.closed_because is not None:
+            reason, message = self.closed_because
+            raise Unavailable(message, reason=reason)
+
     @asynccontextmanager
     async def read(self) -> AsyncIterator[UnitOfWork]:
         """A unit of work for reading; nothing it does is committed."""
+        self._require_schema()
         async with translated_errors(), self._sessions() as session:
             yield UnitOfWork(session)
 
     @asynccontextmanager
-    async def write(self, organization_id: str | None) -> AsyncIterator[UnitOfWork]:
+    async def write(
+        self, organization_id: str | None, *, require_schema: bool = True
+    ) -> AsyncIterator[UnitOfWork]:
         """One transaction. With an organization, its revision is raised first (taking its row
-        lock) and listeners are told after commit; None is for creating an organization."""
+        lock) and listeners are told after commit; None is for creating an organization.
+        `require_schema=False` is for start-up work done once the schema was found current."""
+        if require_schema:
+            self._require_schema()
         async with translated_errors(), self._sessions() as session, session.begin():
             if organization_id is not None:
                 await session.execute(
