@@ -91,7 +91,7 @@ def backend(
         path: Path = tmp_path_factory.mktemp("sqlite") / "agentpost.db"
         return Backend("sqlite", f"sqlite+aiosqlite:///{path}", None)
     if postgres_schema is None:
-        pytest.skip(f"PostgreSQL tests need {POSTGRES_URL_VARIABLE}")
+        pytest.skip(f"PostgreSQL tests need {POSTGRES_URL_VARIABLE} (e.g. postgresql+asyncpg://USER@HOST/DB)")
     url, schema = postgres_schema
     return Backend("postgres", url, schema)
 
@@ -123,11 +123,18 @@ async def org(harness: Harness) -> Org:
 
 
 _skipped_postgres: list[str] = []
+# The line of the skip in `backend`, as pytest would name it.
+_POSTGRES_SKIP_LINE = 1 + next(
+    number for number, line in enumerate(Path(__file__).read_text().splitlines()) if "pytest.skip(" in line
+)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.skipped and "[postgres" in report.nodeid:
         _skipped_postgres.append(report.nodeid)
+        # One place for every such skip, so the summary folds them into a single line.
+        if isinstance(report.longrepr, tuple):
+            report.longrepr = (__file__, _POSTGRES_SKIP_LINE, report.longrepr[2])
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

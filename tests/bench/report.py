@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from tests.bench.load import Load, Result
+from tests.bench.security import Flood, render_floods
 
 REVOCATION_POLL_SECONDS = 0.01
 CACHE_REFRESH_SECONDS = 1.0
@@ -99,6 +100,7 @@ class Report:
     write: Result
     channel_results: list[Result]
     revocation: Revocation
+    floods: list[Flood] = field(default_factory=list)
 
     @property
     def baseline(self) -> Baseline:
@@ -124,6 +126,7 @@ class Report:
             if channel_baseline
             else [],
             "revocation": self.revocation.as_json(),
+            "floods": [flood.as_json() for flood in self.floods],
         }
 
 
@@ -209,6 +212,7 @@ def render(report: Report) -> str:
         ]
         lines += [_row(result, multi_echo) for result in report.channel_results]
     lines += list(_error_lines([*main_rows, report.write, *report.channel_results]))
+    lines += render_floods(report.floods)
     lines += [
         "",
         REFERENCE_NOTE,
