@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ from service.domain.errors import ResourceExhausted, Unauthenticated
 from service.domain.models import KeyMode
 from service.transport.throttle import AuthFailureThrottle, peer_address
 from tests.conftest import Backend, start_server
+from tests.empty_database import empty_database
 from tests.harness import OPERATOR_TOKEN, Failure, Harness, auth, fails
 from tests.test_verify_api_key import counted_sql
 
@@ -25,14 +27,15 @@ LIST = environment_pb2.ListEnvironmentsRequest()
 
 
 @pytest.fixture
-async def throttled(backend: Backend) -> AsyncIterator[Harness]:
-    """A server of its own (its own throttle) that allows 5 refused credentials a minute."""
-    app, channel = await start_server(backend, auth_failures_per_minute=LIMIT)
-    try:
-        yield Harness(app, channel, backend.name)
-    finally:
-        await channel.close()
-        await app.stop(grace=0)
+async def throttled(backend: Backend, tmp_path: Path) -> AsyncIterator[Harness]:
+    """A server and database of its own that allows 5 refused credentials a minute."""
+    async with empty_database(backend, tmp_path) as database:
+        app, channel = await start_server(database, auth_failures_per_minute=LIMIT)
+        try:
+            yield Harness(app, channel, backend.name)
+        finally:
+            await channel.close()
+            await app.stop(grace=0)
 
 
 def _unknown_secret() -> str:

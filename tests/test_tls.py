@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +23,7 @@ from service.app.config import Settings
 from service.app.server import Application
 from tests.certificates import Authority, Pem
 from tests.conftest import Backend
+from tests.empty_database import empty_database
 from tests.harness import OPERATOR_TOKEN, auth
 from tests.test_buf_curl import BUF
 
@@ -59,9 +61,18 @@ class TlsServer:
     address: str
 
 
-async def _tls_server(backend: Backend, certificates: Certificates, mutual: bool) -> AsyncIterator[TlsServer]:
+async def _tls_server(
+    backend: Backend, folder: Path, certificates: Certificates, mutual: bool
+) -> AsyncIterator[TlsServer]:
+    # A database of its own: other tests' servers come and go on the shared one.
+    async with empty_database(backend, folder) as database:
+        async for server in _started(database, certificates, mutual):
+            yield server
+
+
+async def _started(database: Backend, certificates: Certificates, mutual: bool) -> AsyncIterator[TlsServer]:
     app = Application(
-        backend.settings(
+        database.settings(
             tls_cert_file=str(certificates.server.cert),
             tls_key_file=str(certificates.server.key),
             tls_client_ca_file=str(certificates.ca.cert_file) if mutual else None,
@@ -76,14 +87,18 @@ async def _tls_server(backend: Backend, certificates: Certificates, mutual: bool
 
 
 @pytest.fixture
-async def tls_server(backend: Backend, certificates: Certificates) -> AsyncIterator[TlsServer]:
-    async for server in _tls_server(backend, certificates, mutual=False):
+async def tls_server(
+    backend: Backend, tmp_path: Path, certificates: Certificates
+) -> AsyncIterator[TlsServer]:
+    async for server in _tls_server(backend, tmp_path, certificates, mutual=False):
         yield server
 
 
 @pytest.fixture
-async def mtls_server(backend: Backend, certificates: Certificates) -> AsyncIterator[TlsServer]:
-    async for server in _tls_server(backend, certificates, mutual=True):
+async def mtls_server(
+    backend: Backend, tmp_path: Path, certificates: Certificates
+) -> AsyncIterator[TlsServer]:
+    async for server in _tls_server(backend, tmp_path, certificates, mutual=True):
         yield server
 
 

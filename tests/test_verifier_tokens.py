@@ -10,25 +10,30 @@ import pytest
 from agentpost.environments.v1 import api_key_pb2, environment_pb2
 
 from tests.conftest import Backend, start_server
+from tests.empty_database import empty_database
 from tests.harness import OPERATOR_TOKEN, Harness, Org, auth, fails
 
 Code = grpc.StatusCode
 TOKENS = ("verifier-token-alpha", "verifier-token-beta")
 
 
-async def _harness(backend: Backend, verifier_tokens: str, **settings: object) -> AsyncIterator[Harness]:
-    app, channel = await start_server(backend, verifier_tokens=verifier_tokens, **settings)
-    try:
-        yield Harness(app, channel, backend.name)
-    finally:
-        await channel.close()
-        await app.stop(grace=0)
+async def _harness(
+    backend: Backend, folder: Path, verifier_tokens: str, **settings: object
+) -> AsyncIterator[Harness]:
+    # A database of its own: other tests' servers come and go on the shared one.
+    async with empty_database(backend, folder) as database:
+        app, channel = await start_server(database, verifier_tokens=verifier_tokens, **settings)
+        try:
+            yield Harness(app, channel, backend.name)
+        finally:
+            await channel.close()
+            await app.stop(grace=0)
 
 
 @pytest.fixture
-async def guarded(backend: Backend) -> AsyncIterator[Harness]:
+async def guarded(backend: Backend, tmp_path: Path) -> AsyncIterator[Harness]:
     """A server of its own whose VerifyApiKey needs one of TOKENS."""
-    async for harness in _harness(backend, ",".join(TOKENS)):
+    async for harness in _harness(backend, tmp_path, ",".join(TOKENS)):
         yield harness
 
 
@@ -78,7 +83,7 @@ async def test_verify_needs_one_of_the_configured_tokens(guarded: Harness) -> No
 async def test_tokens_can_come_from_a_file(backend: Backend, tmp_path: Path) -> None:
     token_file = tmp_path / "verifier-tokens"
     token_file.write_text("first-token\n\nsecond-token\n")
-    async for harness in _harness(backend, f"@{token_file}"):
+    async for harness in _harness(backend, tmp_path, f"@{token_file}"):
         org = await harness.new_org()
         answer = await harness.api_keys.VerifyApiKey(
             _request(org.owner_secret), metadata=(("authorization", "Bearer second-token"),)
@@ -93,8 +98,8 @@ async def test_tokens_can_come_from_a_file(backend: Backend, tmp_path: Path) -> 
         )
 
 
-async def test_refused_verifier_tokens_are_throttled(backend: Backend) -> None:
-    async for harness in _harness(backend, TOKENS[0], auth_failures_per_minute=3):
+async def test_refused_verifier_tokens_are_throttled(backend: Backend, tmp_path: Path) -> None:
+    async for harness in _harness(backend, tmp_path, TOKENS[0], auth_failures_per_minute=3):
         org = await harness.new_org()
         for _ in range(3):
             await fails(
