@@ -159,7 +159,7 @@ class _ShutdownHealth(health.aio.HealthServicer):  # type: ignore[misc]
 
 
 class BindError(RuntimeError):
-    """The listen address could not be bound."""
+    """Serving cannot begin: the listen address could not be bound, or a TLS file not read."""
 
 
 class Application:
@@ -244,12 +244,15 @@ class Application:
         settings = self.settings
         if settings.tls_cert_file is None or settings.tls_key_file is None:
             return None
-        with open(settings.tls_cert_file, "rb") as cert, open(settings.tls_key_file, "rb") as key:
-            pair = (key.read(), cert.read())
-        client_ca = None
-        if settings.tls_client_ca_file is not None:
-            with open(settings.tls_client_ca_file, "rb") as ca:
-                client_ca = ca.read()
+        try:
+            with open(settings.tls_cert_file, "rb") as cert, open(settings.tls_key_file, "rb") as key:
+                pair = (key.read(), cert.read())
+            client_ca = None
+            if settings.tls_client_ca_file is not None:
+                with open(settings.tls_client_ca_file, "rb") as ca:
+                    client_ca = ca.read()
+        except OSError as error:  # checked with the settings, but it may have gone since
+            raise BindError(f"cannot read {error.filename}: {error.strerror}") from error
         return grpc.ssl_server_credentials(
             [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
@@ -272,16 +275,8 @@ class Application:
         await self.server.start()
         self.access.start()
         self._health_task = asyncio.create_task(self._follow_database(serving))
-        log.info(
-            "serving on %s (port %d, %s)",
-            self.settings.listen_address,
-            self.port,
-            "plaintext"
-            if credentials is None
-            else "TLS"
-            if self.settings.tls_client_ca_file is None
-            else "mTLS",
-        )
+        mode = "plaintext" if credentials is None else "mTLS" if self.settings.tls_client_ca_file else "TLS"
+        log.info("serving on %s (port %d, %s)", self.settings.listen_address, self.port, mode)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
