@@ -45,6 +45,9 @@ class Backend:
             "shutdown_grace_seconds": 1.0,
             "shutdown_drain_seconds": 0.0,
             "cache_refresh_seconds": 0.2,
+            # The suite sends far more refused credentials a minute than any limit allows; the
+            # throttle is tested on servers of its own.
+            "auth_failures_per_minute": 0,
         }
         values.update(overrides)
         return Settings(**values)  # type: ignore[arg-type]
@@ -88,7 +91,7 @@ def backend(
         path: Path = tmp_path_factory.mktemp("sqlite") / "agentpost.db"
         return Backend("sqlite", f"sqlite+aiosqlite:///{path}", None)
     if postgres_schema is None:
-        pytest.skip(f"PostgreSQL tests need {POSTGRES_URL_VARIABLE}")
+        pytest.skip(f"PostgreSQL tests need {POSTGRES_URL_VARIABLE} (e.g. postgresql+asyncpg://USER@HOST/DB)")
     url, schema = postgres_schema
     return Backend("postgres", url, schema)
 
@@ -120,11 +123,18 @@ async def org(harness: Harness) -> Org:
 
 
 _skipped_postgres: list[str] = []
+# The line of the skip in `backend`, as pytest would name it.
+_POSTGRES_SKIP_LINE = 1 + next(
+    number for number, line in enumerate(Path(__file__).read_text().splitlines()) if "pytest.skip(" in line
+)
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
     if report.skipped and "[postgres" in report.nodeid:
         _skipped_postgres.append(report.nodeid)
+        # One place for every such skip, so the summary folds them into a single line.
+        if isinstance(report.longrepr, tuple):
+            report.longrepr = (__file__, _POSTGRES_SKIP_LINE, report.longrepr[2])
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

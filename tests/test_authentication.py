@@ -77,15 +77,18 @@ async def test_request_id_is_echoed_on_success_and_failure(harness: Harness, org
     assert failure.trailers.get("x-request-id") == "req-456"
 
 
-async def test_log_lines_carry_the_request_id(harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+async def test_log_lines_carry_the_request_id(
+    harness: Harness, org: Org, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.INFO, logger="service")
     await fails(
-        harness.environments.ListEnvironments(
-            LIST, metadata=(("authorization", "Bearer nope"), ("x-request-id", "req-log-1"))
+        harness.environments.GetEnvironment(
+            environment_pb2.GetEnvironmentRequest(id="env_01HZZZZZZZZZZZZZZZZZZZZZZZ"),
+            metadata=auth(org.owner_secret, request_id="req-log-1"),
         ),
-        Code.UNAUTHENTICATED,
+        Code.NOT_FOUND,
     )
-    refused = [record for record in caplog.records if "API_KEY_MALFORMED" in record.getMessage()]
+    refused = [record for record in caplog.records if "ENVIRONMENT_NOT_FOUND" in record.getMessage()]
     assert refused and all(getattr(record, "request_id", None) == "req-log-1" for record in refused)
 
 

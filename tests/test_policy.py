@@ -38,10 +38,11 @@ def test_every_rule_names_a_real_method() -> None:
     assert sorted(set(POLICY) - served) == []
 
 
-def test_only_standard_services_and_verification_are_public() -> None:
+def test_only_standard_services_are_public_and_verification_has_its_own_level() -> None:
     public = sorted(name for name, rule in POLICY.items() if rule.level is Level.PUBLIC)
-    assert all(name.startswith("/grpc.") for name in public if "VerifyApiKey" not in name)
-    assert "/agentpost.environments.v1.ApiKeyService/VerifyApiKey" in public
+    assert all(name.startswith("/grpc.") for name in public)
+    verifier = [name for name, rule in POLICY.items() if rule.level is Level.VERIFIER]
+    assert verifier == ["/agentpost.environments.v1.ApiKeyService/VerifyApiKey"]
     operator = [name for name, rule in POLICY.items() if rule.level is Level.OPERATOR]
     assert operator == ["/agentpost.environments.v1.OrganizationService/CreateOrganization"]
 
@@ -50,7 +51,7 @@ def test_every_contract_rpc_but_public_ones_needs_a_scope_or_is_harmless() -> No
     no_scope = sorted(
         name
         for name in _methods(*CONTRACT_FILES)
-        if POLICY[name].level not in (Level.PUBLIC, Level.OPERATOR)
+        if POLICY[name].level not in (Level.PUBLIC, Level.VERIFIER, Level.OPERATOR)
         and POLICY[name].scope is None
         and POLICY[name].resource_access is None
     )

@@ -1,5 +1,9 @@
-"""The command line: `serve`, `migrate` and `bootstrap`. Every setting is a flag and an
-environment variable; `--help` lists them."""
+"""The command line: `serve`, `migrate` and `bootstrap`. Every setting is an environment variable,
+and each subcommand takes as flags the settings it uses; `--help` lists them.
+
+Exit codes: 0 done; 1 the database refused or did not answer (one line says why); 2 a setting is
+wrong or the address is taken (one line names it), and nothing was created.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,44 @@ import argparse
 import asyncio
 import logging
 import os
+import shlex
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from service.app import logs, workers
-from service.app.config import Settings
+from service.app.config import DEFAULT_DATABASE_URL, Settings, environment_variable
 from service.app.server import Application, BindError
 from service.application.organizations import CreatedOrganization, Organizations
 from service.domain.errors import DomainError
 
 log = logging.getLogger("service")
+
+DEFAULT_ORGANIZATION_NAME = "Local organization"
+DEFAULT_OWNER_EMAIL = "owner@example.com"
+
+# The settings each subcommand uses, and so offers as flags (`serve` uses every one).
+_DATABASE_SETTINGS = ("database_url", "database_schema", "database_timeout_seconds", "log_level")
+_COMMAND_SETTINGS: dict[str, tuple[str, ...]] = {
+    "migrate": _DATABASE_SETTINGS,
+    # The listen address and TLS files only shape the example command that bootstrap prints.
+    "bootstrap": (*_DATABASE_SETTINGS, "key_pepper", "listen_address"),
+}
+
+
+def _add_settings(parser: argparse.ArgumentParser, names: Iterable[str]) -> None:
+    for name in names:
+        field = Settings.model_fields[name]
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            dest=name,
+            default=None,
+            help=f"{field.description} [env {environment_variable(name)}; default {field.default!r}]",
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,22 +66,19 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on an empty database, create one organization and print its owner key once",
     )
+    _add_settings(serve, Settings.model_fields)
     # Set by the supervisor of `--workers N` on the processes it starts.
     serve.add_argument(workers.WORKER_FLAG, dest="worker_of", default=None, help=argparse.SUPPRESS)
-    commands.add_parser("migrate", help="migrate the database to the newest schema and exit")
+    migrate = commands.add_parser("migrate", help="migrate the database to the newest schema and exit")
+    _add_settings(migrate, _COMMAND_SETTINGS["migrate"])
     bootstrap = commands.add_parser(
-        "bootstrap", help="create an organization locally and print its owner key"
+        "bootstrap", help="create an organization in the database directly and print its owner key"
     )
-    bootstrap.add_argument("--name", default="Local organization", help="the organization's name")
-    bootstrap.add_argument("--owner-email", default="owner@example.com", help="the OWNER member's email")
-    for sub in (serve, commands.choices["migrate"], bootstrap):
-        for name, field in Settings.model_fields.items():
-            sub.add_argument(
-                f"--{name.replace('_', '-')}",
-                dest=name,
-                default=None,
-                help=f"{field.description} [env AGENTPOST_{name.upper()}; default {field.default!r}]",
-            )
+    bootstrap.add_argument("--name", help=f"the organization's name (default {DEFAULT_ORGANIZATION_NAME!r})")
+    bootstrap.add_argument(
+        "--owner-email", help=f"the email of its OWNER member (default {DEFAULT_OWNER_EMAIL!r})"
+    )
+    _add_settings(bootstrap, _COMMAND_SETTINGS["bootstrap"])
     return parser
 
 
@@ -62,24 +89,106 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings(**overrides)
 
 
+def _setting_errors(error: ValidationError) -> list[str]:
+    """One line per wrong setting, naming its variable and flag; values are not echoed (some are
+    secrets)."""
+    lines = []
+    for problem in error.errors():
+        message = str(problem["msg"]).removeprefix("Value error, ")
+        if problem["loc"]:
+            name = str(problem["loc"][0])
+            lines.append(
+                f"invalid setting {environment_variable(name)} (--{name.replace('_', '-')}): {message}"
+            )
+        else:
+            lines.append(f"invalid settings: {message}")
+    return lines
+
+
 def _prepare_sqlite(settings: Settings) -> None:
-    prefix = "sqlite+aiosqlite:///"
-    if settings.database_url.startswith(prefix):
-        path = settings.database_url[len(prefix) :]
-        if path and path != ":memory:":
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Makes the folder of the default SQLite file (the project's var/); any other must exist."""
+    if settings.database_url == DEFAULT_DATABASE_URL:
+        path = DEFAULT_DATABASE_URL.removeprefix("sqlite+aiosqlite:///")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
 
 
-def _print_owner_key(created: CreatedOrganization, address: str) -> None:
-    secret = created.owner_api_key_secret
+def _as_typed(path: Path) -> str:
+    """A path as a user would type it from the current folder."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _tool(name: str) -> str:
+    """How to run a command installed beside this interpreter (the project's .venv/bin)."""
+    beside = Path(sys.executable).parent / name
+    return shlex.quote(_as_typed(beside)) if beside.exists() else name
+
+
+def _try_it(settings: Settings, address: str, secret: str) -> str:
+    """A `buf curl` command that lists the organization's environments with the new key."""
+    host, _, port = address.rpartition(":")
+    if host in ("", "0.0.0.0", "[::]"):  # noqa: S104 - listening everywhere; the example calls loopback
+        host = "127.0.0.1"
+    options = "--protocol grpc --http2-prior-knowledge"
+    scheme = "http"
+    if settings.tls_cert_file is not None:
+        scheme = "https"
+        options = "--protocol grpc --cacert CA.pem"
+        if settings.tls_client_ca_file is not None:
+            options += " --cert CLIENT.pem --key CLIENT-KEY.pem"
+    command = (
+        f"  {_tool('buf')} curl {options} -H 'authorization: Bearer {secret}' \\\n"
+        f"    {scheme}://{host}:{port}/agentpost.environments.v1.EnvironmentService/ListEnvironments\n"
+    )
+    if scheme == "https":
+        command += (
+            "\n  (CA.pem: the CA that signed the server certificate"
+            + (
+                "; CLIENT.pem/CLIENT-KEY.pem: a client certificate from the client CA"
+                if "--cert" in options
+                else ""
+            )
+            + ")\n"
+        )
+    return command
+
+
+def _print_owner_key(
+    created: CreatedOrganization, settings: Settings, address: str, defaults_used: bool = False
+) -> None:
+    organization, environment = created.organization, created.default_environment
+    lines = [
+        "",
+        f"Created organization {organization.id} ({organization.name!r}), its default environment "
+        f"{environment.id} (slug {environment.slug!r}) and its OWNER member {created.owner.email}.",
+    ]
+    if defaults_used:
+        lines.append(
+            f"To choose the name and email: {_tool('agentpost-environments')} bootstrap "
+            "--name 'Acme' --owner-email you@acme.example"
+        )
+    lines += [
+        "",
+        "Owner API key, with every scope (shown once, store it now):",
+        "",
+        f"  {created.owner_api_key_secret}",
+        "",
+        "Try it:",
+        "",
+        _try_it(settings, address, created.owner_api_key_secret),
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _print_how_to_get_a_key() -> None:
     print(
-        "\nBootstrapped organization "
-        f"{created.organization.id} ({created.organization.name}).\n"
-        "Owner API key (shown once, store it now):\n\n"
-        f"  {secret}\n\n"
-        "Try it:\n\n"
-        f"  buf curl --protocol grpc --http2-prior-knowledge -H 'authorization: Bearer {secret}' \\\n"
-        f"    http://{address}/agentpost.environments.v1.EnvironmentService/ListEnvironments\n",
+        "\nThis database already has an organization; its owner key was printed once, when it was "
+        "created.\nLost it? Make another organization with a new owner key:\n\n"
+        f"  {_tool('agentpost-environments')} bootstrap --name 'My organization' "
+        "--owner-email you@example.com\n\n"
+        "or create a key with ApiKeyService/CreateApiKey using a key you still have.\n",
         flush=True,
     )
 
@@ -96,11 +205,19 @@ async def _serve(
     settings: Settings, migrate: bool, bootstrap_if_empty: bool, role: workers.WorkerRole | None = None
 ) -> int:
     app = Application(settings)
-    if migrate:
-        await app.migrate()
-    created = None
-    if bootstrap_if_empty and not await app.organizations.any_exists():
-        created = await _bootstrap(app, "Local organization", "owner@example.com")
+    try:
+        if migrate:
+            await app.migrate()
+        created = None
+        existing = False
+        # On a database that is not migrated the server starts NOT_SERVING and says why.
+        if bootstrap_if_empty and await app.schema_pending() is None:
+            existing = await app.organizations.any_exists()
+            if not existing:
+                created = await _bootstrap(app, DEFAULT_ORGANIZATION_NAME, DEFAULT_OWNER_EMAIL)
+    except BaseException:
+        await app.database.dispose()
+        raise
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
 
@@ -121,9 +238,11 @@ async def _serve(
         return 2
     if role is not None:
         role.report_serving()
+    host = settings.listen_address.rsplit(":", 1)[0]
     if created is not None:
-        host = settings.listen_address.rsplit(":", 1)[0]
-        _print_owner_key(created, f"{host}:{port}")
+        _print_owner_key(created, settings, f"{host}:{port}")
+    elif existing:
+        _print_how_to_get_a_key()
     await stopping.wait()
     await app.stop()
     return 0
@@ -131,27 +250,36 @@ async def _serve(
 
 async def _migrate(settings: Settings) -> int:
     app = Application(settings)
-    await app.migrate()
-    await app.database.dispose()
+    try:
+        await app.migrate()
+    finally:
+        await app.database.dispose()
     print("database is at the newest schema")
     return 0
 
 
-async def _bootstrap_command(settings: Settings, name: str, owner_email: str) -> int:
+async def _bootstrap_command(settings: Settings, name: str | None, owner_email: str | None) -> int:
     app = Application(settings)
-    await app.migrate()
     try:
-        created = await _bootstrap(app, name, owner_email)
+        await app.migrate()
+        created = await _bootstrap(app, name or DEFAULT_ORGANIZATION_NAME, owner_email or DEFAULT_OWNER_EMAIL)
     finally:
         await app.database.dispose()
-    _print_owner_key(created, settings.listen_address)
+    _print_owner_key(
+        created, settings, settings.listen_address, defaults_used=name is None or owner_email is None
+    )
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `agentpost-environments`."""
     args = _parser().parse_args(argv)
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except ValidationError as error:
+        for line in _setting_errors(error):
+            print(f"agentpost-environments: {line}", file=sys.stderr)
+        return 2
     logs.configure(settings.log_level)
     _prepare_sqlite(settings)
     try:
@@ -162,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     settings,
                     migrate_first=args.migrate,
                     bootstrap=_first_organization if args.bootstrap_if_empty else None,
-                    announce=_print_owner_key,
+                    announce=lambda created, address: _print_owner_key(created, settings, address),
                 )
             if role is not None:
                 workers.become_worker(role)
@@ -171,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_migrate(settings))
         return asyncio.run(_bootstrap_command(settings, args.name, args.owner_email))
     except DomainError as error:
-        log.error("%s: %s", error.reason, error.message)
+        log.error("%s failed: %s (%s)", args.command, error.message, error.reason)
         return 1
 
 

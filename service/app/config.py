@@ -2,13 +2,34 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATABASE_URL = f"sqlite+aiosqlite:///{PROJECT_ROOT / 'var' / 'agentpost.db'}"
+SUPPORTED_DRIVERS = ("sqlite+aiosqlite", "postgresql+asyncpg")
+
+
+def environment_variable(setting: str) -> str:
+    """The environment variable of a setting, e.g. `database_url` -> AGENTPOST_DATABASE_URL."""
+    return f"AGENTPOST_{setting.upper()}"
+
+
+def _readable_pem(path: str) -> str:
+    """The path, if it names a readable PEM file; a ValueError saying what is wrong otherwise."""
+    try:
+        with open(path, "rb") as file:
+            content = file.read()
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    if b"-----BEGIN " not in content:
+        raise ValueError(f"{path} is not a PEM file")
+    return path
 
 
 class Settings(BaseSettings):
@@ -62,9 +83,95 @@ class Settings(BaseSettings):
         description="PostgreSQL: how long a connect or a wait for a pooled connection may take "
         "before the call answers UNAVAILABLE",
     )
+    tls_cert_file: str | None = Field(
+        None, description="PEM certificate chain to serve TLS with (needs --tls-key-file); unset: plaintext"
+    )
+    tls_key_file: str | None = Field(None, description="PEM private key of --tls-cert-file")
+    tls_client_ca_file: str | None = Field(
+        None, description="PEM CA certificates: require client certificates signed by them (mTLS)"
+    )
+    verifier_tokens: str | None = Field(
+        None,
+        description="comma-separated bearer tokens (or @FILE, one per line) that VerifyApiKey callers "
+        "must send; unset: VerifyApiKey is open (local use only)",
+    )
+    auth_failures_per_minute: int = Field(
+        120,
+        ge=0,
+        description="refused credentials one peer address may send per minute before its further "
+        "refusals are RESOURCE_EXHAUSTED (per process; 0: no limit)",
+    )
     max_staleness_seconds: float = Field(
         300.0,
         ge=0,
         description="while the database does not answer, how long cached keys keep verifying and "
         "health stays SERVING (at least twice the cache refresh interval)",
     )
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("use DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
+
+    @field_validator("database_url")
+    @classmethod
+    def _supported_database(cls, value: str) -> str:
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            # The value is not echoed: a URL may hold a password.
+            raise ValueError("not a database URL (expected DRIVER://...)") from None
+        if url.drivername not in SUPPORTED_DRIVERS:
+            raise ValueError(
+                f"unsupported scheme {url.drivername!r}: use one of {', '.join(SUPPORTED_DRIVERS)}"
+            )
+        if url.drivername.startswith("sqlite") and value != DEFAULT_DATABASE_URL:
+            # The default's folder is the project's own var/, made on first start; any other folder
+            # must exist, so a typo fails here instead of creating a stray tree.
+            path = url.database or ""
+            if path and path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+                raise ValueError(f"the folder of the SQLite file {path!r} does not exist")
+        return value
+
+    @field_validator("tls_cert_file", "tls_key_file", "tls_client_ca_file")
+    @classmethod
+    def _pem_file(cls, value: str | None) -> str | None:
+        return None if value is None else _readable_pem(value)
+
+    @field_validator("verifier_tokens")
+    @classmethod
+    def _tokens(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        text = value
+        if value.startswith("@"):
+            try:
+                text = Path(value[1:]).read_text()
+            except OSError as error:
+                raise ValueError(f"cannot read {value[1:]}: {error.strerror or error}") from None
+        tokens = [token.strip() for token in text.replace("\n", ",").split(",") if token.strip()]
+        if not tokens:
+            raise ValueError("names no token")
+        return ",".join(tokens)
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            missing = "tls_key_file" if self.tls_key_file is None else "tls_cert_file"
+            raise ValueError(
+                f"{environment_variable(missing)} is required with "
+                f"{environment_variable('tls_cert_file' if missing == 'tls_key_file' else 'tls_key_file')}"
+            )
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                f"{environment_variable('tls_client_ca_file')} needs {environment_variable('tls_cert_file')} "
+                f"and {environment_variable('tls_key_file')}"
+            )
+        return self
+
+    @property
+    def verifier_token_list(self) -> tuple[str, ...]:
+        """The tokens VerifyApiKey callers must present; empty when VerifyApiKey is open."""
+        return tuple(self.verifier_tokens.split(",")) if self.verifier_tokens else ()

@@ -32,6 +32,7 @@ from service.application.environments import Environments
 from service.application.members import Members
 from service.application.organizations import Organizations
 from service.application.resources import Resources
+from service.domain.errors import Unavailable
 from service.domain.keys import SecretHasher
 from service.domain.pagination import Pager, PageTokens
 from service.storage import migrate
@@ -43,6 +44,8 @@ from service.transport.servicers.environments import EnvironmentServicer
 from service.transport.servicers.members import MembershipServicer
 from service.transport.servicers.organizations import OrganizationServicer
 from service.transport.servicers.resources import ResourceServicer
+from service.transport.throttle import AuthFailureThrottle
+from service.transport.verifier_tokens import VerifierTokens
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +173,7 @@ class _ShutdownHealth(health.aio.HealthServicer):  # type: ignore[misc]
 
 
 class BindError(RuntimeError):
-    """The listen address could not be bound."""
+    """Serving cannot begin: the listen address could not be bound, or a TLS file not read."""
 
 
 class Application:
@@ -203,8 +206,16 @@ class Application:
         )
         self.organizations = Organizations(self.dependencies)
         self.health = _ShutdownHealth()
+        self.throttle = AuthFailureThrottle(settings.auth_failures_per_minute)
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.access, settings.operator_token)],
+            interceptors=[
+                AuthInterceptor(
+                    self.access,
+                    settings.operator_token,
+                    VerifierTokens(settings.verifier_token_list),
+                    self.throttle,
+                )
+            ],
             options=server_options(settings.workers),
         )
         registrar = _GenericHandlersOnly(self.server)
@@ -233,18 +244,44 @@ class Application:
             registrar,
         )
         self.port = 0
+        self._schema_ready = False
 
     async def migrate(self) -> None:
         """Brings the schema to the newest revision."""
         await migrate.upgrade(self.engine)
 
-    async def start(self) -> int:
-        """Binds, starts serving and marks every service SERVING; returns the bound port."""
-        if not self.dependencies.pager.tokens.has_key:
-            # No pepper: every server on this database signs with the key stored in it.
-            self.dependencies.pager.tokens.use_key(await page_token_key(self.database))
+    async def schema_pending(self) -> str | None:
+        """None when the database is at the newest schema, else what it is at, in words."""
+        return await migrate.pending(self.engine)
+
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        """TLS credentials from the configured PEM files (mTLS with a client CA); None: plaintext."""
+        settings = self.settings
+        if settings.tls_cert_file is None or settings.tls_key_file is None:
+            return None
         try:
-            self.port = self.server.add_insecure_port(self.settings.listen_address)
+            with open(settings.tls_cert_file, "rb") as cert, open(settings.tls_key_file, "rb") as key:
+                pair = (key.read(), cert.read())
+            client_ca = None
+            if settings.tls_client_ca_file is not None:
+                with open(settings.tls_client_ca_file, "rb") as ca:
+                    client_ca = ca.read()
+        except OSError as error:  # checked with the settings, but it may have gone since
+            raise BindError(f"cannot read {error.filename}: {error.strerror}") from error
+        return grpc.ssl_server_credentials(
+            [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+
+    async def start(self) -> int:
+        """Binds and starts serving; every service is SERVING once the schema is current and the
+        database has answered (see `_follow_database`). Returns the bound port."""
+        credentials = self._credentials()
+        await self._check_schema()
+        try:
+            if credentials is None:
+                self.port = self.server.add_insecure_port(self.settings.listen_address)
+            else:
+                self.port = self.server.add_secure_port(self.settings.listen_address, credentials)
         except RuntimeError as error:
             raise BindError(f"cannot listen on {self.settings.listen_address}: {error}") from error
         if self.port == 0:
@@ -253,7 +290,8 @@ class Application:
         await self.server.start()
         self.access.start()
         self._health_task = asyncio.create_task(self._follow_database(serving))
-        log.info("serving on %s (port %d)", self.settings.listen_address, self.port)
+        mode = "plaintext" if credentials is None else "mTLS" if self.settings.tls_client_ca_file else "TLS"
+        log.info("serving on %s (port %d, %s)", self.settings.listen_address, self.port, mode)
         return self.port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -288,9 +326,44 @@ class Application:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
 
+    async def _check_schema(self) -> bool:
+        """Whether the database is at the newest schema. Until it is (or while it cannot be told),
+        every unit of work is refused `UNAVAILABLE`: `DATABASE_NOT_MIGRATED` with how to fix it,
+        or `DATABASE_UNAVAILABLE`. Once it is, the page-token key is loaded and calls go through."""
+        if self._schema_ready:
+            return True
+        before = self.database.closed_because
+        try:
+            problem = await migrate.pending(self.engine)
+        except Unavailable as error:
+            self.database.closed_because = (
+                "DATABASE_UNAVAILABLE",
+                "the database has not answered since the server started; retry later",
+            )
+            if before is None or before[0] != "DATABASE_UNAVAILABLE":
+                log.warning("cannot read the schema revision (%s); NOT_SERVING until it can", error.message)
+            return False
+        if problem is not None:
+            self.database.closed_because = (
+                "DATABASE_NOT_MIGRATED",
+                f"{problem}; the operator must run `migrate` first",
+            )
+            if before is None or before[0] != "DATABASE_NOT_MIGRATED":
+                log.error("%s: run `migrate` (or serve with `--migrate`); NOT_SERVING until then", problem)
+            return False
+        if not self.dependencies.pager.tokens.has_key:
+            # No pepper: every server on this database signs with the key stored in it.
+            self.dependencies.pager.tokens.use_key(await page_token_key(self.database))
+        self.database.closed_because = None
+        self._schema_ready = True
+        if before is not None:
+            log.info("the database schema is current now")
+        return True
+
     async def _initial_health(self) -> bool:
-        """NOT_SERVING until the database has answered once; returns whether it has."""
-        serving = await self.access.confirm()
+        """NOT_SERVING until the schema is current and the database has answered once; returns
+        whether both hold."""
+        serving = self._schema_ready and await self.access.confirm()
         await self._set_health(serving)
         return serving
 
@@ -303,7 +376,8 @@ class Application:
         while True:
             await asyncio.sleep(interval)
             try:
-                now_serving = self.access.fresh_enough()
+                # Someone may migrate the database while this server waits for it.
+                now_serving = await self._check_schema() and self.access.fresh_enough()
                 if now_serving != serving:
                     await self._set_health(now_serving)
                     serving = now_serving

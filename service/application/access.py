@@ -126,6 +126,9 @@ class AccessCache:
         self._keys: OrderedDict[str, _KeyEntry] = OrderedDict()
         self._digests: dict[str, str] = {}  # key id -> digest of the cached entry
         self._seen_key_versions: OrderedDict[str, int] = OrderedDict()
+        # Digests of every key this process has loaded, kept across invalidations (bounded like the
+        # keys): a throttled caller's credential is looked up only if it is one of them.
+        self._known_digests: OrderedDict[str, None] = OrderedDict()
         self._snapshots: dict[str, OrgSnapshot] = {}
         self._snapshot_loaded_at: dict[str, float] = {}
         # The revision of each followed organization whose events are all applied here.
@@ -333,6 +336,7 @@ class AccessCache:
             if found is None:  # pragma: no cover - keys are never removed
                 return None
             key, stored_hash = found
+        self.remember(digest)
         entry = _KeyEntry(key=key, stored_hash=stored_hash, loaded_at=started)
         self._keys[digest] = entry
         self._digests[key.id] = digest
@@ -341,15 +345,26 @@ class AccessCache:
             self._digests.pop(evicted.key.id, None)
         return entry
 
+    def remember(self, digest: str) -> None:
+        """Notes the digest of a key that exists (loaded, or made by this process), so that it is
+        looked up even for a throttled caller (`known_only`)."""
+        self._known_digests[digest] = None
+        self._known_digests.move_to_end(digest)
+        while len(self._known_digests) > self._max_keys:
+            self._known_digests.popitem(last=False)
+
     async def authenticate(
-        self, secret: str, now: datetime | None = None, *, min_revision: int = 0
+        self, secret: str, now: datetime | None = None, *, min_revision: int = 0, known_only: bool = False
     ) -> Authentication:
-        """Who the secret is, as of at least `min_revision` of its organization (see `reach`).
-        A malformed secret is refused before any lookup."""
+        """Who the secret is, as of at least `min_revision` of its organization (see `reach`). A
+        malformed secret is refused before any lookup; with `known_only`, so is one this process
+        never loaded (NOT_FOUND without reading the database)."""
         parsed = keys.parse(secret)
         if parsed is None:
             return Authentication(None, Denial.MALFORMED)
         digest = self._hasher.digest(parsed.secret)
+        if known_only and digest not in self._keys and digest not in self._known_digests:
+            return Authentication(None, Denial.NOT_FOUND)
         entry, key_cached = await self._key_entry(digest)
         if entry is None or not self._hasher.same(entry.stored_hash, digest):
             return Authentication(None, Denial.NOT_FOUND)

@@ -196,6 +196,7 @@ class ApiKeys:
                 await recheck_active(uow, principal.organization_id, env_id)
             await uow.api_keys.insert(key, self._deps.hasher.digest(secret.secret))
             uow.record(Action.CREATED, key)
+            self._deps.access.remember(self._deps.hasher.digest(secret.secret))
             return key.id
 
         outcome = await create_once(
@@ -379,6 +380,7 @@ class ApiKeys:
             await repository.insert(successor, self._deps.hasher.digest(secret.secret))
             uow.record_update(current, previous, Action.ROLLED)
             uow.record(Action.CREATED, successor)
+            self._deps.access.remember(self._deps.hasher.digest(secret.secret))
         return RolledKey(successor, secret.secret, previous)
 
     @staticmethod

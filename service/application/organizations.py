@@ -61,6 +61,7 @@ class Organizations:
             await uow.api_keys.insert(key, self._deps.hasher.digest(secret.secret))
             for created in (organization, environment, owner, key):
                 uow.record(Action.CREATED, created)
+            self._deps.access.remember(self._deps.hasher.digest(secret.secret))
             return organization.id
 
         outcome = await create_once(

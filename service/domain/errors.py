@@ -87,6 +87,16 @@ class Unavailable(DomainError):
     default_reason = "DATABASE_UNAVAILABLE"
 
 
+class ResourceExhausted(DomainError):
+    """The caller used up an allowance; it may retry after `retry_after` seconds."""
+
+    default_reason = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, *, retry_after: float, reason: str | None = None) -> None:
+        super().__init__(message, reason=reason)
+        self.retry_after = retry_after
+
+
 # The one NOT_FOUND of each resource type: an id that does not exist and an id outside the
 # caller's reach must be indistinguishable.
 

@@ -18,7 +18,8 @@ from service.domain.principal import Principal
 class Level(enum.Enum):
     """What kind of caller a method needs."""
 
-    PUBLIC = "public"  # no credentials: health, reflection, VerifyApiKey
+    PUBLIC = "public"  # no credentials: health, reflection
+    VERIFIER = "verifier"  # VerifyApiKey: a verifier token when the server has some, else anyone
     OPERATOR = "operator"  # the operator token from the server's configuration
     AUTHENTICATED = "authenticated"  # any usable key of the organization
     ORGANIZATION = "organization"  # an organization-wide key with an OWNER/ADMIN owner, if owned
@@ -79,7 +80,7 @@ POLICY: Final[dict[str, Rule]] = {
     _KEY + "UpdateApiKey": Rule(Level.ENVIRONMENT, "api_keys:write"),
     _KEY + "RevokeApiKey": Rule(Level.ENVIRONMENT, "api_keys:write"),
     _KEY + "RollApiKey": Rule(Level.ENVIRONMENT, "api_keys:write"),
-    _KEY + "VerifyApiKey": Rule(Level.PUBLIC),
+    _KEY + "VerifyApiKey": Rule(Level.VERIFIER),
     _RES + "RegisterResource": Rule(Level.CONTEXT, resource_access="write"),
     _RES + "GetResource": Rule(Level.CONTEXT, resource_access="read"),
     _RES + "ListResources": Rule(Level.CONTEXT, resource_access="read"),

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from service.domain.calls import committed_revision, current_request_id
 from service.domain.clock import utcnow
-from service.domain.errors import DomainError
+from service.domain.errors import DomainError, Unavailable
 from service.domain.events import Actor, Change, Event
 from service.domain.models import Organization
 from service.storage.errors import translate
@@ -112,20 +112,29 @@ class Database:
         self._writer: contextlib.AbstractAsyncContextManager[Any] = (
             asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
+        # (reason, message) while the schema is not known to be the one this code needs (start-up
+        # found it behind, or could not tell): every unit of work is refused with it.
+        self.closed_because: tuple[str, str] | None = None
 
     def on_commit(self, listener: CommitListener) -> None:
         """Calls `listener(organization_id, revision, events)` after each committed write."""
         self._listeners.append(listener)
 
+    def _require_schema(self) -> None:
+        if self.closed_because is not None:
+            reason, message = self.closed_because
+            raise Unavailable(message, reason=reason)
+
     @asynccontextmanager
     async def read(self) -> AsyncIterator[UnitOfWork]:
         """A unit of work for reading; nothing it does is committed."""
+        self._require_schema()
         async with translated_errors(), self._sessions() as session:
             yield UnitOfWork(session)
 
     @asynccontextmanager
     async def write(
-        self, organization_id: str | None, actor: Actor | None = None
+        self, organization_id: str | None, actor: Actor | None = None, *, require_schema: bool = True
     ) -> AsyncIterator[UnitOfWork]:
         """One transaction of one organization's writes, by `actor`.
 
@@ -135,8 +144,11 @@ class Database:
         on PostgreSQL a NOTIFY (delivered at commit) tells other replicas. After commit the
         revision is set in `committed_revision` for the call's answer and listeners (this
         replica's cache) get the events. `None` is for creating an organization: its revision
-        is raised once its row exists.
+        is raised once its row exists. `require_schema=False` is for start-up work done once
+        the schema was found current.
         """
+        if require_schema:
+            self._require_schema()
         async with translated_errors(), self._writer, self._sessions() as session, session.begin():
             revision = None
             if organization_id is not None:

@@ -6,10 +6,15 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.script import ScriptDirectory
+from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from service.storage.database import translated_errors
+
 _SCRIPTS = Path(__file__).parent / "migrations"
+_VERSION_TABLE = "alembic_version"
 
 
 def _config(connection: Connection | None = None) -> Config:
@@ -26,5 +31,32 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
     def run(connection: Connection) -> None:
         command.upgrade(_config(connection), revision)
 
-    async with engine.begin() as connection:
+    async with translated_errors(), engine.begin() as connection:
         await connection.run_sync(run)
+
+
+def head() -> str:
+    """The newest schema revision this code knows."""
+    revision = ScriptDirectory.from_config(_config()).get_current_head()
+    assert revision is not None
+    return revision
+
+
+async def pending(engine: AsyncEngine) -> str | None:
+    """None when the database is at the newest revision; otherwise what it is at, in words.
+    A database that does not answer is `Unavailable`."""
+
+    def current(connection: Connection) -> str | None:
+        # Read directly rather than through Alembic's MigrationContext, which logs two INFO lines
+        # per look: a server waiting for a migration looks every second.
+        if not inspect(connection).has_table(_VERSION_TABLE):
+            return None
+        return connection.execute(text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalar()  # noqa: S608
+
+    async with translated_errors(), engine.connect() as connection:
+        revision = await connection.run_sync(current)
+    newest = head()
+    if revision == newest:
+        return None
+    found = "has no schema" if revision is None else f"is at schema revision {revision}"
+    return f"the database {found}; this server needs revision {newest}"

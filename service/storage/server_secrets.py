@@ -40,7 +40,8 @@ class ServerSecretRepository:
 
 
 async def page_token_key(database: Database) -> bytes:
-    """The database's random key for signing page tokens, made on first use."""
-    async with database.write(None) as uow:
+    """The database's random key for signing page tokens, made on first use. Called at start-up
+    once the schema is known to be current, before calls are let through."""
+    async with database.write(None, require_schema=False) as uow:
         stored = await uow.server_secrets.get_or_create(PAGE_TOKEN_KEY, secrets.token_hex(_KEY_BYTES))
     return bytes.fromhex(stored)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
@@ -15,6 +17,7 @@ from service.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -30,6 +33,7 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     Denied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
@@ -48,8 +52,8 @@ def _pack(message: Message) -> any_pb2.Any:
 
 
 def to_status(error: DomainError) -> tuple[grpc.StatusCode, str, bytes]:
-    """Code, message and the serialized google.rpc.Status (ErrorInfo, and BadRequest when there are
-    field violations) for a domain error."""
+    """Code, message and the serialized google.rpc.Status (ErrorInfo, BadRequest when there are
+    field violations, RetryInfo when the error says when to retry) for a domain error."""
     code = status_code(error)
     status = status_pb2.Status(code=code.value[0], message=error.message)
     status.details.append(
@@ -66,6 +70,11 @@ def to_status(error: DomainError) -> tuple[grpc.StatusCode, str, bytes]:
                 )
             )
         )
+    if isinstance(error, ResourceExhausted):
+        delay = duration_pb2.Duration()
+        # Whole milliseconds, rounded up: retrying a moment early would only be refused again.
+        delay.FromMilliseconds(max(1, math.ceil(error.retry_after * 1000)))
+        status.details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     return code, error.message, status.SerializeToString()
 
 

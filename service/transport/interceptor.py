@@ -6,6 +6,9 @@ wrapped once (building a handler per call measured about 10% slower on an echo s
 the request is decoded, the wrapper checks the policy rule against it, resolves the environment
 context for context-scoped methods, hands the principal to the handler through a ContextVar, and
 turns every domain error into a rich status.
+
+Looking the credential up waits for the wrapper too: refused credentials are throttled per peer
+address (`throttle.py`), and only the handler's context knows the peer.
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ from google.protobuf.message import DecodeError
 
 from service.application.access import AccessCache
 from service.domain.calls import committed_revision
-from service.domain.errors import Denied, DomainError, InvalidArgument, Unauthenticated
+from service.domain.errors import Denied, DomainError, InvalidArgument, ResourceExhausted, Unauthenticated
 from service.domain.policy import POLICY, Level, Rule, authorize
 from service.domain.principal import Principal, unauthenticated
 from service.transport import context as call_context
 from service.transport import enums
 from service.transport.errors import abort, internal_status, to_status
+from service.transport.throttle import AuthFailureThrottle
+from service.transport.verifier_tokens import VerifierTokens
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +52,8 @@ class _Call:
     """What `intercept_service` learnt about one call, for the wrapped handler."""
 
     rule: Rule | None
-    principal: Principal | None
-    failure: DomainError | None
+    # Identifies the caller, given its peer; raises the DomainError that refuses the call.
+    authenticate: Callable[[str], Awaitable[Principal | None]]
     environment: str | None
     request_id: str
 
@@ -120,15 +125,46 @@ def _min_revision(metadata: dict[str, str]) -> int:
 class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Identifies callers and enforces the policy table on every call."""
 
-    def __init__(self, access: AccessCache, operator_token: str | None) -> None:
+    def __init__(
+        self,
+        access: AccessCache,
+        operator_token: str | None,
+        verifier_tokens: VerifierTokens | None = None,
+        throttle: AuthFailureThrottle | None = None,
+    ) -> None:
         self._access = access
         self._operator_token = operator_token
+        self._verifier_tokens = verifier_tokens if verifier_tokens is not None else VerifierTokens(())
+        self._throttle = throttle if throttle is not None else AuthFailureThrottle(0)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
+    def _authentication(
+        self, rule: Rule | None, metadata: dict[str, str], raw: Sequence[tuple[str, str | bytes]]
+    ) -> Callable[[str], Awaitable[Principal | None]]:
+        """How the wrapped handler identifies this call's caller once it knows the peer."""
+
+        async def authenticate(peer: str) -> Principal | None:
+            if rule is None:
+                raise Denied("this method has no access rule and is refused", reason="METHOD_NOT_ALLOWED")
+            if rule.level is Level.PUBLIC:
+                return None
+            return await self._throttle.guard(
+                peer, lambda throttled: self._identify(rule, metadata, raw, known_only=throttled)
+            )
+
+        return authenticate
+
     async def _identify(
-        self, rule: Rule, metadata: dict[str, str], raw: Sequence[tuple[str, str | bytes]]
+        self,
+        rule: Rule,
+        metadata: dict[str, str],
+        raw: Sequence[tuple[str, str | bytes]],
+        known_only: bool = False,
     ) -> Principal | None:
         if rule.level is Level.PUBLIC:
+            return None
+        if rule.level is Level.VERIFIER:
+            self._verifier_tokens.require(raw)
             return None
         token = _bearer(metadata, raw)
         if rule.level is Level.OPERATOR:
@@ -139,7 +175,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             if not hmac.compare_digest(token.encode(), self._operator_token.encode()):
                 raise Unauthenticated("the operator token is wrong", reason="OPERATOR_TOKEN_INVALID")
             return None
-        outcome = await self._access.authenticate(token, min_revision=_min_revision(metadata))
+        outcome = await self._access.authenticate(
+            token, min_revision=_min_revision(metadata), known_only=known_only
+        )
         if outcome.principal is None:
             assert outcome.denial is not None
             raise unauthenticated(outcome.denial)
@@ -159,18 +197,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler.unary_unary is None:
             # Only the public standard services stream (health Watch, reflection).
             return handler if rule is not None and rule.level is Level.PUBLIC else None
-        failure: DomainError | None = None
-        principal: Principal | None = None
-        if rule is None:
-            failure = Denied("this method has no access rule and is refused", reason="METHOD_NOT_ALLOWED")
-        else:
-            try:
-                principal = await self._identify(rule, metadata, raw)
-            except DomainError as error:
-                failure = error
         # The handler runs in this call's own task, so this reaches it and no other call.
         _current_call.set(
-            _Call(rule, principal, failure, metadata.get(ENVIRONMENT_HEADER), _request_id(metadata))
+            _Call(
+                rule,
+                self._authentication(rule, metadata, raw),
+                metadata.get(ENVIRONMENT_HEADER),
+                _request_id(metadata),
+            )
         )
         wrapped = self._wrapped.get(details.method)
         if wrapped is None:
@@ -199,8 +233,7 @@ def _guarded(
         try:
             if state is None:  # pragma: no cover - intercept_service always sets it
                 raise Denied("the call was not authenticated", reason="METHOD_NOT_ALLOWED")
-            if state.failure is not None:
-                raise state.failure
+            principal = await state.authenticate(context.peer())
             assert state.rule is not None
             if isinstance(request, _Undecodable):
                 raise InvalidArgument.field(
@@ -208,7 +241,7 @@ def _guarded(
                     f"is not a valid protobuf message ({request.error})",
                     reason="MALFORMED_REQUEST",
                 )
-            acting = state.principal
+            acting = principal
             if acting is not None:
                 authorize(
                     state.rule,
@@ -226,7 +259,9 @@ def _guarded(
                 )
             return response
         except DomainError as error:
-            log.info("refused: %s %s", error.reason, error.message)
+            # Refused credentials are logged by the throttle: once per peer address and minute.
+            if not isinstance(error, (Unauthenticated, ResourceExhausted)):
+                log.info("refused: %s %s", error.reason, error.message)
             await abort(context, to_status(error), request_id)
         except grpc.aio.AbortError:
             raise

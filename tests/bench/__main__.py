@@ -25,7 +25,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from tests.bench.echo import ECHO_METHOD
 from tests.bench.load import Load, Result, Scenario, run_load
 from tests.bench.processes import ServerProcess, echo_answers, health_serving, start_server
 from tests.bench.report import REVOCATION_POLL_SECONDS, SQLITE_POLL_SECONDS, Report, Revocation, render
+from tests.bench.security import VERIFIER_TOKEN, Flood, measure_flood, start_security_servers
 
 SCOPED_KEY_SCOPES = ["environments:read", "inboxes:read", "inboxes:write"]
 REVOCATION_TIMEOUT_SECONDS = 10.0
@@ -297,7 +298,7 @@ async def prepare(plan: Plan, server: ServerProcess) -> Scenario:
     """Probes the call once; its answer must pass the plan's check. Raises Skip otherwise."""
     if plan.problem:
         raise Skip(plan.problem)
-    async with grpc.aio.insecure_channel(server.address) as channel:
+    async with server.channel() as channel:
         try:
             answer = await channel.unary_unary(plan.method)(
                 plan.request(), metadata=plan.metadata or None, timeout=10.0
@@ -464,9 +465,29 @@ async def run(arguments: argparse.Namespace) -> Report:
                 servers.append(replica_a)
                 setup = await set_up(replica_a, operator_token)
                 echo_size = len(_verify_request(setup).SerializeToString())
+                security = await start_security_servers(
+                    service_arguments(database_url, schema, operator_token, False), directory
+                )
+                servers += [security.tls, security.verifier]
+                plans = service_plans(setup)
+                verify = plans[0]
+                # What TLS and a verifier token cost, next to the plaintext row they compare with.
+                measured = [
+                    (verify, replica_a),
+                    (replace(verify, name="VerifyApiKey valid, TLS"), security.tls),
+                    (
+                        replace(
+                            verify,
+                            name="VerifyApiKey valid, verifier token",
+                            metadata=(("authorization", f"Bearer {VERIFIER_TOKEN}"),),
+                        ),
+                        security.verifier,
+                    ),
+                    *((plan, replica_a) for plan in plans[1:]),
+                ]
 
                 echo_first = await measure_echo(echo, echo_size, "echo (first)", load)
-                reads = [await measure(plan, replica_a, load) for plan in service_plans(setup)]
+                reads = [await measure(plan, server, load) for plan, server in measured]
                 echo_last = await measure_echo(echo, echo_size, "echo (last)", load)
                 # Writes last: they add environments, which the list scenario must not see.
                 writes = [
@@ -505,12 +526,27 @@ async def run(arguments: argparse.Namespace) -> Report:
                         )
                     except grpc.aio.AioRpcError as error:
                         revocation.skipped = f"failed: {failure(error)}"
+
+                # Last: the flood leaves replica A throttling this client for a minute.
+                floods: list[Flood] = []
+                legitimate = plans[2]
+                for target, server in (
+                    ("replica A, throttle on (120 a minute)", replica_a),
+                    ("throttle off", security.verifier),
+                ):
+                    try:
+                        scenario = await prepare(legitimate, server)
+                    except Skip as skip:
+                        print(f"  flood on {target} skipped: {skip}", file=sys.stderr)
+                        continue
+                    print(f"  flooding {target} ...", file=sys.stderr, flush=True)
+                    floods.append(await measure_flood(target, scenario, load))
             finally:
                 for server in reversed(servers):
                     server.stop()
     backend = "postgresql" if arguments.postgres else "sqlite"
     return Report(
-        backend, load, echo_first, echo_last, reads, writes, under_writes, channel_results, revocation
+        backend, load, echo_first, echo_last, reads, writes, under_writes, channel_results, revocation, floods
     )
 
 
@@ -552,7 +588,7 @@ def main() -> int:
         print(f"\nresults written to {arguments.json}")
     under = [report.under_writes] if report.under_writes is not None else []
     checked = (report.echo_first, *report.reads, report.echo_last, *report.writes, *under)
-    flagged = [result for result in checked if result.error_count]
+    flagged = [r for r in (*checked, *(f.flooded for f in report.floods)) if r.error_count]
     return 1 if flagged or report.revocation.problems else 0
 
 

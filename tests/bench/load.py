@@ -150,8 +150,7 @@ async def run_load(scenario: Scenario, load: Load) -> Result:
     """Runs `load.concurrency` workers spread over `load.channels` channels; measures after warm-up."""
     result = Result(scenario.name, seconds=load.duration, channels=load.channels)
     channels: Sequence[grpc.aio.Channel] = [
-        grpc.aio.insecure_channel(scenario.server.address, options=CHANNEL_OPTIONS)
-        for _ in range(load.channels)
+        scenario.server.channel(options=CHANNEL_OPTIONS) for _ in range(load.channels)
     ]
     try:
         for channel in channels:

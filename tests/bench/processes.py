@@ -41,11 +41,25 @@ def free_port() -> int:
 class ServerProcess:
     """A server in a subprocess, its address and its log file."""
 
-    def __init__(self, name: str, process: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        process: subprocess.Popen[bytes],
+        port: int,
+        log_path: Path,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.name = name
         self.process = process
         self.port = port
         self.log_path = log_path
+        self.credentials = credentials
+
+    def channel(self, options: list[tuple[str, int]] | None = None) -> grpc.aio.Channel:
+        """A new channel to the server: TLS when it serves TLS."""
+        if self.credentials is None:
+            return grpc.aio.insecure_channel(self.address, options=options)
+        return grpc.aio.secure_channel(self.address, self.credentials, options=options)
 
     @property
     def address(self) -> str:
@@ -71,7 +85,7 @@ class ServerProcess:
     async def wait_ready(self, probe: Probe) -> None:
         """Waits until `probe` succeeds on a channel to the server; fails if the process exits."""
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        async with grpc.aio.insecure_channel(self.address) as channel:
+        async with self.channel() as channel:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
                     raise RuntimeError(
@@ -97,7 +111,13 @@ class ServerProcess:
             self.process.wait()
 
 
-def spawn(name: str, arguments: list[str], port: int, log_path: Path) -> ServerProcess:
+def spawn(
+    name: str,
+    arguments: list[str],
+    port: int,
+    log_path: Path,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> ServerProcess:
     """Starts `python <arguments>` in the project root, its output going to `log_path`."""
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -107,11 +127,16 @@ def spawn(name: str, arguments: list[str], port: int, log_path: Path) -> ServerP
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
         )
-    return ServerProcess(name, process, port, log_path)
+    return ServerProcess(name, process, port, log_path, credentials)
 
 
 async def start_server(
-    name: str, arguments: Callable[[int], list[str]], probe: Probe, log_dir: Path, attempts: int = 3
+    name: str,
+    arguments: Callable[[int], list[str]],
+    probe: Probe,
+    log_dir: Path,
+    attempts: int = 3,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> ServerProcess:
     """Starts `python <arguments(port)>` on a free port and waits until `probe` passes.
 
@@ -121,7 +146,8 @@ async def start_server(
     error: RuntimeError | None = None
     for attempt in range(attempts):
         port = free_port()
-        server = spawn(name, arguments(port), port, log_dir / f"{name.replace(' ', '-')}-{attempt}.log")
+        log_path = log_dir / f"{name.replace(' ', '-')}-{attempt}.log"
+        server = spawn(name, arguments(port), port, log_path, credentials)
         try:
             await server.wait_ready(probe)
             return server

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from tests.bench.load import Load, Result
+from tests.bench.security import Flood, render_floods
 
 REVOCATION_POLL_SECONDS = 0.01
 # Replicas follow each other through LISTEN/NOTIFY on PostgreSQL and a revision poll this often on
@@ -108,6 +109,7 @@ class Report:
     under_writes: Result | None
     channel_results: list[Result]
     revocation: Revocation
+    floods: list[Flood] = field(default_factory=list)
 
     @property
     def baseline(self) -> Baseline:
@@ -144,6 +146,7 @@ class Report:
             if channel_baseline
             else [],
             "revocation": self.revocation.as_json(),
+            "floods": [flood.as_json() for flood in self.floods],
         }
 
 
@@ -235,6 +238,7 @@ def render(report: Report) -> str:
         lines += [_row(result, multi_echo) for result in report.channel_results]
     extra = [report.under_writes] if report.under_writes is not None else []
     lines += list(_error_lines([*main_rows, *report.writes, *extra, *report.channel_results]))
+    lines += render_floods(report.floods)
     lines += [
         "",
         REFERENCE_NOTE,

@@ -1,0 +1,52 @@
+"""The bearer tokens that callers of `VerifyApiKey` present (SPEC §7, `AGENTPOST_VERIFIER_TOKENS`).
+
+`VerifyApiKey` tells whoever asks whether a secret is valid; in production only the platform's
+own backends should be able to ask, so the server may require one of a set of tokens from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Iterable, Sequence
+
+from service.domain.errors import Unauthenticated
+
+
+def _digest(token: str) -> bytes:
+    # Comparing fixed-length digests keeps the comparison's time independent of both lengths.
+    return hashlib.sha256(token.encode()).digest()
+
+
+class VerifierTokens:
+    """The configured tokens; with none, every caller may verify (local use)."""
+
+    def __init__(self, tokens: Iterable[str]) -> None:
+        self._digests = tuple(_digest(token) for token in tokens)
+
+    @property
+    def required(self) -> bool:
+        """Whether callers must present a token."""
+        return bool(self._digests)
+
+    def require(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        """Raises `Unauthenticated` `VERIFIER_TOKEN_REQUIRED` unless the call's one
+        `authorization: Bearer <token>` names a configured token (or none are configured)."""
+        if not self._digests:
+            return
+        values = [value for key, value in metadata if key == "authorization"]
+        presented = b""
+        if len(values) == 1 and isinstance(values[0], str):
+            scheme, _, token = values[0].strip().partition(" ")
+            if scheme.lower() == "bearer":
+                presented = _digest(token.strip())
+        # Every configured token is compared, so the time taken does not tell which one was close.
+        matched = False
+        for expected in self._digests:
+            matched |= hmac.compare_digest(presented, expected)
+        if not matched:
+            raise Unauthenticated(
+                "VerifyApiKey needs `authorization: Bearer <verifier token>` with a token this server "
+                "was configured with",
+                reason="VERIFIER_TOKEN_REQUIRED",
+            )
