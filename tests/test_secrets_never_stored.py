@@ -8,11 +8,10 @@ from pathlib import Path
 import grpc
 import pytest
 from agentpost.environments.v1 import api_key_pb2 as pb
-from agentpost.environments.v1 import organization_pb2
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from tests.harness import Harness, Org, auth, fails
+from tests.harness import Harness, Org, auth, corrupt, fails
 
 
 def body_of(secret: str) -> str:
@@ -73,9 +72,7 @@ async def test_logs_hold_no_secret(harness: Harness, org: Org, caplog: pytest.Lo
         pb.CreateApiKeyRequest(name="logged", scopes=["api_keys:read"]), metadata=auth(org.owner_secret)
     )
     secret = created.secret
-    await harness.api_keys.VerifyApiKey(
-        pb.VerifyApiKeyRequest(secret=secret, required_scopes=["inboxes:read"])
-    )
+    await harness.verify(secret, "", "inboxes:read")
     await fails(
         harness.api_keys.CreateApiKey(
             pb.CreateApiKeyRequest(name="x", scopes=["inboxes:read"]), metadata=auth(secret)
@@ -86,21 +83,9 @@ async def test_logs_hold_no_secret(harness: Harness, org: Org, caplog: pytest.Lo
     await harness.api_keys.RevokeApiKey(
         pb.RevokeApiKeyRequest(id=created.api_key.id), metadata=auth(org.owner_secret)
     )
-    failure = await fails(
-        harness.organizations.GetOrganization(
-            organization_pb2.GetOrganizationRequest(), metadata=auth(secret)
-        ),
-        grpc.StatusCode.UNAUTHENTICATED,
-        "API_KEY_REVOKED",
-    )
-    corrupted = secret[:-1] + ("A" if secret[-1] != "A" else "B")
-    await fails(
-        harness.organizations.GetOrganization(
-            organization_pb2.GetOrganizationRequest(), metadata=auth(corrupted)
-        ),
-        grpc.StatusCode.UNAUTHENTICATED,
-        "API_KEY_MALFORMED",
-    )
+    failure = await fails(harness.whoami(secret), grpc.StatusCode.UNAUTHENTICATED, "API_KEY_REVOKED")
+    corrupted = corrupt(secret, -1)
+    await fails(harness.whoami(corrupted), grpc.StatusCode.UNAUTHENTICATED, "API_KEY_MALFORMED")
     assert caplog.records, "the calls above must have logged something for this test to mean anything"
     for record in caplog.records:
         line = f"{record.getMessage()} {record.args!r} {record.exc_text or ''}"
