@@ -7,77 +7,28 @@ the run.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
-import grpc
 import pytest
-from sqlalchemy.engine import make_url
 
-from service.app.config import Settings
-from service.app.server import Application
-from tests.harness import OPERATOR_TOKEN, Harness, Org
+from tests.harness import Harness, Org
+from tests.servers import Backend, scratch_schema, serving
 
 POSTGRES_URL_VARIABLE = "AGENTPOST_TEST_POSTGRES_URL"
 BACKENDS = ["sqlite", "postgres"]
 
 
-@dataclass(frozen=True)
-class Backend:
-    """Where a test server keeps its data."""
-
-    name: str
-    url: str
-    schema: str | None
-
-    def settings(self, **overrides: object) -> Settings:
-        """Server settings on this backend, on any free port, with the test operator token."""
-        values: dict[str, object] = {
-            "database_url": self.url,
-            "database_schema": self.schema,
-            "listen_address": "127.0.0.1:0",
-            "operator_token": OPERATOR_TOKEN,
-            "shutdown_grace_seconds": 1.0,
-            "shutdown_drain_seconds": 0.0,
-            "cache_refresh_seconds": 0.2,
-            # The suite sends far more refused credentials a minute than any limit allows; the
-            # throttle is tested on servers of its own.
-            "auth_failures_per_minute": 0,
-        }
-        values.update(overrides)
-        return Settings(**values)  # type: ignore[arg-type]
-
-
-def _postgres_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @pytest.fixture(scope="session")
-def postgres_schema() -> Iterator[tuple[str, str] | None]:
+async def postgres_schema() -> AsyncIterator[tuple[str, str] | None]:
     """A schema of its own for this run on the test PostgreSQL server, dropped at the end."""
     url = os.environ.get(POSTGRES_URL_VARIABLE)
     if not url:
         yield None
         return
-    schema = f"agentpost_test_{uuid.uuid4().hex[:12]}"
-
-    async def run(statement: str) -> None:
-        connection = await asyncpg.connect(_postgres_dsn(url))
-        try:
-            await connection.execute(statement)
-        finally:
-            await connection.close()
-
-    asyncio.run(run(f'CREATE SCHEMA "{schema}"'))
-    try:
+    async with scratch_schema(url, "agentpost_test") as schema:
         yield url, schema
-    finally:
-        asyncio.run(run(f'DROP SCHEMA "{schema}" CASCADE'))
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
@@ -96,24 +47,11 @@ def backend(
     return Backend("postgres", url, schema)
 
 
-async def start_server(backend: Backend, **overrides: object) -> tuple[Application, grpc.aio.Channel]:
-    """A migrated, started server on `backend` and a channel to it."""
-    app = Application(backend.settings(**overrides))
-    await app.migrate()
-    await app.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
-    return app, channel
-
-
 @pytest.fixture(scope="session")
 async def harness(backend: Backend) -> AsyncIterator[Harness]:
     """One server per backend for the session; tests isolate themselves by organization."""
-    app, channel = await start_server(backend)
-    try:
-        yield Harness(app, channel, backend.name)
-    finally:
-        await channel.close()
-        await app.stop(grace=0)
+    async with serving(backend) as running:
+        yield running
 
 
 @pytest.fixture

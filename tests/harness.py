@@ -1,11 +1,13 @@
-"""What the tests use to talk to a real server over gRPC: stubs, metadata and error inspection."""
+"""What the tests use to talk to a real server over gRPC: stubs, metadata, error inspection, and
+the calls many tests make on the way to what they check."""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from agentpost.environments.v1 import (
@@ -19,13 +21,16 @@ from agentpost.environments.v1 import (
     organization_pb2_grpc,
     resource_pb2_grpc,
 )
+from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_status import rpc_status
 
-from service.app.server import Application
+if TYPE_CHECKING:
+    from service.app.server import Application
 
 OPERATOR_TOKEN = "test-operator-token"
+AS_OPERATOR = (("authorization", f"Bearer {OPERATOR_TOKEN}"),)
 ERROR_DOMAIN = "environments.agentpost.dev"
 
 
@@ -39,6 +44,26 @@ def auth(
     if request_id is not None:
         metadata.append(("x-request-id", request_id))
     return tuple(metadata)
+
+
+def mask(*paths: str) -> field_mask_pb2.FieldMask:
+    """An update mask of `paths`."""
+    return field_mask_pb2.FieldMask(paths=list(paths))
+
+
+def stamp(when: datetime) -> timestamp_pb2.Timestamp:
+    """A protobuf Timestamp of `when`."""
+    value = timestamp_pb2.Timestamp()
+    value.FromDatetime(when)
+    return value
+
+
+def corrupt(secret: str, position: int) -> str:
+    """The secret with the character at `position` (negative counts from the end) changed: the
+    same shape, but the checksum no longer matches."""
+    index = position % len(secret)
+    replacement = "A" if secret[index] != "A" else "B"
+    return secret[:index] + replacement + secret[index + 1 :]
 
 
 @dataclass
@@ -90,6 +115,22 @@ async def fails(call: Awaitable[Any], code: grpc.StatusCode, reason: str | None 
     raise AssertionError(f"expected {code} {reason or ''}, but the call succeeded: {result}")
 
 
+async def create_organization(
+    organizations: organization_pb2_grpc.OrganizationServiceStub,
+    name: str = "Acme",
+    call_timeout: float | None = None,
+) -> organization_pb2.CreateOrganizationResponse:
+    """CreateOrganization as the operator, with an owner whose email no other test uses."""
+    response: organization_pb2.CreateOrganizationResponse = await organizations.CreateOrganization(
+        organization_pb2.CreateOrganizationRequest(
+            name=name, owner_email=f"owner-{uuid.uuid4().hex[:8]}@example.com", owner_display_name="Owner"
+        ),
+        metadata=AS_OPERATOR,
+        timeout=call_timeout,
+    )
+    return response
+
+
 @dataclass
 class Org:
     """A fresh organization made through CreateOrganization, as the operator."""
@@ -122,12 +163,7 @@ class Harness:
 
     async def new_org(self, name: str = "Acme") -> Org:
         """Creates an organization and returns its owner's key and default environment."""
-        response = await self.organizations.CreateOrganization(
-            organization_pb2.CreateOrganizationRequest(
-                name=name, owner_email=f"owner-{uuid.uuid4().hex[:8]}@example.com", owner_display_name="Owner"
-            ),
-            metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),),
-        )
+        response = await create_organization(self.organizations, name)
         return Org(
             id=response.organization.id,
             owner_secret=response.owner_api_key_secret,
@@ -149,7 +185,7 @@ class Harness:
             member_pb2.CreateMemberRequest(
                 email=email or f"{role.lower()}-{uuid.uuid4().hex[:8]}@example.com",
                 display_name=role.title(),
-                role=member_pb2.Member.Role.Value(role),
+                role=role,
             ),
             metadata=auth(org.owner_secret),
         )
@@ -176,3 +212,62 @@ class Harness:
             metadata=auth(as_secret or org.owner_secret),
         )
         return response.api_key, response.secret
+
+    # The calls below are made as the key `secret`; each returns what the RPC returns.
+
+    async def whoami(self, secret: str) -> organization_pb2.Organization:
+        """GetOrganization: a call any usable key may make."""
+        organization: organization_pb2.Organization = await self.organizations.GetOrganization(
+            organization_pb2.GetOrganizationRequest(), metadata=auth(secret)
+        )
+        return organization
+
+    async def verify(
+        self, secret: str, environment: str = "", *required_scopes: str
+    ) -> api_key_pb2.VerifyApiKeyResponse:
+        """VerifyApiKey of `secret` in `environment` with `required_scopes`."""
+        response: api_key_pb2.VerifyApiKeyResponse = await self.api_keys.VerifyApiKey(
+            api_key_pb2.VerifyApiKeyRequest(
+                secret=secret, environment=environment, required_scopes=list(required_scopes)
+            )
+        )
+        return response
+
+    async def delete_environment(
+        self, secret: str, environment_id: str, etag: str = ""
+    ) -> environment_pb2.Environment:
+        """DeleteEnvironment as `secret`."""
+        deleted: environment_pb2.Environment = await self.environments.DeleteEnvironment(
+            environment_pb2.DeleteEnvironmentRequest(id=environment_id, etag=etag), metadata=auth(secret)
+        )
+        return deleted
+
+    async def add_environment_member(
+        self,
+        secret: str,
+        environment_id: str,
+        member_id: str,
+        role: member_pb2.EnvironmentMember.Role | str = member_pb2.EnvironmentMember.MEMBER,
+    ) -> member_pb2.EnvironmentMember:
+        """AddEnvironmentMember as `secret`, by default with the MEMBER role (an enum value or its name)."""
+        added: member_pb2.EnvironmentMember = await self.members.AddEnvironmentMember(
+            member_pb2.AddEnvironmentMemberRequest(
+                environment_id=environment_id, member_id=member_id, role=role
+            ),
+            metadata=auth(secret),
+        )
+        return added
+
+    async def update_member(self, secret: str, member: member_pb2.Member, *paths: str) -> member_pb2.Member:
+        """UpdateMember as `secret`, with `paths` as the update mask."""
+        updated: member_pb2.Member = await self.members.UpdateMember(
+            member_pb2.UpdateMemberRequest(member=member, update_mask=mask(*paths)), metadata=auth(secret)
+        )
+        return updated
+
+    async def update_key(self, secret: str, key: api_key_pb2.ApiKey, *paths: str) -> api_key_pb2.ApiKey:
+        """UpdateApiKey as `secret`, with `paths` as the update mask."""
+        updated: api_key_pb2.ApiKey = await self.api_keys.UpdateApiKey(
+            api_key_pb2.UpdateApiKeyRequest(api_key=key, update_mask=mask(*paths)), metadata=auth(secret)
+        )
+        return updated

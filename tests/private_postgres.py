@@ -11,10 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
+
+from tests.servers import free_port
 
 START_TIMEOUT_SECONDS = 30
 
@@ -40,13 +41,6 @@ def available() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 class PrivatePostgres:
     """One throwaway cluster: `create()`, `start()`, `stop()`, `destroy()`; trust auth on 127.0.0.1."""
 
@@ -57,7 +51,7 @@ class PrivatePostgres:
         self._root = Path(tempfile.mkdtemp(prefix="agentpost-pg-"))
         self._data = self._root / "data"
         self._log = self._root / "server.log"
-        self.port = _free_port()
+        self.port = free_port()
         self._as_root = os.geteuid() == 0
 
     @property

@@ -23,10 +23,9 @@ import pytest
 from agentpost.environments.v1 import api_key_pb2 as key_pb
 from agentpost.environments.v1 import environment_pb2 as env_pb
 from agentpost.environments.v1 import member_pb2 as pb
-from google.protobuf import field_mask_pb2
 
 from service.domain import scopes
-from tests.harness import Harness, Org, auth, fails
+from tests.harness import Harness, Org, auth, fails, mask
 
 Code = grpc.StatusCode
 OK = None
@@ -177,12 +176,7 @@ async def build_scene(harness: Harness, who: str) -> Scene:
     if env_part != "none":
         grants += [(env_id, member.id, env_part) for env_id in (target.id, doomed.id, side.id)]
     for env_id, member_id, role in grants:
-        await harness.members.AddEnvironmentMember(
-            pb.AddEnvironmentMemberRequest(
-                environment_id=env_id, member_id=member_id, role=pb.EnvironmentMember.Role.Value(role)
-            ),
-            metadata=auth(org.owner_secret),
-        )
+        await harness.add_environment_member(org.owner_secret, env_id, member_id, role)
     _, caller = await harness.new_key(org, list(scopes.ALL_SCOPES), owner_member_id=member.id)
     return Scene(harness, org, caller, target.id, doomed.id, newcomer.id, leaving.id)
 
@@ -200,7 +194,7 @@ def call(scene: Scene, rpc: str) -> Awaitable[Any]:
         "UpdateEnvironment": lambda: h.environments.UpdateEnvironment(
             env_pb.UpdateEnvironmentRequest(
                 environment=env_pb.Environment(id=scene.target, name="Renamed"),
-                update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+                update_mask=mask("name"),
             ),
             metadata=metadata,
         ),

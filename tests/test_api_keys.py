@@ -6,38 +6,22 @@ import asyncio
 import re
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import grpc
 import pytest
 from agentpost.environments.v1 import api_key_pb2 as pb
-from agentpost.environments.v1 import environment_pb2
-from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
+from agentpost.environments.v1 import environment_pb2, member_pb2
+from google.protobuf import duration_pb2
 
-from tests.harness import Harness, Org, auth, fails
+from tests.harness import Harness, Org, auth, fails, stamp
 
 Code = grpc.StatusCode
 SECRET_SHAPE = re.compile(r"^ap_sk_(live|dev)_[0-9A-Za-z]{38}$")
 RANDOM_KEY_ID = "key_01J0000000000000000000000A"
-
-
-def stamp(when: datetime) -> timestamp_pb2.Timestamp:
-    value = timestamp_pb2.Timestamp()
-    value.FromDatetime(when)
-    return value
-
-
-def mask(*paths: str) -> field_mask_pb2.FieldMask:
-    return field_mask_pb2.FieldMask(paths=list(paths))
-
-
-async def whoami(harness: Harness, secret: str) -> None:
-    """A call any usable key may make (GetOrganization)."""
-    from agentpost.environments.v1 import organization_pb2
-
-    await harness.organizations.GetOrganization(
-        organization_pb2.GetOrganizationRequest(), metadata=auth(secret)
-    )
 
 
 async def test_create_returns_key_and_secret_once(harness: Harness, org: Org) -> None:
@@ -94,7 +78,7 @@ async def test_create_dev_mode_owned_and_expiring(harness: Harness, org: Org) ->
     ],
 )
 async def test_create_rejects_bad_input(
-    harness: Harness, org: Org, request_fields: dict[str, object], field: str, reason: str | None
+    harness: Harness, org: Org, request_fields: dict[str, Any], field: str, reason: str | None
 ) -> None:
     failure = await fails(
         harness.api_keys.CreateApiKey(
@@ -144,9 +128,7 @@ async def test_create_unknown_owner_and_deleted_environment(harness: Harness, or
         "MEMBER_NOT_FOUND",
     )
     env = await harness.new_environment(org, "Gone")
-    await harness.environments.DeleteEnvironment(
-        environment_pb2.DeleteEnvironmentRequest(id=env.id), metadata=auth(org.owner_secret)
-    )
+    await harness.delete_environment(org.owner_secret, env.id)
     await fails(
         harness.api_keys.CreateApiKey(
             pb.CreateApiKeyRequest(name="k", scopes=["inboxes:read"], environment_ids=[env.id]),
@@ -253,12 +235,7 @@ async def test_keys_out_of_reach_are_not_found(harness: Harness, org: Org) -> No
     for out_of_reach in (org.owner_key_id, s.key_in_b.id, s.key_in_a_and_b.id):
         for call in (
             keys.GetApiKey(pb.GetApiKeyRequest(id=out_of_reach), metadata=auth(s.secret)),
-            keys.UpdateApiKey(
-                pb.UpdateApiKeyRequest(
-                    api_key=pb.ApiKey(id=out_of_reach, name="mine"), update_mask=mask("name")
-                ),
-                metadata=auth(s.secret),
-            ),
+            harness.update_key(s.secret, pb.ApiKey(id=out_of_reach, name="mine"), "name"),
             keys.RevokeApiKey(pb.RevokeApiKeyRequest(id=out_of_reach), metadata=auth(s.secret)),
             keys.RollApiKey(pb.RollApiKeyRequest(id=out_of_reach), metadata=auth(s.secret)),
         ):
@@ -280,32 +257,21 @@ async def test_update_and_roll_cannot_escalate(harness: Harness, org: Org) -> No
     s = await escalation_setup(harness, org)
     keys = harness.api_keys
     await fails(
-        keys.UpdateApiKey(
-            pb.UpdateApiKeyRequest(
-                api_key=pb.ApiKey(id=s.key_in_a.id, scopes=["inboxes:write", "messages:read"]),
-                update_mask=mask("scopes"),
-            ),
-            metadata=auth(s.secret),
+        harness.update_key(
+            s.secret, pb.ApiKey(id=s.key_in_a.id, scopes=["inboxes:write", "messages:read"]), "scopes"
         ),
         Code.PERMISSION_DENIED,
         "SCOPE_ESCALATION",
     )
     await fails(
-        keys.UpdateApiKey(
-            pb.UpdateApiKeyRequest(
-                api_key=pb.ApiKey(id=s.key_in_a.id, environment_ids=[s.env_a.id, s.env_b.id]),
-                update_mask=mask("environment_ids"),
-            ),
-            metadata=auth(s.secret),
+        harness.update_key(
+            s.secret, pb.ApiKey(id=s.key_in_a.id, environment_ids=[s.env_a.id, s.env_b.id]), "environment_ids"
         ),
         Code.NOT_FOUND,
         "ENVIRONMENT_NOT_FOUND",
     )
     await fails(
-        keys.UpdateApiKey(
-            pb.UpdateApiKeyRequest(api_key=pb.ApiKey(id=s.key_in_a.id), update_mask=mask("environment_ids")),
-            metadata=auth(s.secret),
-        ),
+        harness.update_key(s.secret, pb.ApiKey(id=s.key_in_a.id), "environment_ids"),
         Code.PERMISSION_DENIED,
         "ORGANIZATION_KEY_REQUIRED",
     )
@@ -316,11 +282,8 @@ async def test_update_and_roll_cannot_escalate(harness: Harness, org: Org) -> No
         "SCOPE_ESCALATION",
     )
     # Narrowing is fine: dropping the scope the caller lacks, keeping the name.
-    narrowed = await keys.UpdateApiKey(
-        pb.UpdateApiKeyRequest(
-            api_key=pb.ApiKey(id=s.key_in_a.id, scopes=["inboxes:read"]), update_mask=mask("scopes")
-        ),
-        metadata=auth(s.secret),
+    narrowed = await harness.update_key(
+        s.secret, pb.ApiKey(id=s.key_in_a.id, scopes=["inboxes:read"]), "scopes"
     )
     assert list(narrowed.scopes) == ["inboxes:read"] and narrowed.name == s.key_in_a.name
     rolled = await keys.RollApiKey(pb.RollApiKeyRequest(id=s.key_in_a.id), metadata=auth(s.secret))
@@ -330,84 +293,80 @@ async def test_update_and_roll_cannot_escalate(harness: Harness, org: Org) -> No
 async def test_update_fields_mask_and_etag(harness: Harness, org: Org) -> None:
     env_a = await harness.new_environment(org, "A")
     key, _ = await harness.new_key(org, ["inboxes:read"])
-    keys = harness.api_keys
     expire = datetime.now(UTC) + timedelta(hours=1)
-    updated = await keys.UpdateApiKey(
-        pb.UpdateApiKeyRequest(
-            api_key=pb.ApiKey(
-                id=key.id,
-                name="renamed",
-                scopes=["messages:read", "inboxes:write"],
-                environment_ids=[env_a.id],
-                expire_time=stamp(expire),
-                etag=key.etag,
-            ),
-            update_mask=mask("name", "scopes", "environment_ids", "expire_time"),
+    updated = await harness.update_key(
+        org.owner_secret,
+        pb.ApiKey(
+            id=key.id,
+            name="renamed",
+            scopes=["messages:read", "inboxes:write"],
+            environment_ids=[env_a.id],
+            expire_time=stamp(expire),
+            etag=key.etag,
         ),
-        metadata=auth(org.owner_secret),
+        "name",
+        "scopes",
+        "environment_ids",
+        "expire_time",
     )
     assert updated.name == "renamed"
     assert list(updated.scopes) == ["inboxes:write", "messages:read"]
     assert list(updated.environment_ids) == [env_a.id]
     assert updated.HasField("expire_time") and updated.etag != key.etag
     assert updated.update_time.ToDatetime() >= key.update_time.ToDatetime()
-    cleared = await keys.UpdateApiKey(
-        pb.UpdateApiKeyRequest(api_key=pb.ApiKey(id=key.id), update_mask=mask("expire_time")),
-        metadata=auth(org.owner_secret),
-    )
+    cleared = await harness.update_key(org.owner_secret, pb.ApiKey(id=key.id), "expire_time")
     assert not cleared.HasField("expire_time") and cleared.name == "renamed"
     await fails(
-        keys.UpdateApiKey(
-            pb.UpdateApiKeyRequest(
-                api_key=pb.ApiKey(id=key.id, name="x", etag=key.etag), update_mask=mask("name")
-            ),
-            metadata=auth(org.owner_secret),
-        ),
+        harness.update_key(org.owner_secret, pb.ApiKey(id=key.id, name="x", etag=key.etag), "name"),
         Code.ABORTED,
         "ETAG_MISMATCH",
     )
     # No mask: the mutable fields the request sets (AIP-134), here only the name.
-    renamed = await keys.UpdateApiKey(
-        pb.UpdateApiKeyRequest(api_key=pb.ApiKey(id=key.id, name="x")), metadata=auth(org.owner_secret)
-    )
+    renamed = await harness.update_key(org.owner_secret, pb.ApiKey(id=key.id, name="x"))
     assert renamed.name == "x" and list(renamed.scopes) == ["inboxes:write", "messages:read"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "paths", "code", "reason", "violation"),
+    [
+        pytest.param(
+            {}, (), Code.INVALID_ARGUMENT, "NOTHING_TO_UPDATE", "update_mask", id="nothing to update"
+        ),
+        *(
+            pytest.param({}, (path,), Code.INVALID_ARGUMENT, "FIELD_NOT_MUTABLE", None, id=path)
+            for path in ("mode", "owner_member_id", "prefix", "revoke_time")
+        ),
+        pytest.param({"scopes": []}, ("scopes",), Code.INVALID_ARGUMENT, None, None, id="no scopes"),
+        pytest.param(
+            {"id": RANDOM_KEY_ID, "name": "x"},
+            ("name",),
+            Code.NOT_FOUND,
+            "API_KEY_NOT_FOUND",
+            None,
+            id="unknown",
+        ),
+    ],
+)
+async def test_update_refuses(
+    harness: Harness,
+    org: Org,
+    fields: dict[str, Any],
+    paths: tuple[str, ...],
+    code: grpc.StatusCode,
+    reason: str | None,
+    violation: str | None,
+) -> None:
+    key, _ = await harness.new_key(org, ["inboxes:read"])
     failure = await fails(
-        keys.UpdateApiKey(
-            pb.UpdateApiKeyRequest(api_key=pb.ApiKey(id=key.id)), metadata=auth(org.owner_secret)
-        ),
-        Code.INVALID_ARGUMENT,
-        "NOTHING_TO_UPDATE",
+        harness.update_key(org.owner_secret, pb.ApiKey(**{"id": key.id, **fields}), *paths), code, reason
     )
-    assert "update_mask" in failure.violations
-    for path in ("mode", "owner_member_id", "prefix", "revoke_time"):
-        await fails(
-            keys.UpdateApiKey(
-                pb.UpdateApiKeyRequest(api_key=pb.ApiKey(id=key.id), update_mask=mask(path)),
-                metadata=auth(org.owner_secret),
-            ),
-            Code.INVALID_ARGUMENT,
-            "FIELD_NOT_MUTABLE",
-        )
-    await fails(
-        keys.UpdateApiKey(
-            pb.UpdateApiKeyRequest(api_key=pb.ApiKey(id=key.id, scopes=[]), update_mask=mask("scopes")),
-            metadata=auth(org.owner_secret),
-        ),
-        Code.INVALID_ARGUMENT,
-    )
-    await fails(
-        keys.UpdateApiKey(
-            pb.UpdateApiKeyRequest(api_key=pb.ApiKey(id=RANDOM_KEY_ID, name="x"), update_mask=mask("name")),
-            metadata=auth(org.owner_secret),
-        ),
-        Code.NOT_FOUND,
-        "API_KEY_NOT_FOUND",
-    )
+    if violation is not None:
+        assert violation in failure.violations
 
 
 async def test_revoke_is_immediate_and_idempotent(harness: Harness, org: Org) -> None:
     key, secret = await harness.new_key(org, ["api_keys:read"])
-    await whoami(harness, secret)
+    await harness.whoami(secret)
     await fails(
         harness.api_keys.RevokeApiKey(
             pb.RevokeApiKeyRequest(id=key.id, etag="stale"), metadata=auth(org.owner_secret)
@@ -418,16 +377,13 @@ async def test_revoke_is_immediate_and_idempotent(harness: Harness, org: Org) ->
         pb.RevokeApiKeyRequest(id=key.id), metadata=auth(org.owner_secret)
     )
     assert revoked.state == pb.ApiKey.REVOKED and revoked.HasField("revoke_time")
-    await fails(whoami(harness, secret), Code.UNAUTHENTICATED, "API_KEY_REVOKED")
+    await fails(harness.whoami(secret), Code.UNAUTHENTICATED, "API_KEY_REVOKED")
     again = await harness.api_keys.RevokeApiKey(
         pb.RevokeApiKeyRequest(id=key.id), metadata=auth(org.owner_secret)
     )
     assert again == revoked
     await fails(
-        harness.api_keys.UpdateApiKey(
-            pb.UpdateApiKeyRequest(api_key=pb.ApiKey(id=key.id, name="x"), update_mask=mask("name")),
-            metadata=auth(org.owner_secret),
-        ),
+        harness.update_key(org.owner_secret, pb.ApiKey(id=key.id, name="x"), "name"),
         Code.FAILED_PRECONDITION,
         "API_KEY_REVOKED",
     )
@@ -444,9 +400,9 @@ async def test_expiry_at_the_boundary(harness: Harness, org: Org) -> None:
         pb.CreateApiKeyRequest(name="short", scopes=["api_keys:read"], expire_time=stamp(expire)),
         metadata=auth(org.owner_secret),
     )
-    await whoami(harness, response.secret)
+    await harness.whoami(response.secret)
     await asyncio.sleep(max(0.0, (expire - datetime.now(UTC)).total_seconds()) + 0.05)
-    await fails(whoami(harness, response.secret), Code.UNAUTHENTICATED, "API_KEY_EXPIRED")
+    await fails(harness.whoami(response.secret), Code.UNAUTHENTICATED, "API_KEY_EXPIRED")
     got = await harness.api_keys.GetApiKey(
         pb.GetApiKeyRequest(id=response.api_key.id), metadata=auth(org.owner_secret)
     )
@@ -488,11 +444,11 @@ async def test_roll_with_overlap_then_previous_expires(harness: Harness, org: Or
     )
     assert previous.id == created.api_key.id and previous.state == pb.ApiKey.ACTIVE
     assert previous.expire_time.ToDatetime(tzinfo=UTC) < original_expiry
-    await whoami(harness, created.secret)
-    await whoami(harness, rolled.secret)
+    await harness.whoami(created.secret)
+    await harness.whoami(rolled.secret)
     await asyncio.sleep(max(0.0, 2.05 - (time.monotonic() - started)))
-    await fails(whoami(harness, created.secret), Code.UNAUTHENTICATED, "API_KEY_EXPIRED")
-    await whoami(harness, rolled.secret)
+    await fails(harness.whoami(created.secret), Code.UNAUTHENTICATED, "API_KEY_EXPIRED")
+    await harness.whoami(rolled.secret)
 
 
 async def test_roll_without_overlap_and_bad_ttl(harness: Harness, org: Org) -> None:
@@ -509,8 +465,8 @@ async def test_roll_without_overlap_and_bad_ttl(harness: Harness, org: Org) -> N
         pb.RollApiKeyRequest(id=key.id), metadata=auth(org.owner_secret)
     )
     assert rolled.previous_api_key.state == pb.ApiKey.EXPIRED
-    await fails(whoami(harness, secret), Code.UNAUTHENTICATED, "API_KEY_EXPIRED")
-    await whoami(harness, rolled.secret)
+    await fails(harness.whoami(secret), Code.UNAUTHENTICATED, "API_KEY_EXPIRED")
+    await harness.whoami(rolled.secret)
     seven_days = await harness.api_keys.RollApiKey(
         pb.RollApiKeyRequest(id=rolled.api_key.id, previous_key_ttl=duration_pb2.Duration(seconds=7 * 86400)),
         metadata=auth(org.owner_secret),
@@ -581,7 +537,7 @@ async def test_list_shows_last_used_time_without_a_write_per_call(harness: Harne
     key, secret = await harness.new_key(org, ["api_keys:read"])
     assert not key.HasField("last_used_time")
     before = datetime.now(UTC)
-    await whoami(harness, secret)
+    await harness.whoami(secret)
     got = await harness.api_keys.GetApiKey(pb.GetApiKeyRequest(id=key.id), metadata=auth(org.owner_secret))
     assert got.HasField("last_used_time")
     assert got.last_used_time.ToDatetime(tzinfo=UTC) >= before - timedelta(milliseconds=1)
@@ -589,9 +545,23 @@ async def test_list_shows_last_used_time_without_a_write_per_call(harness: Harne
     assert next(k for k in listed.api_keys if k.id == key.id).last_used_time == got.last_used_time
 
 
-async def test_member_owned_keys_stay_within_their_member(harness: Harness, org: Org) -> None:
-    from agentpost.environments.v1 import member_pb2
+@dataclass
+class MemberOwned:
+    """Environments A and B; a member who is ADMIN of A and MEMBER of B, holding a key on both;
+    a plain MEMBER of B and keys it owns in B and in A."""
 
+    harness: Harness
+    env_a: environment_pb2.Environment
+    env_b: environment_pb2.Environment
+    admin_of_a: member_pb2.Member
+    plain_in_b: member_pb2.Member
+    secret: str
+    in_b: pb.ApiKey
+    other_in_a: pb.ApiKey
+
+
+async def member_owned(harness: Harness, org: Org) -> MemberOwned:
+    """Builds the `MemberOwned` scene in `org`."""
     env_a = await harness.new_environment(org, "A")
     env_b = await harness.new_environment(org, "B")
     admin_of_a = await harness.new_member(org, "MEMBER")
@@ -601,57 +571,75 @@ async def test_member_owned_keys_stay_within_their_member(harness: Harness, org:
         (env_b.id, admin_of_a.id, member_pb2.EnvironmentMember.MEMBER),
         (env_b.id, plain_in_b.id, member_pb2.EnvironmentMember.MEMBER),
     ):
-        await harness.members.AddEnvironmentMember(
-            member_pb2.AddEnvironmentMemberRequest(environment_id=env_id, member_id=member_id, role=role),
-            metadata=auth(org.owner_secret),
-        )
+        await harness.add_environment_member(org.owner_secret, env_id, member_id, role)
     scopes = ["api_keys:read", "api_keys:write", "inboxes:read"]
     _, secret = await harness.new_key(org, scopes, [env_a.id, env_b.id], admin_of_a.id)
-    keys = harness.api_keys
+    in_b, _ = await harness.new_key(org, ["inboxes:read"], [env_b.id], plain_in_b.id)
+    other_in_a, _ = await harness.new_key(org, ["inboxes:read"], [env_a.id], plain_in_b.id)
+    return MemberOwned(harness, env_a, env_b, admin_of_a, plain_in_b, secret, in_b, other_in_a)
 
-    # Owner defaults to the caller's member; naming another member is an escalation.
+
+async def test_member_owned_keys_stay_within_their_member(harness: Harness, org: Org) -> None:
+    s = await member_owned(harness, org)
+    keys = harness.api_keys
+    # Owner defaults to the caller's member.
     made = await keys.CreateApiKey(
-        pb.CreateApiKeyRequest(name="mine", scopes=["inboxes:read"], environment_ids=[env_a.id]),
-        metadata=auth(secret),
+        pb.CreateApiKeyRequest(name="mine", scopes=["inboxes:read"], environment_ids=[s.env_a.id]),
+        metadata=auth(s.secret),
     )
-    assert made.api_key.owner_member_id == admin_of_a.id
-    await fails(
-        keys.CreateApiKey(
+    assert made.api_key.owner_member_id == s.admin_of_a.id
+    # Reading is allowed within reach.
+    got = await keys.GetApiKey(pb.GetApiKeyRequest(id=s.in_b.id), metadata=auth(s.secret))
+    assert got.id == s.in_b.id
+    rolled = await keys.RollApiKey(pb.RollApiKeyRequest(id=made.api_key.id), metadata=auth(s.secret))
+    assert rolled.api_key.owner_member_id == s.admin_of_a.id
+
+
+# Each row: what a member-owned key tries, and why it is refused (always PERMISSION_DENIED).
+MEMBER_OWNED_REFUSALS: list[Any] = [
+    # Naming another member as the owner is an escalation.
+    pytest.param(
+        lambda s: s.harness.api_keys.CreateApiKey(
             pb.CreateApiKeyRequest(
                 name="theirs",
                 scopes=["inboxes:read"],
-                environment_ids=[env_a.id],
-                owner_member_id=plain_in_b.id,
+                environment_ids=[s.env_a.id],
+                owner_member_id=s.plain_in_b.id,
             ),
-            metadata=auth(secret),
+            metadata=auth(s.secret),
         ),
-        Code.PERMISSION_DENIED,
         "OWNER_ESCALATION",
-    )
+        id="create owned by another member",
+    ),
     # In B the member is not ADMIN: it may not create, change, revoke or roll keys there.
-    await fails(
-        keys.CreateApiKey(
-            pb.CreateApiKeyRequest(name="b", scopes=["inboxes:read"], environment_ids=[env_b.id]),
-            metadata=auth(secret),
+    pytest.param(
+        lambda s: s.harness.api_keys.CreateApiKey(
+            pb.CreateApiKeyRequest(name="b", scopes=["inboxes:read"], environment_ids=[s.env_b.id]),
+            metadata=auth(s.secret),
         ),
-        Code.PERMISSION_DENIED,
         "ENVIRONMENT_ADMIN_REQUIRED",
-    )
-    in_b, _ = await harness.new_key(org, ["inboxes:read"], [env_b.id], plain_in_b.id)
-    await fails(
-        keys.RevokeApiKey(pb.RevokeApiKeyRequest(id=in_b.id), metadata=auth(secret)),
-        Code.PERMISSION_DENIED,
+        id="create in B",
+    ),
+    pytest.param(
+        lambda s: s.harness.api_keys.RevokeApiKey(
+            pb.RevokeApiKeyRequest(id=s.in_b.id), metadata=auth(s.secret)
+        ),
         "ENVIRONMENT_ADMIN_REQUIRED",
-    )
-    # Reading is allowed within reach.
-    got = await keys.GetApiKey(pb.GetApiKeyRequest(id=in_b.id), metadata=auth(secret))
-    assert got.id == in_b.id
+        id="revoke in B",
+    ),
     # A key in A owned by another member cannot be rolled into this caller's hands.
-    other_in_a, _ = await harness.new_key(org, ["inboxes:read"], [env_a.id], plain_in_b.id)
-    await fails(
-        keys.RollApiKey(pb.RollApiKeyRequest(id=other_in_a.id), metadata=auth(secret)),
-        Code.PERMISSION_DENIED,
+    pytest.param(
+        lambda s: s.harness.api_keys.RollApiKey(
+            pb.RollApiKeyRequest(id=s.other_in_a.id), metadata=auth(s.secret)
+        ),
         "OWNER_ESCALATION",
-    )
-    rolled = await keys.RollApiKey(pb.RollApiKeyRequest(id=made.api_key.id), metadata=auth(secret))
-    assert rolled.api_key.owner_member_id == admin_of_a.id
+        id="roll another member's key in A",
+    ),
+]
+
+
+@pytest.mark.parametrize(("attempt", "reason"), MEMBER_OWNED_REFUSALS)
+async def test_member_owned_key_refusals(
+    harness: Harness, org: Org, attempt: Callable[[MemberOwned], Awaitable[Any]], reason: str
+) -> None:
+    await fails(attempt(await member_owned(harness, org)), Code.PERMISSION_DENIED, reason)

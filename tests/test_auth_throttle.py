@@ -16,9 +16,9 @@ from service.domain import keys
 from service.domain.errors import ResourceExhausted, Unauthenticated
 from service.domain.models import KeyMode
 from service.transport.throttle import AuthFailureThrottle, peer_address
-from tests.conftest import Backend, start_server
 from tests.empty_database import empty_database
 from tests.harness import OPERATOR_TOKEN, Failure, Harness, auth, fails
+from tests.servers import Backend, start_server
 from tests.test_verify_api_key import counted_sql
 
 Code = grpc.StatusCode

@@ -7,22 +7,15 @@ import uuid
 
 import grpc
 import pytest
-from agentpost.environments.v1 import environment_pb2, organization_pb2, organization_pb2_grpc
+from agentpost.environments.v1 import environment_pb2, organization_pb2
 
 from service.domain import keys
 from service.domain.models import KeyMode
-from tests.conftest import Backend, start_server
-from tests.harness import OPERATOR_TOKEN, Harness, Org, auth, fails, failure_of
+from tests.harness import AS_OPERATOR, Harness, Org, auth, corrupt, fails, failure_of
+from tests.servers import Backend, serving
 
 Code = grpc.StatusCode
 LIST = environment_pb2.ListEnvironmentsRequest()
-
-
-def _corrupt(secret: str) -> str:
-    """The secret with one body character changed: the checksum no longer matches."""
-    index = 15
-    replacement = "A" if secret[index] != "A" else "B"
-    return secret[:index] + replacement + secret[index + 1 :]
 
 
 @pytest.mark.parametrize(
@@ -44,7 +37,7 @@ async def test_bad_credentials_are_unauthenticated(
 
 async def test_checksum_corruption_is_malformed(harness: Harness, org: Org) -> None:
     await fails(
-        harness.environments.ListEnvironments(LIST, metadata=auth(_corrupt(org.owner_secret))),
+        harness.environments.ListEnvironments(LIST, metadata=auth(corrupt(org.owner_secret, 15))),
         Code.UNAUTHENTICATED,
         "API_KEY_MALFORMED",
     )
@@ -134,11 +127,8 @@ def _create_org_request(**overrides: str) -> organization_pb2.CreateOrganization
     return organization_pb2.CreateOrganizationRequest(**fields)
 
 
-OPERATOR = (("authorization", f"Bearer {OPERATOR_TOKEN}"),)
-
-
 async def test_create_organization_makes_everything_at_once(harness: Harness) -> None:
-    created = await harness.organizations.CreateOrganization(_create_org_request(), metadata=OPERATOR)
+    created = await harness.organizations.CreateOrganization(_create_org_request(), metadata=AS_OPERATOR)
     assert created.organization.id.startswith("org_") and created.organization.name == "Acme"
     env = created.default_environment
     assert (env.name, env.slug, env.is_default, env.organization_id) == (
@@ -152,9 +142,7 @@ async def test_create_organization_makes_everything_at_once(harness: Harness) ->
     assert key.owner_member_id == created.owner.id and list(key.environment_ids) == []
     assert len(key.scopes) == 20 and key.state == key.ACTIVE
     assert created.owner_api_key_secret.startswith(key.prefix) and len(key.prefix) == 12
-    got = await harness.organizations.GetOrganization(
-        organization_pb2.GetOrganizationRequest(), metadata=auth(created.owner_api_key_secret)
-    )
+    got = await harness.whoami(created.owner_api_key_secret)
     assert got == created.organization
 
 
@@ -174,7 +162,7 @@ async def test_create_organization_rejects_bad_input(
     harness: Harness, overrides: dict[str, str], field: str
 ) -> None:
     failure = await fails(
-        harness.organizations.CreateOrganization(_create_org_request(**overrides), metadata=OPERATOR),
+        harness.organizations.CreateOrganization(_create_org_request(**overrides), metadata=AS_OPERATOR),
         Code.INVALID_ARGUMENT,
     )
     assert field in failure.violations
@@ -182,9 +170,9 @@ async def test_create_organization_rejects_bad_input(
 
 async def test_create_organization_retry_is_a_duplicate_request(harness: Harness) -> None:
     request = _create_org_request(request_id=str(uuid.uuid4()))
-    first = await harness.organizations.CreateOrganization(request, metadata=OPERATOR)
+    first = await harness.organizations.CreateOrganization(request, metadata=AS_OPERATOR)
     failure = await fails(
-        harness.organizations.CreateOrganization(request, metadata=OPERATOR),
+        harness.organizations.CreateOrganization(request, metadata=AS_OPERATOR),
         Code.ALREADY_EXISTS,
         "DUPLICATE_REQUEST",
     )
@@ -213,21 +201,18 @@ async def test_create_organization_needs_the_operator_token(harness: Harness, or
 
 async def test_operator_token_does_not_work_as_an_api_key(harness: Harness) -> None:
     await fails(
-        harness.environments.ListEnvironments(LIST, metadata=OPERATOR),
+        harness.environments.ListEnvironments(LIST, metadata=AS_OPERATOR),
         Code.UNAUTHENTICATED,
         "API_KEY_MALFORMED",
     )
 
 
 async def test_without_an_operator_token_create_organization_is_refused(backend: Backend) -> None:
-    app, channel = await start_server(backend, operator_token=None)
-    try:
-        stub = organization_pb2_grpc.OrganizationServiceStub(channel)
+    async with serving(backend, operator_token=None) as server:
         await fails(
-            stub.CreateOrganization(_create_org_request(), metadata=(("authorization", "Bearer anything"),)),
+            server.organizations.CreateOrganization(
+                _create_org_request(), metadata=(("authorization", "Bearer anything"),)
+            ),
             Code.PERMISSION_DENIED,
             "OPERATOR_TOKEN_NOT_CONFIGURED",
         )
-    finally:
-        await channel.close()
-        await app.stop(grace=0)

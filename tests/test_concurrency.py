@@ -31,8 +31,8 @@ from agentpost.environments.v1 import (
 )
 
 from tests.bench.processes import ServerProcess, health_serving, start_server
-from tests.conftest import Backend
 from tests.harness import OPERATOR_TOKEN, auth, failure_of
+from tests.servers import Backend
 
 
 async def _replica(backend: Backend, name: str, log_dir: Path) -> ServerProcess:

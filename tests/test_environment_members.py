@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable
-from typing import Any
 
 import grpc
 import pytest
-from agentpost.environments.v1 import environment_pb2 as env_pb
 from agentpost.environments.v1 import member_pb2 as pb
-from google.protobuf import field_mask_pb2
+from google.protobuf import empty_pb2
 
 from service.domain import scopes
-from tests.harness import Harness, Org, auth, fails
+from tests.harness import Harness, Org, auth, fails, mask
 
 Code = grpc.StatusCode
 ALL = list(scopes.ALL_SCOPES)
@@ -21,17 +19,7 @@ RANDOM_MEMBER = "mem_01J0000000000000000000000A"
 RANDOM_ENV = "env_01J0000000000000000000000A"
 
 
-def add(
-    harness: Harness, secret: str, env_id: str, member_id: str, role: int = pb.EnvironmentMember.MEMBER
-) -> Awaitable[Any]:
-    """AddEnvironmentMember as `secret`."""
-    return harness.members.AddEnvironmentMember(
-        pb.AddEnvironmentMemberRequest(environment_id=env_id, member_id=member_id, role=role),
-        metadata=auth(secret),
-    )
-
-
-def remove(harness: Harness, secret: str, env_id: str, member_id: str) -> Awaitable[Any]:
+def remove(harness: Harness, secret: str, env_id: str, member_id: str) -> Awaitable[empty_pb2.Empty]:
     """RemoveEnvironmentMember as `secret`."""
     return harness.members.RemoveEnvironmentMember(
         pb.RemoveEnvironmentMemberRequest(environment_id=env_id, member_id=member_id), metadata=auth(secret)
@@ -39,13 +27,13 @@ def remove(harness: Harness, secret: str, env_id: str, member_id: str) -> Awaita
 
 
 def change_role(
-    harness: Harness, secret: str, env_id: str, member_id: str, role: int, *paths: str
-) -> Awaitable[Any]:
+    harness: Harness, secret: str, env_id: str, member_id: str, role: pb.EnvironmentMember.Role, *paths: str
+) -> Awaitable[pb.EnvironmentMember]:
     """UpdateEnvironmentMember as `secret`, with `paths` as the update mask."""
     return harness.members.UpdateEnvironmentMember(
         pb.UpdateEnvironmentMemberRequest(
             environment_member=pb.EnvironmentMember(environment_id=env_id, member_id=member_id, role=role),
-            update_mask=field_mask_pb2.FieldMask(paths=list(paths)),
+            update_mask=mask(*paths),
         ),
         metadata=auth(secret),
     )
@@ -70,7 +58,7 @@ async def member_environment_ids(harness: Harness, secret: str, member_id: str) 
 async def test_add_update_list_remove(harness: Harness, org: Org) -> None:
     env = await harness.new_environment(org, "Staging")
     member = await harness.new_member(org, "MEMBER")
-    added = await add(harness, org.owner_secret, env.id, member.id)
+    added = await harness.add_environment_member(org.owner_secret, env.id, member.id)
     assert (added.environment_id, added.member_id, added.role) == (
         env.id,
         member.id,
@@ -102,9 +90,9 @@ async def test_add_update_list_remove(harness: Harness, org: Org) -> None:
 async def test_adding_twice_is_already_exists(harness: Harness, org: Org) -> None:
     env = await harness.new_environment(org, "Staging")
     member = await harness.new_member(org, "MEMBER")
-    await add(harness, org.owner_secret, env.id, member.id)
+    await harness.add_environment_member(org.owner_secret, env.id, member.id)
     await fails(
-        add(harness, org.owner_secret, env.id, member.id, pb.EnvironmentMember.ADMIN),
+        harness.add_environment_member(org.owner_secret, env.id, member.id, pb.EnvironmentMember.ADMIN),
         Code.ALREADY_EXISTS,
         "ENVIRONMENT_MEMBER_EXISTS",
     )
@@ -115,7 +103,8 @@ async def test_concurrent_adds_of_one_pair_have_one_winner(harness: Harness, org
     members = [await harness.new_member(org, "MEMBER") for _ in range(3)]
     for member in members:
         outcomes = await asyncio.gather(
-            *(add(harness, org.owner_secret, env.id, member.id) for _ in range(4)), return_exceptions=True
+            *(harness.add_environment_member(org.owner_secret, env.id, member.id) for _ in range(4)),
+            return_exceptions=True,
         )
         won = [outcome for outcome in outcomes if isinstance(outcome, pb.EnvironmentMember)]
         lost = [outcome for outcome in outcomes if isinstance(outcome, grpc.aio.AioRpcError)]
@@ -135,16 +124,18 @@ async def test_concurrent_adds_of_one_pair_have_one_winner(harness: Harness, org
     ],
 )
 async def test_add_rejects_bad_input(
-    harness: Harness, org: Org, env_id: str, member_id: str, role: int, field: str
+    harness: Harness, org: Org, env_id: str, member_id: str, role: pb.EnvironmentMember.Role, field: str
 ) -> None:
-    failure = await fails(add(harness, org.owner_secret, env_id, member_id, role), Code.INVALID_ARGUMENT)
+    failure = await fails(
+        harness.add_environment_member(org.owner_secret, env_id, member_id, role), Code.INVALID_ARGUMENT
+    )
     assert field in failure.violations
 
 
 async def test_update_rejects_other_mask_paths(harness: Harness, org: Org) -> None:
     member = await harness.new_member(org, "MEMBER")
     env_id = org.default_environment.id
-    await add(harness, org.owner_secret, env_id, member.id)
+    await harness.add_environment_member(org.owner_secret, env_id, member.id)
     for paths in (("member_id",), ("role", "create_time"), ("*", "role")):
         failure = await fails(
             change_role(harness, org.owner_secret, env_id, member.id, pb.EnvironmentMember.ADMIN, *paths),
@@ -160,9 +151,9 @@ async def test_update_rejects_other_mask_paths(harness: Harness, org: Org) -> No
     )
     assert "environment_member.role" in failure.violations
     # `*` and no mask both mean the role, the one mutable field (AIP-134).
-    for paths in (("*",), ()):
+    for role_paths in (("*",), ()):
         changed = await change_role(
-            harness, org.owner_secret, env_id, member.id, pb.EnvironmentMember.ADMIN, *paths
+            harness, org.owner_secret, env_id, member.id, pb.EnvironmentMember.ADMIN, *role_paths
         )
         assert changed.role == pb.EnvironmentMember.ADMIN
 
@@ -174,7 +165,9 @@ async def test_unknown_and_foreign_ids_are_not_found(harness: Harness, org: Org)
     env_id = org.default_environment.id
     for foreign_env in (RANDOM_ENV, their_env.id):
         await fails(
-            add(harness, org.owner_secret, foreign_env, member.id), Code.NOT_FOUND, "ENVIRONMENT_NOT_FOUND"
+            harness.add_environment_member(org.owner_secret, foreign_env, member.id),
+            Code.NOT_FOUND,
+            "ENVIRONMENT_NOT_FOUND",
         )
         await fails(
             remove(harness, org.owner_secret, foreign_env, member.id), Code.NOT_FOUND, "ENVIRONMENT_NOT_FOUND"
@@ -188,7 +181,9 @@ async def test_unknown_and_foreign_ids_are_not_found(harness: Harness, org: Org)
         )
     for foreign_member in (RANDOM_MEMBER, other.owner_member_id):
         await fails(
-            add(harness, org.owner_secret, env_id, foreign_member), Code.NOT_FOUND, "MEMBER_NOT_FOUND"
+            harness.add_environment_member(org.owner_secret, env_id, foreign_member),
+            Code.NOT_FOUND,
+            "MEMBER_NOT_FOUND",
         )
         await fails(
             harness.members.ListMemberEnvironments(
@@ -203,12 +198,10 @@ async def test_deleted_environment_refuses_changes_but_lists(harness: Harness, o
     env = await harness.new_environment(org, "Old")
     member = await harness.new_member(org, "MEMBER")
     newcomer = await harness.new_member(org, "MEMBER")
-    await add(harness, org.owner_secret, env.id, member.id)
-    await harness.environments.DeleteEnvironment(
-        env_pb.DeleteEnvironmentRequest(id=env.id), metadata=auth(org.owner_secret)
-    )
+    await harness.add_environment_member(org.owner_secret, env.id, member.id)
+    await harness.delete_environment(org.owner_secret, env.id)
     for call in (
-        add(harness, org.owner_secret, env.id, newcomer.id),
+        harness.add_environment_member(org.owner_secret, env.id, newcomer.id),
         change_role(harness, org.owner_secret, env.id, member.id, pb.EnvironmentMember.ADMIN, "role"),
         remove(harness, org.owner_secret, env.id, member.id),
     ):
@@ -222,7 +215,7 @@ async def test_list_environment_members_paginates(harness: Harness, org: Org) ->
     env = await harness.new_environment(org, "Busy")
     members = [await harness.new_member(org, "MEMBER") for _ in range(5)]
     for member in members:
-        await add(harness, org.owner_secret, env.id, member.id)
+        await harness.add_environment_member(org.owner_secret, env.id, member.id)
     seen: list[str] = []
     token = ""
     while True:
@@ -261,7 +254,7 @@ async def test_member_environments_follow_roles(harness: Harness, org: Org) -> N
     assert await member_environment_ids(harness, org.owner_secret, org.owner_member_id) == everything
     assert await member_environment_ids(harness, org.owner_secret, admin.id) == everything
     assert await member_environment_ids(harness, org.owner_secret, member.id) == []
-    await add(harness, org.owner_secret, staging.id, member.id)
+    await harness.add_environment_member(org.owner_secret, staging.id, member.id)
     assert await member_environment_ids(harness, org.owner_secret, member.id) == [staging.id]
     # Pages of one.
     first = await harness.members.ListMemberEnvironments(
@@ -283,8 +276,8 @@ async def test_member_visibility_below_organization_level(harness: Harness, org:
     in_staging = await harness.new_member(org, "MEMBER")
     in_prod = await harness.new_member(org, "MEMBER")
     admin = await harness.new_member(org, "ADMIN")
-    await add(harness, org.owner_secret, staging.id, in_staging.id)
-    await add(harness, org.owner_secret, prod.id, in_prod.id)
+    await harness.add_environment_member(org.owner_secret, staging.id, in_staging.id)
+    await harness.add_environment_member(org.owner_secret, prod.id, in_prod.id)
     _, staging_key = await harness.new_key(org, ALL, [staging.id])
 
     async def get(member_id: str) -> pb.Member:
@@ -314,24 +307,32 @@ async def test_member_visibility_below_organization_level(harness: Harness, org:
         Code.NOT_FOUND,
         "ENVIRONMENT_NOT_FOUND",
     )
-    await fails(add(harness, staging_key, prod.id, in_staging.id), Code.NOT_FOUND, "ENVIRONMENT_NOT_FOUND")
+    await fails(
+        harness.add_environment_member(staging_key, prod.id, in_staging.id),
+        Code.NOT_FOUND,
+        "ENVIRONMENT_NOT_FOUND",
+    )
     # It administers staging (an unowned key administers its environments), so it may add any
     # member of the organization by id, even one it cannot otherwise see; an unknown id and
     # another organization's member are the same NOT_FOUND.
-    await add(harness, staging_key, staging.id, in_prod.id)
-    await add(harness, staging_key, staging.id, admin.id, pb.EnvironmentMember.ADMIN)
+    await harness.add_environment_member(staging_key, staging.id, in_prod.id)
+    await harness.add_environment_member(staging_key, staging.id, admin.id, pb.EnvironmentMember.ADMIN)
     assert await environment_member_ids(harness, staging_key, staging.id) == sorted(
         [in_staging.id, in_prod.id, admin.id]
     )
     other = await harness.new_org("Other")
     for unknown in (RANDOM_MEMBER, other.owner_member_id):
-        await fails(add(harness, staging_key, staging.id, unknown), Code.NOT_FOUND, "MEMBER_NOT_FOUND")
+        await fails(
+            harness.add_environment_member(staging_key, staging.id, unknown),
+            Code.NOT_FOUND,
+            "MEMBER_NOT_FOUND",
+        )
 
 
 async def test_deleting_a_member_removes_its_environment_access(harness: Harness, org: Org) -> None:
     env = await harness.new_environment(org, "Staging")
     member = await harness.new_member(org, "MEMBER")
-    await add(harness, org.owner_secret, env.id, member.id)
+    await harness.add_environment_member(org.owner_secret, env.id, member.id)
     await harness.members.DeleteMember(pb.DeleteMemberRequest(id=member.id), metadata=auth(org.owner_secret))
     assert await environment_member_ids(harness, org.owner_secret, env.id) == []
 
@@ -340,7 +341,9 @@ async def test_membership_scopes(harness: Harness, org: Org) -> None:
     member = await harness.new_member(org, "MEMBER")
     _, read_only = await harness.new_key(org, ["members:read"])
     env_id = org.default_environment.id
-    await fails(add(harness, read_only, env_id, member.id), Code.PERMISSION_DENIED, "SCOPE_MISSING")
+    await fails(
+        harness.add_environment_member(read_only, env_id, member.id), Code.PERMISSION_DENIED, "SCOPE_MISSING"
+    )
     assert await environment_member_ids(harness, read_only, env_id) == []
     _, no_members = await harness.new_key(org, ["environments:read"])
     await fails(

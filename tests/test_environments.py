@@ -10,9 +10,8 @@ import grpc
 import pytest
 import ulid
 from agentpost.environments.v1 import environment_pb2 as pb
-from google.protobuf import field_mask_pb2
 
-from tests.harness import Harness, Org, auth, fails
+from tests.harness import Harness, Org, auth, fails, mask
 
 Code = grpc.StatusCode
 
@@ -71,9 +70,7 @@ async def test_another_organizations_environment_is_not_found(harness: Harness, 
         "ENVIRONMENT_NOT_FOUND",
     )
     await fails(
-        harness.environments.DeleteEnvironment(
-            pb.DeleteEnvironmentRequest(id=theirs.id), metadata=auth(org.owner_secret)
-        ),
+        harness.delete_environment(org.owner_secret, theirs.id),
         Code.NOT_FOUND,
         "ENVIRONMENT_NOT_FOUND",
     )
@@ -99,9 +96,7 @@ async def test_slug_taken(harness: Harness, org: Org, slug: str, reason: str) ->
 
 async def test_slug_of_a_deleted_environment_stays_taken(harness: Harness, org: Org) -> None:
     env = await harness.new_environment(org, "Staging")
-    await harness.environments.DeleteEnvironment(
-        pb.DeleteEnvironmentRequest(id=env.id), metadata=auth(org.owner_secret)
-    )
+    await harness.delete_environment(org.owner_secret, env.id)
     await fails(
         harness.environments.CreateEnvironment(
             pb.CreateEnvironmentRequest(name="Staging"), metadata=auth(org.owner_secret)
@@ -263,7 +258,7 @@ async def test_update_name_and_description_with_mask(harness: Harness, org: Org)
             environment=pb.Environment(
                 id=env.id, name="Renamed", description="new", slug="ignored", is_default=True
             ),
-            update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+            update_mask=mask("name"),
         ),
         metadata=auth(org.owner_secret),
     )
@@ -284,7 +279,7 @@ async def test_update_refuses_slug_and_unknown_paths(harness: Harness, org: Org)
         harness.environments.UpdateEnvironment(
             pb.UpdateEnvironmentRequest(
                 environment=pb.Environment(id=env.id, slug="new-slug"),
-                update_mask=field_mask_pb2.FieldMask(paths=["slug"]),
+                update_mask=mask("slug"),
             ),
             metadata=auth(org.owner_secret),
         ),
@@ -295,7 +290,7 @@ async def test_update_refuses_slug_and_unknown_paths(harness: Harness, org: Org)
         harness.environments.UpdateEnvironment(
             pb.UpdateEnvironmentRequest(
                 environment=pb.Environment(id=env.id, is_default=True),
-                update_mask=field_mask_pb2.FieldMask(paths=["is_default"]),
+                update_mask=mask("is_default"),
             ),
             metadata=auth(org.owner_secret),
         ),
@@ -306,7 +301,7 @@ async def test_update_refuses_slug_and_unknown_paths(harness: Harness, org: Org)
         harness.environments.UpdateEnvironment(
             pb.UpdateEnvironmentRequest(
                 environment=pb.Environment(id=env.id, name=""),
-                update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+                update_mask=mask("name"),
             ),
             metadata=auth(org.owner_secret),
         ),
@@ -316,17 +311,19 @@ async def test_update_refuses_slug_and_unknown_paths(harness: Harness, org: Org)
 
 async def test_stale_etag_is_aborted(harness: Harness, org: Org) -> None:
     env = await harness.new_environment(org, "Staging")
-    mask = field_mask_pb2.FieldMask(paths=["description"])
+    description_only = mask("description")
     await harness.environments.UpdateEnvironment(
         pb.UpdateEnvironmentRequest(
-            environment=pb.Environment(id=env.id, description="one", etag=env.etag), update_mask=mask
+            environment=pb.Environment(id=env.id, description="one", etag=env.etag),
+            update_mask=description_only,
         ),
         metadata=auth(org.owner_secret),
     )
     await fails(
         harness.environments.UpdateEnvironment(
             pb.UpdateEnvironmentRequest(
-                environment=pb.Environment(id=env.id, description="two", etag=env.etag), update_mask=mask
+                environment=pb.Environment(id=env.id, description="two", etag=env.etag),
+                update_mask=description_only,
             ),
             metadata=auth(org.owner_secret),
         ),
@@ -334,9 +331,7 @@ async def test_stale_etag_is_aborted(harness: Harness, org: Org) -> None:
         "ETAG_MISMATCH",
     )
     await fails(
-        harness.environments.DeleteEnvironment(
-            pb.DeleteEnvironmentRequest(id=env.id, etag=env.etag), metadata=auth(org.owner_secret)
-        ),
+        harness.delete_environment(org.owner_secret, env.id, env.etag),
         Code.ABORTED,
         "ETAG_MISMATCH",
     )
@@ -344,9 +339,7 @@ async def test_stale_etag_is_aborted(harness: Harness, org: Org) -> None:
 
 async def test_delete_undelete_round_trip(harness: Harness, org: Org) -> None:
     env = await harness.new_environment(org, "Staging")
-    deleted = await harness.environments.DeleteEnvironment(
-        pb.DeleteEnvironmentRequest(id=env.id, etag=env.etag), metadata=auth(org.owner_secret)
-    )
+    deleted = await harness.delete_environment(org.owner_secret, env.id, env.etag)
     assert deleted.state == pb.Environment.DELETED and deleted.HasField("delete_time")
     listed = await harness.environments.ListEnvironments(
         pb.ListEnvironmentsRequest(), metadata=auth(org.owner_secret)
@@ -356,15 +349,13 @@ async def test_delete_undelete_round_trip(harness: Harness, org: Org) -> None:
         pb.ListEnvironmentsRequest(show_deleted=True), metadata=auth(org.owner_secret)
     )
     assert env.id in [e.id for e in with_deleted.environments]
-    again = await harness.environments.DeleteEnvironment(
-        pb.DeleteEnvironmentRequest(id=env.id), metadata=auth(org.owner_secret)
-    )
+    again = await harness.delete_environment(org.owner_secret, env.id)
     assert again == deleted  # deleting a deleted environment changes nothing
     await fails(
         harness.environments.UpdateEnvironment(
             pb.UpdateEnvironmentRequest(
                 environment=pb.Environment(id=env.id, name="x"),
-                update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+                update_mask=mask("name"),
             ),
             metadata=auth(org.owner_secret),
         ),
@@ -387,9 +378,7 @@ async def test_delete_undelete_round_trip(harness: Harness, org: Org) -> None:
 
 async def test_default_environment_cannot_be_deleted(harness: Harness, org: Org) -> None:
     await fails(
-        harness.environments.DeleteEnvironment(
-            pb.DeleteEnvironmentRequest(id=org.default_environment.id), metadata=auth(org.owner_secret)
-        ),
+        harness.delete_environment(org.owner_secret, org.default_environment.id),
         Code.FAILED_PRECONDITION,
         "DEFAULT_ENVIRONMENT_PROTECTED",
     )
@@ -397,16 +386,12 @@ async def test_default_environment_cannot_be_deleted(harness: Harness, org: Org)
 
 async def test_missing_ids_are_invalid(harness: Harness, org: Org) -> None:
     for call in (
-        harness.environments.DeleteEnvironment(
-            pb.DeleteEnvironmentRequest(), metadata=auth(org.owner_secret)
-        ),
+        harness.delete_environment(org.owner_secret, ""),
         harness.environments.UndeleteEnvironment(
             pb.UndeleteEnvironmentRequest(), metadata=auth(org.owner_secret)
         ),
         harness.environments.UpdateEnvironment(
-            pb.UpdateEnvironmentRequest(
-                update_mask=field_mask_pb2.FieldMask(paths=["name"]), environment=pb.Environment(name="x")
-            ),
+            pb.UpdateEnvironmentRequest(update_mask=mask("name"), environment=pb.Environment(name="x")),
             metadata=auth(org.owner_secret),
         ),
     ):

@@ -10,36 +10,14 @@ from datetime import UTC, datetime, timedelta
 import grpc
 from agentpost.environments.v1 import api_key_pb2 as pb
 from agentpost.environments.v1 import environment_pb2, member_pb2
-from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
+from google.protobuf import duration_pb2
 
 from service.domain import scopes
-from tests.harness import Harness, Org, auth, fails
+from tests.harness import Harness, Org, auth, fails, stamp
 
 Code = grpc.StatusCode
 Reason = pb.VerifyApiKeyResponse
 ALL = list(scopes.ALL_SCOPES)
-
-
-def stamp(when: datetime) -> timestamp_pb2.Timestamp:
-    """A protobuf Timestamp of `when`."""
-    value = timestamp_pb2.Timestamp()
-    value.FromDatetime(when)
-    return value
-
-
-def mask(*paths: str) -> field_mask_pb2.FieldMask:
-    """An update mask of `paths`."""
-    return field_mask_pb2.FieldMask(paths=list(paths))
-
-
-async def verify(
-    harness: Harness, secret: str, environment: str = "", *required: str
-) -> pb.VerifyApiKeyResponse:
-    """VerifyApiKey of `secret` in `environment` with `required` scopes."""
-    response: pb.VerifyApiKeyResponse = await harness.api_keys.VerifyApiKey(
-        pb.VerifyApiKeyRequest(secret=secret, environment=environment, required_scopes=list(required))
-    )
-    return response
 
 
 async def create_key(harness: Harness, caller: str, **fields: object) -> pb.CreateApiKeyResponse:
@@ -49,14 +27,6 @@ async def create_key(harness: Harness, caller: str, **fields: object) -> pb.Crea
         metadata=auth(caller),
     )
     return response
-
-
-async def update_key(harness: Harness, caller: str, key: pb.ApiKey, *paths: str) -> pb.ApiKey:
-    """UpdateApiKey as `caller` with `paths` as the mask."""
-    updated: pb.ApiKey = await harness.api_keys.UpdateApiKey(
-        pb.UpdateApiKeyRequest(api_key=key, update_mask=mask(*paths)), metadata=auth(caller)
-    )
-    return updated
 
 
 async def admin_key(harness: Harness, org: Org) -> tuple[member_pb2.Member, str]:
@@ -90,12 +60,8 @@ async def test_admin_key_cannot_make_a_key_no_member_owns(harness: Harness, org:
         "OWNER_REQUIRED",
     )
     await fails(
-        harness.members.UpdateMember(
-            member_pb2.UpdateMemberRequest(
-                member=member_pb2.Member(id=org.owner_member_id, role=member_pb2.Member.MEMBER),
-                update_mask=mask("role"),
-            ),
-            metadata=auth(backdoor),
+        harness.update_member(
+            backdoor, member_pb2.Member(id=org.owner_member_id, role=member_pb2.Member.MEMBER), "role"
         ),
         Code.PERMISSION_DENIED,
         "OWNER_REQUIRED",
@@ -104,7 +70,7 @@ async def test_admin_key_cannot_make_a_key_no_member_owns(harness: Harness, org:
     await harness.members.DeleteMember(
         member_pb2.DeleteMemberRequest(id=admin.id), metadata=auth(org.owner_secret)
     )
-    assert (await verify(harness, backdoor)).denial_reason == Reason.OWNER_REMOVED
+    assert (await harness.verify(backdoor)).denial_reason == Reason.OWNER_REMOVED
     # An OWNER's key still makes keys no member owns.
     unowned = await create_key(harness, org.owner_secret, scopes=["inboxes:read"])
     assert unowned.api_key.owner_member_id == ""
@@ -154,19 +120,16 @@ async def test_admin_key_cannot_roll_an_owners_key_or_an_unowned_one(harness: Ha
             "OWNER_ESCALATION",
         )
     # Neither key was expired by the attempt.
-    assert (await verify(harness, org.owner_secret)).valid
-    assert (await verify(harness, unowned_secret)).valid
+    assert (await harness.verify(org.owner_secret)).valid
+    assert (await harness.verify(unowned_secret)).valid
     # A key of a member who is promoted to OWNER becomes out of the ADMIN's hands at once.
     member = await harness.new_member(org, "MEMBER")
     members_key, _ = await harness.new_key(org, ["inboxes:read"], owner_member_id=member.id)
     rolled = await harness.api_keys.RollApiKey(
         pb.RollApiKeyRequest(id=members_key.id), metadata=auth(admin_secret)
     )
-    await harness.members.UpdateMember(
-        member_pb2.UpdateMemberRequest(
-            member=member_pb2.Member(id=member.id, role=member_pb2.Member.OWNER), update_mask=mask("role")
-        ),
-        metadata=auth(org.owner_secret),
+    await harness.update_member(
+        org.owner_secret, member_pb2.Member(id=member.id, role=member_pb2.Member.OWNER), "role"
     )
     await fails(
         harness.api_keys.RollApiKey(pb.RollApiKeyRequest(id=rolled.api_key.id), metadata=auth(admin_secret)),
@@ -187,8 +150,8 @@ async def test_admin_key_cannot_widen_a_key_acting_above_it(harness: Harness, or
     owners_key, _ = await harness.new_key(org, ["inboxes:read"], [env_a.id], org.owner_member_id)
     unowned_key, _ = await harness.new_key(org, ["inboxes:read"], [env_a.id])
     for key in (owners_key, unowned_key):
-        await update_key(
-            harness, org.owner_secret, pb.ApiKey(id=key.id, expire_time=stamp(soon)), "expire_time"
+        await harness.update_key(
+            org.owner_secret, pb.ApiKey(id=key.id, expire_time=stamp(soon)), "expire_time"
         )
         widenings = (
             (pb.ApiKey(id=key.id, scopes=["inboxes:read", "inboxes:write"]), "scopes"),
@@ -199,7 +162,7 @@ async def test_admin_key_cannot_widen_a_key_acting_above_it(harness: Harness, or
         )
         for change, path in widenings:
             await fails(
-                update_key(harness, admin_secret, change, path), Code.PERMISSION_DENIED, "OWNER_ESCALATION"
+                harness.update_key(admin_secret, change, path), Code.PERMISSION_DENIED, "OWNER_ESCALATION"
             )
         got = await harness.api_keys.GetApiKey(
             pb.GetApiKeyRequest(id=key.id), metadata=auth(org.owner_secret)
@@ -207,8 +170,7 @@ async def test_admin_key_cannot_widen_a_key_acting_above_it(harness: Harness, or
         assert (list(got.scopes), list(got.environment_ids)) == (["inboxes:read"], [env_a.id])
         assert got.expire_time == stamp(soon)
         # Narrowing stays allowed: a new name, a shorter life.
-        narrowed = await update_key(
-            harness,
+        narrowed = await harness.update_key(
             admin_secret,
             pb.ApiKey(id=key.id, name="renamed", expire_time=stamp(soon - timedelta(minutes=1))),
             "name",
@@ -218,15 +180,9 @@ async def test_admin_key_cannot_widen_a_key_acting_above_it(harness: Harness, or
     # A MEMBER's key the ADMIN may widen.
     member = await harness.new_member(org, "MEMBER")
     for env_id in (env_a.id, env_b.id):
-        await harness.members.AddEnvironmentMember(
-            member_pb2.AddEnvironmentMemberRequest(
-                environment_id=env_id, member_id=member.id, role=member_pb2.EnvironmentMember.MEMBER
-            ),
-            metadata=auth(org.owner_secret),
-        )
+        await harness.add_environment_member(org.owner_secret, env_id, member.id)
     members_key, _ = await harness.new_key(org, ["inboxes:read"], [env_a.id], member.id)
-    widened = await update_key(
-        harness,
+    widened = await harness.update_key(
         admin_secret,
         pb.ApiKey(
             id=members_key.id, scopes=["inboxes:read", "inboxes:write"], environment_ids=[env_a.id, env_b.id]
@@ -247,7 +203,7 @@ async def expired_key(harness: Harness, org: Org, key_scopes: list[str]) -> tupl
         pb.RollApiKeyRequest(id=key.id, previous_key_ttl=duration_pb2.Duration(seconds=0)),
         metadata=auth(org.owner_secret),
     )
-    assert (await verify(harness, secret)).denial_reason == Reason.EXPIRED
+    assert (await harness.verify(secret)).denial_reason == Reason.EXPIRED
     return rolled.previous_api_key, secret
 
 
@@ -259,32 +215,31 @@ async def test_narrower_key_cannot_revive_an_expired_wider_key(harness: Harness,
     later = stamp(datetime.now(UTC) + timedelta(days=30))
     for change in (pb.ApiKey(id=wide.id), pb.ApiKey(id=wide.id, expire_time=later)):
         await fails(
-            update_key(harness, narrow_secret, change, "expire_time"),
+            harness.update_key(narrow_secret, change, "expire_time"),
             Code.PERMISSION_DENIED,
             "SCOPE_ESCALATION",
         )
     # A key holding every scope but owned by an ADMIN acts below the key, which acts as OWNER.
     _, admin_secret = await admin_key(harness, org)
     await fails(
-        update_key(harness, admin_secret, pb.ApiKey(id=wide.id), "expire_time"),
+        harness.update_key(admin_secret, pb.ApiKey(id=wide.id), "expire_time"),
         Code.PERMISSION_DENIED,
         "OWNER_ESCALATION",
     )
-    response = await verify(harness, wide_secret)
+    response = await harness.verify(wide_secret)
     assert not response.valid and response.denial_reason == Reason.EXPIRED
     got = await harness.api_keys.GetApiKey(pb.GetApiKeyRequest(id=wide.id), metadata=auth(org.owner_secret))
     assert got.state == pb.ApiKey.EXPIRED and got.expire_time == wide.expire_time
     # Narrowing the key to what the caller holds and reviving it together is no escalation.
-    revived = await update_key(
-        harness,
+    revived = await harness.update_key(
         narrow_secret,
         pb.ApiKey(id=wide.id, scopes=["inboxes:read"], expire_time=later),
         "scopes",
         "expire_time",
     )
     assert revived.state == pb.ApiKey.ACTIVE and list(revived.scopes) == ["inboxes:read"]
-    assert (await verify(harness, wide_secret, "", "inboxes:read")).valid
-    assert (await verify(harness, wide_secret, "", "inboxes:write")).denial_reason == Reason.SCOPE_MISSING
+    assert (await harness.verify(wide_secret, "", "inboxes:read")).valid
+    assert (await harness.verify(wide_secret, "", "inboxes:write")).denial_reason == Reason.SCOPE_MISSING
 
 
 async def test_narrower_key_may_shorten_a_wider_keys_life(harness: Harness, org: Org) -> None:
@@ -297,16 +252,16 @@ async def test_narrower_key_may_shorten_a_wider_keys_life(harness: Harness, org:
     _, narrow_secret = await harness.new_key(org, ["api_keys:write", "inboxes:read"])
     shorter = stamp(far - timedelta(days=29))
     assert (
-        await update_key(harness, narrow_secret, pb.ApiKey(id=wide.id, expire_time=shorter), "expire_time")
+        await harness.update_key(narrow_secret, pb.ApiKey(id=wide.id, expire_time=shorter), "expire_time")
     ).expire_time == shorter
     # Setting it back is an extension again.
     await fails(
-        update_key(harness, narrow_secret, pb.ApiKey(id=wide.id, expire_time=stamp(far)), "expire_time"),
+        harness.update_key(narrow_secret, pb.ApiKey(id=wide.id, expire_time=stamp(far)), "expire_time"),
         Code.PERMISSION_DENIED,
         "SCOPE_ESCALATION",
     )
     # The owner's key, holding every scope, may.
-    extended = await update_key(harness, org.owner_secret, pb.ApiKey(id=wide.id), "expire_time")
+    extended = await harness.update_key(org.owner_secret, pb.ApiKey(id=wide.id), "expire_time")
     assert not extended.HasField("expire_time")
 
 
@@ -372,9 +327,7 @@ async def test_verify_denials_carry_no_scopes_or_reach(harness: Harness, org: Or
     member = await harness.new_member(org, "ADMIN")
     key_scopes = ["inboxes:read", "messages:write"]
     key, secret = await harness.new_key(org, key_scopes, [env_a.id, env_b.id, gone.id], member.id)
-    await harness.environments.DeleteEnvironment(
-        environment_pb2.DeleteEnvironmentRequest(id=gone.id), metadata=auth(org.owner_secret)
-    )
+    await harness.delete_environment(org.owner_secret, gone.id)
     probes = (
         (("",), Reason.ENVIRONMENT_REQUIRED),
         (("default",), Reason.ENVIRONMENT_NOT_ALLOWED),
@@ -384,11 +337,11 @@ async def test_verify_denials_carry_no_scopes_or_reach(harness: Harness, org: Or
         (("env-a", "inboxes:read", "inboxes:write"), Reason.SCOPE_MISSING),
     )
     for arguments, reason in probes:
-        response = await verify(harness, secret, *arguments)
+        response = await harness.verify(secret, *arguments)
         assert response.denial_reason == reason
         assert_names_only_the_key(response, org, key.id)
     # The valid answer still says everything.
-    valid = await verify(harness, secret, "env-a", "inboxes:read")
+    valid = await harness.verify(secret, "env-a", "inboxes:read")
     who = valid.principal
     assert valid.valid and (who.environment_id, who.environment_slug) == (env_a.id, "env-a")
     assert (list(who.scopes), list(who.allowed_environment_ids)) == (key_scopes, sorted([env_a.id, env_b.id]))
@@ -407,6 +360,6 @@ async def test_verify_denials_carry_no_scopes_or_reach(harness: Harness, org: Or
         (expired.id, expired_secret, Reason.EXPIRED),
         (key.id, secret, Reason.OWNER_REMOVED),
     ):
-        response = await verify(harness, key_secret, "env-a", "inboxes:read")
+        response = await harness.verify(key_secret, "env-a", "inboxes:read")
         assert response.denial_reason == reason
         assert_names_only_the_key(response, org, key_id)

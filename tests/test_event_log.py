@@ -31,8 +31,8 @@ from sqlalchemy import select
 
 from service.domain.events import Action, ResourceType
 from service.storage.tables import EventRow
-from tests.conftest import Backend, start_server
 from tests.harness import Harness, Org, auth, fails
+from tests.servers import Backend, start_server
 from tests.test_verify_api_key import counted_sql
 
 REVISION = "x-agentpost-revision"

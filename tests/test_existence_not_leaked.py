@@ -13,10 +13,9 @@ from typing import Any
 import grpc
 import pytest
 from agentpost.environments.v1 import api_key_pb2, environment_pb2, member_pb2, resource_pb2
-from google.protobuf import field_mask_pb2
 from ulid import ULID
 
-from tests.harness import Failure, Harness, Org, auth, failure_of
+from tests.harness import Failure, Harness, Org, auth, failure_of, mask
 
 AREAS = ("environments", "members", "api_keys", "inboxes", "messages", "threads", "drafts", "domains",
          "webhooks", "labels")  # fmt: skip
@@ -66,16 +65,9 @@ async def populate(harness: Harness, org: Org) -> Ids:
     suffix = uuid.uuid4().hex[:10]
     env_b = await harness.new_environment(org, f"B {suffix}", slug=f"b-{suffix}")
     gone = await harness.new_environment(org, f"Gone {suffix}")
-    await harness.environments.DeleteEnvironment(
-        environment_pb2.DeleteEnvironmentRequest(id=gone.id), metadata=auth(org.owner_secret)
-    )
+    await harness.delete_environment(org.owner_secret, gone.id)
     member = await harness.new_member(org, "MEMBER")
-    await harness.members.AddEnvironmentMember(
-        member_pb2.AddEnvironmentMemberRequest(
-            environment_id=env_b.id, member_id=member.id, role=member_pb2.EnvironmentMember.MEMBER
-        ),
-        metadata=auth(org.owner_secret),
-    )
+    await harness.add_environment_member(org.owner_secret, env_b.id, member.id)
     key, _ = await harness.new_key(org, ["inboxes:read"], [env_b.id])
     resource_id = f"inbox-{suffix}"
     await harness.resources.RegisterResource(
@@ -92,12 +84,7 @@ async def world(harness: Harness) -> World:
     other = await harness.new_org("Theirs")
     env_a = await harness.new_environment(org, "A")
     member_a = await harness.new_member(org, "MEMBER")
-    await harness.members.AddEnvironmentMember(
-        member_pb2.AddEnvironmentMemberRequest(
-            environment_id=env_a.id, member_id=member_a.id, role=member_pb2.EnvironmentMember.MEMBER
-        ),
-        metadata=auth(org.owner_secret),
-    )
+    await harness.add_environment_member(org.owner_secret, env_a.id, member_a.id)
     _, env_caller = await harness.new_key(org, EVERY_SCOPE, [env_a.id])
     return World(
         org=org,
@@ -115,10 +102,6 @@ Call = Callable[[Harness, World, Ids, str], Awaitable[Any]]
 # such an id is in reach by design, so only (a) and (b) apply; test_environment_members.py shows
 # the add succeeding.
 ADDRESSABLE_BY_ID = {"AddEnvironmentMember(member_id)"}
-
-
-def mask(*paths: str) -> field_mask_pb2.FieldMask:
-    return field_mask_pb2.FieldMask(paths=list(paths))
 
 
 # Each row: what the RPC is given, which id of `Ids` it names, and how to call it as `secret`.

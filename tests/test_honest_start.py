@@ -22,9 +22,9 @@ from service.domain import keys
 from service.domain.models import KeyMode
 from service.storage import migrate
 from service.storage.database import build_engine
-from tests.conftest import Backend
 from tests.empty_database import empty_database
 from tests.harness import OPERATOR_TOKEN, Harness, auth, fails
+from tests.servers import Backend
 
 Code = grpc.StatusCode
 SERVING = health_pb2.HealthCheckResponse.SERVING

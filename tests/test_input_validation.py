@@ -15,17 +15,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
 import pytest
 from agentpost.environments.v1 import api_key_pb2, environment_pb2, member_pb2, organization_pb2, resource_pb2
-from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
-from sqlalchemy.engine import make_url
+from google.protobuf import duration_pb2, timestamp_pb2
 
 from service.app.server import Application
 from service.domain.pagination import PageTokens, pepper_key
-from tests.conftest import Backend, start_server
-from tests.harness import OPERATOR_TOKEN, Harness, Org, auth, fails
+from tests.harness import AS_OPERATOR, OPERATOR_TOKEN, Harness, Org, auth, fails, mask
+from tests.servers import Backend, scratch_schema, serving
 
 Code = grpc.StatusCode
 Denial = api_key_pb2.VerifyApiKeyResponse.DenialReason
@@ -50,14 +48,10 @@ async def test_an_environment_reference_with_a_trailing_newline_finds_nothing(
     harness: Harness, org: Org
 ) -> None:
     staging = await harness.new_environment(org, "Staging", slug="staging")
-    found = await harness.api_keys.VerifyApiKey(
-        api_key_pb2.VerifyApiKeyRequest(secret=org.owner_secret, environment="staging")
-    )
+    found = await harness.verify(org.owner_secret, "staging")
     assert found.valid and found.principal.environment_id == staging.id
     for reference in ("staging\n", staging.id + "\n"):
-        verdict = await harness.api_keys.VerifyApiKey(
-            api_key_pb2.VerifyApiKeyRequest(secret=org.owner_secret, environment=reference)
-        )
+        verdict = await harness.verify(org.owner_secret, reference)
         assert not verdict.valid
         assert verdict.denial_reason == Denial.ENVIRONMENT_NOT_FOUND
     await fails(
@@ -70,9 +64,7 @@ async def test_an_environment_reference_with_a_trailing_newline_finds_nothing(
 
 
 async def test_a_secret_with_a_trailing_newline_is_malformed(harness: Harness, org: Org) -> None:
-    verdict = await harness.api_keys.VerifyApiKey(
-        api_key_pb2.VerifyApiKeyRequest(secret=org.owner_secret + "\n")
-    )
+    verdict = await harness.verify(org.owner_secret + "\n")
     assert not verdict.valid
     assert verdict.denial_reason == Denial.MALFORMED
 
@@ -134,7 +126,7 @@ async def test_an_email_with_a_trailing_newline_is_invalid(harness: Harness, org
             organization_pb2.CreateOrganizationRequest(
                 name="Acme", owner_email=email + "\n", owner_display_name="O"
             ),
-            metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),),
+            metadata=AS_OPERATOR,
         ),
         Code.INVALID_ARGUMENT,
     )
@@ -279,9 +271,7 @@ async def test_a_well_formed_signed_cursor_is_accepted(harness: Harness, org: Or
 async def test_servers_on_one_database_accept_each_others_tokens(harness: Harness, backend: Backend) -> None:
     org = await harness.new_org()
     members = await _member_ids(harness, org, 3)
-    other_app, other_channel = await start_server(backend)
-    try:
-        other = Harness(other_app, other_channel, backend.name)
+    async with serving(backend) as other:
         seen: list[str] = []
         token = ""
         servers = [harness, other]
@@ -292,9 +282,6 @@ async def test_servers_on_one_database_accept_each_others_tokens(harness: Harnes
             seen += [member.id for member in page.members]
             token = page.next_page_token
         assert seen == members and token == ""
-    finally:
-        await other_channel.close()
-        await other_app.stop(grace=0)
 
 
 @pytest.fixture
@@ -303,15 +290,8 @@ async def fresh_backend(backend: Backend, tmp_path: Path) -> AsyncIterator[Backe
     if backend.name == "sqlite":
         yield Backend("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}", None)
         return
-    schema = f"agentpost_fresh_{uuid.uuid4().hex[:12]}"
-    dsn = make_url(backend.url).set(drivername="postgresql").render_as_string(hide_password=False)
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.execute(f'CREATE SCHEMA "{schema}"')
+    async with scratch_schema(backend.url, "agentpost_fresh") as schema:
         yield Backend("postgres", backend.url, schema)
-    finally:
-        await connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        await connection.close()
 
 
 async def test_servers_starting_together_on_a_new_database_agree_on_one_key(fresh_backend: Backend) -> None:
@@ -345,11 +325,10 @@ async def test_servers_starting_together_on_a_new_database_agree_on_one_key(fres
 
 async def test_servers_with_the_same_pepper_share_tokens_without_the_stored_key(backend: Backend) -> None:
     """With a pepper the key is derived from it, so peppered replicas agree on their own."""
-    first_app, first_channel = await start_server(backend, key_pepper="pepper-for-tests")
-    second_app, second_channel = await start_server(backend, key_pepper="pepper-for-tests")
-    try:
-        first = Harness(first_app, first_channel, backend.name)
-        second = Harness(second_app, second_channel, backend.name)
+    async with (
+        serving(backend, key_pepper="pepper-for-tests") as first,
+        serving(backend, key_pepper="pepper-for-tests") as second,
+    ):
         org = await first.new_org()
         members = await _member_ids(first, org, 2)
         page = await first.members.ListMembers(
@@ -359,10 +338,6 @@ async def test_servers_with_the_same_pepper_share_tokens_without_the_stored_key(
             member_pb2.ListMembersRequest(page_token=page.next_page_token), metadata=auth(org.owner_secret)
         )
         assert [member.id for member in (*page.members, *rest.members)] == members
-    finally:
-        for app, channel in ((first_app, first_channel), (second_app, second_channel)):
-            await channel.close()
-            await app.stop(grace=0)
 
 
 # -- 10: invisible names, ranges, no-op updates, repeated credentials ----------------------------
@@ -397,7 +372,7 @@ async def test_invisible_or_reordering_names_are_refused(harness: Harness, org: 
             harness.environments.UpdateEnvironment(
                 environment_pb2.UpdateEnvironmentRequest(
                     environment=environment_pb2.Environment(id=env.id, name=name),
-                    update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+                    update_mask=mask("name"),
                 ),
                 metadata=metadata,
             ),
@@ -509,13 +484,7 @@ async def test_a_timestamp_outside_its_range_is_invalid(
     assert "expire_time" in failure.violations
     key, _ = await harness.new_key(org, ["inboxes:read"])
     failure = await fails(
-        harness.api_keys.UpdateApiKey(
-            api_key_pb2.UpdateApiKeyRequest(
-                api_key=api_key_pb2.ApiKey(id=key.id, expire_time=stamp),
-                update_mask=field_mask_pb2.FieldMask(paths=["expire_time"]),
-            ),
-            metadata=auth(org.owner_secret),
-        ),
+        harness.update_key(org.owner_secret, api_key_pb2.ApiKey(id=key.id, expire_time=stamp), "expire_time"),
         Code.INVALID_ARGUMENT,
     )
     assert "api_key.expire_time" in failure.violations
@@ -532,7 +501,7 @@ async def test_an_update_that_changes_nothing_keeps_etag_and_update_time(harness
                 environment=environment_pb2.Environment(
                     id=env.id, name="Same", description="as before", etag=env.etag
                 ),
-                update_mask=field_mask_pb2.FieldMask(paths=paths),
+                update_mask=mask(*paths),
             ),
             metadata=metadata,
         )
@@ -545,7 +514,7 @@ async def test_an_update_that_changes_nothing_keeps_etag_and_update_time(harness
     changed = await harness.environments.UpdateEnvironment(
         environment_pb2.UpdateEnvironmentRequest(
             environment=environment_pb2.Environment(id=env.id, name="Different", etag=env.etag),
-            update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+            update_mask=mask("name"),
         ),
         metadata=metadata,
     )
@@ -554,7 +523,7 @@ async def test_an_update_that_changes_nothing_keeps_etag_and_update_time(harness
         harness.environments.UpdateEnvironment(
             environment_pb2.UpdateEnvironmentRequest(
                 environment=environment_pb2.Environment(id=env.id, name="Different", etag=env.etag),
-                update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+                update_mask=mask("name"),
             ),
             metadata=metadata,
         ),

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import grpc
 from agentpost.environments.v1 import (
@@ -63,7 +63,7 @@ MAX_KEYS = 6  # per organization, dead ones included
 MAX_MEMBERS = 3
 
 Outcome = tuple[str, Any]  # ("ok", response) or (status code name, ErrorInfo reason)
-Ref = tuple[int, str]
+Ref = tuple[resource_pb2.ScopedResource.Kind, str]
 
 
 def call(method: Callable[..., Any], request: Any, metadata: Any) -> Outcome:
@@ -187,7 +187,9 @@ class OrgModel:
         found = [ref for ref, env_id in self.resources.items() if env_id == env.id and ref[0] in readable]
         return "ok", sorted(found, key=lambda ref: (resource_pb2.ScopedResource.Kind.Name(ref[0]), ref[1]))
 
-    def expected_single(self, key: Key, reference: str | None, kind: int, access: str) -> Env | Outcome:
+    def expected_single(
+        self, key: Key, reference: str | None, kind: resource_pb2.ScopedResource.Kind, access: str
+    ) -> Env | Outcome:
         """The context of a call on one resource of `kind`, or its refusal (scope before context)."""
         denial = self.denial(key)
         if denial is not None:
@@ -511,7 +513,9 @@ class IsolationMachine(RuleBasedStateMachine):
             return None
         return env.slug if data.draw(st.booleans()) else env.id
 
-    def _draw_acting(self, data: st.DataObject) -> tuple[OrgModel, Key, str | None, int, str]:
+    def _draw_acting(
+        self, data: st.DataObject
+    ) -> tuple[OrgModel, Key, str | None, resource_pb2.ScopedResource.Kind, str]:
         org = data.draw(st.sampled_from(self.orgs))
         key = data.draw(st.sampled_from(org.keys))
         kind = data.draw(st.sampled_from(sorted(KINDS)))
@@ -683,13 +687,13 @@ class IsolationMachine(RuleBasedStateMachine):
                     auth(org.owner_secret),
                 )
                 if env.deleted:
-                    expected = sorted(ref for ref, env_id in org.resources.items() if env_id == env.id)
-                    got = (
+                    orphans = sorted(ref for ref, env_id in org.resources.items() if env_id == env.id)
+                    listed = (
                         sorted((item.kind, item.resource_id) for item in outcome[1].resources)
                         if outcome[0] == "ok"
                         else outcome
                     )
-                    assert got == expected, (env.id, got, expected)
+                    assert listed == orphans, (env.id, listed, orphans)
                 else:
                     assert outcome == ("FAILED_PRECONDITION", "ENVIRONMENT_NOT_DELETED"), outcome
         for expected, got, what in results:
@@ -698,7 +702,10 @@ class IsolationMachine(RuleBasedStateMachine):
 
 def run_machine(address: str) -> tuple[int, float]:
     """Runs the state machine against the server at `address`; returns steps run and seconds."""
-    machine = type("IsolationMachineRun", (IsolationMachine,), {"address": address, "steps_run": 0})
+    machine = cast(
+        "type[IsolationMachine]",
+        type("IsolationMachineRun", (IsolationMachine,), {"address": address, "steps_run": 0}),
+    )
     started = time.monotonic()
     run_state_machine_as_test(
         machine,

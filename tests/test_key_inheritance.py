@@ -9,23 +9,14 @@ import grpc
 from agentpost.environments.v1 import api_key_pb2 as key_pb
 from agentpost.environments.v1 import environment_pb2 as env_pb
 from agentpost.environments.v1 import member_pb2 as pb
-from google.protobuf import field_mask_pb2
 
 from service.domain import scopes
-from tests.conftest import Backend, start_server
 from tests.harness import Harness, Org, auth, fails
+from tests.servers import Backend, serving
 
 Code = grpc.StatusCode
 Denial = key_pb.VerifyApiKeyResponse
 ALL = list(scopes.ALL_SCOPES)
-
-
-async def verify(harness: Harness, secret: str, environment: str) -> key_pb.VerifyApiKeyResponse:
-    """VerifyApiKey for `secret` acting in `environment`."""
-    response: key_pb.VerifyApiKeyResponse = await harness.api_keys.VerifyApiKey(
-        key_pb.VerifyApiKeyRequest(secret=secret, environment=environment)
-    )
-    return response
 
 
 async def listed_environments(harness: Harness, secret: str) -> list[str]:
@@ -36,38 +27,18 @@ async def listed_environments(harness: Harness, secret: str) -> list[str]:
     return sorted(env.id for env in page.environments)
 
 
-async def add(harness: Harness, org: Org, env_id: str, member_id: str) -> None:
-    """Gives the member MEMBER access to the environment, as the org owner."""
-    await harness.members.AddEnvironmentMember(
-        pb.AddEnvironmentMemberRequest(
-            environment_id=env_id, member_id=member_id, role=pb.EnvironmentMember.MEMBER
-        ),
-        metadata=auth(org.owner_secret),
-    )
-
-
-async def set_role(harness: Harness, org: Org, member_id: str, role: int) -> None:
-    """Changes the member's organization role, as the org owner."""
-    await harness.members.UpdateMember(
-        pb.UpdateMemberRequest(
-            member=pb.Member(id=member_id, role=role), update_mask=field_mask_pb2.FieldMask(paths=["role"])
-        ),
-        metadata=auth(org.owner_secret),
-    )
-
-
 async def test_key_reach_is_its_environments_within_the_owners(harness: Harness, org: Org) -> None:
     staging = await harness.new_environment(org, "Staging")
     prod = await harness.new_environment(org, "Prod")
     member = await harness.new_member(org, "MEMBER")
-    await add(harness, org, staging.id, member.id)
+    await harness.add_environment_member(org.owner_secret, staging.id, member.id)
     _, secret = await harness.new_key(org, ALL, [staging.id, prod.id], owner_member_id=member.id)
 
     assert await listed_environments(harness, secret) == [staging.id]
-    allowed = await verify(harness, secret, staging.id)
+    allowed = await harness.verify(secret, staging.id)
     assert allowed.valid and list(allowed.principal.allowed_environment_ids) == [staging.id]
     assert allowed.principal.owner_member_id == member.id
-    denied = await verify(harness, secret, prod.id)
+    denied = await harness.verify(secret, prod.id)
     assert not denied.valid and denied.denial_reason == Denial.ENVIRONMENT_NOT_ALLOWED
     await fails(
         harness.environments.GetEnvironment(env_pb.GetEnvironmentRequest(id=prod.id), metadata=auth(secret)),
@@ -76,10 +47,10 @@ async def test_key_reach_is_its_environments_within_the_owners(harness: Harness,
     )
 
     # Adding the owner to prod widens the key at once, up to the key's own list.
-    await add(harness, org, prod.id, member.id)
+    await harness.add_environment_member(org.owner_secret, prod.id, member.id)
     assert await listed_environments(harness, secret) == sorted([staging.id, prod.id])
-    assert (await verify(harness, secret, prod.id)).valid
-    assert not (await verify(harness, secret, org.default_environment.id)).valid
+    assert (await harness.verify(secret, prod.id)).valid
+    assert not (await harness.verify(secret, org.default_environment.id)).valid
 
 
 async def test_removing_the_owner_from_an_environment_takes_it_from_the_key(
@@ -87,19 +58,19 @@ async def test_removing_the_owner_from_an_environment_takes_it_from_the_key(
 ) -> None:
     staging = await harness.new_environment(org, "Staging")
     member = await harness.new_member(org, "MEMBER")
-    await add(harness, org, staging.id, member.id)
-    await add(harness, org, org.default_environment.id, member.id)
+    await harness.add_environment_member(org.owner_secret, staging.id, member.id)
+    await harness.add_environment_member(org.owner_secret, org.default_environment.id, member.id)
     _, secret = await harness.new_key(org, ALL, owner_member_id=member.id)
-    assert (await verify(harness, secret, staging.id)).valid
+    assert (await harness.verify(secret, staging.id)).valid
 
     await harness.members.RemoveEnvironmentMember(
         pb.RemoveEnvironmentMemberRequest(environment_id=staging.id, member_id=member.id),
         metadata=auth(org.owner_secret),
     )
     assert await listed_environments(harness, secret) == [org.default_environment.id]
-    denied = await verify(harness, secret, staging.id)
+    denied = await harness.verify(secret, staging.id)
     assert not denied.valid and denied.denial_reason == Denial.ENVIRONMENT_NOT_ALLOWED
-    allowed = await verify(harness, secret, org.default_environment.id)
+    allowed = await harness.verify(secret, org.default_environment.id)
     assert list(allowed.principal.allowed_environment_ids) == [org.default_environment.id]
 
 
@@ -107,7 +78,7 @@ async def test_deleting_the_owner_disables_its_keys(harness: Harness, org: Org) 
     member = await harness.new_member(org, "ADMIN")
     key, secret = await harness.new_key(org, ALL, owner_member_id=member.id)
     _, env_secret = await harness.new_key(org, ALL, [org.default_environment.id], owner_member_id=member.id)
-    assert (await verify(harness, secret, "default")).valid
+    assert (await harness.verify(secret, "default")).valid
 
     await harness.members.DeleteMember(pb.DeleteMemberRequest(id=member.id), metadata=auth(org.owner_secret))
     for each in (secret, env_secret):
@@ -116,7 +87,7 @@ async def test_deleting_the_owner_disables_its_keys(harness: Harness, org: Org) 
             Code.UNAUTHENTICATED,
             "API_KEY_OWNER_REMOVED",
         )
-        denied = await verify(harness, each, "default")
+        denied = await harness.verify(each, "default")
         assert not denied.valid and denied.denial_reason == Denial.OWNER_REMOVED
     # The key stays stored, still tied to its former owner.
     stored = await harness.api_keys.GetApiKey(
@@ -125,7 +96,7 @@ async def test_deleting_the_owner_disables_its_keys(harness: Harness, org: Org) 
     assert stored.owner_member_id == member.id
     # Another member with the same email does not revive it.
     await harness.new_member(org, "ADMIN", email=member.email)
-    denied = await verify(harness, secret, "default")
+    denied = await harness.verify(secret, "default")
     assert denied.denial_reason == Denial.OWNER_REMOVED
 
 
@@ -133,17 +104,17 @@ async def test_demoting_an_admin_shrinks_its_organization_wide_key(harness: Harn
     staging = await harness.new_environment(org, "Staging")
     prod = await harness.new_environment(org, "Prod")
     member = await harness.new_member(org, "ADMIN")
-    await add(harness, org, staging.id, member.id)
+    await harness.add_environment_member(org.owner_secret, staging.id, member.id)
     _, secret = await harness.new_key(org, ALL, owner_member_id=member.id)
     everything = sorted([org.default_environment.id, staging.id, prod.id])
     assert await listed_environments(harness, secret) == everything
-    assert (await verify(harness, secret, prod.id)).principal.organization_wide
+    assert (await harness.verify(secret, prod.id)).principal.organization_wide
 
-    await set_role(harness, org, member.id, pb.Member.MEMBER)
+    await harness.update_member(org.owner_secret, pb.Member(id=member.id, role=pb.Member.MEMBER), "role")
     assert await listed_environments(harness, secret) == [staging.id]
-    denied = await verify(harness, secret, prod.id)
+    denied = await harness.verify(secret, prod.id)
     assert denied.denial_reason == Denial.ENVIRONMENT_NOT_ALLOWED
-    allowed = await verify(harness, secret, staging.id)
+    allowed = await harness.verify(secret, staging.id)
     assert list(allowed.principal.allowed_environment_ids) == [staging.id]
     # It is no longer an organization-level key either.
     await fails(
@@ -160,7 +131,7 @@ async def test_demoting_an_admin_shrinks_its_organization_wide_key(harness: Harn
     )
 
     # Promoting again restores the full reach.
-    await set_role(harness, org, member.id, pb.Member.ADMIN)
+    await harness.update_member(org.owner_secret, pb.Member(id=member.id, role=pb.Member.ADMIN), "role")
     assert await listed_environments(harness, secret) == everything
     await harness.members.ListMembers(pb.ListMembersRequest(), metadata=auth(secret))
 
@@ -169,7 +140,7 @@ async def test_unowned_keys_do_not_depend_on_members(harness: Harness, org: Org)
     staging = await harness.new_environment(org, "Staging")
     _, secret = await harness.new_key(org, ALL, [staging.id])
     member = await harness.new_member(org, "MEMBER")
-    await add(harness, org, staging.id, member.id)
+    await harness.add_environment_member(org.owner_secret, staging.id, member.id)
     await harness.members.DeleteMember(pb.DeleteMemberRequest(id=member.id), metadata=auth(org.owner_secret))
     assert await listed_environments(harness, secret) == [staging.id]
 
@@ -177,23 +148,18 @@ async def test_unowned_keys_do_not_depend_on_members(harness: Harness, org: Org)
 async def test_another_replica_sees_membership_changes(harness: Harness, backend: Backend, org: Org) -> None:
     staging = await harness.new_environment(org, "Staging")
     member = await harness.new_member(org, "MEMBER")
-    await add(harness, org, staging.id, member.id)
+    await harness.add_environment_member(org.owner_secret, staging.id, member.id)
     _, secret = await harness.new_key(org, ALL, owner_member_id=member.id)
-    app, channel = await start_server(backend)
-    try:
-        replica = Harness(app, channel, backend.name)
-        assert (await verify(replica, secret, staging.id)).valid  # warms the replica's cache
+    async with serving(backend) as replica:
+        assert (await replica.verify(secret, staging.id)).valid  # warms the replica's cache
         await harness.members.RemoveEnvironmentMember(
             pb.RemoveEnvironmentMemberRequest(environment_id=staging.id, member_id=member.id),
             metadata=auth(org.owner_secret),
         )
         # The replica polls revisions every cache_refresh_seconds (0.2 s in tests).
         for _ in range(50):
-            if not (await verify(replica, secret, staging.id)).valid:
+            if not (await replica.verify(secret, staging.id)).valid:
                 break
             await asyncio.sleep(0.1)
-        denied = await verify(replica, secret, staging.id)
+        denied = await replica.verify(secret, staging.id)
         assert denied.denial_reason == Denial.ENVIRONMENT_NOT_ALLOWED
-    finally:
-        await channel.close()
-        await app.stop(grace=0)

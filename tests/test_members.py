@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import grpc
 import pytest
 from agentpost.environments.v1 import member_pb2 as pb
-from google.protobuf import field_mask_pb2
 
 from service.domain import scopes
 from tests.harness import Harness, Org, auth, fails
@@ -16,19 +16,6 @@ from tests.harness import Harness, Org, auth, fails
 Code = grpc.StatusCode
 ALL = list(scopes.ALL_SCOPES)
 RANDOM_MEMBER = "mem_01J0000000000000000000000A"
-
-
-def mask(*paths: str) -> field_mask_pb2.FieldMask:
-    """An update mask of `paths`."""
-    return field_mask_pb2.FieldMask(paths=list(paths))
-
-
-async def update(harness: Harness, secret: str, member: pb.Member, *paths: str) -> pb.Member:
-    """UpdateMember as `secret`, with `paths` as the update mask."""
-    result: pb.Member = await harness.members.UpdateMember(
-        pb.UpdateMemberRequest(member=member, update_mask=mask(*paths)), metadata=auth(secret)
-    )
-    return result
 
 
 async def test_create_returns_the_member(harness: Harness, org: Org) -> None:
@@ -79,7 +66,7 @@ async def test_email_is_unique_case_insensitively(harness: Harness, org: Org) ->
     ],
 )
 async def test_create_rejects_bad_input(
-    harness: Harness, org: Org, request_fields: dict[str, object], field: str
+    harness: Harness, org: Org, request_fields: dict[str, Any], field: str
 ) -> None:
     failure = await fails(
         harness.members.CreateMember(
@@ -180,13 +167,15 @@ async def test_update_changes_only_masked_fields(harness: Harness, org: Org) -> 
         role=pb.Member.ADMIN,
         etag=member.etag,
     )
-    renamed = await update(harness, org.owner_secret, attempt, "display_name")
+    renamed = await harness.update_member(org.owner_secret, attempt, "display_name")
     assert renamed.display_name == "New Name"
     assert renamed.role == pb.Member.MEMBER
     assert renamed.email == "keep@example.com" and renamed.organization_id == org.id
     assert renamed.etag != member.etag
     assert renamed.create_time == member.create_time
-    promoted = await update(harness, org.owner_secret, pb.Member(id=member.id, role=pb.Member.ADMIN), "role")
+    promoted = await harness.update_member(
+        org.owner_secret, pb.Member(id=member.id, role=pb.Member.ADMIN), "role"
+    )
     assert promoted.role == pb.Member.ADMIN and promoted.display_name == "New Name"
     fetched = await harness.members.GetMember(
         pb.GetMemberRequest(id=member.id), metadata=auth(org.owner_secret)
@@ -198,37 +187,40 @@ async def test_update_rejects_bad_masks_and_stale_etags(harness: Harness, org: O
     member = await harness.new_member(org, "MEMBER")
     for paths in (("email",), ("display_name", "organization_id"), ("*", "role"), ("create_time",)):
         failure = await fails(
-            update(harness, org.owner_secret, pb.Member(id=member.id, email="x@example.com"), *paths),
+            harness.update_member(org.owner_secret, pb.Member(id=member.id, email="x@example.com"), *paths),
             Code.INVALID_ARGUMENT,
             "FIELD_NOT_MUTABLE",
         )
         assert "update_mask" in failure.violations
     # No mask: the mutable fields the request sets (AIP-134); `*`: all of them, so an unset role
     # is refused rather than guessed.
-    named = await update(harness, org.owner_secret, pb.Member(id=member.id, display_name="x"))
+    named = await harness.update_member(org.owner_secret, pb.Member(id=member.id, display_name="x"))
     assert named.display_name == "x" and named.role == pb.Member.MEMBER
-    failure = await fails(update(harness, org.owner_secret, pb.Member(id=member.id)), Code.INVALID_ARGUMENT)
+    failure = await fails(
+        harness.update_member(org.owner_secret, pb.Member(id=member.id)), Code.INVALID_ARGUMENT
+    )
     assert failure.reason == "NOTHING_TO_UPDATE" and "update_mask" in failure.violations
     failure = await fails(
-        update(harness, org.owner_secret, pb.Member(id=member.id, display_name="y"), "*"),
+        harness.update_member(org.owner_secret, pb.Member(id=member.id, display_name="y"), "*"),
         Code.INVALID_ARGUMENT,
     )
     assert "member.role" in failure.violations
-    everything = await update(
-        harness, org.owner_secret, pb.Member(id=member.id, display_name="", role=pb.Member.ADMIN), "*"
+    everything = await harness.update_member(
+        org.owner_secret, pb.Member(id=member.id, display_name="", role=pb.Member.ADMIN), "*"
     )
     assert (everything.display_name, everything.role) == ("", pb.Member.ADMIN)
-    member = await update(harness, org.owner_secret, pb.Member(id=member.id, role=pb.Member.MEMBER), "role")
+    member = await harness.update_member(
+        org.owner_secret, pb.Member(id=member.id, role=pb.Member.MEMBER), "role"
+    )
     failure = await fails(
-        update(harness, org.owner_secret, pb.Member(id=member.id), "role"), Code.INVALID_ARGUMENT
+        harness.update_member(org.owner_secret, pb.Member(id=member.id), "role"), Code.INVALID_ARGUMENT
     )
     assert "member.role" in failure.violations
-    renamed = await update(
-        harness, org.owner_secret, pb.Member(id=member.id, display_name="One"), "display_name"
+    renamed = await harness.update_member(
+        org.owner_secret, pb.Member(id=member.id, display_name="One"), "display_name"
     )
     await fails(
-        update(
-            harness,
+        harness.update_member(
             org.owner_secret,
             pb.Member(id=member.id, display_name="Two", etag=member.etag),
             "display_name",
@@ -236,14 +228,15 @@ async def test_update_rejects_bad_masks_and_stale_etags(harness: Harness, org: O
         Code.ABORTED,
         "ETAG_MISMATCH",
     )
-    await update(
-        harness,
+    await harness.update_member(
         org.owner_secret,
         pb.Member(id=member.id, display_name="Two", etag=renamed.etag),
         "display_name",
     )
     await fails(
-        update(harness, org.owner_secret, pb.Member(id=RANDOM_MEMBER, display_name="x"), "display_name"),
+        harness.update_member(
+            org.owner_secret, pb.Member(id=RANDOM_MEMBER, display_name="x"), "display_name"
+        ),
         Code.NOT_FOUND,
         "MEMBER_NOT_FOUND",
     )
@@ -251,7 +244,9 @@ async def test_update_rejects_bad_masks_and_stale_etags(harness: Harness, org: O
 
 async def test_last_owner_can_be_neither_demoted_nor_deleted(harness: Harness, org: Org) -> None:
     owner = pb.Member(id=org.owner_member_id, role=pb.Member.ADMIN)
-    await fails(update(harness, org.owner_secret, owner, "role"), Code.FAILED_PRECONDITION, "LAST_OWNER")
+    await fails(
+        harness.update_member(org.owner_secret, owner, "role"), Code.FAILED_PRECONDITION, "LAST_OWNER"
+    )
     await fails(
         harness.members.DeleteMember(
             pb.DeleteMemberRequest(id=org.owner_member_id), metadata=auth(org.owner_secret)
@@ -261,10 +256,10 @@ async def test_last_owner_can_be_neither_demoted_nor_deleted(harness: Harness, o
     )
     # With a second OWNER, the first can step down; then the second is the last one.
     second = await harness.new_member(org, "OWNER")
-    demoted = await update(harness, org.owner_secret, owner, "role")
+    demoted = await harness.update_member(org.owner_secret, owner, "role")
     assert demoted.role == pb.Member.ADMIN
     await fails(
-        update(harness, org.owner_secret, pb.Member(id=second.id, role=pb.Member.MEMBER), "role"),
+        harness.update_member(org.owner_secret, pb.Member(id=second.id, role=pb.Member.MEMBER), "role"),
         Code.PERMISSION_DENIED,
         "OWNER_REQUIRED",  # the caller's owner is no longer an OWNER
     )
@@ -318,12 +313,12 @@ async def test_only_owners_manage_owners(harness: Harness, org: Org) -> None:
     )
     for target, role in ((admin.id, pb.Member.OWNER), (other_owner.id, pb.Member.ADMIN)):
         await fails(
-            update(harness, admin_secret, pb.Member(id=target, role=role), "role"),
+            harness.update_member(admin_secret, pb.Member(id=target, role=role), "role"),
             Code.PERMISSION_DENIED,
             "OWNER_REQUIRED",
         )
     await fails(
-        update(harness, admin_secret, pb.Member(id=other_owner.id, display_name="x"), "display_name"),
+        harness.update_member(admin_secret, pb.Member(id=other_owner.id, display_name="x"), "display_name"),
         Code.PERMISSION_DENIED,
         "OWNER_REQUIRED",
     )
@@ -336,11 +331,15 @@ async def test_only_owners_manage_owners(harness: Harness, org: Org) -> None:
     created = await harness.members.CreateMember(
         pb.CreateMemberRequest(email="helper@example.com", role=pb.Member.ADMIN), metadata=auth(admin_secret)
     )
-    demoted = await update(harness, admin_secret, pb.Member(id=created.id, role=pb.Member.MEMBER), "role")
+    demoted = await harness.update_member(
+        admin_secret, pb.Member(id=created.id, role=pb.Member.MEMBER), "role"
+    )
     assert demoted.role == pb.Member.MEMBER
     # An unowned organization-wide key is owner-level.
     _, unowned_secret = await harness.new_key(org, ALL)
-    promoted = await update(harness, unowned_secret, pb.Member(id=admin.id, role=pb.Member.OWNER), "role")
+    promoted = await harness.update_member(
+        unowned_secret, pb.Member(id=admin.id, role=pb.Member.OWNER), "role"
+    )
     assert promoted.role == pb.Member.OWNER
 
 
@@ -352,7 +351,7 @@ async def test_concurrent_demotions_keep_one_owner(harness: Harness) -> None:
         _, secret = await harness.new_key(org, ALL)
         outcomes = await asyncio.gather(
             *(
-                update(harness, secret, pb.Member(id=member_id, role=pb.Member.ADMIN), "role")
+                harness.update_member(secret, pb.Member(id=member_id, role=pb.Member.ADMIN), "role")
                 for member_id in (org.owner_member_id, second.id)
             ),
             return_exceptions=True,

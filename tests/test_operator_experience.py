@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Backend
 from tests.empty_database import empty_database
+from tests.servers import Backend
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SECRET = re.compile(r"ap_sk_live_[0-9A-Za-z]{38}")
@@ -188,7 +188,7 @@ async def _read_until(stream: asyncio.StreamReader, marker: str) -> str:
 def _command_after(text: str, heading: str) -> str:
     """The indented command (continued with backslashes) that follows `heading`."""
     lines = text.split(heading, 1)[1].strip("\n").splitlines()
-    command = []
+    command: list[str] = []
     for line in lines:
         if not line.strip():
             if command:

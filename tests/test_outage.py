@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import os
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
 from agentpost.environments.v1 import (
@@ -38,9 +37,10 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from service.domain.errors import Unavailable
 from service.storage.database import translated_errors
 from tests import private_postgres
-from tests.bench.processes import ServerProcess, free_port, health_serving
-from tests.harness import OPERATOR_TOKEN, auth, failure_of
+from tests.bench.processes import ServerProcess, health_serving
+from tests.harness import OPERATOR_TOKEN, auth, create_organization, failure_of
 from tests.private_postgres import PrivatePostgres
+from tests.servers import Backend, free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REFRESH_SECONDS = 0.2
@@ -85,11 +85,8 @@ def cluster(tmp_path: Path) -> Iterator[PrivatePostgres]:
 
 
 def _environment(pg: PrivatePostgres, settings: dict[str, str]) -> dict[str, str]:
-    """This process's environment without any AGENTPOST_* setting, plus the given ones."""
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("AGENTPOST_")}
-    environment["AGENTPOST_DATABASE_URL"] = pg.url
-    environment.update(settings)
-    return environment
+    """The environment of a server process on the private cluster, with the given settings."""
+    return Backend("postgres", pg.url, None).environment(settings)
 
 
 @dataclass
@@ -241,17 +238,6 @@ async def _write_works(replica: Replica, secret: str) -> bool:
     return True
 
 
-async def _new_org(replica: Replica) -> organization_pb2.CreateOrganizationResponse:
-    response: organization_pb2.CreateOrganizationResponse = await replica.organizations.CreateOrganization(
-        organization_pb2.CreateOrganizationRequest(
-            name="Outage", owner_email=f"owner-{uuid.uuid4().hex[:8]}@example.com", owner_display_name="Owner"
-        ),
-        metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),),
-        timeout=CALL_TIMEOUT,
-    )
-    return response
-
-
 async def _new_key(replica: Replica, owner_secret: str, name: str) -> tuple[str, str]:
     response = await replica.api_keys.CreateApiKey(
         api_key_pb2.CreateApiKeyRequest(name=name, scopes=["inboxes:read", "environments:read"]),
@@ -267,7 +253,7 @@ async def test_database_outage_under_two_replicas(
 ) -> None:
     a = await replicas("replica-a")
     b = await replicas("replica-b")
-    org = await _new_org(a)
+    org = await create_organization(a.organizations, "Outage", CALL_TIMEOUT)
     owner = org.owner_api_key_secret
     _, warm = await _new_key(a, owner, "warm")
     revoked_id, to_revoke = await _new_key(a, owner, "revoked after the outage")
@@ -367,7 +353,7 @@ async def test_cached_keys_refused_after_max_staleness(
 ) -> None:
     max_staleness = 2.0
     replica = await replicas("stale", AGENTPOST_MAX_STALENESS_SECONDS=str(max_staleness))
-    org = await _new_org(replica)
+    org = await create_organization(replica.organizations, "Outage", CALL_TIMEOUT)
     owner = org.owner_api_key_secret
     _, warm = await _new_key(replica, owner, "warm")
     assert (await replica.verify(warm)).valid

@@ -9,14 +9,14 @@ from grpc_reflection.v1alpha import reflection_pb2
 
 from service.app.server import Application
 from service.domain.policy import POLICY, Level
-from tests.conftest import Backend
 from tests.harness import Harness, Org, auth, fails
+from tests.servers import Backend
 
 CONTRACT_FILES = (organization_pb2, environment_pb2, member_pb2, api_key_pb2, resource_pb2)
 
 
 def _methods(*files: object) -> set[str]:
-    names = set()
+    names: set[str] = set()
     for module in files:
         descriptor = module.DESCRIPTOR  # type: ignore[attr-defined]
         for service in descriptor.services_by_name.values():

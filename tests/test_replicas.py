@@ -7,20 +7,18 @@ import time
 
 import grpc
 from agentpost.environments.v1 import api_key_pb2 as pb
-from agentpost.environments.v1 import api_key_pb2_grpc, organization_pb2, organization_pb2_grpc
 
-from tests.conftest import Backend, start_server
 from tests.harness import Harness, Org, auth
+from tests.servers import Backend, serving
 
 POLL_SECONDS = 0.05
 BOUND_SECONDS = 3.0
 
 
-async def usable(channel: grpc.aio.Channel, secret: str) -> bool:
-    """True when the replica behind `channel` accepts the key for an ordinary call."""
-    stub = organization_pb2_grpc.OrganizationServiceStub(channel)
+async def usable(server: Harness, secret: str) -> bool:
+    """True when the replica `server` accepts the key for an ordinary call."""
     try:
-        await stub.GetOrganization(organization_pb2.GetOrganizationRequest(), metadata=auth(secret))
+        await server.whoami(secret)
     except grpc.aio.AioRpcError as error:
         assert error.code() == grpc.StatusCode.UNAUTHENTICATED
         return False
@@ -28,52 +26,43 @@ async def usable(channel: grpc.aio.Channel, secret: str) -> bool:
 
 
 async def test_revoke_on_one_replica_reaches_the_other(harness: Harness, backend: Backend, org: Org) -> None:
-    app_b, channel_b = await start_server(backend)
-    try:
+    async with serving(backend) as replica_b:
         key, secret = await harness.new_key(org, ["inboxes:read"])
-        verify_b = api_key_pb2_grpc.ApiKeyServiceStub(channel_b)
         # Warm the key on both replicas.
-        assert await usable(harness.channel, secret)
-        assert await usable(channel_b, secret)
-        assert (await verify_b.VerifyApiKey(pb.VerifyApiKeyRequest(secret=secret))).valid
+        assert await usable(harness, secret)
+        assert await usable(replica_b, secret)
+        assert (await replica_b.verify(secret)).valid
 
         await harness.api_keys.RevokeApiKey(
             pb.RevokeApiKeyRequest(id=key.id), metadata=auth(org.owner_secret)
         )
         revoked_at = time.monotonic()
-        assert not await usable(harness.channel, secret)
+        assert not await usable(harness, secret)
 
         delay = None
         while time.monotonic() - revoked_at < BOUND_SECONDS:
-            if not await usable(channel_b, secret):
+            if not await usable(replica_b, secret):
                 delay = time.monotonic() - revoked_at
                 break
             await asyncio.sleep(POLL_SECONDS)
         assert delay is not None, f"replica B still accepted the revoked key after {BOUND_SECONDS} s"
         print(f"\n[{backend.name}] revoke seen by the other replica after {delay * 1000:.0f} ms")
-        response = await verify_b.VerifyApiKey(pb.VerifyApiKeyRequest(secret=secret))
+        response = await replica_b.verify(secret)
         assert response.denial_reason == pb.VerifyApiKeyResponse.REVOKED
-    finally:
-        await channel_b.close()
-        await app_b.stop(grace=0)
 
 
 async def test_roll_on_one_replica_is_usable_on_the_other(
     harness: Harness, backend: Backend, org: Org
 ) -> None:
-    app_b, channel_b = await start_server(backend)
-    try:
+    async with serving(backend) as replica_b:
         key, secret = await harness.new_key(org, ["inboxes:read"])
-        assert await usable(channel_b, secret)
+        assert await usable(replica_b, secret)
         rolled = await harness.api_keys.RollApiKey(
             pb.RollApiKeyRequest(id=key.id), metadata=auth(org.owner_secret)
         )
         # The new key is unknown to B's cache, so B looks it up at once.
-        assert await usable(channel_b, rolled.secret)
+        assert await usable(replica_b, rolled.secret)
         deadline = time.monotonic() + BOUND_SECONDS
-        while await usable(channel_b, secret):
+        while await usable(replica_b, secret):
             assert time.monotonic() < deadline, "replica B kept accepting the rolled-away key"
             await asyncio.sleep(POLL_SECONDS)
-    finally:
-        await channel_b.close()
-        await app_b.stop(grace=0)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -26,7 +29,7 @@ INBOX, MESSAGE, LABEL, DOMAIN = (
 async def register(
     harness: Harness,
     secret: str,
-    kind: int,
+    kind: pb.ScopedResource.Kind,
     resource_id: str,
     environment: str | None = None,
     display_name: str = "",
@@ -43,7 +46,10 @@ async def register(
 
 
 async def listed(
-    harness: Harness, secret: str, environment: str | None, kind: int = 0
+    harness: Harness,
+    secret: str,
+    environment: str | None,
+    kind: pb.ScopedResource.Kind = Kind.KIND_UNSPECIFIED,
 ) -> list[tuple[int, str]]:
     """Every (kind, resource_id) ListResources returns in the context, following page tokens."""
     found: list[tuple[int, str]] = []
@@ -72,12 +78,6 @@ async def orphans(harness: Harness, secret: str, environment_id: str) -> list[tu
         token = page.next_page_token
         if not token:
             return found
-
-
-async def delete_environment(harness: Harness, org: Org, environment_id: str) -> None:
-    await harness.environments.DeleteEnvironment(
-        environment_pb2.DeleteEnvironmentRequest(id=environment_id), metadata=auth(org.owner_secret)
-    )
 
 
 async def test_register_defaults_to_the_default_environment_and_get_returns_it(
@@ -215,7 +215,13 @@ async def test_concurrent_retries_with_one_request_id_register_once(harness: Har
     ],
 )
 async def test_register_rejects_bad_input(
-    harness: Harness, org: Org, kind: int, resource_id: str, display_name: str, request_id: str, field: str
+    harness: Harness,
+    org: Org,
+    kind: pb.ScopedResource.Kind,
+    resource_id: str,
+    display_name: str,
+    request_id: str,
+    field: str,
 ) -> None:
     failure = await fails(
         register(
@@ -297,7 +303,12 @@ async def test_page_tokens_are_bound_to_the_query(harness: Harness, org: Org) ->
     )
     assert first.next_page_token
     for request, environment in (
-        (pb.ListResourcesRequest(kind=0, page_size=1, page_token=first.next_page_token), None),
+        (
+            pb.ListResourcesRequest(
+                kind=Kind.KIND_UNSPECIFIED, page_size=1, page_token=first.next_page_token
+            ),
+            None,
+        ),
         (pb.ListResourcesRequest(kind=INBOX, page_size=1, page_token=first.next_page_token), staging.id),
         (pb.ListResourcesRequest(kind=INBOX, page_size=1, page_token="garbage"), None),
     ):
@@ -314,7 +325,10 @@ async def test_page_tokens_are_bound_to_the_query(harness: Harness, org: Org) ->
     )
     assert "page_size" in failure.violations
     await fails(
-        harness.resources.ListResources(pb.ListResourcesRequest(kind=42), metadata=auth(org.owner_secret)),
+        harness.resources.ListResources(
+            pb.ListResourcesRequest(kind=42),  # type: ignore[arg-type]  # no such kind, on purpose
+            metadata=auth(org.owner_secret),
+        ),
         Code.INVALID_ARGUMENT,
     )
 
@@ -332,7 +346,7 @@ async def test_deleting_an_environment_hides_its_resources_until_undeleted(
         Code.FAILED_PRECONDITION,
         "ENVIRONMENT_NOT_DELETED",
     )
-    await delete_environment(harness, org, staging.id)
+    await harness.delete_environment(org.owner_secret, staging.id)
     # Even the organization-wide owner key cannot act in it.
     for environment in (staging.id, "staging"):
         await fails(
@@ -377,7 +391,7 @@ async def test_reassign_all_moves_orphans_to_the_target_only(harness: Harness, o
     before = await harness.resources.GetResource(
         pb.GetResourceRequest(kind=INBOX, resource_id="i-1"), metadata=auth(org.owner_secret, staging.id)
     )
-    await delete_environment(harness, org, staging.id)
+    await harness.delete_environment(org.owner_secret, staging.id)
     response = await harness.resources.ReassignResources(
         pb.ReassignResourcesRequest(from_environment_id=staging.id, to_environment_id=target.id),
         metadata=auth(org.owner_secret),
@@ -451,92 +465,123 @@ async def test_reassign_a_listed_subset_is_all_or_nothing(harness: Harness, org:
     assert none.moved_count == 0
 
 
-async def test_reassign_refuses_bad_environments_and_input(harness: Harness, org: Org) -> None:
+@dataclass
+class ReassignScene:
+    """A source environment, a deleted one, and another organization, for refused reassignments."""
+
+    org: Org
+    source: environment_pb2.Environment
+    gone: environment_pb2.Environment
+    other: Org
+
+
+# Each row: the request (built from the scene), the code, the ErrorInfo reason when it is checked,
+# and the field the BadRequest must name when there is one.
+REASSIGN_REFUSALS: list[Any] = [
+    pytest.param(
+        lambda s: pb.ReassignResourcesRequest(to_environment_id=s.source.id),
+        Code.INVALID_ARGUMENT,
+        None,
+        "from_environment_id",
+        id="no source",
+    ),
+    pytest.param(
+        lambda s: pb.ReassignResourcesRequest(from_environment_id=s.source.id),
+        Code.INVALID_ARGUMENT,
+        None,
+        "to_environment_id",
+        id="no target",
+    ),
+    pytest.param(
+        lambda s: pb.ReassignResourcesRequest(from_environment_id=s.source.id, to_environment_id=s.source.id),
+        Code.INVALID_ARGUMENT,
+        None,
+        "to_environment_id",
+        id="onto itself",
+    ),
+    pytest.param(
+        lambda s: pb.ReassignResourcesRequest(
+            from_environment_id=s.source.id,
+            to_environment_id=s.org.default_environment.id,
+            resources=[pb.ResourceRef(resource_id="x")],
+        ),
+        Code.INVALID_ARGUMENT,
+        None,
+        "resources[0].kind",
+        id="no kind",
+    ),
+    pytest.param(
+        lambda s: pb.ReassignResourcesRequest(
+            from_environment_id=s.source.id,
+            to_environment_id=s.org.default_environment.id,
+            resources=[
+                pb.ResourceRef(kind=INBOX, resource_id="ok"),
+                pb.ResourceRef(kind=INBOX, resource_id="b d"),
+            ],
+        ),
+        Code.INVALID_ARGUMENT,
+        None,
+        "resources[1].resource_id",
+        id="bad resource id",
+    ),
+    pytest.param(
+        lambda s: pb.ReassignResourcesRequest(
+            from_environment_id=s.source.id,
+            to_environment_id=s.org.default_environment.id,
+            resources=[pb.ResourceRef(kind=INBOX, resource_id=f"r{i}") for i in range(1001)],
+        ),
+        Code.INVALID_ARGUMENT,
+        None,
+        "resources",
+        id="too many resources",
+    ),
+    pytest.param(
+        lambda s: pb.ReassignResourcesRequest(from_environment_id=s.source.id, to_environment_id=s.gone.id),
+        Code.FAILED_PRECONDITION,
+        "ENVIRONMENT_DELETED",
+        None,
+        id="onto a deleted environment",
+    ),
+    pytest.param(
+        lambda s: pb.ReassignResourcesRequest(
+            from_environment_id=s.other.default_environment.id, to_environment_id=s.source.id
+        ),
+        Code.NOT_FOUND,
+        "ENVIRONMENT_NOT_FOUND",
+        None,
+        id="from another organization",
+    ),
+    pytest.param(
+        lambda s: pb.ReassignResourcesRequest(
+            from_environment_id=s.source.id, to_environment_id=s.other.default_environment.id
+        ),
+        Code.NOT_FOUND,
+        "ENVIRONMENT_NOT_FOUND",
+        None,
+        id="to another organization",
+    ),
+]
+
+
+@pytest.mark.parametrize(("request_of", "code", "reason", "field"), REASSIGN_REFUSALS)
+async def test_reassign_refuses_bad_environments_and_input(
+    harness: Harness,
+    org: Org,
+    request_of: Callable[[ReassignScene], pb.ReassignResourcesRequest],
+    code: grpc.StatusCode,
+    reason: str | None,
+    field: str | None,
+) -> None:
     source = await harness.new_environment(org, "Source")
     gone = await harness.new_environment(org, "Gone")
-    await delete_environment(harness, org, gone.id)
+    await harness.delete_environment(org.owner_secret, gone.id)
     other = await harness.new_org("Other")
-    cases: list[tuple[pb.ReassignResourcesRequest, Code, str | None, str | None]] = [
-        (
-            pb.ReassignResourcesRequest(to_environment_id=source.id),
-            Code.INVALID_ARGUMENT,
-            None,
-            "from_environment_id",
-        ),
-        (
-            pb.ReassignResourcesRequest(from_environment_id=source.id),
-            Code.INVALID_ARGUMENT,
-            None,
-            "to_environment_id",
-        ),
-        (
-            pb.ReassignResourcesRequest(from_environment_id=source.id, to_environment_id=source.id),
-            Code.INVALID_ARGUMENT,
-            None,
-            "to_environment_id",
-        ),
-        (
-            pb.ReassignResourcesRequest(
-                from_environment_id=source.id,
-                to_environment_id=org.default_environment.id,
-                resources=[pb.ResourceRef(resource_id="x")],
-            ),
-            Code.INVALID_ARGUMENT,
-            None,
-            "resources[0].kind",
-        ),
-        (
-            pb.ReassignResourcesRequest(
-                from_environment_id=source.id,
-                to_environment_id=org.default_environment.id,
-                resources=[
-                    pb.ResourceRef(kind=INBOX, resource_id="ok"),
-                    pb.ResourceRef(kind=INBOX, resource_id="b d"),
-                ],
-            ),
-            Code.INVALID_ARGUMENT,
-            None,
-            "resources[1].resource_id",
-        ),
-        (
-            pb.ReassignResourcesRequest(
-                from_environment_id=source.id,
-                to_environment_id=org.default_environment.id,
-                resources=[pb.ResourceRef(kind=INBOX, resource_id=f"r{i}") for i in range(1001)],
-            ),
-            Code.INVALID_ARGUMENT,
-            None,
-            "resources",
-        ),
-        (
-            pb.ReassignResourcesRequest(from_environment_id=source.id, to_environment_id=gone.id),
-            Code.FAILED_PRECONDITION,
-            "ENVIRONMENT_DELETED",
-            None,
-        ),
-        (
-            pb.ReassignResourcesRequest(
-                from_environment_id=other.default_environment.id, to_environment_id=source.id
-            ),
-            Code.NOT_FOUND,
-            "ENVIRONMENT_NOT_FOUND",
-            None,
-        ),
-        (
-            pb.ReassignResourcesRequest(
-                from_environment_id=source.id, to_environment_id=other.default_environment.id
-            ),
-            Code.NOT_FOUND,
-            "ENVIRONMENT_NOT_FOUND",
-            None,
-        ),
-    ]
-    for request, code, reason, field in cases:
-        failure = await fails(
-            harness.resources.ReassignResources(request, metadata=auth(org.owner_secret)), code, reason
-        )
-        if field is not None:
-            assert field in failure.violations, (field, failure.violations)
+    request = request_of(ReassignScene(org, source, gone, other))
+    failure = await fails(
+        harness.resources.ReassignResources(request, metadata=auth(org.owner_secret)), code, reason
+    )
+    if field is not None:
+        assert field in failure.violations, (field, failure.violations)
 
 
 async def test_list_orphaned_refuses_unknown_and_other_org_environments(harness: Harness, org: Org) -> None:
@@ -710,7 +755,7 @@ async def test_page_tokens_are_bound_to_the_caller(harness: Harness, org: Org) -
 
 async def test_orphan_listing_and_reassign_need_environment_scopes(harness: Harness, org: Org) -> None:
     gone = await harness.new_environment(org, "Gone")
-    await delete_environment(harness, org, gone.id)
+    await harness.delete_environment(org.owner_secret, gone.id)
     _, no_scope = await harness.new_key(org, ["inboxes:read"])
     _, reader = await harness.new_key(org, ["environments:read"])
     await fails(

@@ -3,80 +3,57 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
-from agentpost.environments.v1 import (
-    environment_pb2,
-    environment_pb2_grpc,
-    organization_pb2,
-    organization_pb2_grpc,
-)
+from agentpost.environments.v1 import environment_pb2, environment_pb2_grpc, organization_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.app.server import Application
 from service.domain.policy import POLICY, Level, Rule
-from tests.conftest import Backend
-from tests.harness import OPERATOR_TOKEN, auth
+from tests.harness import OPERATOR_TOKEN, auth, create_organization
+from tests.servers import Backend, free_port
 
 SECRET = re.compile(r"ap_sk_live_[0-9A-Za-z]{38}")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _environment(tmp_path: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPOST_")}
-    env["AGENTPOST_DATABASE_URL"] = f"sqlite+aiosqlite:///{tmp_path / 'served.db'}"
-    env["AGENTPOST_LISTEN_ADDRESS"] = f"127.0.0.1:{port}"
-    env["AGENTPOST_SHUTDOWN_GRACE_SECONDS"] = "2"
-    env["AGENTPOST_SHUTDOWN_DRAIN_SECONDS"] = "0"
-    return env
-
-
-async def _serve(env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
-        "serve",
-        "--migrate",
-        "--bootstrap-if-empty",
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    """A server with no operator token on a new SQLite file: it bootstraps and prints the key."""
+    served = Backend("sqlite", f"sqlite+aiosqlite:///{tmp_path / 'served.db'}", None)
+    return served.environment(
+        {
+            "AGENTPOST_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+            "AGENTPOST_SHUTDOWN_GRACE_SECONDS": "2",
+            "AGENTPOST_SHUTDOWN_DRAIN_SECONDS": "0",
+        }
     )
 
 
 def _backend_environment(backend: Backend, port: int, drain: float, grace: float) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPOST_")}
-    env["AGENTPOST_DATABASE_URL"] = backend.url
-    if backend.schema is not None:
-        env["AGENTPOST_DATABASE_SCHEMA"] = backend.schema
-    env["AGENTPOST_LISTEN_ADDRESS"] = f"127.0.0.1:{port}"
-    env["AGENTPOST_OPERATOR_TOKEN"] = OPERATOR_TOKEN
-    env["AGENTPOST_SHUTDOWN_DRAIN_SECONDS"] = str(drain)
-    env["AGENTPOST_SHUTDOWN_GRACE_SECONDS"] = str(grace)
-    return env
+    return backend.environment(
+        {
+            "AGENTPOST_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+            "AGENTPOST_OPERATOR_TOKEN": OPERATOR_TOKEN,
+            "AGENTPOST_SHUTDOWN_DRAIN_SECONDS": str(drain),
+            "AGENTPOST_SHUTDOWN_GRACE_SECONDS": str(grace),
+        }
+    )
 
 
-async def _serve_migrated(env: dict[str, str]) -> asyncio.subprocess.Process:
+async def _serve(env: dict[str, str], *flags: str) -> asyncio.subprocess.Process:
+    """`serve --migrate` with `flags`, in a process of its own."""
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "service",
         "serve",
         "--migrate",
+        *flags,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
@@ -96,16 +73,6 @@ async def _until_serving(process: asyncio.subprocess.Process, health: health_pb2
             await asyncio.sleep(0.1)
 
 
-async def _owner_secret(channel: grpc.aio.Channel) -> str:
-    created = await organization_pb2_grpc.OrganizationServiceStub(channel).CreateOrganization(
-        organization_pb2.CreateOrganizationRequest(
-            name="Drain", owner_email="owner@example.com", owner_display_name="Owner"
-        ),
-        metadata=(("authorization", f"Bearer {OPERATOR_TOKEN}"),),
-    )
-    return str(created.owner_api_key_secret)
-
-
 async def _read_secret(process: asyncio.subprocess.Process) -> str:
     assert process.stdout is not None
     async with asyncio.timeout(30):
@@ -118,9 +85,9 @@ async def _read_secret(process: asyncio.subprocess.Process) -> str:
 
 
 async def test_serve_bootstraps_once_serves_and_stops_on_sigterm(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = _environment(tmp_path, port)
-    process = await _serve(env)
+    process = await _serve(env, "--bootstrap-if-empty")
     try:
         secret = await _read_secret(process)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -132,7 +99,7 @@ async def test_serve_bootstraps_once_serves_and_stops_on_sigterm(tmp_path: Path)
             assert [e.slug for e in listed.environments] == ["default"]
 
         # A second server on the same port must fail to start rather than share it.
-        second = await _serve(env)
+        second = await _serve(env, "--bootstrap-if-empty")
         async with asyncio.timeout(30):
             _, second_err = await second.communicate()
         assert second.returncode == 2
@@ -145,7 +112,7 @@ async def test_serve_bootstraps_once_serves_and_stops_on_sigterm(tmp_path: Path)
     assert b"stopped" in stderr
 
     # Restarting on the same database does not bootstrap again: the key is printed only once.
-    again = await _serve(env)
+    again = await _serve(env, "--bootstrap-if-empty")
     try:
         await asyncio.sleep(0)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -221,14 +188,16 @@ async def test_sigterm_serves_through_the_drain_then_refuses_and_exits_without_w
     backend: Backend,
 ) -> None:
     # A grace far longer than the waits below: a Watch stream holding shutdown would time them out.
-    port = _free_port()
-    process = await _serve_migrated(_backend_environment(backend, port, drain=2.0, grace=120.0))
+    port = free_port()
+    process = await _serve(_backend_environment(backend, port, drain=2.0, grace=120.0))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             environments = environment_pb2_grpc.EnvironmentServiceStub(channel)
             await _until_serving(process, health)
-            secret = await _owner_secret(channel)
+            secret = (
+                await create_organization(organization_pb2_grpc.OrganizationServiceStub(channel), "Drain")
+            ).owner_api_key_secret
             watch = health.Watch(health_pb2.HealthCheckRequest())
             first = await watch.read()
             assert first is not grpc.aio.EOF and first.status == health_pb2.HealthCheckResponse.SERVING
@@ -269,8 +238,8 @@ async def test_sigterm_serves_through_the_drain_then_refuses_and_exits_without_w
 
 
 async def test_a_second_signal_exits_at_once_during_the_drain(backend: Backend) -> None:
-    port = _free_port()
-    process = await _serve_migrated(_backend_environment(backend, port, drain=120.0, grace=120.0))
+    port = free_port()
+    process = await _serve(_backend_environment(backend, port, drain=120.0, grace=120.0))
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agentpost.environments.v1 import environment_pb2, organization_pb2
+from agentpost.environments.v1 import environment_pb2
 from grpc_health.v1 import health_pb2
 
 from tests.harness import Harness, Org, auth
@@ -14,9 +14,7 @@ async def test_health_serving_without_credentials(harness: Harness) -> None:
 
 
 async def test_owner_key_reads_its_organization(harness: Harness, org: Org) -> None:
-    got = await harness.organizations.GetOrganization(
-        organization_pb2.GetOrganizationRequest(), metadata=auth(org.owner_secret)
-    )
+    got = await harness.whoami(org.owner_secret)
     assert got.id == org.id
     listed = await harness.environments.ListEnvironments(
         environment_pb2.ListEnvironmentsRequest(), metadata=auth(org.owner_secret)

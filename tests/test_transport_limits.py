@@ -5,6 +5,7 @@ exceptions, the only errors without an ErrorInfo."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -67,7 +68,7 @@ async def test_metadata_over_the_limit_is_always_resource_exhausted(harness: Har
             (*auth(org.owner_secret), ("x-trace-baggage", "b" * 20_000)),
         ):
             answers = await _refused_every_time(
-                lambda metadata=metadata: environments.ListEnvironments(request, metadata=metadata)
+                functools.partial(environments.ListEnvironments, request, metadata=metadata)
             )
             # Refused by the gRPC runtime before the service sees the call: no ErrorInfo, as the
             # README's documented exceptions say.

@@ -9,9 +9,9 @@ import grpc
 import pytest
 from agentpost.environments.v1 import api_key_pb2, environment_pb2
 
-from tests.conftest import Backend, start_server
 from tests.empty_database import empty_database
 from tests.harness import OPERATOR_TOKEN, Harness, Org, auth, fails
+from tests.servers import Backend, start_server
 
 Code = grpc.StatusCode
 TOKENS = ("verifier-token-alpha", "verifier-token-beta")

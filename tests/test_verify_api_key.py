@@ -8,10 +8,10 @@ from typing import Any
 
 import grpc
 from agentpost.environments.v1 import api_key_pb2 as pb
-from agentpost.environments.v1 import environment_pb2, organization_pb2
+from agentpost.environments.v1 import environment_pb2
 from sqlalchemy import event
 
-from tests.harness import Harness, Org, auth, fails
+from tests.harness import Harness, Org, auth, corrupt, fails
 
 Code = grpc.StatusCode
 Reason = pb.VerifyApiKeyResponse
@@ -42,24 +42,10 @@ def counted_sql(harness: Harness) -> Iterator[list[str]]:
         event.remove(engine, "before_cursor_execute", record)
 
 
-def corrupt(secret: str, position: int) -> str:
-    replacement = "A" if secret[position] != "A" else "B"
-    return secret[:position] + replacement + secret[position + 1 :]
-
-
-async def verify(
-    harness: Harness, secret: str, environment: str = "", *scopes: str
-) -> pb.VerifyApiKeyResponse:
-    response: pb.VerifyApiKeyResponse = await harness.api_keys.VerifyApiKey(
-        pb.VerifyApiKeyRequest(secret=secret, environment=environment, required_scopes=list(scopes))
-    )
-    return response
-
-
 async def test_valid_key_resolves_environment_by_id_slug_and_default(harness: Harness, org: Org) -> None:
     staging = await harness.new_environment(org, "Staging")
     default = org.default_environment
-    response = await verify(harness, org.owner_secret, "", "inboxes:read")
+    response = await harness.verify(org.owner_secret, "", "inboxes:read")
     assert response.valid and response.denial_reason == Reason.DENIAL_REASON_UNSPECIFIED
     who = response.principal
     assert (who.organization_id, who.api_key_id, who.owner_member_id) == (
@@ -72,7 +58,7 @@ async def test_valid_key_resolves_environment_by_id_slug_and_default(harness: Ha
     assert list(who.allowed_environment_ids) == sorted([default.id, staging.id])
     assert "api_keys:write" in who.scopes
     for reference in (staging.id, "staging"):
-        response = await verify(harness, org.owner_secret, reference)
+        response = await harness.verify(org.owner_secret, reference)
         assert response.valid
         assert (response.principal.environment_id, response.principal.environment_slug) == (
             staging.id,
@@ -83,7 +69,7 @@ async def test_valid_key_resolves_environment_by_id_slug_and_default(harness: Ha
 async def test_single_environment_key_defaults_to_it(harness: Harness, org: Org) -> None:
     env = await harness.new_environment(org, "Only")
     key, secret = await harness.new_key(org, ["inboxes:read"], [env.id])
-    response = await verify(harness, secret)
+    response = await harness.verify(secret)
     assert response.valid and response.principal.environment_id == env.id
     assert not response.principal.organization_wide
     assert list(response.principal.allowed_environment_ids) == [env.id]
@@ -94,12 +80,12 @@ async def test_two_environment_key_without_default_needs_one_named(harness: Harn
     env_a = await harness.new_environment(org, "A")
     env_b = await harness.new_environment(org, "B")
     _, secret = await harness.new_key(org, ["inboxes:read"], [env_a.id, env_b.id])
-    response = await verify(harness, secret)
+    response = await harness.verify(secret)
     assert not response.valid and response.denial_reason == Reason.ENVIRONMENT_REQUIRED
     assert response.principal.api_key_id and not response.principal.environment_id
     # A denial names the key but not its reach.
     assert not response.principal.allowed_environment_ids
-    named = await verify(harness, secret, env_a.id)
+    named = await harness.verify(secret, env_a.id)
     assert list(named.principal.allowed_environment_ids) == sorted([env_a.id, env_b.id])
 
 
@@ -108,7 +94,7 @@ async def test_key_for_a_is_refused_in_b_by_id_and_slug(harness: Harness, org: O
     env_b = await harness.new_environment(org, "B", slug="env-b")
     _, secret = await harness.new_key(org, ["inboxes:read", "environments:read"], [env_a.id])
     for reference in (env_b.id, "env-b", org.default_environment.id, "default"):
-        response = await verify(harness, secret, reference)
+        response = await harness.verify(secret, reference)
         assert not response.valid and response.denial_reason == Reason.ENVIRONMENT_NOT_ALLOWED
         assert not response.principal.environment_id
     random_env = await fails(
@@ -128,20 +114,18 @@ async def test_key_for_a_is_refused_in_b_by_id_and_slug(harness: Harness, org: O
             "ENVIRONMENT_NOT_FOUND",
         )
         assert failure.message.split("'")[0] == random_env.message.split("'")[0]
-    assert (await verify(harness, secret, "env-a")).valid
+    assert (await harness.verify(secret, "env-a")).valid
 
 
 async def test_unknown_other_org_and_deleted_environments(harness: Harness, org: Org) -> None:
     other = await harness.new_org("Other")
     theirs = await harness.new_environment(other, "Theirs", slug="theirs")
     for reference in (theirs.id, "theirs", "env_01J0000000000000000000000A", "x" * 300):
-        response = await verify(harness, org.owner_secret, reference)
+        response = await harness.verify(org.owner_secret, reference)
         assert response.denial_reason == Reason.ENVIRONMENT_NOT_FOUND
     gone = await harness.new_environment(org, "Gone")
-    await harness.environments.DeleteEnvironment(
-        environment_pb2.DeleteEnvironmentRequest(id=gone.id), metadata=auth(org.owner_secret)
-    )
-    response = await verify(harness, org.owner_secret, gone.id)
+    await harness.delete_environment(org.owner_secret, gone.id)
+    response = await harness.verify(org.owner_secret, gone.id)
     assert not response.valid and response.denial_reason == Reason.ENVIRONMENT_DELETED
     assert gone.id not in response.principal.allowed_environment_ids
 
@@ -149,13 +133,13 @@ async def test_unknown_other_org_and_deleted_environments(harness: Harness, org:
 async def test_scopes_are_checked_after_the_environment(harness: Harness, org: Org) -> None:
     env = await harness.new_environment(org, "Env")
     _, secret = await harness.new_key(org, ["inboxes:read"], [env.id])
-    assert (await verify(harness, secret, env.id, "inboxes:read")).valid
-    response = await verify(harness, secret, env.id, "inboxes:read", "inboxes:write")
+    assert (await harness.verify(secret, env.id, "inboxes:read")).valid
+    response = await harness.verify(secret, env.id, "inboxes:read", "inboxes:write")
     assert not response.valid and response.denial_reason == Reason.SCOPE_MISSING
     # A denial names the key but neither the environment nor the scopes it would have had.
     assert response.principal.api_key_id and not response.principal.environment_id
     assert not response.principal.scopes
-    response = await verify(harness, secret, "nope", "inboxes:write")
+    response = await harness.verify(secret, "nope", "inboxes:write")
     assert response.denial_reason == Reason.ENVIRONMENT_NOT_FOUND
     failure = await fails(
         harness.api_keys.VerifyApiKey(pb.VerifyApiKeyRequest(secret=secret, required_scopes=["inboxes:own"])),
@@ -176,7 +160,7 @@ async def test_scopes_are_checked_after_the_environment(harness: Harness, org: O
 async def test_key_denials_still_name_the_key(harness: Harness, org: Org) -> None:
     key, secret = await harness.new_key(org, ["inboxes:read"], owner_member_id=org.owner_member_id)
     await harness.api_keys.RevokeApiKey(pb.RevokeApiKeyRequest(id=key.id), metadata=auth(org.owner_secret))
-    response = await verify(harness, secret, "default", "inboxes:read")
+    response = await harness.verify(secret, "default", "inboxes:read")
     assert not response.valid and response.denial_reason == Reason.REVOKED
     who = response.principal
     # The key and its organization, for the caller's logs; nothing of what the key may do.
@@ -185,7 +169,7 @@ async def test_key_denials_still_name_the_key(harness: Harness, org: Org) -> Non
     await harness.api_keys.RollApiKey(
         pb.RollApiKeyRequest(id=rolled_from.id), metadata=auth(org.owner_secret)
     )
-    response = await verify(harness, old_secret)
+    response = await harness.verify(old_secret)
     assert response.denial_reason == Reason.EXPIRED and response.principal.api_key_id == rolled_from.id
 
 
@@ -193,15 +177,15 @@ async def test_unknown_and_foreign_keys_look_the_same(harness: Harness, org: Org
     from service.domain import keys
     from service.domain.models import KeyMode
 
-    unknown = await verify(harness, keys.generate(KeyMode.LIVE).secret)
+    unknown = await harness.verify(keys.generate(KeyMode.LIVE).secret)
     assert not unknown.valid and unknown.denial_reason == Reason.NOT_FOUND
     assert not unknown.HasField("principal")
-    empty = await verify(harness, "")
+    empty = await harness.verify("")
     assert empty.denial_reason == Reason.MALFORMED and not empty.HasField("principal")
     # A key of another organization naming this organization's environment: the environment is
     # looked up in the key's own organization only.
     other = await harness.new_org("Other")
-    response = await verify(harness, other.owner_secret, org.default_environment.id)
+    response = await harness.verify(other.owner_secret, org.default_environment.id)
     assert response.denial_reason == Reason.ENVIRONMENT_NOT_FOUND
     assert response.principal.organization_id == other.id
 
@@ -211,35 +195,29 @@ async def test_corrupted_secret_is_refused_without_sql(harness: Harness, org: Or
     for position in (6, 12, 30, len(secret) - 1):
         bad = corrupt(secret, position)
         with counted_sql(harness) as statements:
-            response = await verify(harness, bad)
-            failure = await fails(
-                harness.organizations.GetOrganization(
-                    organization_pb2.GetOrganizationRequest(), metadata=auth(bad)
-                ),
-                Code.UNAUTHENTICATED,
-                "API_KEY_MALFORMED",
-            )
+            response = await harness.verify(bad)
+            failure = await fails(harness.whoami(bad), Code.UNAUTHENTICATED, "API_KEY_MALFORMED")
         assert response.denial_reason == Reason.MALFORMED and not response.valid
         assert bad not in failure.message
         assert statements == []
     for bad in ("ap_sk_live_short", secret + "x", secret.replace("live", "test"), "Bearer"):
-        assert (await verify(harness, bad)).denial_reason == Reason.MALFORMED
+        assert (await harness.verify(bad)).denial_reason == Reason.MALFORMED
 
 
 async def test_warm_key_verifies_without_sql(harness: Harness, org: Org) -> None:
     env = await harness.new_environment(org, "Hot")
     _, secret = await harness.new_key(org, ["inboxes:read"], [env.id])
     with counted_sql(harness) as cold:
-        assert (await verify(harness, secret, env.id, "inboxes:read")).valid
+        assert (await harness.verify(secret, env.id, "inboxes:read")).valid
     assert any("api_keys" in statement for statement in cold), "the counter must see the cold lookup"
     with counted_sql(harness) as statements:
         for _ in range(50):
-            assert (await verify(harness, secret, env.id, "inboxes:read")).valid
+            assert (await harness.verify(secret, env.id, "inboxes:read")).valid
     assert statements == []
 
 
 async def test_revoke_is_seen_by_verify_on_the_next_call(harness: Harness, org: Org) -> None:
     key, secret = await harness.new_key(org, ["inboxes:read"])
-    assert (await verify(harness, secret)).valid
+    assert (await harness.verify(secret)).valid
     await harness.api_keys.RevokeApiKey(pb.RevokeApiKeyRequest(id=key.id), metadata=auth(org.owner_secret))
-    assert (await verify(harness, secret)).denial_reason == Reason.REVOKED
+    assert (await harness.verify(secret)).denial_reason == Reason.REVOKED

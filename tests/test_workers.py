@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
+import asyncpg  # type: ignore[import-untyped]
 import grpc
 from agentpost.environments.v1 import api_key_pb2 as pb
 from agentpost.environments.v1 import api_key_pb2_grpc, organization_pb2, organization_pb2_grpc
@@ -29,8 +29,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.engine import make_url
 
 from service.app.workers import AddressUnavailable, check_address_free
-from tests.conftest import Backend
 from tests.harness import OPERATOR_TOKEN, auth
+from tests.servers import Backend
 
 SECRET = re.compile(r"ap_sk_live_[0-9A-Za-z]{38}")
 WORKER_LINE = re.compile(r"^worker (\d+)/(\d+) pid (\d+) ")

@@ -29,7 +29,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import grpc
 from agentpost.environments.v1 import (
     api_key_pb2,
@@ -41,13 +40,14 @@ from agentpost.environments.v1 import (
     resource_pb2,
     resource_pb2_grpc,
 )
-from sqlalchemy.engine import make_url
 
 from tests.bench.echo import ECHO_METHOD
 from tests.bench.load import Load, Result, Scenario, run_load
 from tests.bench.processes import ServerProcess, echo_answers, health_serving, start_server
 from tests.bench.report import REVOCATION_POLL_SECONDS, SQLITE_POLL_SECONDS, Report, Revocation, render
 from tests.bench.security import VERIFIER_TOKEN, Flood, measure_flood, start_security_servers
+from tests.harness import auth, corrupt
+from tests.servers import scratch_schema
 
 SCOPED_KEY_SCOPES = ["environments:read", "inboxes:read", "inboxes:write"]
 REVOCATION_TIMEOUT_SECONDS = 10.0
@@ -70,14 +70,6 @@ LIST_ENVIRONMENTS = _path(environment_pb2, "EnvironmentService", "ListEnvironmen
 CREATE_ENVIRONMENT = _path(environment_pb2, "EnvironmentService", "CreateEnvironment")
 GET_RESOURCE = _path(resource_pb2, "ResourceService", "GetResource")
 REGISTER_RESOURCE = _path(resource_pb2, "ResourceService", "RegisterResource")
-
-
-def auth(secret: str, environment: str | None = None) -> Metadata:
-    """Call metadata for a key, optionally with an environment context."""
-    metadata: Metadata = (("authorization", f"Bearer {secret}"),)
-    if environment is not None:
-        metadata += (("x-agentpost-environment", environment),)
-    return metadata
 
 
 def failure(error: grpc.aio.AioRpcError) -> str:
@@ -157,11 +149,6 @@ def _constant(message: Any) -> Callable[[], bytes]:
     return lambda: payload
 
 
-def _bad_checksum(secret: str) -> str:
-    """The same secret with its last checksum character changed: right shape, wrong checksum."""
-    return secret[:-1] + ("A" if secret[-1] != "A" else "B")
-
-
 def _verify_request(setup: Setup) -> api_key_pb2.VerifyApiKeyRequest:
     return api_key_pb2.VerifyApiKeyRequest(
         secret=setup.scoped_secret or setup.owner_secret,
@@ -187,7 +174,7 @@ def service_plans(setup: Setup) -> list[Plan]:
             VERIFY,
             _constant(
                 api_key_pb2.VerifyApiKeyRequest(
-                    secret=_bad_checksum(setup.owner_secret),
+                    secret=corrupt(setup.owner_secret, -1),
                     environment="staging",
                     required_scopes=["inboxes:read"],
                 )
@@ -392,30 +379,14 @@ async def measure_revocation(
 # -- processes and the run ---------------------------------------------------------------------
 
 
-def _postgres_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 @contextlib.asynccontextmanager
-async def scratch_schema(url: str | None) -> AsyncIterator[str | None]:
+async def bench_schema(url: str | None) -> AsyncIterator[str | None]:
     """A PostgreSQL schema of its own for this run, dropped at the end; None on SQLite."""
     if url is None:
         yield None
         return
-    schema = f"agentpost_bench_{uuid.uuid4().hex[:12]}"
-    connection = await asyncpg.connect(_postgres_dsn(url))
-    try:
-        await connection.execute(f'CREATE SCHEMA "{schema}"')
-    finally:
-        await connection.close()
-    try:
+    async with scratch_schema(url, "agentpost_bench") as schema:
         yield schema
-    finally:
-        connection = await asyncpg.connect(_postgres_dsn(url))
-        try:
-            await connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        finally:
-            await connection.close()
 
 
 def service_arguments(
@@ -450,7 +421,7 @@ async def run(arguments: argparse.Namespace) -> Report:
     with tempfile.TemporaryDirectory(prefix="agentpost-bench-") as scratch:
         directory = Path(scratch)
         database_url = arguments.postgres or f"sqlite+aiosqlite:///{directory / 'bench.db'}"
-        async with scratch_schema(arguments.postgres) as schema:
+        async with bench_schema(arguments.postgres) as schema:
             try:
                 echo = await start_server(
                     "echo", lambda port: ["-m", "tests.bench.echo", str(port)], echo_answers, directory

@@ -9,6 +9,7 @@ import platform
 import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 
@@ -200,7 +201,7 @@ def render(report: Report) -> str:
     lines = [
         f"AgentPost Environments benchmark, {facts['date']}",
         f"python {facts['python']}, grpcio {facts['grpcio']}, {facts['cores']} cores ({facts['machine']}), "
-        f"load average {_number(facts['load_average_1m'], '.2f')} at the end, backend {report.backend}",
+        f"load average {_number(cast('float | None', facts['load_average_1m']), '.2f')} at the end, backend {report.backend}",
         f"load: {load.concurrency} workers on {load.channels} channel(s), {load.warmup:g} s warm-up "
         f"+ {load.duration:g} s measured per scenario; 1.0 = mean echo "
         f"{report.baseline.calls_per_second:,.0f} calls/s (first {report.echo_first.calls_per_second:,.0f}, "
