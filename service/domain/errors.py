@@ -81,6 +81,12 @@ class Unauthenticated(DomainError):
     default_reason = "UNAUTHENTICATED"
 
 
+class ResourceExhausted(DomainError):
+    """A per-caller resource ran out (a watch stream's buffer); the caller may retry later."""
+
+    default_reason = "RESOURCE_EXHAUSTED"
+
+
 class Unavailable(DomainError):
     """A dependency (the database) is unreachable or busy; the request may be retried."""
 

@@ -15,6 +15,7 @@ from service.domain.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unauthenticated,
     Unavailable,
 )
@@ -29,6 +30,7 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Denied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
@@ -85,11 +87,16 @@ def internal_status(request_id: str) -> tuple[grpc.StatusCode, str, bytes]:
 
 
 async def abort(
-    context: grpc.aio.ServicerContext, status: tuple[grpc.StatusCode, str, bytes], request_id: str | None
+    context: grpc.aio.ServicerContext,
+    status: tuple[grpc.StatusCode, str, bytes],
+    request_id: str | None,
+    extra_trailers: tuple[tuple[str, str], ...] = (),
 ) -> None:
-    """Ends the call with the status, echoing the request id in the trailers."""
+    """Ends the call with the status, echoing the request id (and `extra_trailers`) in the
+    trailers."""
     code, message, details = status
     trailers: list[tuple[str, str | bytes]] = [("grpc-status-details-bin", details)]
     if request_id:
         trailers.append(("x-request-id", request_id))
+    trailers.extend(extra_trailers)
     await context.abort(code, message, trailing_metadata=tuple(trailers))
