@@ -57,8 +57,9 @@ class Watcher:
             remaining = deadline - time.monotonic()
             assert remaining > 0, f"not reached within {seconds} s; got {len(self.messages)} messages"
             self._changed.clear()
+            # Woken by each message, and now and then for conditions on anything else.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(remaining):
+                async with asyncio.timeout(min(remaining, 0.05)):
                     await self._changed.wait()
 
     async def live(self) -> int:
