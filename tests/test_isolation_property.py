@@ -6,7 +6,9 @@ resources. After each step, every key asks for the resources of every environmen
 organizations (and of its default context), and every organization's owner lists the orphans of
 each of its environments; the answers must be exactly what the model predicts: the resources of
 that environment the key may read, or the exact refusal. Nothing of another environment or
-organization may ever appear.
+organization may ever appear. The model also keeps the event log every step must have written,
+and every key lists the events it may see (ListEvents): exactly those of resources it may read
+now, with a reassignment shown only from the side the key reaches.
 
 Hypothesis is synchronous and the server runs on the test's event loop, so the machine runs in a
 worker thread with a blocking channel. AGENTPOST_ISOLATION_EXAMPLES and AGENTPOST_ISOLATION_STEPS
@@ -29,6 +31,8 @@ from agentpost.environments.v1 import (
     api_key_pb2_grpc,
     environment_pb2,
     environment_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
     member_pb2,
     member_pb2_grpc,
     organization_pb2,
@@ -57,6 +61,8 @@ STEPS = int(os.environ.get("AGENTPOST_ISOLATION_STEPS", "25"))
 INBOX, MESSAGE = resource_pb2.ScopedResource.INBOX, resource_pb2.ScopedResource.MESSAGE
 KINDS = {INBOX: "inboxes", MESSAGE: "messages"}
 RESOURCE_SCOPES = sorted(f"{area}:{access}" for area in KINDS.values() for access in ("read", "write"))
+# Scopes that decide which events a key may list (drawn alongside the resource scopes).
+EVENT_SCOPES = ["events:read", "environments:read", "members:read", "api_keys:read"]
 RESOURCE_IDS = ["r1", "r2", "r3", "r4"]
 SLUGS = ["alpha", "beta", "gamma", "default-2"]
 MAX_KEYS = 6  # per organization, dead ones included
@@ -92,6 +98,35 @@ def resolved(future: Any) -> Outcome:
         return "ok", future.result()
     except grpc.RpcError as error:
         return error_outcome(error)
+
+
+@dataclass(frozen=True)
+class LoggedEvent:
+    """An event the model expects in the log: what a step changed, and where."""
+
+    action: str
+    resource_type: str
+    resource_id: str
+    environment_id: str = ""
+    previous_environment_id: str = ""  # REASSIGNED: the environment the resource left
+    kind: int = 0  # SCOPED_RESOURCE
+    key_env_ids: frozenset[str] = frozenset()  # API_KEY: the key's environments after the change
+
+
+def resource_event(action: str, ref: Ref, env_id: str, previous: str = "") -> LoggedEvent:
+    """The event of a registered resource."""
+    kind, resource_id = ref
+    name = resource_pb2.ScopedResource.Kind.Name(kind)
+    return LoggedEvent(action, "SCOPED_RESOURCE", f"{name}:{resource_id}", env_id, previous, kind)
+
+
+def key_event(action: str, key_id: str, env_ids: frozenset[str]) -> LoggedEvent:
+    """The event of an API key (it names its environment only when it has exactly one)."""
+    only = next(iter(env_ids)) if len(env_ids) == 1 else ""
+    return LoggedEvent(action, "API_KEY", key_id, only, key_env_ids=env_ids)
+
+
+EventSummary = tuple[str, str, str, str, str]
 
 
 @dataclass
@@ -130,6 +165,7 @@ class OrgModel:
     members: dict[str, Member] = field(default_factory=dict)
     removed_members: set[str] = field(default_factory=set)
     resources: dict[Ref, str] = field(default_factory=dict)  # -> environment id
+    log: list[LoggedEvent] = field(default_factory=list)
 
     def find(self, reference: str) -> Env | None:
         """An environment by id or slug, as the server resolves the context header."""
@@ -187,6 +223,47 @@ class OrgModel:
         found = [ref for ref, env_id in self.resources.items() if env_id == env.id and ref[0] in readable]
         return "ok", sorted(found, key=lambda ref: (resource_pb2.ScopedResource.Kind.Name(ref[0]), ref[1]))
 
+    def organization_level(self, key: Key) -> bool:
+        """An organization-wide key whose owner, if any, is an ADMIN (or no member owns it)."""
+        return not key.env_ids and (key.owner is None or self.members[key.owner].admin)
+
+    def shown(self, key: Key, event: LoggedEvent) -> EventSummary | None:
+        """The event as the key may see it now: (action, type, resource id, environment, the
+        registered resource's environment), or None."""
+        reach = self.reach(key)
+        level = self.organization_level(key)
+        kind = event.resource_type
+        as_is = (event.action, kind, event.resource_id, event.environment_id, "")
+        if kind == "ORGANIZATION":
+            return as_is if level else None
+        if kind == "MEMBER":
+            return as_is if level and "members:read" in key.scopes else None
+        if kind == "ENVIRONMENT":
+            return as_is if "environments:read" in key.scopes and event.environment_id in reach else None
+        if kind == "ENVIRONMENT_MEMBER":
+            return as_is if "members:read" in key.scopes and event.environment_id in reach else None
+        if kind == "API_KEY":
+            within = level or (bool(event.key_env_ids) and event.key_env_ids <= reach)
+            return as_is if "api_keys:read" in key.scopes and within else None
+        if f"{KINDS[cast(Any, event.kind)]}:read" not in key.scopes:
+            return None
+        if event.environment_id in reach:
+            return (*as_is[:4], event.environment_id)
+        if event.previous_environment_id in reach:
+            return (event.action, kind, event.resource_id, event.previous_environment_id, "")
+        return None
+
+    def expected_events(self, key: Key) -> Outcome:
+        """What ListEvents must answer the key: the events it may see (compared sorted), or the
+        refusal."""
+        denial = self.denial(key)
+        if denial is not None:
+            return "UNAUTHENTICATED", denial
+        if "events:read" not in key.scopes:
+            return "PERMISSION_DENIED", "SCOPE_MISSING"
+        shown = [self.shown(key, event) for event in self.log]
+        return "ok", sorted(event for event in shown if event is not None)
+
     def expected_single(
         self, key: Key, reference: str | None, kind: resource_pb2.ScopedResource.Kind, access: str
     ) -> Env | Outcome:
@@ -197,6 +274,23 @@ class OrgModel:
         if f"{KINDS[kind]}:{access}" not in key.scopes:
             return "PERMISSION_DENIED", "SCOPE_MISSING"
         return self.context(key, reference)
+
+
+def event_summary(outcome: Outcome) -> Outcome:
+    """A ListEvents answer as the model's summaries, sorted; or the refusal."""
+    if outcome[0] != "ok":
+        return outcome
+    assert not outcome[1].next_page_token, "the model's logs fit one page"
+    return "ok", sorted(
+        (
+            event_pb2.Event.Action.Name(event.action),
+            event_pb2.Event.ResourceType.Name(event.resource_type),
+            event.resource_id,
+            event.environment_id,
+            event.scoped_resource.environment_id,
+        )
+        for event in outcome[1].events
+    )
 
 
 def summary(outcome: Outcome) -> Outcome:
@@ -225,6 +319,7 @@ class IsolationMachine(RuleBasedStateMachine):
         self.members_stub = member_pb2_grpc.MembershipServiceStub(channel)
         self.keys_stub = api_key_pb2_grpc.ApiKeyServiceStub(channel)
         self.resources_stub = resource_pb2_grpc.ResourceServiceStub(channel)
+        self.events_stub = event_pb2_grpc.EventServiceStub(channel)
         self.orgs: list[OrgModel] = []
 
     def teardown(self) -> None:
@@ -264,6 +359,14 @@ class IsolationMachine(RuleBasedStateMachine):
                     resource_pb2.RegisterResourceRequest(kind=kind, resource_id=resource_id),
                     metadata=auth(response.owner_api_key_secret, env_id),
                 )
+            log = [
+                LoggedEvent("CREATED", "ORGANIZATION", response.organization.id),
+                LoggedEvent("CREATED", "ENVIRONMENT", default.id, default.id),
+                LoggedEvent("CREATED", "MEMBER", response.owner.id),
+                key_event("CREATED", owner_key.id, frozenset()),
+                LoggedEvent("CREATED", "ENVIRONMENT", second.id, second.id),
+                *(resource_event("REGISTERED", ref, env_id) for ref, env_id in seeded.items()),
+            ]
             self.orgs.append(
                 OrgModel(
                     id=response.organization.id,
@@ -273,7 +376,8 @@ class IsolationMachine(RuleBasedStateMachine):
                         second.id: Env(second.id, "first"),
                     },
                     keys=[owner_key],
-                    resources=seeded,
+                    resources=dict(seeded),
+                    log=log,
                 )
             )
 
@@ -293,6 +397,7 @@ class IsolationMachine(RuleBasedStateMachine):
             return
         assert outcome[0] == "ok", outcome
         org.envs[outcome[1].id] = Env(outcome[1].id, slug)
+        org.log.append(LoggedEvent("CREATED", "ENVIRONMENT", outcome[1].id, outcome[1].id))
 
     @rule(data=st.data())
     def delete_environment(self, data: st.DataObject) -> None:
@@ -308,6 +413,8 @@ class IsolationMachine(RuleBasedStateMachine):
             assert outcome == ("FAILED_PRECONDITION", "DEFAULT_ENVIRONMENT_PROTECTED"), outcome
             return
         assert outcome[0] == "ok" and outcome[1].state == environment_pb2.Environment.DELETED, outcome
+        if not env.deleted:  # deleting a deleted environment changes nothing
+            org.log.append(LoggedEvent("DELETED", "ENVIRONMENT", env.id, env.id))
         env.deleted = True
 
     @rule(data=st.data())
@@ -325,6 +432,7 @@ class IsolationMachine(RuleBasedStateMachine):
             return
         assert outcome[0] == "ok", outcome
         env.deleted = False
+        org.log.append(LoggedEvent("UNDELETED", "ENVIRONMENT", env.id, env.id))
 
     # -- members ----------------------------------------------------------------------------
 
@@ -343,6 +451,7 @@ class IsolationMachine(RuleBasedStateMachine):
         )
         assert outcome[0] == "ok", outcome
         org.members[outcome[1].id] = Member(outcome[1].id)
+        org.log.append(LoggedEvent("CREATED", "MEMBER", outcome[1].id))
 
     @rule(data=st.data(), admin=st.booleans())
     def change_member_role(self, data: st.DataObject, admin: bool) -> None:
@@ -363,6 +472,7 @@ class IsolationMachine(RuleBasedStateMachine):
         )
         assert outcome[0] == "ok", outcome
         member.admin = admin
+        org.log.append(LoggedEvent("UPDATED", "MEMBER", member.id))
 
     @rule(data=st.data())
     def delete_member(self, data: st.DataObject) -> None:
@@ -377,6 +487,9 @@ class IsolationMachine(RuleBasedStateMachine):
             auth(org.owner_secret),
         )
         assert outcome[0] == "ok", outcome
+        for env_id in org.members[member_id].env_ids:
+            org.log.append(LoggedEvent("REMOVED", "ENVIRONMENT_MEMBER", f"{env_id}/{member_id}", env_id))
+        org.log.append(LoggedEvent("DELETED", "MEMBER", member_id))
         del org.members[member_id]
         org.removed_members.add(member_id)
 
@@ -401,6 +514,7 @@ class IsolationMachine(RuleBasedStateMachine):
             return
         assert outcome[0] == "ok", outcome
         member.env_ids.add(env_id)
+        org.log.append(LoggedEvent("ADDED", "ENVIRONMENT_MEMBER", f"{env_id}/{member.id}", env_id))
 
     @rule(data=st.data())
     def remove_environment_member(self, data: st.DataObject) -> None:
@@ -422,12 +536,14 @@ class IsolationMachine(RuleBasedStateMachine):
         )
         assert outcome[0] == "ok", outcome
         org.members[member_id].env_ids.discard(env_id)
+        org.log.append(LoggedEvent("REMOVED", "ENVIRONMENT_MEMBER", f"{env_id}/{member_id}", env_id))
 
     # -- keys -------------------------------------------------------------------------------
 
     def _draw_access(self, data: st.DataObject, org: OrgModel) -> tuple[list[str], list[str]]:
         active = sorted(env.id for env in org.envs.values() if not env.deleted)
         scopes = data.draw(st.lists(st.sampled_from(RESOURCE_SCOPES), min_size=1, max_size=4, unique=True))
+        scopes += data.draw(st.lists(st.sampled_from(EVENT_SCOPES), max_size=4, unique=True))
         env_ids = data.draw(st.lists(st.sampled_from(active), max_size=2, unique=True))
         return scopes, env_ids
 
@@ -450,6 +566,7 @@ class IsolationMachine(RuleBasedStateMachine):
         org.keys.append(
             Key(outcome[1].api_key.id, outcome[1].secret, frozenset(scopes), frozenset(env_ids), owner)
         )
+        org.log.append(key_event("CREATED", outcome[1].api_key.id, frozenset(env_ids)))
 
     def _draw_other_key(self, data: st.DataObject, org: OrgModel) -> Key | None:
         keys = [key for key in org.keys if not key.is_owner_key and org.denial(key) is None]
@@ -473,6 +590,7 @@ class IsolationMachine(RuleBasedStateMachine):
         )
         assert outcome[0] == "ok", outcome
         key.scopes, key.env_ids = frozenset(scopes), frozenset(env_ids)
+        org.log.append(key_event("UPDATED", key.id, key.env_ids))
 
     @rule(data=st.data())
     def revoke_key(self, data: st.DataObject) -> None:
@@ -486,6 +604,7 @@ class IsolationMachine(RuleBasedStateMachine):
         )
         assert outcome[0] == "ok", outcome
         key.revoked = True
+        org.log.append(key_event("REVOKED", key.id, key.env_ids))
 
     @rule(data=st.data())
     def roll_key(self, data: st.DataObject) -> None:
@@ -502,6 +621,10 @@ class IsolationMachine(RuleBasedStateMachine):
         assert outcome[0] == "ok", outcome
         key.expired = True
         org.keys.append(Key(outcome[1].api_key.id, outcome[1].secret, key.scopes, key.env_ids, key.owner))
+        org.log += [
+            key_event("ROLLED", key.id, key.env_ids),
+            key_event("CREATED", outcome[1].api_key.id, key.env_ids),
+        ]
 
     # -- resources --------------------------------------------------------------------------
 
@@ -540,6 +663,7 @@ class IsolationMachine(RuleBasedStateMachine):
             assert outcome[0] == "ok" and outcome[1].environment_id == expected.id, outcome
             assert outcome[1].organization_id == org.id
             org.resources[(kind, resource_id)] = expected.id
+            org.log.append(resource_event("REGISTERED", (kind, resource_id), expected.id))
 
     @rule(data=st.data())
     def register_as_owner(self, data: st.DataObject) -> None:
@@ -562,6 +686,7 @@ class IsolationMachine(RuleBasedStateMachine):
         else:
             assert outcome[0] == "ok" and outcome[1].environment_id == env.id, outcome
             org.resources[(kind, resource_id)] = env.id
+            org.log.append(resource_event("REGISTERED", (kind, resource_id), env.id))
 
     @rule(data=st.data())
     def deregister_resource(self, data: st.DataObject) -> None:
@@ -580,6 +705,7 @@ class IsolationMachine(RuleBasedStateMachine):
         else:
             assert outcome[0] == "ok", outcome
             del org.resources[(kind, resource_id)]
+            org.log.append(resource_event("DEREGISTERED", (kind, resource_id), expected.id))
 
     @rule(data=st.data())
     def get_resource(self, data: st.DataObject) -> None:
@@ -632,6 +758,7 @@ class IsolationMachine(RuleBasedStateMachine):
         assert outcome[0] == "ok" and outcome[1].moved_count == len(moving), (outcome, moving)
         for ref in moving:
             org.resources[ref] = target
+            org.log.append(resource_event("REASSIGNED", ref, target, previous=source))
 
     def _get_checks(self, org: OrgModel, key: Key) -> list[tuple[Outcome, Any, str]]:
         """GetResource, in each environment the key may use, of one readable resource inside it
@@ -679,6 +806,20 @@ class IsolationMachine(RuleBasedStateMachine):
                 if org.denial(key) is None:
                     checks += self._get_checks(org, key)
         results = [(expected, summary(resolved(future)), what) for expected, future, what in checks]
+        event_checks = [
+            (
+                org.expected_events(key),
+                self.events_stub.ListEvents.future(
+                    event_pb2.ListEventsRequest(page_size=500), metadata=auth(key.secret)
+                ),
+                f"events of {key.id}",
+            )
+            for org in self.orgs
+            for key in org.keys
+        ]
+        results += [
+            (expected, event_summary(resolved(future)), what) for expected, future, what in event_checks
+        ]
         for org in self.orgs:
             for env in org.envs.values():
                 outcome = call(

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
-from agentpost.environments.v1 import api_key_pb2, environment_pb2, member_pb2, organization_pb2, resource_pb2
+from agentpost.environments.v1 import (
+    api_key_pb2,
+    environment_pb2,
+    event_pb2,
+    member_pb2,
+    organization_pb2,
+    resource_pb2,
+)
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
@@ -12,7 +21,7 @@ from service.domain.policy import POLICY, Level
 from tests.harness import Harness, Org, auth, fails
 from tests.servers import Backend
 
-CONTRACT_FILES = (organization_pb2, environment_pb2, member_pb2, api_key_pb2, resource_pb2)
+CONTRACT_FILES = (organization_pb2, environment_pb2, member_pb2, api_key_pb2, resource_pb2, event_pb2)
 
 
 def _methods(*files: object) -> set[str]:
@@ -88,6 +97,46 @@ async def test_a_method_without_a_rule_is_refused(backend: Backend, harness: Har
             grpc.StatusCode.PERMISSION_DENIED,
             "METHOD_NOT_ALLOWED",
         )
+        assert calls == []
+    finally:
+        await other.close()
+        await app.stop(grace=0)
+
+
+async def test_a_streaming_method_without_a_rule_is_refused(
+    backend: Backend, harness: Harness, org: Org
+) -> None:
+    calls: list[bytes] = []
+
+    async def unlisted(request: bytes, _context: grpc.aio.ServicerContext) -> Any:
+        calls.append(request)
+        yield request
+
+    app = Application(backend.settings())
+    app.server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "agentpost.environments.v1.Unlisted",
+                {"Stream": grpc.unary_stream_rpc_method_handler(unlisted)},
+            ),
+        )
+    )
+    await app.start()
+    other = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")
+    try:
+        method = other.unary_stream(
+            "/agentpost.environments.v1.Unlisted/Stream",
+            request_serializer=lambda data: data,
+            response_deserializer=lambda data: data,
+        )
+
+        async def first() -> Any:
+            async for response in method(b"x", metadata=auth(org.owner_secret)):
+                return response
+            return None
+
+        failure = await fails(first(), grpc.StatusCode.PERMISSION_DENIED, "METHOD_NOT_ALLOWED")
+        assert failure.trailers.get("x-request-id")
         assert calls == []
     finally:
         await other.close()

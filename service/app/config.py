@@ -107,6 +107,24 @@ class Settings(BaseSettings):
         description="while the database does not answer, how long cached keys keep verifying and "
         "health stays SERVING (at least twice the cache refresh interval)",
     )
+    watch_heartbeat_seconds: float = Field(
+        10.0,
+        gt=0,
+        description="WatchEvents: the longest a stream goes without a message; a heartbeat carries "
+        "the revision reached, and the caller's key is checked again at each",
+    )
+    watch_buffer_revisions: int = Field(
+        1000,
+        ge=1,
+        description="WatchEvents: how many revisions a stream may fall behind before it ends with "
+        "RESOURCE_EXHAUSTED (the consumer watches again from the revision it reached)",
+    )
+    event_retention_days: float = Field(
+        90.0, gt=0, description="how long events are kept; older ones are pruned in small batches"
+    )
+    event_prune_interval_seconds: float = Field(
+        300.0, gt=0, description="how often events older than the retention are looked for and pruned"
+    )
 
     @field_validator("log_level")
     @classmethod

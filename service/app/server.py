@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -13,6 +14,8 @@ from agentpost.environments.v1 import (
     api_key_pb2_grpc,
     environment_pb2,
     environment_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
     member_pb2,
     member_pb2_grpc,
     organization_pb2,
@@ -29,6 +32,9 @@ from service.application.access import AccessCache
 from service.application.api_keys import ApiKeys
 from service.application.dependencies import Dependencies
 from service.application.environments import Environments
+from service.application.event_hub import EventHub
+from service.application.event_retention import EventRetention
+from service.application.events import Events
 from service.application.members import Members
 from service.application.organizations import Organizations
 from service.application.resources import Resources
@@ -41,6 +47,7 @@ from service.storage.server_secrets import page_token_key
 from service.transport.interceptor import AuthInterceptor
 from service.transport.servicers.api_keys import ApiKeyServicer
 from service.transport.servicers.environments import EnvironmentServicer
+from service.transport.servicers.events import EventServicer
 from service.transport.servicers.members import MembershipServicer
 from service.transport.servicers.organizations import OrganizationServicer
 from service.transport.servicers.resources import ResourceServicer
@@ -90,6 +97,7 @@ SERVICE_NAMES = (
     member_pb2.DESCRIPTOR.services_by_name["MembershipService"].full_name,
     api_key_pb2.DESCRIPTOR.services_by_name["ApiKeyService"].full_name,
     resource_pb2.DESCRIPTOR.services_by_name["ResourceService"].full_name,
+    event_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
 )
 
 
@@ -205,6 +213,14 @@ class Application:
             pager=Pager(PageTokens(settings.key_pepper)),
         )
         self.organizations = Organizations(self.dependencies)
+        # WatchEvents streams hear every revision the access cache applies.
+        self.event_hub = EventHub()
+        self.access.on_applied(self.event_hub.publish)
+        self.retention = EventRetention(
+            self.database,
+            retention=timedelta(days=settings.event_retention_days),
+            interval_seconds=settings.event_prune_interval_seconds,
+        )
         self.health = _ShutdownHealth()
         self.throttle = AuthFailureThrottle(settings.auth_failures_per_minute)
         self.server = grpc.aio.server(
@@ -233,6 +249,17 @@ class Application:
         )
         resource_pb2_grpc.add_ResourceServiceServicer_to_server(
             ResourceServicer(Resources(self.dependencies)), registrar
+        )
+        event_pb2_grpc.add_EventServiceServicer_to_server(
+            EventServicer(
+                Events(
+                    self.dependencies,
+                    self.event_hub,
+                    heartbeat_seconds=settings.watch_heartbeat_seconds,
+                    buffer_revisions=settings.watch_buffer_revisions,
+                )
+            ),
+            registrar,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, registrar)
         reflection.enable_server_reflection(
@@ -289,6 +316,7 @@ class Application:
         serving = await self._initial_health()
         await self.server.start()
         self.access.start()
+        self.retention.start()
         self._health_task = asyncio.create_task(self._follow_database(serving))
         mode = "plaintext" if credentials is None else "mTLS" if self.settings.tls_client_ca_file else "TLS"
         log.info("serving on %s (port %d, %s)", self.settings.listen_address, self.port, mode)
@@ -312,6 +340,8 @@ class Application:
             # grace.
             await asyncio.sleep(0)
             self.health.close_watches()
+            # Event streams end UNAVAILABLE with the revision they reached, to resume elsewhere.
+            self.event_hub.close()
             await stopping
         finally:
             await self._close_storage()
@@ -398,6 +428,7 @@ class Application:
                 self._health_task.cancel()
                 await asyncio.gather(self._health_task, return_exceptions=True)
                 self._health_task = None
+            await self.retention.stop()
             await self.access.stop()
         except Exception:
             log.exception("stopping background work failed")

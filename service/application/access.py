@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Hashable, Iterable
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import groupby
@@ -51,6 +51,8 @@ OWN_COMMIT_GRACE_SECONDS = 0.002
 _SEEN_KEY_VERSIONS = 100_000
 
 T = TypeVar("T")
+# Told each revision this view applies, with its events (none for a revision without any).
+AppliedListener = Callable[[str, int, Sequence[Event]], None]
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ class AccessCache:
         self._flushed: dict[str, datetime] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._catch_ups: set[asyncio.Task[None]] = set()
+        self._applied_listeners: list[AppliedListener] = []
         database.on_commit(self._committed)
 
     # -- following the log --------------------------------------------------------------------
@@ -176,12 +179,19 @@ class AccessCache:
         if applied is not None and revision > applied:
             self._schedule_catch_up(organization_id)
 
-    def _apply(self, organization_id: str, revision: int, events: Iterable[Event]) -> None:
+    def on_applied(self, listener: AppliedListener) -> None:
+        """Calls `listener(organization_id, revision, events)` for each revision applied here,
+        in revision order per organization (a snapshot loaded afresh skips revisions unseen)."""
+        self._applied_listeners.append(listener)
+
+    def _apply(self, organization_id: str, revision: int, events: Sequence[Event]) -> None:
         """Applies one revision's events in order to the snapshot; keys were applied already."""
         snapshot = self._snapshots.get(organization_id)
         if snapshot is not None:
             self._snapshots[organization_id] = snapshot.applying(events, revision)
         self._applied[organization_id] = revision
+        for listener in self._applied_listeners:
+            listener(organization_id, revision, events)
 
     def _apply_keys(self, events: Iterable[Event]) -> None:
         for event in events:

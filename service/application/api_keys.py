@@ -127,11 +127,7 @@ class Verification:
 
 def within_reach(principal: Principal, key: ApiKey) -> bool:
     """Whether the caller reaches the key (see the module docstring); both of one organization."""
-    if key.organization_id != principal.organization_id:
-        return False
-    if principal.organization_level:
-        return True
-    return not key.organization_wide and set(key.environment_ids) <= principal.visible_environment_ids
+    return principal.reaches_key(key)
 
 
 class ApiKeys:

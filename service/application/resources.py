@@ -191,7 +191,9 @@ class Resources:
                     raise resource_not_found(*missing[0])
             moved = await repository.move(principal.organization_id, source.id, target.id, keys, utcnow())
             for resource in moved:
-                uow.record(Action.REASSIGNED, resource, ("environment_id",))
+                uow.record(
+                    Action.REASSIGNED, resource, ("environment_id",), previous_environment_id=source.id
+                )
             return len(moved)
 
     async def _page(

@@ -11,3 +11,6 @@ from contextvars import ContextVar
 
 current_request_id: ContextVar[str] = ContextVar("current_request_id", default="-")
 committed_revision: ContextVar[int | None] = ContextVar("committed_revision", default=None)
+# A stream's progress: the revision it has delivered everything up to (WatchEvents), answered in
+# the stream's trailing metadata however it ends, so the client resumes from it.
+reached_revision: ContextVar[int | None] = ContextVar("reached_revision", default=None)

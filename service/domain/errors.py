@@ -88,12 +88,20 @@ class Unavailable(DomainError):
 
 
 class ResourceExhausted(DomainError):
-    """The caller used up an allowance; it may retry after `retry_after` seconds."""
+    """The caller used up an allowance (failed authentications, a watch stream's buffer); it may
+    retry, after `retry_after` seconds when that is known."""
 
     default_reason = "RESOURCE_EXHAUSTED"
 
-    def __init__(self, message: str, *, retry_after: float, reason: str | None = None) -> None:
-        super().__init__(message, reason=reason)
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        reason: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message, reason=reason, metadata=metadata)
         self.retry_after = retry_after
 
 

@@ -99,6 +99,8 @@ class Change:
     action: Action
     resource: Resource
     changed_fields: tuple[str, ...] = ()
+    # A reassigned resource's environment before the move (the resource holds the new one).
+    previous_environment_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,9 @@ class Event:
     environment_id: str | None
     changed_fields: tuple[str, ...]
     resource: Resource
+    # REASSIGNED only: the environment the resource left. Kept for deciding who may see the
+    # event (see `service.domain.visibility`); never shown as such on the wire.
+    previous_environment_id: str | None = None
 
 
 def resource_type_of(resource: Resource) -> ResourceType:

@@ -135,3 +135,11 @@ class Pager:
         if len(fetched) <= request.size or not items:
             return Page(items, "")
         return Page(items, self.tokens.encode(sort_key(items[-1]), request.query))
+
+    def cut(self, request: PageRequest, items: list[T], resume_after: Sequence[str] | None) -> Page[T]:
+        """A page of a list filtered after fetching, which may end before `request.size` items
+        when the server stopped examining: the next token continues after `resume_after` (the
+        sort key of the last item examined), or the list ends there when it is None."""
+        if resume_after is None:
+            return Page(items, "")
+        return Page(items, self.tokens.encode(resume_after, request.query))

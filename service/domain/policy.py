@@ -49,6 +49,7 @@ _ENV = "/agentpost.environments.v1.EnvironmentService/"
 _MEM = "/agentpost.environments.v1.MembershipService/"
 _KEY = "/agentpost.environments.v1.ApiKeyService/"
 _RES = "/agentpost.environments.v1.ResourceService/"
+_EVT = "/agentpost.environments.v1.EventService/"
 
 POLICY: Final[dict[str, Rule]] = {
     "/grpc.health.v1.Health/Check": Rule(Level.PUBLIC),
@@ -87,6 +88,10 @@ POLICY: Final[dict[str, Rule]] = {
     _RES + "DeregisterResource": Rule(Level.CONTEXT, resource_access="write"),
     _RES + "ListOrphanedResources": Rule(Level.ORGANIZATION, "environments:read"),
     _RES + "ReassignResources": Rule(Level.ORGANIZATION, "environments:write"),
+    # Any key holding the scope; each event is then shown only if the caller could read its
+    # resource (service.domain.visibility), and an environment filter must be within reach.
+    _EVT + "ListEvents": Rule(Level.ENVIRONMENT, "events:read"),
+    _EVT + "WatchEvents": Rule(Level.AUTHENTICATED, "events:read"),
 }
 
 

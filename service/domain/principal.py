@@ -244,6 +244,15 @@ class Principal:
                 reason="ORGANIZATION_KEY_REQUIRED",
             )
 
+    def reaches_key(self, key: ApiKey) -> bool:
+        """Whether the caller may see the key: every key of its organization at organization
+        level, else only keys limited to environments all within its reach."""
+        if key.organization_id != self.organization_id:
+            return False
+        if self.organization_level:
+            return True
+        return not key.organization_wide and set(key.environment_ids) <= self.visible_environment_ids
+
     def visible_environment(self, environment_id: str) -> Environment:
         """An environment within reach, deleted or not; NOT_FOUND otherwise, as for a random id."""
         env = self.snapshot.environments.get(environment_id)

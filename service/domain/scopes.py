@@ -1,4 +1,5 @@
-"""The fixed scope vocabulary: `<area>:read` or `<area>:write`; write does not imply read."""
+"""The fixed scope vocabulary: `<area>:read` or `<area>:write` for the areas one can both read and
+change (write does not imply read), and `<area>:read` alone for the areas one can only read."""
 
 from __future__ import annotations
 
@@ -19,7 +20,12 @@ AREAS: Final = (
     "webhooks",
     "labels",
 )
-ALL_SCOPES: Final = tuple(f"{area}:{access}" for area in AREAS for access in ("read", "write"))
+# Read-only areas: the event log is written by every write of the other areas, never directly.
+READ_ONLY_AREAS: Final = ("events",)
+ALL_SCOPES: Final = (
+    *(f"{area}:{access}" for area in AREAS for access in ("read", "write")),
+    *(f"{area}:read" for area in READ_ONLY_AREAS),
+)
 _KNOWN: Final = frozenset(ALL_SCOPES)
 
 

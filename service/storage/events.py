@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import insert, select
+from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.domain import ids
@@ -42,7 +43,59 @@ def to_event(row: EventRow) -> Event:
         environment_id=row.environment_id,
         changed_fields=tuple(json.loads(row.changed_fields)),
         resource=decode(resource_type, json.loads(row.resource)),
+        previous_environment_id=row.previous_environment_id,
     )
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    """Which events of an organization a listing wants: the request's filters and, coarsely,
+    the caller's audience (`reach` None: every environment; see `service.domain.visibility`)."""
+
+    resource_types: frozenset[ResourceType]
+    reach: frozenset[str] | None
+    environment_id: str | None = None
+    resource_type: ResourceType | None = None
+    resource_id: str | None = None
+    actor_api_key_id: str | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        """The WHERE clauses, beyond the organization."""
+        types = self.resource_types
+        if self.resource_type is not None:
+            types = types & {self.resource_type}
+        where: list[ColumnElement[bool]] = [EventRow.resource_type.in_(sorted(types))]
+        if self.reach is not None:
+            reach = sorted(self.reach)
+            where.append(
+                or_(
+                    EventRow.environment_id.in_(reach),
+                    EventRow.previous_environment_id.in_(reach),
+                    # A key of several environments names none; the caller may reach them all.
+                    and_(
+                        EventRow.resource_type == ResourceType.API_KEY.value,
+                        EventRow.environment_id.is_(None),
+                    ),
+                )
+            )
+        if self.environment_id is not None:
+            where.append(
+                or_(
+                    EventRow.environment_id == self.environment_id,
+                    EventRow.previous_environment_id == self.environment_id,
+                )
+            )
+        if self.resource_id is not None:
+            where.append(EventRow.resource_id == self.resource_id)
+        if self.actor_api_key_id is not None:
+            where.append(EventRow.actor_api_key_id == self.actor_api_key_id)
+        if self.start_time is not None:
+            where.append(EventRow.create_time >= self.start_time)
+        if self.end_time is not None:
+            where.append(EventRow.create_time < self.end_time)
+        return where
 
 
 class EventRepository:
@@ -75,6 +128,7 @@ class EventRepository:
                 environment_id=environment_of(change.resource),
                 changed_fields=change.changed_fields,
                 resource=change.resource,
+                previous_environment_id=change.previous_environment_id,
             )
             for change in changes
         ]
@@ -97,8 +151,9 @@ class EventRepository:
                     "environment_id": event.environment_id,
                     "changed_fields": json.dumps(list(event.changed_fields)),
                     "resource": json.dumps(encode(event.resource), separators=(",", ":")),
+                    "previous_environment_id": change.previous_environment_id,
                 }
-                for sequence, event in enumerate(events)
+                for sequence, (event, change) in enumerate(zip(events, changes, strict=True))
             ],
         )
         return events
@@ -118,3 +173,66 @@ class EventRepository:
             .limit(limit)
         )
         return [to_event(row) for row in rows]
+
+    async def since(
+        self, organization_id: str, position: tuple[int, int], *, up_to: int, limit: int
+    ) -> list[tuple[Event, int]]:
+        """The organization's events after `position` (revision, sequence) and up to revision
+        `up_to`, in commit order, each with its sequence within its revision."""
+        revision, sequence = position
+        rows = await self._session.scalars(
+            select(EventRow)
+            .where(
+                EventRow.organization_id == organization_id,
+                tuple_(EventRow.revision, EventRow.sequence) > tuple_(revision, sequence),
+                EventRow.revision <= up_to,
+            )
+            .order_by(EventRow.revision, EventRow.sequence)
+            .limit(limit)
+        )
+        return [(to_event(row), row.sequence) for row in rows]
+
+    async def newest_first(
+        self, organization_id: str, query: EventQuery, before: tuple[int, int] | None, limit: int
+    ) -> list[tuple[Event, int]]:
+        """The organization's events matching `query`, newest first (revision, then sequence,
+        descending), from just before `before`; each with its sequence within its revision."""
+        statement = select(EventRow).where(EventRow.organization_id == organization_id, *query.conditions())
+        if before is not None:
+            statement = statement.where(tuple_(EventRow.revision, EventRow.sequence) < tuple_(*before))
+        rows = await self._session.scalars(
+            statement.order_by(EventRow.revision.desc(), EventRow.sequence.desc()).limit(limit)
+        )
+        return [(to_event(row), row.sequence) for row in rows]
+
+    async def oldest_revision(self, organization_id: str) -> int | None:
+        """The oldest revision the organization's log still holds; None when it holds none."""
+        oldest = await self._session.scalar(
+            select(func.min(EventRow.revision)).where(EventRow.organization_id == organization_id)
+        )
+        return None if oldest is None else int(oldest)
+
+    async def prune(self, cutoff: datetime, batch: int) -> int:
+        """Deletes about `batch` events older than `cutoff`, oldest first; returns how many.
+
+        Whole revisions go, and for each organization only a prefix of its log: everything up to
+        the newest old revision found. The log of an organization thus always starts at its
+        oldest retained revision, which is how a watcher's revision is known to have expired."""
+        found = await self._session.execute(
+            select(EventRow.organization_id, EventRow.revision)
+            .where(EventRow.create_time < cutoff)
+            .order_by(EventRow.create_time)
+            .limit(batch)
+        )
+        newest: dict[str, int] = {}
+        for organization_id, revision in found:
+            newest[organization_id] = max(revision, newest.get(organization_id, 0))
+        deleted = 0
+        for organization_id, revision in newest.items():
+            result = await self._session.execute(
+                delete(EventRow).where(
+                    EventRow.organization_id == organization_id, EventRow.revision <= revision
+                )
+            )
+            deleted += int(getattr(result, "rowcount", 0) or 0)
+        return deleted

@@ -198,6 +198,10 @@ class EventRow(Base):
     __table_args__ = (
         UniqueConstraint("organization_id", "revision", "sequence"),
         Index("ix_events_create_time", "create_time"),
+        # The audit log's filters, each in the log's order.
+        Index("ix_events_environment", "organization_id", "environment_id", "revision"),
+        Index("ix_events_resource", "organization_id", "resource_id", "revision"),
+        Index("ix_events_actor", "organization_id", "actor_api_key_id", "revision"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
@@ -215,3 +219,5 @@ class EventRow(Base):
     environment_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
     changed_fields: Mapped[str] = mapped_column(Text, default="[]")
     resource: Mapped[str] = mapped_column(Text)
+    # REASSIGNED: the environment the resource left (who may see the event depends on it).
+    previous_environment_id: Mapped[str | None] = mapped_column(String(40), nullable=True)

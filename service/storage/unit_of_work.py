@@ -35,10 +35,18 @@ class UnitOfWork:
         self.organization_id = organization_id
         self.changes: list[Change] = []
 
-    def record(self, action: Action, resource: Resource, changed_fields: Sequence[str] = ()) -> None:
+    def record(
+        self,
+        action: Action,
+        resource: Resource,
+        changed_fields: Sequence[str] = (),
+        *,
+        previous_environment_id: str | None = None,
+    ) -> None:
         """Notes one resource this write changed; its event is appended, numbered with the
-        organization's new revision, in the same transaction when the write commits."""
-        self.changes.append(Change(action, resource, tuple(changed_fields)))
+        organization's new revision, in the same transaction when the write commits. A moved
+        resource names the environment it left."""
+        self.changes.append(Change(action, resource, tuple(changed_fields), previous_environment_id))
 
     def record_update(self, before: Resource, after: Resource, action: Action = Action.UPDATED) -> None:
         """Notes a changed record, naming the fields whose values differ."""

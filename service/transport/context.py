@@ -7,7 +7,7 @@ from contextvars import ContextVar
 from service.domain.calls import current_request_id
 from service.domain.principal import Principal
 
-__all__ = ["current_principal", "current_request_id", "principal"]
+__all__ = ["credential", "current_credential", "current_principal", "current_request_id", "principal"]
 
 current_principal: ContextVar[Principal | None] = ContextVar("current_principal", default=None)
 
@@ -18,4 +18,16 @@ def principal() -> Principal:
     value = current_principal.get()
     if value is None:  # pragma: no cover - guarded by the policy table
         raise RuntimeError("handler ran without an authenticated principal")
+    return value
+
+
+current_credential: ContextVar[str | None] = ContextVar("current_credential", default=None)
+
+
+def credential() -> str:
+    """The secret the caller of a running stream presented: a stream checks the key again as it
+    goes. The interceptor sets it for every authenticated stream."""
+    value = current_credential.get()
+    if value is None:  # pragma: no cover - guarded by the interceptor
+        raise RuntimeError("stream ran without the caller's credential")
     return value

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from agentpost.environments.v1 import (
     api_key_pb2,
     environment_pb2,
+    event_pb2,
     member_pb2,
     organization_pb2,
     resource_pb2,
@@ -15,6 +16,7 @@ from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from google.protobuf.message import Message
 
 from service.domain.errors import InvalidArgument
+from service.domain.events import Event
 from service.domain.models import (
     ApiKey,
     Environment,
@@ -148,6 +150,44 @@ def scoped_resource(resource: ScopedResource) -> resource_pb2.ScopedResource:
         create_time=timestamp(resource.create_time),
         update_time=timestamp(resource.update_time),
     )
+
+
+def event(record: Event) -> event_pb2.Event:
+    """The wire form of an event, with the resource as it stood after the change (an API key's
+    state as of the change, never a secret or digest)."""
+    message = event_pb2.Event(
+        id=record.id,
+        organization_id=record.organization_id,
+        revision=record.revision,
+        create_time=timestamp(record.create_time),
+        actor=event_pb2.Event.Actor(
+            api_key_id=record.actor.api_key_id or "",
+            member_id=record.actor.member_id or "",
+            operator=record.actor.operator,
+        ),
+        request_id=record.request_id,
+        action=record.action.value,
+        resource_type=record.resource_type.value,
+        resource_id=record.resource_id,
+        environment_id=record.environment_id or "",
+        changed_fields=list(record.changed_fields),
+    )
+    resource = record.resource
+    if isinstance(resource, Organization):
+        message.organization.CopyFrom(organization(resource))
+    elif isinstance(resource, Environment):
+        message.environment.CopyFrom(environment(resource))
+    elif isinstance(resource, Member):
+        message.member.CopyFrom(member(resource))
+    elif isinstance(resource, EnvironmentMembership):
+        message.environment_member.CopyFrom(environment_member(resource))
+    elif isinstance(resource, ApiKey):
+        message.api_key.CopyFrom(
+            api_key(resource, now=record.create_time, last_used_time=resource.last_used_time)
+        )
+    else:
+        message.scoped_resource.CopyFrom(scoped_resource(resource))
+    return message
 
 
 def update_mask(mask: field_mask_pb2.FieldMask, resource: Message) -> UpdateMask:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import enum
 from typing import TypeVar
 
-from agentpost.environments.v1 import api_key_pb2, member_pb2, resource_pb2
+from agentpost.environments.v1 import api_key_pb2, event_pb2, member_pb2, resource_pb2
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 
 from service.domain.errors import InvalidArgument
+from service.domain.events import ResourceType
 from service.domain.models import EnvRole, KeyMode, OrgRole, ResourceKind
 
 E = TypeVar("E", bound=enum.Enum)
@@ -47,6 +48,11 @@ def key_mode(field: str, number: int) -> KeyMode | None:
 def resource_kind(field: str, number: int) -> ResourceKind | None:
     """A registered resource's kind."""
     return _decode(resource_pb2.ScopedResource.Kind, ResourceKind, field, number)
+
+
+def resource_type(field: str, number: int) -> ResourceType | None:
+    """The type of resource an event describes."""
+    return _decode(event_pb2.Event.ResourceType, ResourceType, field, number)
 
 
 def requested_kind(request: object) -> ResourceKind | None:

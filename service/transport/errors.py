@@ -32,8 +32,8 @@ _CODES: dict[type[DomainError], grpc.StatusCode] = {
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     Denied: grpc.StatusCode.PERMISSION_DENIED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    Unavailable: grpc.StatusCode.UNAVAILABLE,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -70,7 +70,7 @@ def to_status(error: DomainError) -> tuple[grpc.StatusCode, str, bytes]:
                 )
             )
         )
-    if isinstance(error, ResourceExhausted):
+    if isinstance(error, ResourceExhausted) and error.retry_after is not None:
         delay = duration_pb2.Duration()
         # Whole milliseconds, rounded up: retrying a moment early would only be refused again.
         delay.FromMilliseconds(max(1, math.ceil(error.retry_after * 1000)))
@@ -94,11 +94,16 @@ def internal_status(request_id: str) -> tuple[grpc.StatusCode, str, bytes]:
 
 
 async def abort(
-    context: grpc.aio.ServicerContext, status: tuple[grpc.StatusCode, str, bytes], request_id: str | None
+    context: grpc.aio.ServicerContext,
+    status: tuple[grpc.StatusCode, str, bytes],
+    request_id: str | None,
+    extra_trailers: tuple[tuple[str, str], ...] = (),
 ) -> None:
-    """Ends the call with the status, echoing the request id in the trailers."""
+    """Ends the call with the status, echoing the request id (and `extra_trailers`) in the
+    trailers."""
     code, message, details = status
     trailers: list[tuple[str, str | bytes]] = [("grpc-status-details-bin", details)]
     if request_id:
         trailers.append(("x-request-id", request_id))
+    trailers.extend(extra_trailers)
     await context.abort(code, message, trailing_metadata=tuple(trailers))

@@ -13,11 +13,13 @@ address (`throttle.py`), and only the handler's context knows the peer.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import itertools
 import logging
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +28,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from service.application.access import AccessCache
-from service.domain.calls import committed_revision
+from service.domain.calls import committed_revision, reached_revision
 from service.domain.errors import Denied, DomainError, InvalidArgument, ResourceExhausted, Unauthenticated
 from service.domain.policy import POLICY, Level, Rule, authorize
 from service.domain.principal import Principal, unauthenticated
@@ -56,6 +58,8 @@ class _Call:
     authenticate: Callable[[str], Awaitable[Principal | None]]
     environment: str | None
     request_id: str
+    # The bearer secret, kept only for streams (which check the key again as they go).
+    credential: str | None = None
 
 
 _current_call: ContextVar[_Call | None] = ContextVar("current_call", default=None)
@@ -195,8 +199,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         metadata = {key: value for key, value in raw if isinstance(value, str)}
         rule = POLICY.get(details.method)
         if handler.unary_unary is None:
-            # Only the public standard services stream (health Watch, reflection).
-            return handler if rule is not None and rule.level is Level.PUBLIC else None
+            if rule is not None and rule.level is Level.PUBLIC:
+                return handler  # the public standard services: health Watch, reflection
+            if handler.unary_stream is None:
+                return None  # no client-streaming method of this API takes credentials
+            return self._intercept_stream(handler, details, rule, metadata, raw)
         # The handler runs in this call's own task, so this reaches it and no other call.
         _current_call.set(
             _Call(
@@ -215,6 +222,101 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
             self._wrapped[details.method] = wrapped
         return wrapped
+
+    def _intercept_stream(
+        self,
+        handler: grpc.RpcMethodHandler,
+        details: grpc.HandlerCallDetails,
+        rule: Rule | None,
+        metadata: dict[str, str],
+        raw: Sequence[tuple[str, str | bytes]],
+    ) -> grpc.RpcMethodHandler:
+        """`intercept_service` for a server-streaming method: the same identification, with the
+        credential kept for the stream to check the key again as it goes."""
+        credential: str | None = None
+        with contextlib.suppress(DomainError):
+            credential = _bearer(metadata, raw)
+        _current_call.set(
+            _Call(
+                rule,
+                self._authentication(rule, metadata, raw),
+                metadata.get(ENVIRONMENT_HEADER),
+                _request_id(metadata),
+                credential,
+            )
+        )
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            wrapped = grpc.unary_stream_rpc_method_handler(
+                _guarded_stream(handler.unary_stream),
+                request_deserializer=_safe_deserializer(handler.request_deserializer),
+                response_serializer=handler.response_serializer,
+            )
+            self._wrapped[details.method] = wrapped
+        return wrapped
+
+
+async def _admitted(state: _Call | None, request: Any, peer: str) -> Principal | None:
+    """The principal a stream acts as once the policy admits it (with its environment context
+    for context-scoped methods); raises the domain error that refuses it."""
+    if state is None:  # pragma: no cover - intercept_service always sets it
+        raise Denied("the call was not authenticated", reason="METHOD_NOT_ALLOWED")
+    principal = await state.authenticate(peer)
+    assert state.rule is not None
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument.field(
+            "request", f"is not a valid protobuf message ({request.error})", reason="MALFORMED_REQUEST"
+        )
+    acting = principal
+    if acting is not None:
+        authorize(state.rule, acting, enums.requested_kind(request) if state.rule.resource_access else None)
+        if state.rule.level is Level.CONTEXT:
+            acting = acting.in_context(state.environment)
+    return acting
+
+
+def _guarded_stream(
+    behaviour: Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]],
+) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
+    """A server-streaming method's behaviour behind the same policy, request id and error mapping
+    as unary calls. However the stream ends, its trailing metadata carries the revision it
+    reached (`reached_revision`), so the client can resume from it."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        state = _current_call.get()
+        request_id = state.request_id if state is not None else _request_id({})
+        id_token = call_context.current_request_id.set(request_id)
+        principal_token = call_context.current_principal.set(None)
+        credential_token = call_context.current_credential.set(state.credential if state else None)
+        reached_token = reached_revision.set(None)
+        context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
+        try:
+            call_context.current_principal.set(await _admitted(state, request, context.peer()))
+            async with aclosing(behaviour(request, context)) as responses:
+                async for response in responses:
+                    yield response
+            context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id), *_reached()))
+        except DomainError as error:
+            log.info("stream ended: %s %s", error.reason, error.message)
+            await abort(context, to_status(error), request_id, _reached())
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            log.exception("failed")
+            await abort(context, internal_status(request_id), request_id, _reached())
+        finally:
+            reached_revision.reset(reached_token)
+            call_context.current_credential.reset(credential_token)
+            call_context.current_principal.reset(principal_token)
+            call_context.current_request_id.reset(id_token)
+
+    return call
+
+
+def _reached() -> tuple[tuple[str, str], ...]:
+    """The trailing metadata naming the revision a stream reached, if it reached one."""
+    revision = reached_revision.get()
+    return () if revision is None else ((REVISION_HEADER, str(revision)),)
 
 
 def _guarded(

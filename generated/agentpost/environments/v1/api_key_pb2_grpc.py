@@ -33,7 +33,8 @@ class ApiKeyServiceStub:
     of a secret is stored.
 
     Scopes: `environments`, `members`, `api_keys`, `inboxes`, `messages`, `threads`, `drafts`,
-    `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`.
+    `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`;
+    and `events:read` (EventService; there is no `events:write`).
 
     No escalation: a caller grants only scopes it holds (else PERMISSION_DENIED SCOPE_ESCALATION)
     and active environments within its reach, and only an organization-level caller (an
@@ -102,7 +103,8 @@ class ApiKeyServiceServicer:
     of a secret is stored.
 
     Scopes: `environments`, `members`, `api_keys`, `inboxes`, `messages`, `threads`, `drafts`,
-    `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`.
+    `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`;
+    and `events:read` (EventService; there is no `events:write`).
 
     No escalation: a caller grants only scopes it holds (else PERMISSION_DENIED SCOPE_ESCALATION)
     and active environments within its reach, and only an organization-level caller (an
@@ -232,7 +234,8 @@ class ApiKeyService:
     of a secret is stored.
 
     Scopes: `environments`, `members`, `api_keys`, `inboxes`, `messages`, `threads`, `drafts`,
-    `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`.
+    `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`;
+    and `events:read` (EventService; there is no `events:write`).
 
     No escalation: a caller grants only scopes it holds (else PERMISSION_DENIED SCOPE_ESCALATION)
     and active environments within its reach, and only an organization-level caller (an

@@ -34,7 +34,8 @@ class ApiKeyServiceStub:
     of a secret is stored.
 
     Scopes: `environments`, `members`, `api_keys`, `inboxes`, `messages`, `threads`, `drafts`,
-    `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`.
+    `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`;
+    and `events:read` (EventService; there is no `events:write`).
 
     No escalation: a caller grants only scopes it holds (else PERMISSION_DENIED SCOPE_ESCALATION)
     and active environments within its reach, and only an organization-level caller (an
@@ -92,7 +93,8 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     of a secret is stored.
 
     Scopes: `environments`, `members`, `api_keys`, `inboxes`, `messages`, `threads`, `drafts`,
-    `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`.
+    `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`;
+    and `events:read` (EventService; there is no `events:write`).
 
     No escalation: a caller grants only scopes it holds (else PERMISSION_DENIED SCOPE_ESCALATION)
     and active environments within its reach, and only an organization-level caller (an
@@ -146,7 +148,8 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
     of a secret is stored.
 
     Scopes: `environments`, `members`, `api_keys`, `inboxes`, `messages`, `threads`, `drafts`,
-    `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`.
+    `domains`, `webhooks`, `labels`, each with `:read` or `:write`; `write` does not imply `read`;
+    and `events:read` (EventService; there is no `events:write`).
 
     No escalation: a caller grants only scopes it holds (else PERMISSION_DENIED SCOPE_ESCALATION)
     and active environments within its reach, and only an organization-level caller (an
