@@ -9,7 +9,7 @@ import grpc
 import pytest
 from agentpost.environments.v1 import environment_pb2, organization_pb2
 
-from service.domain import keys
+from service.domain import keys, scopes
 from service.domain.models import KeyMode
 from tests.harness import AS_OPERATOR, Harness, Org, auth, corrupt, fails, failure_of
 from tests.servers import Backend, serving
@@ -140,7 +140,8 @@ async def test_create_organization_makes_everything_at_once(harness: Harness) ->
     assert created.owner.role == created.owner.OWNER and created.owner.email == "owner@example.com"
     key = created.owner_api_key
     assert key.owner_member_id == created.owner.id and list(key.environment_ids) == []
-    assert len(key.scopes) == 20 and key.state == key.ACTIVE
+    assert sorted(key.scopes) == sorted(scopes.ALL_SCOPES) and key.state == key.ACTIVE
+    assert "events:read" in key.scopes and len(key.scopes) == 21
     assert created.owner_api_key_secret.startswith(key.prefix) and len(key.prefix) == 12
     got = await harness.whoami(created.owner_api_key_secret)
     assert got == created.organization
