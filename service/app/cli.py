@@ -142,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `agentpost-environments`."""
     args = _parser().parse_args(argv)
     settings = _settings(args)
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     _prepare_sqlite(settings)
     try:
         if args.command == "serve":

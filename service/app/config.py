@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -51,6 +52,13 @@ class Settings(BaseSettings):
         gt=0,
         description="PostgreSQL: how long a connect or a wait for a pooled connection may take "
         "before the call answers UNAVAILABLE",
+    )
+    metrics_address: str | None = Field(
+        None, description="host:port to serve Prometheus metrics on at /metrics; unset: no metrics"
+    )
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line")
+    access_log: bool = Field(
+        False, description="log one line per finished call: method, status code, duration"
     )
     max_staleness_seconds: float = Field(
         300.0,

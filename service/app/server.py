@@ -23,8 +23,9 @@ from agentpost.environments.v1 import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.app import logs
+from service.app import logs, tracing
 from service.app.config import Settings
+from service.app.metrics import MetricsEndpoint
 from service.application.access import AccessCache
 from service.application.api_keys import ApiKeys
 from service.application.dependencies import Dependencies
@@ -37,6 +38,7 @@ from service.domain.pagination import Pager, PageTokens
 from service.storage import migrate
 from service.storage.database import Database, build_engine
 from service.storage.server_secrets import page_token_key
+from service.transport.call_log import CallLogInterceptor
 from service.transport.interceptor import AuthInterceptor
 from service.transport.servicers.api_keys import ApiKeyServicer
 from service.transport.servicers.environments import EnvironmentServicer
@@ -162,7 +164,8 @@ class BindError(RuntimeError):
 class Application:
     """One server process: build it, `start()`, then `stop()`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, traces: tracing.Tracing | None = None) -> None:
+        """`traces` defaults to what the OTel environment variables configure (usually nothing)."""
         self.settings = settings
         logs.install_request_ids()
         self.engine = build_engine(
@@ -188,8 +191,25 @@ class Application:
         )
         self.organizations = Organizations(self.dependencies)
         self.health = _ShutdownHealth()
+        # Observability before authentication, so refused calls are seen too. Tracing outermost:
+        # its span is current in everything after it. Then metrics, whose clock starts before
+        # authentication, then the call's method for log lines (and the access log).
+        self.metrics = (
+            MetricsEndpoint(settings.metrics_address, self.access.stats, self.engine.sync_engine.pool)
+            if settings.metrics_address
+            else None
+        )
+        self.traces = traces or tracing.from_environment()
+        observing: list[grpc.aio.ServerInterceptor] = []
+        if self.traces is not None:
+            self.traces.instrument(self.engine)
+            observing.extend(self.traces.interceptors())
+        if self.metrics is not None:
+            observing.append(self.metrics.calls.interceptor())
+        observing.append(CallLogInterceptor(settings.access_log))
         self.server = grpc.aio.server(
-            interceptors=[AuthInterceptor(self.access, settings.operator_token)], options=SERVER_OPTIONS
+            interceptors=[*observing, AuthInterceptor(self.access, settings.operator_token)],
+            options=SERVER_OPTIONS,
         )
         registrar = _GenericHandlersOnly(self.server)
         organization_pb2_grpc.add_OrganizationServiceServicer_to_server(
@@ -202,7 +222,11 @@ class Application:
             MembershipServicer(Members(self.dependencies)), registrar
         )
         api_key_pb2_grpc.add_ApiKeyServiceServicer_to_server(
-            ApiKeyServicer(ApiKeys(self.dependencies)), registrar
+            ApiKeyServicer(
+                ApiKeys(self.dependencies),
+                on_verification=self.metrics.calls.verification if self.metrics is not None else None,
+            ),
+            registrar,
         )
         resource_pb2_grpc.add_ResourceServiceServicer_to_server(
             ResourceServicer(Resources(self.dependencies)), registrar
@@ -233,6 +257,11 @@ class Application:
             raise BindError(f"cannot listen on {self.settings.listen_address}: {error}") from error
         if self.port == 0:
             raise BindError(f"cannot listen on {self.settings.listen_address}")
+        if self.metrics is not None:
+            try:
+                self.metrics.start()
+            except (OSError, ValueError) as error:
+                raise BindError(f"cannot serve metrics on {self.metrics.address}: {error}") from error
         serving = await self._initial_health()
         await self.server.start()
         self.access.start()
@@ -312,4 +341,8 @@ class Application:
         except Exception:
             log.exception("stopping background work failed")
         finally:
+            if self.metrics is not None:
+                self.metrics.stop()
+            if self.traces is not None:
+                self.traces.shutdown()
             await self.database.dispose()

@@ -8,6 +8,8 @@ from service.domain.principal import Principal
 
 current_principal: ContextVar[Principal | None] = ContextVar("current_principal", default=None)
 current_request_id: ContextVar[str] = ContextVar("current_request_id", default="-")
+# The running call's full method name (`/package.Service/Method`), for log lines.
+current_method: ContextVar[str | None] = ContextVar("current_method", default=None)
 
 
 def principal() -> Principal:
