@@ -12,7 +12,7 @@ PROTOC = $(BIN)/python -m grpc_tools.protoc -I protos -I $(GOOGLEAPIS_PROTOS) --
 # protoc writes the messages' .pyi; mypy-protobuf types the service stubs and servicers.
 STUBS = --python_out=$(1) --pyi_out=$(1) --grpc_python_out=$(1) --mypy_grpc_out=quiet:$(1)
 
-.PHONY: setup serve migrate bootstrap test test-deep lint breaking generate check-generated bench clean
+.PHONY: setup serve migrate bootstrap test test-deep lint breaking generate check-generated descriptors bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -83,6 +83,14 @@ check-generated: $(STAMP)
 	@tmp=$$(mktemp -d) && \
 	$(PROTOC) $(call STUBS,$$tmp) $(PROTOS) && \
 	diff -r $$tmp/agentpost generated/agentpost && rm -rf $$tmp && echo "generated stubs are fresh"
+
+## The descriptor set a gRPC-JSON transcoder (Envoy's grpc_json_transcoder) needs for the REST
+## mapping: the protos, their imports, and the error details it renders into JSON error bodies.
+descriptors: $(STAMP)
+	mkdir -p var
+	$(PROTOC) --include_imports --include_source_info -o var/agentpost-environments.binpb \
+		$(PROTOS) google/rpc/status.proto google/rpc/error_details.proto
+	@echo "wrote var/agentpost-environments.binpb"
 
 bench: $(STAMP)
 	$(BIN)/python -m tests.bench

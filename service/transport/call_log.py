@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextvars import ContextVar
 from typing import Any
 
 import grpc
@@ -20,6 +21,8 @@ from service.transport import context as call_context
 from service.transport.call_wrapping import Behaviour, UnaryWrappingInterceptor, code_name, echoed_request_id
 
 access_log = logging.getLogger("service.access")
+
+_arrived_at: ContextVar[float | None] = ContextVar("call_arrived_at", default=None)
 
 
 class CallLogInterceptor(UnaryWrappingInterceptor):
@@ -31,8 +34,11 @@ class CallLogInterceptor(UnaryWrappingInterceptor):
         self._access_log_on = access_log_on
 
     def arrived(self, details: grpc.HandlerCallDetails) -> None:
-        """Names the method for every line the call logs."""
+        """Names the method for every line the call logs, and starts the access log's clock
+        (before authentication, which may read the database)."""
         call_context.current_method.set(details.method)
+        if self._access_log_on:
+            _arrived_at.set(time.perf_counter())
 
     def wrap(self, method: str, behaviour: Behaviour) -> Behaviour | None:
         """The behaviour, logged when it finishes; None (unchanged) with the access log off."""
@@ -41,7 +47,7 @@ class CallLogInterceptor(UnaryWrappingInterceptor):
 
 def _logged(method: str, behaviour: Behaviour) -> Behaviour:
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = time.perf_counter()
+        started = _arrived_at.get() or time.perf_counter()
         code: str | None = None
         try:
             return await behaviour(request, context)

@@ -79,8 +79,8 @@ class CallMetrics:
 
     def record_unimplemented(self) -> None:
         """Counts a call to a method this server does not serve. Its name is not a label: any
-        client could otherwise grow the series without bound."""
-        self._handled.labels("unary", UNKNOWN, UNKNOWN, grpc.StatusCode.UNIMPLEMENTED.name).inc()
+        client could otherwise grow the series without bound. Nor is its type known."""
+        self._handled.labels(UNKNOWN, UNKNOWN, UNKNOWN, grpc.StatusCode.UNIMPLEMENTED.name).inc()
 
     def verification(self, outcome: str) -> None:
         """Counts one VerifyApiKey answer: "VALID" or the name of its denial reason."""

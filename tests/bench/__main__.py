@@ -3,8 +3,10 @@
 Starts a bare echo server and this service (SQLite by default, `--postgres URL` for PostgreSQL)
 in subprocesses on 127.0.0.1, sets up an organization over gRPC, and drives every scenario with
 the same load client (tests/bench/load.py). Throughput is reported (tests/bench/report.py) as a
-ratio to the echo, run first and again last; the mean of both is 1.0. Then a second replica on
-the same database measures how long a revoke on one replica takes to be honoured by the other.
+ratio to the echo, run first and again last; the mean of both is 1.0. Each read scenario runs
+interleaved (off, on, on, off) with a replica of the same database that has Prometheus metrics on,
+for the cost of metrics. Then a second replica on the same database measures how long a revoke on one replica
+takes to be honoured by the other.
 
 Run: `python -m tests.bench [--duration S] [--concurrency N] [--postgres URL] [--json PATH]`.
 A scenario whose setup fails (an RPC not implemented yet, say) prints "skipped: <reason>".
@@ -45,7 +47,7 @@ from sqlalchemy.engine import make_url
 
 from tests.bench.echo import ECHO_METHOD
 from tests.bench.load import Load, Result, Scenario, run_load
-from tests.bench.processes import ServerProcess, echo_answers, health_serving, start_server
+from tests.bench.processes import ServerProcess, echo_answers, free_port, health_serving, start_server
 from tests.bench.report import CACHE_REFRESH_SECONDS, REVOCATION_POLL_SECONDS, Report, Revocation, render
 
 SCOPED_KEY_SCOPES = ["environments:read", "inboxes:read", "inboxes:write"]
@@ -289,6 +291,18 @@ async def measure(plan: Plan, server: ServerProcess, load: Load) -> Result:
     return await run_load(scenario, load)
 
 
+async def measure_metrics_cost(
+    plan: Plan, off: ServerProcess, on: ServerProcess, load: Load
+) -> tuple[Result, Result]:
+    """The plan with metrics off and on, in the order off, on, on, off with half the duration
+    each, so that a change in what else runs on the cores weighs on both alike."""
+    half = Load(load.concurrency, load.channels, load.warmup, load.duration / 2)
+    runs: dict[str, list[Result]] = {"off": [], "on": []}
+    for which in ("off", "on", "on", "off"):
+        runs[which].append(await measure(plan, off if which == "off" else on, half))
+    return Result.combined(runs["off"]), Result.combined(runs["on"])
+
+
 async def measure_echo(echo: ServerProcess, size: int, name: str, load: Load) -> Result:
     """Runs the bare echo."""
     print(f"  running {name} ...", file=sys.stderr, flush=True)
@@ -379,7 +393,7 @@ async def scratch_schema(url: str | None) -> AsyncIterator[str | None]:
 
 
 def service_arguments(
-    database_url: str, schema: str | None, operator_token: str, migrate: bool
+    database_url: str, schema: str | None, operator_token: str, migrate: bool, metrics: bool = False
 ) -> Callable[[int], list[str]]:
     """The command line of one replica of this service, given its port."""
 
@@ -389,6 +403,8 @@ def service_arguments(
         command += ["--log-level", "WARNING", "--cache-refresh-seconds", str(CACHE_REFRESH_SECONDS)]
         if migrate:
             command.append("--migrate")
+        if metrics:
+            command += ["--metrics-address", f"127.0.0.1:{free_port()}"]
         if schema is not None:
             command += ["--database-schema", schema]
         return command
@@ -425,9 +441,26 @@ async def run(arguments: argparse.Namespace) -> Report:
                 servers.append(replica_a)
                 setup = await set_up(replica_a, operator_token)
                 echo_size = len(_verify_request(setup).SerializeToString())
+                metered: ServerProcess | None = None
+                if arguments.metrics:
+                    metered = await start_server(
+                        "service A with metrics",
+                        service_arguments(database_url, schema, operator_token, False, metrics=True),
+                        health_serving,
+                        directory,
+                    )
+                    servers.append(metered)
 
                 echo_first = await measure_echo(echo, echo_size, "echo (first)", load)
-                reads = [await measure(plan, replica_a, load) for plan in service_plans(setup)]
+                reads: list[Result] = []
+                metrics_pairs: list[tuple[Result, Result]] = []
+                for plan in service_plans(setup):
+                    if metered is None:
+                        reads.append(await measure(plan, replica_a, load))
+                    else:
+                        off, on = await measure_metrics_cost(plan, replica_a, metered, load)
+                        reads.append(off)
+                        metrics_pairs.append((off, on))
                 echo_last = await measure_echo(echo, echo_size, "echo (last)", load)
                 # Writes last: they add environments, which the list scenario must not see.
                 write = await measure(write_plan(setup), replica_a, write_load)
@@ -464,7 +497,9 @@ async def run(arguments: argparse.Namespace) -> Report:
                 for server in reversed(servers):
                     server.stop()
     backend = "postgresql" if arguments.postgres else "sqlite"
-    return Report(backend, load, echo_first, echo_last, reads, write, channel_results, revocation)
+    return Report(
+        backend, load, echo_first, echo_last, reads, write, channel_results, revocation, metrics_pairs
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -485,6 +520,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--revocation-rounds", type=int, default=5, help="revocations to time (default 5)")
     parser.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="skip the read scenarios on a replica with Prometheus metrics on",
+    )
+    parser.add_argument(
         "--postgres", metavar="URL", help="run the service on PostgreSQL (postgresql+asyncpg://...)"
     )
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON here")
@@ -501,7 +542,12 @@ def main() -> int:
     if arguments.json:
         arguments.json.write_text(json.dumps(report.as_json(), indent=2) + "\n")
         print(f"\nresults written to {arguments.json}")
-    flagged = [r for r in (report.echo_first, *report.reads, report.echo_last, report.write) if r.error_count]
+    metered = [on for _, on in report.metrics_pairs]
+    flagged = [
+        r
+        for r in (report.echo_first, *report.reads, report.echo_last, report.write, *metered)
+        if r.error_count
+    ]
     return 1 if flagged or report.revocation.problems else 0
 
 
