@@ -7,6 +7,7 @@ import io
 import json
 import logging
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,6 +17,7 @@ from agentpost.environments.v1 import organization_pb2
 from service.app import logs
 from tests.conftest import Backend, start_server
 from tests.harness import Harness, auth, fails
+from tests.own_database import own_database
 from tests.test_secrets_never_stored import body_of
 
 FIELDS = {"time", "level", "logger", "message", "request_id", "method", "code", "duration_ms"}
@@ -39,9 +41,9 @@ def json_lines() -> Iterator[io.StringIO]:
 
 
 @pytest.fixture
-async def logged(backend: Backend) -> AsyncIterator[Harness]:
+async def logged(backend: Backend, tmp_path: Path) -> AsyncIterator[Harness]:
     """A server of its own with the access log on."""
-    app, channel = await start_server(backend, access_log=True, log_format="json")
+    app, channel = await start_server(own_database(backend, tmp_path), access_log=True, log_format="json")
     try:
         yield Harness(app, channel, backend.name)
     finally:

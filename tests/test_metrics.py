@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import urllib.request
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,6 +21,7 @@ from service.domain import keys
 from service.domain.models import KeyMode
 from tests.conftest import Backend, start_server
 from tests.harness import Harness, auth, fails
+from tests.own_database import own_database
 
 ORG = "agentpost.environments.v1.OrganizationService"
 ENVIRONMENTS = "agentpost.environments.v1.EnvironmentService"
@@ -29,9 +31,9 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 @pytest.fixture
-async def metered(backend: Backend) -> AsyncIterator[Harness]:
+async def metered(backend: Backend, tmp_path: Path) -> AsyncIterator[Harness]:
     """A server of its own with metrics on, on any free port."""
-    app, channel = await start_server(backend, metrics_address="127.0.0.1:0")
+    app, channel = await start_server(own_database(backend, tmp_path), metrics_address="127.0.0.1:0")
     try:
         yield Harness(app, channel, backend.name)
     finally:
@@ -217,10 +219,14 @@ async def test_metrics_are_off_unless_an_address_is_set(backend: Backend) -> Non
         await app.database.dispose()
 
 
-async def test_a_taken_metrics_port_fails_the_start(metered: Harness, backend: Backend) -> None:
+async def test_a_taken_metrics_port_fails_the_start(
+    metered: Harness, backend: Backend, tmp_path: Path
+) -> None:
     assert metered.app.metrics is not None
-    app = Application(backend.settings(metrics_address=f"127.0.0.1:{metered.app.metrics.port}"))
+    taken = f"127.0.0.1:{metered.app.metrics.port}"
+    app = Application(own_database(backend, tmp_path / "second").settings(metrics_address=taken))
     try:
+        await app.migrate()
         with pytest.raises(BindError, match="metrics"):
             await app.start()
     finally:

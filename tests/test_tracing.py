@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import pytest
@@ -19,6 +20,7 @@ from service.app.server import Application
 from service.transport.tracing import REQUEST_ID_ATTRIBUTE
 from tests.conftest import Backend
 from tests.harness import Harness, auth, fails
+from tests.own_database import own_database
 
 CREATE_ENVIRONMENT = "/agentpost.environments.v1.EnvironmentService/CreateEnvironment"
 
@@ -32,11 +34,11 @@ class Traced:
 
 
 @pytest.fixture
-async def traced(backend: Backend) -> AsyncIterator[Traced]:
+async def traced(backend: Backend, tmp_path: Path) -> AsyncIterator[Traced]:
     spans = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(spans))
-    app = Application(backend.settings(), traces=tracing.Tracing(provider))
+    app = Application(own_database(backend, tmp_path).settings(), traces=tracing.Tracing(provider))
     await app.migrate()
     await app.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.port}")

@@ -331,7 +331,8 @@ class Application:
                 log.exception("health update failed; retrying")
 
     async def _close_storage(self) -> None:
-        """Stops background work and disposes the engine, whatever fails on the way."""
+        """Stops background work, the metrics endpoint and trace export, and disposes the engine,
+        whatever fails on the way."""
         try:
             if self._health_task is not None:
                 self._health_task.cancel()
@@ -341,8 +342,11 @@ class Application:
         except Exception:
             log.exception("stopping background work failed")
         finally:
-            if self.metrics is not None:
-                self.metrics.stop()
-            if self.traces is not None:
-                self.traces.shutdown()
-            await self.database.dispose()
+            try:
+                # Both block (an HTTP server's poll, a last export): off the event loop.
+                if self.metrics is not None:
+                    await asyncio.to_thread(self.metrics.stop)
+                if self.traces is not None:
+                    await asyncio.to_thread(self.traces.shutdown)
+            finally:
+                await self.database.dispose()
