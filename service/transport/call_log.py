@@ -60,19 +60,24 @@ def _logged(method: str, behaviour: Behaviour) -> Behaviour:
             code = grpc.StatusCode.UNKNOWN.name
             raise
         finally:
-            duration_ms = (time.perf_counter() - started) * 1000.0
-            code = code or code_name(context)
-            # Authentication has reset its request id by now; the trailers still carry it.
-            token = call_context.current_request_id.set(echoed_request_id(context) or "-")
-            try:
-                access_log.info(
-                    "%s %s %.2f ms",
-                    method,
-                    code,
-                    duration_ms,
-                    extra={"code": code, "duration_ms": round(duration_ms, 3)},
-                )
-            finally:
-                call_context.current_request_id.reset(token)
+            if access_log.isEnabledFor(logging.INFO):
+                _log_call(method, code or code_name(context), time.perf_counter() - started, context)
 
     return call
+
+
+def _log_call(method: str, code: str, seconds: float, context: grpc.aio.ServicerContext) -> None:
+    """Writes the access line of a finished call."""
+    duration_ms = seconds * 1000.0
+    # Authentication has reset its request id by now; the trailers still carry it.
+    token = call_context.current_request_id.set(echoed_request_id(context) or "-")
+    try:
+        access_log.info(
+            "%s %s %.2f ms",
+            method,
+            code,
+            duration_ms,
+            extra={"code": code, "duration_ms": round(duration_ms, 3)},
+        )
+    finally:
+        call_context.current_request_id.reset(token)

@@ -292,14 +292,15 @@ async def measure(plan: Plan, server: ServerProcess, load: Load) -> Result:
 
 
 async def measure_metrics_cost(
-    plan: Plan, off: ServerProcess, on: ServerProcess, load: Load
+    plan: Plan, off: ServerProcess, on: ServerProcess, load: Load, rounds: int
 ) -> tuple[Result, Result]:
-    """The plan with metrics off and on, in the order off, on, on, off with half the duration
-    each, so that a change in what else runs on the cores weighs on both alike."""
-    half = Load(load.concurrency, load.channels, load.warmup, load.duration / 2)
+    """The plan with metrics off and on, `rounds` times in the order off, on, on, off, each run
+    measured for `load.duration / (2 * rounds)`, so that a change in what else runs on the cores
+    weighs on both alike. Each side is measured for `load.duration` in all."""
+    part = Load(load.concurrency, load.channels, load.warmup, load.duration / (2 * rounds))
     runs: dict[str, list[Result]] = {"off": [], "on": []}
-    for which in ("off", "on", "on", "off"):
-        runs[which].append(await measure(plan, off if which == "off" else on, half))
+    for which in ("off", "on", "on", "off") * rounds:
+        runs[which].append(await measure(plan, off if which == "off" else on, part))
     return Result.combined(runs["off"]), Result.combined(runs["on"])
 
 
@@ -458,7 +459,9 @@ async def run(arguments: argparse.Namespace) -> Report:
                     if metered is None:
                         reads.append(await measure(plan, replica_a, load))
                     else:
-                        off, on = await measure_metrics_cost(plan, replica_a, metered, load)
+                        off, on = await measure_metrics_cost(
+                            plan, replica_a, metered, load, arguments.metrics_rounds
+                        )
                         reads.append(off)
                         metrics_pairs.append((off, on))
                 echo_last = await measure_echo(echo, echo_size, "echo (last)", load)
@@ -520,6 +523,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--revocation-rounds", type=int, default=5, help="revocations to time (default 5)")
     parser.add_argument(
+        "--metrics-rounds",
+        type=int,
+        default=1,
+        help="off-on-on-off rounds per read scenario for the metrics cost (default 1)",
+    )
+    parser.add_argument(
         "--no-metrics",
         dest="metrics",
         action="store_false",
@@ -535,8 +544,16 @@ def _parser() -> argparse.ArgumentParser:
 def main() -> int:
     """Runs the benchmark and prints (and optionally writes) the report."""
     arguments = _parser().parse_args()
-    if arguments.duration <= 0 or arguments.concurrency < 1 or arguments.channels < 1 or arguments.warmup < 0:
-        raise SystemExit("--duration must be > 0, --warmup >= 0, --concurrency and --channels >= 1")
+    if (
+        arguments.duration <= 0
+        or arguments.concurrency < 1
+        or arguments.channels < 1
+        or arguments.warmup < 0
+        or arguments.metrics_rounds < 1
+    ):
+        raise SystemExit(
+            "--duration must be > 0, --warmup >= 0, --concurrency, --channels and --metrics-rounds >= 1"
+        )
     report = asyncio.run(run(arguments))
     print(render(report))
     if arguments.json:
