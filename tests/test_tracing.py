@@ -79,6 +79,7 @@ async def test_a_call_is_a_span_with_its_request_id_and_statements(traced: Trace
     calls = _server_spans(spans)
     assert [call.name for call in calls] == [CREATE_ENVIRONMENT]
     call = calls[0]
+    assert call.parent is None, "no traceparent was sent: the call starts a trace"
     assert call.attributes is not None
     assert call.attributes["rpc.system"] == "grpc"
     assert call.attributes["rpc.service"] == "agentpost.environments.v1.EnvironmentService"
@@ -114,6 +115,23 @@ async def test_a_refused_call_is_a_span_with_its_code_and_made_up_request_id(tra
     assert calls[0].status.status_code == StatusCode.UNSET
     # The id the server made up is the one the caller got back.
     assert attributes[REQUEST_ID_ATTRIBUTE] == failure.trailers["x-request-id"]
+
+
+async def test_a_callers_traceparent_continues_its_trace(traced: Traced) -> None:
+    harness = traced.harness
+    org = await harness.new_org()
+    traced.spans.clear()
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+    await harness.organizations.GetOrganization(
+        organization_pb2.GetOrganizationRequest(),
+        metadata=(*auth(org.owner_secret), ("traceparent", f"00-{trace_id}-{parent_id}-01")),
+    )
+
+    calls = _server_spans(traced.spans.get_finished_spans())
+    assert len(calls) == 1
+    assert calls[0].context.trace_id == int(trace_id, 16)
+    assert calls[0].parent is not None and calls[0].parent.span_id == int(parent_id, 16)
 
 
 async def test_health_checks_are_not_traced(traced: Traced) -> None:
