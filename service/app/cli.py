@@ -280,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in _setting_errors(error):
             print(f"agentpost-environments: {line}", file=sys.stderr)
         return 2
-    logs.configure(settings.log_level)
+    logs.configure(settings.log_level, settings.log_format)
     _prepare_sqlite(settings)
     try:
         if args.command == "serve":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -100,6 +101,13 @@ class Settings(BaseSettings):
         ge=0,
         description="refused credentials one peer address may send per minute before its further "
         "refusals are RESOURCE_EXHAUSTED (per process; 0: no limit)",
+    )
+    metrics_address: str | None = Field(
+        None, description="host:port to serve Prometheus metrics on at /metrics; unset: no metrics"
+    )
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line")
+    access_log: bool = Field(
+        False, description="log one line per finished call: method, status code, duration"
     )
     max_staleness_seconds: float = Field(
         300.0,

@@ -1,31 +1,77 @@
-"""Log lines carry the call's request id (`x-request-id`, or one made up for the call)."""
+"""Log lines carry the call's request id (`x-request-id`, or one made up for the call) and method.
+
+Two formats: `text` (the default, for people) and `json` (one object per line, for log
+pipelines) with the fields `time` (UTC, ISO 8601), `level`, `logger`, `message`, `request_id`
+and `method` (null outside a call), `code` and `duration_ms` (set on access log lines, else
+null), and `exception` when there is one.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any
+from datetime import UTC, datetime
+from typing import IO, Any, Literal
 
 from service.domain.calls import current_request_id
+from service.transport.context import current_method
+
+LogFormat = Literal["text", "json"]
 
 _base_factory = logging.getLogRecordFactory()
 
 
-def _record_with_request_id(*args: Any, **kwargs: Any) -> logging.LogRecord:
+def _record_with_call(*args: Any, **kwargs: Any) -> logging.LogRecord:
     record = _base_factory(*args, **kwargs)
     record.request_id = current_request_id.get()
+    record.call_method = current_method.get()
     return record
 
 
 def install_request_ids() -> None:
-    """Every log record made from now on carries `request_id`, whichever handler writes it."""
-    logging.setLogRecordFactory(_record_with_request_id)
+    """Every log record made from now on carries `request_id` and `method`, whichever handler
+    writes it."""
+    logging.setLogRecordFactory(_record_with_call)
 
 
-def configure(level: str) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record, on one line (newlines in messages are escaped)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as a JSON object."""
+        request_id = getattr(record, "request_id", "-")
+        entry: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": None if request_id == "-" else request_id,
+            "method": getattr(record, "call_method", None),
+            "code": getattr(record, "code", None),
+            "duration_ms": getattr(record, "duration_ms", None),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            entry["exception"] = record.exc_text
+        return json.dumps(entry, default=str)
+
+
+def handler(log_format: LogFormat, stream: IO[str] | None = None) -> logging.Handler:
+    """A handler writing to `stream` (stderr by default) in the given format."""
+    made = logging.StreamHandler(stream)
+    if log_format == "json":
+        made.setFormatter(JsonFormatter())
+    else:
+        made.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
+        )
+    return made
+
+
+def configure(level: str, log_format: LogFormat = "text") -> None:
     """Root logging to stderr, with the request id in each line."""
     install_request_ids()
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [handler(log_format)]
     root.setLevel(level.upper())

@@ -26,8 +26,9 @@ from agentpost.environments.v1 import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.app import logs
+from service.app import logs, tracing
 from service.app.config import Settings
+from service.app.metrics import MetricsEndpoint
 from service.application.access import AccessCache
 from service.application.api_keys import ApiKeys
 from service.application.dependencies import Dependencies
@@ -44,6 +45,7 @@ from service.domain.pagination import Pager, PageTokens
 from service.storage import migrate
 from service.storage.database import Database, build_engine
 from service.storage.server_secrets import page_token_key
+from service.transport.call_log import CallLogInterceptor
 from service.transport.interceptor import AuthInterceptor
 from service.transport.servicers.api_keys import ApiKeyServicer
 from service.transport.servicers.environments import EnvironmentServicer
@@ -187,7 +189,8 @@ class BindError(RuntimeError):
 class Application:
     """One server process: build it, `start()`, then `stop()`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, traces: tracing.Tracing | None = None) -> None:
+        """`traces` defaults to what the OTel environment variables configure (usually nothing)."""
         self.settings = settings
         logs.install_request_ids()
         self.engine = build_engine(
@@ -222,15 +225,32 @@ class Application:
             interval_seconds=settings.event_prune_interval_seconds,
         )
         self.health = _ShutdownHealth()
+        # Observability before authentication, so refused calls are seen too. Tracing outermost:
+        # its span is current in everything after it. Then metrics, whose clock starts before
+        # authentication, then the call's method for log lines (and the access log).
+        self.metrics = (
+            MetricsEndpoint(settings.metrics_address, self.access.stats, self.engine.sync_engine.pool)
+            if settings.metrics_address
+            else None
+        )
+        self.traces = traces or tracing.from_environment()
+        observing: list[grpc.aio.ServerInterceptor] = []
+        if self.traces is not None:
+            self.traces.instrument(self.engine)
+            observing.extend(self.traces.interceptors())
+        if self.metrics is not None:
+            observing.append(self.metrics.calls.interceptor())
+        observing.append(CallLogInterceptor(settings.access_log))
         self.throttle = AuthFailureThrottle(settings.auth_failures_per_minute)
         self.server = grpc.aio.server(
             interceptors=[
+                *observing,
                 AuthInterceptor(
                     self.access,
                     settings.operator_token,
                     VerifierTokens(settings.verifier_token_list),
                     self.throttle,
-                )
+                ),
             ],
             options=server_options(settings.workers),
         )
@@ -245,7 +265,11 @@ class Application:
             MembershipServicer(Members(self.dependencies)), registrar
         )
         api_key_pb2_grpc.add_ApiKeyServiceServicer_to_server(
-            ApiKeyServicer(ApiKeys(self.dependencies)), registrar
+            ApiKeyServicer(
+                ApiKeys(self.dependencies),
+                on_verification=self.metrics.calls.verification if self.metrics is not None else None,
+            ),
+            registrar,
         )
         resource_pb2_grpc.add_ResourceServiceServicer_to_server(
             ResourceServicer(Resources(self.dependencies)), registrar
@@ -313,6 +337,11 @@ class Application:
             raise BindError(f"cannot listen on {self.settings.listen_address}: {error}") from error
         if self.port == 0:
             raise BindError(f"cannot listen on {self.settings.listen_address}")
+        if self.metrics is not None:
+            try:
+                self.metrics.start()
+            except (OSError, ValueError) as error:
+                raise BindError(f"cannot serve metrics on {self.metrics.address}: {error}") from error
         serving = await self._initial_health()
         await self.server.start()
         self.access.start()
@@ -422,7 +451,8 @@ class Application:
                 log.exception("health update failed; retrying")
 
     async def _close_storage(self) -> None:
-        """Stops background work and disposes the engine, whatever fails on the way."""
+        """Stops background work, the metrics endpoint and trace export, and disposes the engine,
+        whatever fails on the way."""
         try:
             if self._health_task is not None:
                 self._health_task.cancel()
@@ -433,4 +463,11 @@ class Application:
         except Exception:
             log.exception("stopping background work failed")
         finally:
-            await self.database.dispose()
+            try:
+                # Both block (an HTTP server's poll, a last export): off the event loop.
+                if self.metrics is not None:
+                    await asyncio.to_thread(self.metrics.stop)
+                if self.traces is not None:
+                    await asyncio.to_thread(self.traces.shutdown)
+            finally:
+                await self.database.dispose()

@@ -64,6 +64,16 @@ class Authentication:
     key: ApiKey | None = None
 
 
+@dataclass(frozen=True)
+class CacheStats:
+    """What the cache holds and how often key lookups found the key there, since start."""
+
+    keys: int
+    organizations: int
+    key_hits: int
+    key_misses: int
+
+
 @dataclass
 class _KeyEntry:
     key: ApiKey
@@ -145,7 +155,13 @@ class AccessCache:
         self._tasks: list[asyncio.Task[None]] = []
         self._catch_ups: set[asyncio.Task[None]] = set()
         self._applied_listeners: list[AppliedListener] = []
+        self._key_hits = 0
+        self._key_misses = 0
         database.on_commit(self._committed)
+
+    def stats(self) -> CacheStats:
+        """Sizes and key hit/miss counts, for metrics."""
+        return CacheStats(len(self._keys), len(self._snapshots), self._key_hits, self._key_misses)
 
     # -- following the log --------------------------------------------------------------------
 
@@ -328,8 +344,10 @@ class AccessCache:
         """The key with that digest and whether it came from the cache."""
         entry = self._keys.get(digest)
         if entry is not None:
+            self._key_hits += 1
             self._keys.move_to_end(digest)
             return entry, True
+        self._key_misses += 1
         return await self._loads.run(("key", digest), lambda: self._load_key_entry(digest)), False
 
     async def _load_key_entry(self, digest: str) -> _KeyEntry | None:

@@ -10,6 +10,8 @@ from service.domain.principal import Principal
 __all__ = ["credential", "current_credential", "current_principal", "current_request_id", "principal"]
 
 current_principal: ContextVar[Principal | None] = ContextVar("current_principal", default=None)
+# The running call's full method name (`/package.Service/Method`), for log lines.
+current_method: ContextVar[str | None] = ContextVar("current_method", default=None)
 
 
 def principal() -> Principal:

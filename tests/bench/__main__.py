@@ -3,8 +3,10 @@
 Starts a bare echo server and this service (SQLite by default, `--postgres URL` for PostgreSQL)
 in subprocesses on 127.0.0.1, sets up an organization over gRPC, and drives every scenario with
 the same load client (tests/bench/load.py). Throughput is reported (tests/bench/report.py) as a
-ratio to the echo, run first and again last; the mean of both is 1.0. Then a second replica on
-the same database measures how long a revoke on one replica takes to be honoured by the other.
+ratio to the echo, run first and again last; the mean of both is 1.0. Each read scenario runs
+interleaved (off, on, on, off) with a replica of the same database that has Prometheus metrics on,
+for the cost of metrics. Then a second replica on the same database measures how long a revoke on one replica
+takes to be honoured by the other.
 
 Run: `python -m tests.bench [--duration S] [--concurrency N] [--postgres URL] [--json PATH]`.
 A scenario whose setup fails (an RPC not implemented yet, say) prints "skipped: <reason>".
@@ -47,7 +49,7 @@ from tests.bench.processes import ServerProcess, echo_answers, health_serving, s
 from tests.bench.report import REVOCATION_POLL_SECONDS, SQLITE_POLL_SECONDS, Report, Revocation, render
 from tests.bench.security import VERIFIER_TOKEN, Flood, measure_flood, start_security_servers
 from tests.harness import auth, corrupt
-from tests.servers import scratch_schema
+from tests.servers import free_port, scratch_schema
 
 SCOPED_KEY_SCOPES = ["environments:read", "inboxes:read", "inboxes:write"]
 REVOCATION_TIMEOUT_SECONDS = 10.0
@@ -316,6 +318,19 @@ async def measure(plan: Plan, server: ServerProcess, load: Load) -> Result:
     return await run_load(scenario, load)
 
 
+async def measure_metrics_cost(
+    plan: Plan, off: ServerProcess, on: ServerProcess, load: Load, rounds: int
+) -> tuple[Result, Result]:
+    """The plan with metrics off and on, `rounds` times in the order off, on, on, off, each run
+    measured for `load.duration / (2 * rounds)`, so that a change in what else runs on the cores
+    weighs on both alike. Each side is measured for `load.duration` in all."""
+    part = Load(load.concurrency, load.channels, load.warmup, load.duration / (2 * rounds))
+    runs: dict[str, list[Result]] = {"off": [], "on": []}
+    for which in ("off", "on", "on", "off") * rounds:
+        runs[which].append(await measure(plan, off if which == "off" else on, part))
+    return Result.combined(runs["off"]), Result.combined(runs["on"])
+
+
 async def measure_echo(echo: ServerProcess, size: int, name: str, load: Load) -> Result:
     """Runs the bare echo."""
     print(f"  running {name} ...", file=sys.stderr, flush=True)
@@ -390,7 +405,7 @@ async def bench_schema(url: str | None) -> AsyncIterator[str | None]:
 
 
 def service_arguments(
-    database_url: str, schema: str | None, operator_token: str, migrate: bool
+    database_url: str, schema: str | None, operator_token: str, migrate: bool, metrics: bool = False
 ) -> Callable[[int], list[str]]:
     """The command line of one replica of this service, given its port."""
 
@@ -400,6 +415,8 @@ def service_arguments(
         command += ["--log-level", "WARNING"]
         if migrate:
             command.append("--migrate")
+        if metrics:
+            command += ["--metrics-address", f"127.0.0.1:{free_port()}"]
         if schema is not None:
             command += ["--database-schema", schema]
         return command
@@ -457,8 +474,26 @@ async def run(arguments: argparse.Namespace) -> Report:
                     *((plan, replica_a) for plan in plans[1:]),
                 ]
 
+                metered: ServerProcess | None = None
+                if arguments.metrics:
+                    metered = await start_server(
+                        "service A with metrics",
+                        service_arguments(database_url, schema, operator_token, False, metrics=True),
+                        health_serving,
+                        directory,
+                    )
+                    servers.append(metered)
+
                 echo_first = await measure_echo(echo, echo_size, "echo (first)", load)
                 reads = [await measure(plan, server, load) for plan, server in measured]
+                metrics_pairs: list[tuple[Result, Result]] = []
+                if metered is not None:
+                    for plan in plans:
+                        metrics_pairs.append(
+                            await measure_metrics_cost(
+                                plan, replica_a, metered, load, arguments.metrics_rounds
+                            )
+                        )
                 echo_last = await measure_echo(echo, echo_size, "echo (last)", load)
                 # Writes last: they add environments, which the list scenario must not see.
                 writes = [
@@ -517,7 +552,17 @@ async def run(arguments: argparse.Namespace) -> Report:
                     server.stop()
     backend = "postgresql" if arguments.postgres else "sqlite"
     return Report(
-        backend, load, echo_first, echo_last, reads, writes, under_writes, channel_results, revocation, floods
+        backend,
+        load,
+        echo_first,
+        echo_last,
+        reads,
+        writes,
+        under_writes,
+        channel_results,
+        revocation,
+        floods,
+        metrics_pairs,
     )
 
 
@@ -541,6 +586,18 @@ def _parser() -> argparse.ArgumentParser:
         "--revocation-rounds", type=int, default=100, help="revocations to time (default 100)"
     )
     parser.add_argument(
+        "--metrics-rounds",
+        type=int,
+        default=1,
+        help="off-on-on-off rounds per read scenario for the metrics cost (default 1)",
+    )
+    parser.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="skip the read scenarios on a replica with Prometheus metrics on",
+    )
+    parser.add_argument(
         "--postgres", metavar="URL", help="run the service on PostgreSQL (postgresql+asyncpg://...)"
     )
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON here")
@@ -550,15 +607,24 @@ def _parser() -> argparse.ArgumentParser:
 def main() -> int:
     """Runs the benchmark and prints (and optionally writes) the report."""
     arguments = _parser().parse_args()
-    if arguments.duration <= 0 or arguments.concurrency < 1 or arguments.channels < 1 or arguments.warmup < 0:
-        raise SystemExit("--duration must be > 0, --warmup >= 0, --concurrency and --channels >= 1")
+    if (
+        arguments.duration <= 0
+        or arguments.concurrency < 1
+        or arguments.channels < 1
+        or arguments.warmup < 0
+        or arguments.metrics_rounds < 1
+    ):
+        raise SystemExit(
+            "--duration must be > 0, --warmup >= 0, --concurrency, --channels and --metrics-rounds >= 1"
+        )
     report = asyncio.run(run(arguments))
     print(render(report))
     if arguments.json:
         arguments.json.write_text(json.dumps(report.as_json(), indent=2) + "\n")
         print(f"\nresults written to {arguments.json}")
     under = [report.under_writes] if report.under_writes is not None else []
-    checked = (report.echo_first, *report.reads, report.echo_last, *report.writes, *under)
+    metered = [on for _, on in report.metrics_pairs]
+    checked = (report.echo_first, *report.reads, report.echo_last, *report.writes, *under, *metered)
     flagged = [r for r in (*checked, *(f.flooded for f in report.floods)) if r.error_count]
     return 1 if flagged or report.revocation.problems else 0
 

@@ -88,6 +88,27 @@ class Result:
         """Failed or unexpected calls in the measured window."""
         return sum(self.errors.values())
 
+    @classmethod
+    def combined(cls, parts: Sequence[Result]) -> Result:
+        """Several runs of one scenario as one: calls, seconds and CPU added up."""
+        first = parts[0]
+        skipped = next((part.skipped for part in parts if part.skipped), None)
+        if skipped:
+            return cls(first.name, skipped=skipped, channels=first.channels)
+        cpu = [part.server_cpu_seconds for part in parts]
+        combined = cls(
+            first.name,
+            calls=sum(part.calls for part in parts),
+            seconds=sum(part.seconds for part in parts),
+            server_cpu_seconds=None if None in cpu else sum(c for c in cpu if c is not None),
+            client_cpu_seconds=sum(part.client_cpu_seconds for part in parts),
+            channels=first.channels,
+        )
+        for part in parts:
+            combined.latencies_ms.extend(part.latencies_ms)
+            combined.errors.update(part.errors)
+        return combined
+
     def as_json(self) -> dict[str, object]:
         """A JSON-ready summary (no raw latencies)."""
         return {

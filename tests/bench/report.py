@@ -111,6 +111,8 @@ class Report:
     channel_results: list[Result]
     revocation: Revocation
     floods: list[Flood] = field(default_factory=list)
+    # Each read scenario with metrics off (replica A) and right after with metrics on.
+    metrics_pairs: list[tuple[Result, Result]] = field(default_factory=list)
 
     @property
     def baseline(self) -> Baseline:
@@ -148,6 +150,48 @@ class Report:
             else [],
             "revocation": self.revocation.as_json(),
             "floods": [flood.as_json() for flood in self.floods],
+            "metrics_on_vs_off": [MetricsCost(off, on).as_json() for off, on in self.metrics_pairs],
+        }
+
+
+@dataclass(frozen=True)
+class MetricsCost:
+    """One read scenario with metrics off and, right after, on."""
+
+    off: Result
+    on: Result
+
+    @property
+    def skipped(self) -> str | None:
+        """Why either run did not happen."""
+        return self.off.skipped or self.on.skipped
+
+    @property
+    def throughput_ratio(self) -> float | None:
+        """Calls/s with metrics on over off: 1.0 is free, lower costs more."""
+        if self.skipped or not self.off.calls_per_second:
+            return None
+        return self.on.calls_per_second / self.off.calls_per_second
+
+    @property
+    def cpu_ratio(self) -> float | None:
+        """Server CPU per call off over on: 1.0 is free, lower costs more."""
+        off, on = self.off.server_cpu_us_per_call, self.on.server_cpu_us_per_call
+        return off / on if off and on and not self.skipped else None
+
+    def as_json(self) -> dict[str, object]:
+        """A JSON-ready summary."""
+        throughput, cpu = self.throughput_ratio, self.cpu_ratio
+        off_us, on_us = self.off.server_cpu_us_per_call, self.on.server_cpu_us_per_call
+        return {
+            "name": self.off.name,
+            "skipped": self.skipped,
+            "off_calls_per_second": round(self.off.calls_per_second, 1),
+            "on_calls_per_second": round(self.on.calls_per_second, 1),
+            "throughput_ratio": None if throughput is None else round(throughput, 3),
+            "off_server_us_per_call": None if off_us is None else round(off_us, 1),
+            "on_server_us_per_call": None if on_us is None else round(on_us, 1),
+            "cpu_ratio": None if cpu is None else round(cpu, 3),
         }
 
 
@@ -237,8 +281,27 @@ def render(report: Report) -> str:
             f"{report.channel_results[0].channels} channels (1.0 = echo on {report.channel_results[0].channels} channels):",
         ]
         lines += [_row(result, multi_echo) for result in report.channel_results]
+    metered = [on for _, on in report.metrics_pairs]
+    if report.metrics_pairs:
+        lines += [
+            "",
+            "metrics on vs off (each read scenario interleaved off, on, on, off with a replica that has"
+            " Prometheus metrics on; target on/off >= 0.95):",
+            f"{'scenario':<37} {'off/s':>8} {'on/s':>8} {'on/off':>6} {'off us':>7} {'on us':>7} {'cpu off/on':>10}",
+        ]
+        for off, on in report.metrics_pairs:
+            cost = MetricsCost(off, on)
+            if cost.skipped:
+                lines.append(f"{off.name:<37} skipped: {cost.skipped}")
+                continue
+            lines.append(
+                f"{off.name:<37} {off.calls_per_second:>8,.0f} {on.calls_per_second:>8,.0f}"
+                f" {_number(cost.throughput_ratio, '.2f'):>6}"
+                f" {_number(off.server_cpu_us_per_call, '.0f'):>7} {_number(on.server_cpu_us_per_call, '.0f'):>7}"
+                f" {_number(cost.cpu_ratio, '.2f'):>10}"
+            )
     extra = [report.under_writes] if report.under_writes is not None else []
-    lines += list(_error_lines([*main_rows, *report.writes, *extra, *report.channel_results]))
+    lines += list(_error_lines([*main_rows, *report.writes, *extra, *report.channel_results, *metered]))
     lines += render_floods(report.floods)
     lines += [
         "",

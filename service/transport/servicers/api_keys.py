@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 
 import grpc
@@ -16,8 +17,10 @@ from service.transport import context, convert, enums
 class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
     """gRPC face of the API key use cases."""
 
-    def __init__(self, api_keys: ApiKeys) -> None:
+    def __init__(self, api_keys: ApiKeys, on_verification: Callable[[str], None] | None = None) -> None:
         self._keys = api_keys
+        # Told each VerifyApiKey outcome ("VALID" or the denial reason), for metrics.
+        self._on_verification = on_verification
 
     def _wire(self, key: ApiKey, now: datetime | None = None) -> api_key_pb2.ApiKey:
         return convert.api_key(key, now=now or utcnow(), last_used_time=self._keys.last_used(key))
@@ -107,6 +110,8 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
         verification = await self._keys.verify(
             request.secret, request.environment, list(request.required_scopes), request.min_revision
         )
+        if self._on_verification is not None:
+            self._on_verification(verification.denial.value if verification.denial is not None else "VALID")
         return _verification(verification)
 
 

@@ -22,50 +22,65 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'agentpost/environments/v1/api_key.proto\x12\x19\x61gentpost.environments.v1\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf8\x04\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x17\n\x0f\x65nvironment_ids\x18\x05 \x03(\t\x12\x17\n\x0fowner_member_id\x18\x06 \x01(\t\x12\x34\n\x04mode\x18\x07 \x01(\x0e\x32&.agentpost.environments.v1.ApiKey.Mode\x12\x0e\n\x06prefix\x18\x08 \x01(\t\x12\x36\n\x05state\x18\t \x01(\x0e\x32\'.agentpost.environments.v1.ApiKey.State\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0f \x01(\t\"/\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04LIVE\x10\x01\x12\x07\n\x03\x44\x45V\x10\x02\"D\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0b\n\x07\x45XPIRED\x10\x02\x12\x0b\n\x07REVOKED\x10\x03\"\xe0\x01\n\x13\x43reateApiKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x17\n\x0f\x65nvironment_ids\x18\x03 \x03(\t\x12\x17\n\x0fowner_member_id\x18\x04 \x01(\t\x12\x34\n\x04mode\x18\x05 \x01(\x0e\x32&.agentpost.environments.v1.ApiKey.Mode\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"Z\n\x14\x43reateApiKeyResponse\x12\x32\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32!.agentpost.environments.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x1e\n\x10GetApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"i\n\x12ListApiKeysRequest\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x14\n\x0cshow_revoked\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"c\n\x13ListApiKeysResponse\x12\x33\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32!.agentpost.environments.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"z\n\x13UpdateApiKeyRequest\x12\x32\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32!.agentpost.environments.v1.ApiKey\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"/\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"T\n\x11RollApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x33\n\x10previous_key_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x95\x01\n\x12RollApiKeyResponse\x12\x32\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32!.agentpost.environments.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12;\n\x10previous_api_key\x18\x03 \x01(\x0b\x32!.agentpost.environments.v1.ApiKey\"i\n\x13VerifyApiKeyRequest\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x17\n\x0frequired_scopes\x18\x03 \x03(\t\x12\x14\n\x0cmin_revision\x18\x04 \x01(\x03\"\xac\x03\n\x14VerifyApiKeyResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12S\n\rdenial_reason\x18\x02 \x01(\x0e\x32<.agentpost.environments.v1.VerifyApiKeyResponse.DenialReason\x12\x37\n\tprincipal\x18\x03 \x01(\x0b\x32$.agentpost.environments.v1.Principal\"\xf6\x01\n\x0c\x44\x65nialReason\x12\x1d\n\x19\x44\x45NIAL_REASON_UNSPECIFIED\x10\x00\x12\r\n\tMALFORMED\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x0b\n\x07REVOKED\x10\x03\x12\x0b\n\x07\x45XPIRED\x10\x04\x12\x11\n\rOWNER_REMOVED\x10\x05\x12\x19\n\x15\x45NVIRONMENT_NOT_FOUND\x10\x06\x12\x17\n\x13\x45NVIRONMENT_DELETED\x10\x07\x12\x1b\n\x17\x45NVIRONMENT_NOT_ALLOWED\x10\x08\x12\x18\n\x14\x45NVIRONMENT_REQUIRED\x10\t\x12\x11\n\rSCOPE_MISSING\x10\n\"\xcf\x01\n\tPrincipal\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\napi_key_id\x18\x02 \x01(\t\x12\x17\n\x0fowner_member_id\x18\x03 \x01(\t\x12\x19\n\x11organization_wide\x18\x04 \x01(\x08\x12\x16\n\x0e\x65nvironment_id\x18\x05 \x01(\t\x12\x18\n\x10\x65nvironment_slug\x18\x06 \x01(\t\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x1f\n\x17\x61llowed_environment_ids\x18\x08 \x03(\t2\xed\x05\n\rApiKeyService\x12o\n\x0c\x43reateApiKey\x12..agentpost.environments.v1.CreateApiKeyRequest\x1a/.agentpost.environments.v1.CreateApiKeyResponse\x12[\n\tGetApiKey\x12+.agentpost.environments.v1.GetApiKeyRequest\x1a!.agentpost.environments.v1.ApiKey\x12l\n\x0bListApiKeys\x12-.agentpost.environments.v1.ListApiKeysRequest\x1a..agentpost.environments.v1.ListApiKeysResponse\x12\x61\n\x0cUpdateApiKey\x12..agentpost.environments.v1.UpdateApiKeyRequest\x1a!.agentpost.environments.v1.ApiKey\x12\x61\n\x0cRevokeApiKey\x12..agentpost.environments.v1.RevokeApiKeyRequest\x1a!.agentpost.environments.v1.ApiKey\x12i\n\nRollApiKey\x12,.agentpost.environments.v1.RollApiKeyRequest\x1a-.agentpost.environments.v1.RollApiKeyResponse\x12o\n\x0cVerifyApiKey\x12..agentpost.environments.v1.VerifyApiKeyRequest\x1a/.agentpost.environments.v1.VerifyApiKeyResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\'agentpost/environments/v1/api_key.proto\x12\x19\x61gentpost.environments.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1egoogle/protobuf/duration.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf8\x04\n\x06\x41piKey\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0e\n\x06scopes\x18\x04 \x03(\t\x12\x17\n\x0f\x65nvironment_ids\x18\x05 \x03(\t\x12\x17\n\x0fowner_member_id\x18\x06 \x01(\t\x12\x34\n\x04mode\x18\x07 \x01(\x0e\x32&.agentpost.environments.v1.ApiKey.Mode\x12\x0e\n\x06prefix\x18\x08 \x01(\t\x12\x36\n\x05state\x18\t \x01(\x0e\x32\'.agentpost.environments.v1.ApiKey.State\x12/\n\x0b\x63reate_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x65xpire_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_used_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0f \x01(\t\"/\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04LIVE\x10\x01\x12\x07\n\x03\x44\x45V\x10\x02\"D\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0b\n\x07\x45XPIRED\x10\x02\x12\x0b\n\x07REVOKED\x10\x03\"\xe0\x01\n\x13\x43reateApiKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x17\n\x0f\x65nvironment_ids\x18\x03 \x03(\t\x12\x17\n\x0fowner_member_id\x18\x04 \x01(\t\x12\x34\n\x04mode\x18\x05 \x01(\x0e\x32&.agentpost.environments.v1.ApiKey.Mode\x12/\n\x0b\x65xpire_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"Z\n\x14\x43reateApiKeyResponse\x12\x32\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32!.agentpost.environments.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x1e\n\x10GetApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\"i\n\x12ListApiKeysRequest\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x14\n\x0cshow_revoked\x18\x02 \x01(\x08\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"c\n\x13ListApiKeysResponse\x12\x33\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32!.agentpost.environments.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"z\n\x13UpdateApiKeyRequest\x12\x32\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32!.agentpost.environments.v1.ApiKey\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"/\n\x13RevokeApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"T\n\x11RollApiKeyRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x33\n\x10previous_key_ttl\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x95\x01\n\x12RollApiKeyResponse\x12\x32\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32!.agentpost.environments.v1.ApiKey\x12\x0e\n\x06secret\x18\x02 \x01(\t\x12;\n\x10previous_api_key\x18\x03 \x01(\x0b\x32!.agentpost.environments.v1.ApiKey\"i\n\x13VerifyApiKeyRequest\x12\x0e\n\x06secret\x18\x01 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x02 \x01(\t\x12\x17\n\x0frequired_scopes\x18\x03 \x03(\t\x12\x14\n\x0cmin_revision\x18\x04 \x01(\x03\"\xac\x03\n\x14VerifyApiKeyResponse\x12\r\n\x05valid\x18\x01 \x01(\x08\x12S\n\rdenial_reason\x18\x02 \x01(\x0e\x32<.agentpost.environments.v1.VerifyApiKeyResponse.DenialReason\x12\x37\n\tprincipal\x18\x03 \x01(\x0b\x32$.agentpost.environments.v1.Principal\"\xf6\x01\n\x0c\x44\x65nialReason\x12\x1d\n\x19\x44\x45NIAL_REASON_UNSPECIFIED\x10\x00\x12\r\n\tMALFORMED\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x0b\n\x07REVOKED\x10\x03\x12\x0b\n\x07\x45XPIRED\x10\x04\x12\x11\n\rOWNER_REMOVED\x10\x05\x12\x19\n\x15\x45NVIRONMENT_NOT_FOUND\x10\x06\x12\x17\n\x13\x45NVIRONMENT_DELETED\x10\x07\x12\x1b\n\x17\x45NVIRONMENT_NOT_ALLOWED\x10\x08\x12\x18\n\x14\x45NVIRONMENT_REQUIRED\x10\t\x12\x11\n\rSCOPE_MISSING\x10\n\"\xcf\x01\n\tPrincipal\x12\x17\n\x0forganization_id\x18\x01 \x01(\t\x12\x12\n\napi_key_id\x18\x02 \x01(\t\x12\x17\n\x0fowner_member_id\x18\x03 \x01(\t\x12\x19\n\x11organization_wide\x18\x04 \x01(\x08\x12\x16\n\x0e\x65nvironment_id\x18\x05 \x01(\t\x12\x18\n\x10\x65nvironment_slug\x18\x06 \x01(\t\x12\x0e\n\x06scopes\x18\x07 \x03(\t\x12\x1f\n\x17\x61llowed_environment_ids\x18\x08 \x03(\t2\xed\x07\n\rApiKeyService\x12\x8c\x01\n\x0c\x43reateApiKey\x12..agentpost.environments.v1.CreateApiKeyRequest\x1a/.agentpost.environments.v1.CreateApiKeyResponse\"\x1b\x82\xd3\xe4\x93\x02\x15\"\x10/api/v1/api-keys:\x01*\x12z\n\tGetApiKey\x12+.agentpost.environments.v1.GetApiKeyRequest\x1a!.agentpost.environments.v1.ApiKey\"\x1d\x82\xd3\xe4\x93\x02\x17\x12\x15/api/v1/api-keys/{id}\x12\x86\x01\n\x0bListApiKeys\x12-.agentpost.environments.v1.ListApiKeysRequest\x1a..agentpost.environments.v1.ListApiKeysResponse\"\x18\x82\xd3\xe4\x93\x02\x12\x12\x10/api/v1/api-keys\x12\x91\x01\n\x0cUpdateApiKey\x12..agentpost.environments.v1.UpdateApiKeyRequest\x1a!.agentpost.environments.v1.ApiKey\".\x82\xd3\xe4\x93\x02(2\x1d/api/v1/api-keys/{api_key.id}:\x07\x61pi_key\x12\x8a\x01\n\x0cRevokeApiKey\x12..agentpost.environments.v1.RevokeApiKeyRequest\x1a!.agentpost.environments.v1.ApiKey\"\'\x82\xd3\xe4\x93\x02!\"\x1c/api/v1/api-keys/{id}:revoke:\x01*\x12\x90\x01\n\nRollApiKey\x12,.agentpost.environments.v1.RollApiKeyRequest\x1a-.agentpost.environments.v1.RollApiKeyResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/api/v1/api-keys/{id}:roll:\x01*\x12\x93\x01\n\x0cVerifyApiKey\x12..agentpost.environments.v1.VerifyApiKeyRequest\x1a/.agentpost.environments.v1.VerifyApiKeyResponse\"\"\x82\xd3\xe4\x93\x02\x1c\"\x17/api/v1/api-keys:verify:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentpost.environments.v1.api_key_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_APIKEY']._serialized_start=170
-  _globals['_APIKEY']._serialized_end=802
-  _globals['_APIKEY_MODE']._serialized_start=685
-  _globals['_APIKEY_MODE']._serialized_end=732
-  _globals['_APIKEY_STATE']._serialized_start=734
-  _globals['_APIKEY_STATE']._serialized_end=802
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=805
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1029
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1031
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1121
-  _globals['_GETAPIKEYREQUEST']._serialized_start=1123
-  _globals['_GETAPIKEYREQUEST']._serialized_end=1153
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1155
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1260
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1262
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1361
-  _globals['_UPDATEAPIKEYREQUEST']._serialized_start=1363
-  _globals['_UPDATEAPIKEYREQUEST']._serialized_end=1485
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1487
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1534
-  _globals['_ROLLAPIKEYREQUEST']._serialized_start=1536
-  _globals['_ROLLAPIKEYREQUEST']._serialized_end=1620
-  _globals['_ROLLAPIKEYRESPONSE']._serialized_start=1623
-  _globals['_ROLLAPIKEYRESPONSE']._serialized_end=1772
-  _globals['_VERIFYAPIKEYREQUEST']._serialized_start=1774
-  _globals['_VERIFYAPIKEYREQUEST']._serialized_end=1879
-  _globals['_VERIFYAPIKEYRESPONSE']._serialized_start=1882
-  _globals['_VERIFYAPIKEYRESPONSE']._serialized_end=2310
-  _globals['_VERIFYAPIKEYRESPONSE_DENIALREASON']._serialized_start=2064
-  _globals['_VERIFYAPIKEYRESPONSE_DENIALREASON']._serialized_end=2310
-  _globals['_PRINCIPAL']._serialized_start=2313
-  _globals['_PRINCIPAL']._serialized_end=2520
-  _globals['_APIKEYSERVICE']._serialized_start=2523
-  _globals['_APIKEYSERVICE']._serialized_end=3272
+  _globals['_APIKEYSERVICE'].methods_by_name['CreateApiKey']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['CreateApiKey']._serialized_options = b'\202\323\344\223\002\025\"\020/api/v1/api-keys:\001*'
+  _globals['_APIKEYSERVICE'].methods_by_name['GetApiKey']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['GetApiKey']._serialized_options = b'\202\323\344\223\002\027\022\025/api/v1/api-keys/{id}'
+  _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['ListApiKeys']._serialized_options = b'\202\323\344\223\002\022\022\020/api/v1/api-keys'
+  _globals['_APIKEYSERVICE'].methods_by_name['UpdateApiKey']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['UpdateApiKey']._serialized_options = b'\202\323\344\223\002(2\035/api/v1/api-keys/{api_key.id}:\007api_key'
+  _globals['_APIKEYSERVICE'].methods_by_name['RevokeApiKey']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['RevokeApiKey']._serialized_options = b'\202\323\344\223\002!\"\034/api/v1/api-keys/{id}:revoke:\001*'
+  _globals['_APIKEYSERVICE'].methods_by_name['RollApiKey']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['RollApiKey']._serialized_options = b'\202\323\344\223\002\037\"\032/api/v1/api-keys/{id}:roll:\001*'
+  _globals['_APIKEYSERVICE'].methods_by_name['VerifyApiKey']._loaded_options = None
+  _globals['_APIKEYSERVICE'].methods_by_name['VerifyApiKey']._serialized_options = b'\202\323\344\223\002\034\"\027/api/v1/api-keys:verify:\001*'
+  _globals['_APIKEY']._serialized_start=200
+  _globals['_APIKEY']._serialized_end=832
+  _globals['_APIKEY_MODE']._serialized_start=715
+  _globals['_APIKEY_MODE']._serialized_end=762
+  _globals['_APIKEY_STATE']._serialized_start=764
+  _globals['_APIKEY_STATE']._serialized_end=832
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=835
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1059
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1061
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1151
+  _globals['_GETAPIKEYREQUEST']._serialized_start=1153
+  _globals['_GETAPIKEYREQUEST']._serialized_end=1183
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1185
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1290
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1292
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1391
+  _globals['_UPDATEAPIKEYREQUEST']._serialized_start=1393
+  _globals['_UPDATEAPIKEYREQUEST']._serialized_end=1515
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1517
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1564
+  _globals['_ROLLAPIKEYREQUEST']._serialized_start=1566
+  _globals['_ROLLAPIKEYREQUEST']._serialized_end=1650
+  _globals['_ROLLAPIKEYRESPONSE']._serialized_start=1653
+  _globals['_ROLLAPIKEYRESPONSE']._serialized_end=1802
+  _globals['_VERIFYAPIKEYREQUEST']._serialized_start=1804
+  _globals['_VERIFYAPIKEYREQUEST']._serialized_end=1909
+  _globals['_VERIFYAPIKEYRESPONSE']._serialized_start=1912
+  _globals['_VERIFYAPIKEYRESPONSE']._serialized_end=2340
+  _globals['_VERIFYAPIKEYRESPONSE_DENIALREASON']._serialized_start=2094
+  _globals['_VERIFYAPIKEYRESPONSE_DENIALREASON']._serialized_end=2340
+  _globals['_PRINCIPAL']._serialized_start=2343
+  _globals['_PRINCIPAL']._serialized_end=2550
+  _globals['_APIKEYSERVICE']._serialized_start=2553
+  _globals['_APIKEYSERVICE']._serialized_end=3558
 # @@protoc_insertion_point(module_scope)

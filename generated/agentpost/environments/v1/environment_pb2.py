@@ -22,35 +22,48 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+agentpost/environments/v1/environment.proto\x12\x19\x61gentpost.environments.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x03\n\x0b\x45nvironment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04slug\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x12\n\nis_default\x18\x06 \x01(\x08\x12;\n\x05state\x18\x07 \x01(\x0e\x32,.agentpost.environments.v1.Environment.State\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65lete_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0b \x01(\t\"7\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0b\n\x07\x44\x45LETED\x10\x02\"_\n\x18\x43reateEnvironmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04slug\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"A\n\x15GetEnvironmentRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04slug\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"V\n\x17ListEnvironmentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\"q\n\x18ListEnvironmentsResponse\x12<\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32&.agentpost.environments.v1.Environment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x88\x01\n\x18UpdateEnvironmentRequest\x12;\n\x0b\x65nvironment\x18\x01 \x01(\x0b\x32&.agentpost.environments.v1.Environment\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"4\n\x18\x44\x65leteEnvironmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"6\n\x1aUndeleteEnvironmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t2\xc9\x05\n\x12\x45nvironmentService\x12p\n\x11\x43reateEnvironment\x12\x33.agentpost.environments.v1.CreateEnvironmentRequest\x1a&.agentpost.environments.v1.Environment\x12j\n\x0eGetEnvironment\x12\x30.agentpost.environments.v1.GetEnvironmentRequest\x1a&.agentpost.environments.v1.Environment\x12{\n\x10ListEnvironments\x12\x32.agentpost.environments.v1.ListEnvironmentsRequest\x1a\x33.agentpost.environments.v1.ListEnvironmentsResponse\x12p\n\x11UpdateEnvironment\x12\x33.agentpost.environments.v1.UpdateEnvironmentRequest\x1a&.agentpost.environments.v1.Environment\x12p\n\x11\x44\x65leteEnvironment\x12\x33.agentpost.environments.v1.DeleteEnvironmentRequest\x1a&.agentpost.environments.v1.Environment\x12t\n\x13UndeleteEnvironment\x12\x35.agentpost.environments.v1.UndeleteEnvironmentRequest\x1a&.agentpost.environments.v1.Environmentb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+agentpost/environments/v1/environment.proto\x12\x19\x61gentpost.environments.v1\x1a\x1cgoogle/api/annotations.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8e\x03\n\x0b\x45nvironment\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04slug\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x05 \x01(\t\x12\x12\n\nis_default\x18\x06 \x01(\x08\x12;\n\x05state\x18\x07 \x01(\x0e\x32,.agentpost.environments.v1.Environment.State\x12/\n\x0b\x63reate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x64\x65lete_time\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x0b \x01(\t\"7\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\n\n\x06\x41\x43TIVE\x10\x01\x12\x0b\n\x07\x44\x45LETED\x10\x02\"_\n\x18\x43reateEnvironmentRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04slug\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"A\n\x15GetEnvironmentRequest\x12\x0c\n\x02id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04slug\x18\x02 \x01(\tH\x00\x42\n\n\x08selector\"V\n\x17ListEnvironmentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x14\n\x0cshow_deleted\x18\x03 \x01(\x08\"q\n\x18ListEnvironmentsResponse\x12<\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32&.agentpost.environments.v1.Environment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x88\x01\n\x18UpdateEnvironmentRequest\x12;\n\x0b\x65nvironment\x18\x01 \x01(\x0b\x32&.agentpost.environments.v1.Environment\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"4\n\x18\x44\x65leteEnvironmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"6\n\x1aUndeleteEnvironmentRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t2\xde\x07\n\x12\x45nvironmentService\x12\x91\x01\n\x11\x43reateEnvironment\x12\x33.agentpost.environments.v1.CreateEnvironmentRequest\x1a&.agentpost.environments.v1.Environment\"\x1f\x82\xd3\xe4\x93\x02\x19\"\x14/api/v1/environments:\x01*\x12\xac\x01\n\x0eGetEnvironment\x12\x30.agentpost.environments.v1.GetEnvironmentRequest\x1a&.agentpost.environments.v1.Environment\"@\x82\xd3\xe4\x93\x02:\x12\x19/api/v1/environments/{id}Z\x1d\x12\x1b/api/v1/environments:lookup\x12\x99\x01\n\x10ListEnvironments\x12\x32.agentpost.environments.v1.ListEnvironmentsRequest\x1a\x33.agentpost.environments.v1.ListEnvironmentsResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/api/v1/environments\x12\xac\x01\n\x11UpdateEnvironment\x12\x33.agentpost.environments.v1.UpdateEnvironmentRequest\x1a&.agentpost.environments.v1.Environment\":\x82\xd3\xe4\x93\x02\x34\x32%/api/v1/environments/{environment.id}:\x0b\x65nvironment\x12\x93\x01\n\x11\x44\x65leteEnvironment\x12\x33.agentpost.environments.v1.DeleteEnvironmentRequest\x1a&.agentpost.environments.v1.Environment\"!\x82\xd3\xe4\x93\x02\x1b*\x19/api/v1/environments/{id}\x12\xa3\x01\n\x13UndeleteEnvironment\x12\x35.agentpost.environments.v1.UndeleteEnvironmentRequest\x1a&.agentpost.environments.v1.Environment\"-\x82\xd3\xe4\x93\x02\'\"\"/api/v1/environments/{id}:undelete:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentpost.environments.v1.environment_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENVIRONMENT']._serialized_start=142
-  _globals['_ENVIRONMENT']._serialized_end=540
-  _globals['_ENVIRONMENT_STATE']._serialized_start=485
-  _globals['_ENVIRONMENT_STATE']._serialized_end=540
-  _globals['_CREATEENVIRONMENTREQUEST']._serialized_start=542
-  _globals['_CREATEENVIRONMENTREQUEST']._serialized_end=637
-  _globals['_GETENVIRONMENTREQUEST']._serialized_start=639
-  _globals['_GETENVIRONMENTREQUEST']._serialized_end=704
-  _globals['_LISTENVIRONMENTSREQUEST']._serialized_start=706
-  _globals['_LISTENVIRONMENTSREQUEST']._serialized_end=792
-  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_start=794
-  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_end=907
-  _globals['_UPDATEENVIRONMENTREQUEST']._serialized_start=910
-  _globals['_UPDATEENVIRONMENTREQUEST']._serialized_end=1046
-  _globals['_DELETEENVIRONMENTREQUEST']._serialized_start=1048
-  _globals['_DELETEENVIRONMENTREQUEST']._serialized_end=1100
-  _globals['_UNDELETEENVIRONMENTREQUEST']._serialized_start=1102
-  _globals['_UNDELETEENVIRONMENTREQUEST']._serialized_end=1156
-  _globals['_ENVIRONMENTSERVICE']._serialized_start=1159
-  _globals['_ENVIRONMENTSERVICE']._serialized_end=1872
+  _globals['_ENVIRONMENTSERVICE'].methods_by_name['CreateEnvironment']._loaded_options = None
+  _globals['_ENVIRONMENTSERVICE'].methods_by_name['CreateEnvironment']._serialized_options = b'\202\323\344\223\002\031\"\024/api/v1/environments:\001*'
+  _globals['_ENVIRONMENTSERVICE'].methods_by_name['GetEnvironment']._loaded_options = None
+  _globals['_ENVIRONMENTSERVICE'].methods_by_name['GetEnvironment']._serialized_options = b'\202\323\344\223\002:\022\031/api/v1/environments/{id}Z\035\022\033/api/v1/environments:lookup'
+  _globals['_ENVIRONMENTSERVICE'].methods_by_name['ListEnvironments']._loaded_options = None
+  _globals['_ENVIRONMENTSERVICE'].methods_by_name['ListEnvironments']._serialized_options = b'\202\323\344\223\002\026\022\024/api/v1/environments'
+  _globals['_ENVIRONMENTSERVICE'].methods_by_name['UpdateEnvironment']._loaded_options = None
+  _globals['_ENVIRONMENTSERVICE'].methods_by_name['UpdateEnvironment']._serialized_options = b'\202\323\344\223\00242%/api/v1/environments/{environment.id}:\013environment'
+  _globals['_ENVIRONMENTSERVICE'].methods_by_name['DeleteEnvironment']._loaded_options = None
+  _globals['_ENVIRONMENTSERVICE'].methods_by_name['DeleteEnvironment']._serialized_options = b'\202\323\344\223\002\033*\031/api/v1/environments/{id}'
+  _globals['_ENVIRONMENTSERVICE'].methods_by_name['UndeleteEnvironment']._loaded_options = None
+  _globals['_ENVIRONMENTSERVICE'].methods_by_name['UndeleteEnvironment']._serialized_options = b'\202\323\344\223\002\'\"\"/api/v1/environments/{id}:undelete:\001*'
+  _globals['_ENVIRONMENT']._serialized_start=172
+  _globals['_ENVIRONMENT']._serialized_end=570
+  _globals['_ENVIRONMENT_STATE']._serialized_start=515
+  _globals['_ENVIRONMENT_STATE']._serialized_end=570
+  _globals['_CREATEENVIRONMENTREQUEST']._serialized_start=572
+  _globals['_CREATEENVIRONMENTREQUEST']._serialized_end=667
+  _globals['_GETENVIRONMENTREQUEST']._serialized_start=669
+  _globals['_GETENVIRONMENTREQUEST']._serialized_end=734
+  _globals['_LISTENVIRONMENTSREQUEST']._serialized_start=736
+  _globals['_LISTENVIRONMENTSREQUEST']._serialized_end=822
+  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_start=824
+  _globals['_LISTENVIRONMENTSRESPONSE']._serialized_end=937
+  _globals['_UPDATEENVIRONMENTREQUEST']._serialized_start=940
+  _globals['_UPDATEENVIRONMENTREQUEST']._serialized_end=1076
+  _globals['_DELETEENVIRONMENTREQUEST']._serialized_start=1078
+  _globals['_DELETEENVIRONMENTREQUEST']._serialized_end=1130
+  _globals['_UNDELETEENVIRONMENTREQUEST']._serialized_start=1132
+  _globals['_UNDELETEENVIRONMENTREQUEST']._serialized_end=1186
+  _globals['_ENVIRONMENTSERVICE']._serialized_start=1189
+  _globals['_ENVIRONMENTSERVICE']._serialized_end=2179
 # @@protoc_insertion_point(module_scope)

@@ -88,7 +88,8 @@ class EnvironmentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetEnvironment(self, request, context):
-        """Returns one environment by id or by slug. Needs `environments:read`.
+        """Returns one environment by id or by slug. Needs `environments:read`. Over REST, by slug:
+        `GET /api/v1/environments:lookup?slug=staging`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

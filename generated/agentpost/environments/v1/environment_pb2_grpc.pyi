@@ -43,7 +43,9 @@ class EnvironmentServiceStub:
     `environments:write` (and, when member-owned, an OWNER or ADMIN owner).
     """
     GetEnvironment: _grpc.UnaryUnaryMultiCallable[_environment_pb2.GetEnvironmentRequest, _environment_pb2.Environment]
-    """Returns one environment by id or by slug. Needs `environments:read`."""
+    """Returns one environment by id or by slug. Needs `environments:read`. Over REST, by slug:
+    `GET /api/v1/environments:lookup?slug=staging`.
+    """
     ListEnvironments: _grpc.UnaryUnaryMultiCallable[_environment_pb2.ListEnvironmentsRequest, _environment_pb2.ListEnvironmentsResponse]
     """Lists the environments within the caller's reach, ordered by id. Needs `environments:read`."""
     UpdateEnvironment: _grpc.UnaryUnaryMultiCallable[_environment_pb2.UpdateEnvironmentRequest, _environment_pb2.Environment]
@@ -78,7 +80,9 @@ class EnvironmentServiceAsyncStub(EnvironmentServiceStub):
     `environments:write` (and, when member-owned, an OWNER or ADMIN owner).
     """
     GetEnvironment: _aio.UnaryUnaryMultiCallable[_environment_pb2.GetEnvironmentRequest, _environment_pb2.Environment]  # type: ignore[assignment]
-    """Returns one environment by id or by slug. Needs `environments:read`."""
+    """Returns one environment by id or by slug. Needs `environments:read`. Over REST, by slug:
+    `GET /api/v1/environments:lookup?slug=staging`.
+    """
     ListEnvironments: _aio.UnaryUnaryMultiCallable[_environment_pb2.ListEnvironmentsRequest, _environment_pb2.ListEnvironmentsResponse]  # type: ignore[assignment]
     """Lists the environments within the caller's reach, ordered by id. Needs `environments:read`."""
     UpdateEnvironment: _aio.UnaryUnaryMultiCallable[_environment_pb2.UpdateEnvironmentRequest, _environment_pb2.Environment]  # type: ignore[assignment]
@@ -122,7 +126,9 @@ class EnvironmentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _environment_pb2.GetEnvironmentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_environment_pb2.Environment, _abc.Awaitable[_environment_pb2.Environment]]:
-        """Returns one environment by id or by slug. Needs `environments:read`."""
+        """Returns one environment by id or by slug. Needs `environments:read`. Over REST, by slug:
+        `GET /api/v1/environments:lookup?slug=staging`.
+        """
 
     @_abc_1.abstractmethod
     def ListEnvironments(

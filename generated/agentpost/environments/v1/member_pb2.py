@@ -23,52 +23,73 @@ _sym_db = _symbol_database.Default()
 
 
 from agentpost.environments.v1 import environment_pb2 as agentpost_dot_environments_dot_v1_dot_environment__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&agentpost/environments/v1/member.proto\x12\x19\x61gentpost.environments.v1\x1a+agentpost/environments/v1/environment.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x02\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x34\n\x04role\x18\x05 \x01(\x0e\x32&.agentpost.environments.v1.Member.Role\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x08 \x01(\t\">\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05OWNER\x10\x01\x12\t\n\x05\x41\x44MIN\x10\x02\x12\n\n\x06MEMBER\x10\x03\"\x96\x02\n\x11\x45nvironmentMember\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12?\n\x04role\x18\x03 \x01(\x0e\x32\x31.agentpost.environments.v1.EnvironmentMember.Role\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44MIN\x10\x01\x12\n\n\x06MEMBER\x10\x02\"\x84\x01\n\x13\x43reateMemberRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x34\n\x04role\x18\x03 \x01(\x0e\x32&.agentpost.environments.v1.Member.Role\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x1e\n\x10GetMemberRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x12ListMembersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x13ListMembersResponse\x12\x32\n\x07members\x18\x01 \x03(\x0b\x32!.agentpost.environments.v1.Member\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"y\n\x13UpdateMemberRequest\x12\x31\n\x06member\x18\x01 \x01(\x0b\x32!.agentpost.environments.v1.Member\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"/\n\x13\x44\x65leteMemberRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x89\x01\n\x1b\x41\x64\x64\x45nvironmentMemberRequest\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12?\n\x04role\x18\x03 \x01(\x0e\x32\x31.agentpost.environments.v1.EnvironmentMember.Role\"^\n\x1dListEnvironmentMembersRequest\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x84\x01\n\x1eListEnvironmentMembersResponse\x12I\n\x13\x65nvironment_members\x18\x01 \x03(\x0b\x32,.agentpost.environments.v1.EnvironmentMember\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9b\x01\n\x1eUpdateEnvironmentMemberRequest\x12H\n\x12\x65nvironment_member\x18\x01 \x01(\x0b\x32,.agentpost.environments.v1.EnvironmentMember\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"K\n\x1eRemoveEnvironmentMemberRequest\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\"Y\n\x1dListMemberEnvironmentsRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"w\n\x1eListMemberEnvironmentsResponse\x12<\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32&.agentpost.environments.v1.Environment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x8d\t\n\x11MembershipService\x12\x61\n\x0c\x43reateMember\x12..agentpost.environments.v1.CreateMemberRequest\x1a!.agentpost.environments.v1.Member\x12[\n\tGetMember\x12+.agentpost.environments.v1.GetMemberRequest\x1a!.agentpost.environments.v1.Member\x12l\n\x0bListMembers\x12-.agentpost.environments.v1.ListMembersRequest\x1a..agentpost.environments.v1.ListMembersResponse\x12\x61\n\x0cUpdateMember\x12..agentpost.environments.v1.UpdateMemberRequest\x1a!.agentpost.environments.v1.Member\x12V\n\x0c\x44\x65leteMember\x12..agentpost.environments.v1.DeleteMemberRequest\x1a\x16.google.protobuf.Empty\x12|\n\x14\x41\x64\x64\x45nvironmentMember\x12\x36.agentpost.environments.v1.AddEnvironmentMemberRequest\x1a,.agentpost.environments.v1.EnvironmentMember\x12\x8d\x01\n\x16ListEnvironmentMembers\x12\x38.agentpost.environments.v1.ListEnvironmentMembersRequest\x1a\x39.agentpost.environments.v1.ListEnvironmentMembersResponse\x12\x82\x01\n\x17UpdateEnvironmentMember\x12\x39.agentpost.environments.v1.UpdateEnvironmentMemberRequest\x1a,.agentpost.environments.v1.EnvironmentMember\x12l\n\x17RemoveEnvironmentMember\x12\x39.agentpost.environments.v1.RemoveEnvironmentMemberRequest\x1a\x16.google.protobuf.Empty\x12\x8d\x01\n\x16ListMemberEnvironments\x12\x38.agentpost.environments.v1.ListMemberEnvironmentsRequest\x1a\x39.agentpost.environments.v1.ListMemberEnvironmentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n&agentpost/environments/v1/member.proto\x12\x19\x61gentpost.environments.v1\x1a+agentpost/environments/v1/environment.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb8\x02\n\x06Member\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\r\n\x05\x65mail\x18\x03 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x04 \x01(\t\x12\x34\n\x04role\x18\x05 \x01(\x0e\x32&.agentpost.environments.v1.Member.Role\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04\x65tag\x18\x08 \x01(\t\">\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05OWNER\x10\x01\x12\t\n\x05\x41\x44MIN\x10\x02\x12\n\n\x06MEMBER\x10\x03\"\x96\x02\n\x11\x45nvironmentMember\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12?\n\x04role\x18\x03 \x01(\x0e\x32\x31.agentpost.environments.v1.EnvironmentMember.Role\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"3\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\t\n\x05\x41\x44MIN\x10\x01\x12\n\n\x06MEMBER\x10\x02\"\x84\x01\n\x13\x43reateMemberRequest\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x34\n\x04role\x18\x03 \x01(\x0e\x32&.agentpost.environments.v1.Member.Role\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\x1e\n\x10GetMemberRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x12ListMembersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"b\n\x13ListMembersResponse\x12\x32\n\x07members\x18\x01 \x03(\x0b\x32!.agentpost.environments.v1.Member\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"y\n\x13UpdateMemberRequest\x12\x31\n\x06member\x18\x01 \x01(\x0b\x32!.agentpost.environments.v1.Member\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"/\n\x13\x44\x65leteMemberRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"\x89\x01\n\x1b\x41\x64\x64\x45nvironmentMemberRequest\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12?\n\x04role\x18\x03 \x01(\x0e\x32\x31.agentpost.environments.v1.EnvironmentMember.Role\"^\n\x1dListEnvironmentMembersRequest\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x84\x01\n\x1eListEnvironmentMembersResponse\x12I\n\x13\x65nvironment_members\x18\x01 \x03(\x0b\x32,.agentpost.environments.v1.EnvironmentMember\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x9b\x01\n\x1eUpdateEnvironmentMemberRequest\x12H\n\x12\x65nvironment_member\x18\x01 \x01(\x0b\x32,.agentpost.environments.v1.EnvironmentMember\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"K\n\x1eRemoveEnvironmentMemberRequest\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\"Y\n\x1dListMemberEnvironmentsRequest\x12\x11\n\tmember_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"w\n\x1eListMemberEnvironmentsResponse\x12<\n\x0c\x65nvironments\x18\x01 \x03(\x0b\x32&.agentpost.environments.v1.Environment\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x92\r\n\x11MembershipService\x12}\n\x0c\x43reateMember\x12..agentpost.environments.v1.CreateMemberRequest\x1a!.agentpost.environments.v1.Member\"\x1a\x82\xd3\xe4\x93\x02\x14\"\x0f/api/v1/members:\x01*\x12y\n\tGetMember\x12+.agentpost.environments.v1.GetMemberRequest\x1a!.agentpost.environments.v1.Member\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/api/v1/members/{id}\x12\x85\x01\n\x0bListMembers\x12-.agentpost.environments.v1.ListMembersRequest\x1a..agentpost.environments.v1.ListMembersResponse\"\x17\x82\xd3\xe4\x93\x02\x11\x12\x0f/api/v1/members\x12\x8e\x01\n\x0cUpdateMember\x12..agentpost.environments.v1.UpdateMemberRequest\x1a!.agentpost.environments.v1.Member\"+\x82\xd3\xe4\x93\x02%2\x1b/api/v1/members/{member.id}:\x06member\x12t\n\x0c\x44\x65leteMember\x12..agentpost.environments.v1.DeleteMemberRequest\x1a\x16.google.protobuf.Empty\"\x1c\x82\xd3\xe4\x93\x02\x16*\x14/api/v1/members/{id}\x12\xb6\x01\n\x14\x41\x64\x64\x45nvironmentMember\x12\x36.agentpost.environments.v1.AddEnvironmentMemberRequest\x1a,.agentpost.environments.v1.EnvironmentMember\"8\x82\xd3\xe4\x93\x02\x32\"-/api/v1/environments/{environment_id}/members:\x01*\x12\xc4\x01\n\x16ListEnvironmentMembers\x12\x38.agentpost.environments.v1.ListEnvironmentMembersRequest\x1a\x39.agentpost.environments.v1.ListEnvironmentMembersResponse\"5\x82\xd3\xe4\x93\x02/\x12-/api/v1/environments/{environment_id}/members\x12\xff\x01\n\x17UpdateEnvironmentMember\x12\x39.agentpost.environments.v1.UpdateEnvironmentMemberRequest\x1a,.agentpost.environments.v1.EnvironmentMember\"{\x82\xd3\xe4\x93\x02u2_/api/v1/environments/{environment_member.environment_id}/members/{environment_member.member_id}:\x12\x65nvironment_member\x12\xaf\x01\n\x17RemoveEnvironmentMember\x12\x39.agentpost.environments.v1.RemoveEnvironmentMemberRequest\x1a\x16.google.protobuf.Empty\"A\x82\xd3\xe4\x93\x02;*9/api/v1/environments/{environment_id}/members/{member_id}\x12\xbf\x01\n\x16ListMemberEnvironments\x12\x38.agentpost.environments.v1.ListMemberEnvironmentsRequest\x1a\x39.agentpost.environments.v1.ListMemberEnvironmentsResponse\"0\x82\xd3\xe4\x93\x02*\x12(/api/v1/members/{member_id}/environmentsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentpost.environments.v1.member_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MEMBER']._serialized_start=211
-  _globals['_MEMBER']._serialized_end=523
-  _globals['_MEMBER_ROLE']._serialized_start=461
-  _globals['_MEMBER_ROLE']._serialized_end=523
-  _globals['_ENVIRONMENTMEMBER']._serialized_start=526
-  _globals['_ENVIRONMENTMEMBER']._serialized_end=804
-  _globals['_ENVIRONMENTMEMBER_ROLE']._serialized_start=753
-  _globals['_ENVIRONMENTMEMBER_ROLE']._serialized_end=804
-  _globals['_CREATEMEMBERREQUEST']._serialized_start=807
-  _globals['_CREATEMEMBERREQUEST']._serialized_end=939
-  _globals['_GETMEMBERREQUEST']._serialized_start=941
-  _globals['_GETMEMBERREQUEST']._serialized_end=971
-  _globals['_LISTMEMBERSREQUEST']._serialized_start=973
-  _globals['_LISTMEMBERSREQUEST']._serialized_end=1032
-  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1034
-  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1132
-  _globals['_UPDATEMEMBERREQUEST']._serialized_start=1134
-  _globals['_UPDATEMEMBERREQUEST']._serialized_end=1255
-  _globals['_DELETEMEMBERREQUEST']._serialized_start=1257
-  _globals['_DELETEMEMBERREQUEST']._serialized_end=1304
-  _globals['_ADDENVIRONMENTMEMBERREQUEST']._serialized_start=1307
-  _globals['_ADDENVIRONMENTMEMBERREQUEST']._serialized_end=1444
-  _globals['_LISTENVIRONMENTMEMBERSREQUEST']._serialized_start=1446
-  _globals['_LISTENVIRONMENTMEMBERSREQUEST']._serialized_end=1540
-  _globals['_LISTENVIRONMENTMEMBERSRESPONSE']._serialized_start=1543
-  _globals['_LISTENVIRONMENTMEMBERSRESPONSE']._serialized_end=1675
-  _globals['_UPDATEENVIRONMENTMEMBERREQUEST']._serialized_start=1678
-  _globals['_UPDATEENVIRONMENTMEMBERREQUEST']._serialized_end=1833
-  _globals['_REMOVEENVIRONMENTMEMBERREQUEST']._serialized_start=1835
-  _globals['_REMOVEENVIRONMENTMEMBERREQUEST']._serialized_end=1910
-  _globals['_LISTMEMBERENVIRONMENTSREQUEST']._serialized_start=1912
-  _globals['_LISTMEMBERENVIRONMENTSREQUEST']._serialized_end=2001
-  _globals['_LISTMEMBERENVIRONMENTSRESPONSE']._serialized_start=2003
-  _globals['_LISTMEMBERENVIRONMENTSRESPONSE']._serialized_end=2122
-  _globals['_MEMBERSHIPSERVICE']._serialized_start=2125
-  _globals['_MEMBERSHIPSERVICE']._serialized_end=3290
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['CreateMember']._loaded_options = None
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['CreateMember']._serialized_options = b'\202\323\344\223\002\024\"\017/api/v1/members:\001*'
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['GetMember']._loaded_options = None
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['GetMember']._serialized_options = b'\202\323\344\223\002\026\022\024/api/v1/members/{id}'
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['ListMembers']._loaded_options = None
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['ListMembers']._serialized_options = b'\202\323\344\223\002\021\022\017/api/v1/members'
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['UpdateMember']._loaded_options = None
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['UpdateMember']._serialized_options = b'\202\323\344\223\002%2\033/api/v1/members/{member.id}:\006member'
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['DeleteMember']._loaded_options = None
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['DeleteMember']._serialized_options = b'\202\323\344\223\002\026*\024/api/v1/members/{id}'
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['AddEnvironmentMember']._loaded_options = None
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['AddEnvironmentMember']._serialized_options = b'\202\323\344\223\0022\"-/api/v1/environments/{environment_id}/members:\001*'
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['ListEnvironmentMembers']._loaded_options = None
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['ListEnvironmentMembers']._serialized_options = b'\202\323\344\223\002/\022-/api/v1/environments/{environment_id}/members'
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['UpdateEnvironmentMember']._loaded_options = None
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['UpdateEnvironmentMember']._serialized_options = b'\202\323\344\223\002u2_/api/v1/environments/{environment_member.environment_id}/members/{environment_member.member_id}:\022environment_member'
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['RemoveEnvironmentMember']._loaded_options = None
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['RemoveEnvironmentMember']._serialized_options = b'\202\323\344\223\002;*9/api/v1/environments/{environment_id}/members/{member_id}'
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['ListMemberEnvironments']._loaded_options = None
+  _globals['_MEMBERSHIPSERVICE'].methods_by_name['ListMemberEnvironments']._serialized_options = b'\202\323\344\223\002*\022(/api/v1/members/{member_id}/environments'
+  _globals['_MEMBER']._serialized_start=241
+  _globals['_MEMBER']._serialized_end=553
+  _globals['_MEMBER_ROLE']._serialized_start=491
+  _globals['_MEMBER_ROLE']._serialized_end=553
+  _globals['_ENVIRONMENTMEMBER']._serialized_start=556
+  _globals['_ENVIRONMENTMEMBER']._serialized_end=834
+  _globals['_ENVIRONMENTMEMBER_ROLE']._serialized_start=783
+  _globals['_ENVIRONMENTMEMBER_ROLE']._serialized_end=834
+  _globals['_CREATEMEMBERREQUEST']._serialized_start=837
+  _globals['_CREATEMEMBERREQUEST']._serialized_end=969
+  _globals['_GETMEMBERREQUEST']._serialized_start=971
+  _globals['_GETMEMBERREQUEST']._serialized_end=1001
+  _globals['_LISTMEMBERSREQUEST']._serialized_start=1003
+  _globals['_LISTMEMBERSREQUEST']._serialized_end=1062
+  _globals['_LISTMEMBERSRESPONSE']._serialized_start=1064
+  _globals['_LISTMEMBERSRESPONSE']._serialized_end=1162
+  _globals['_UPDATEMEMBERREQUEST']._serialized_start=1164
+  _globals['_UPDATEMEMBERREQUEST']._serialized_end=1285
+  _globals['_DELETEMEMBERREQUEST']._serialized_start=1287
+  _globals['_DELETEMEMBERREQUEST']._serialized_end=1334
+  _globals['_ADDENVIRONMENTMEMBERREQUEST']._serialized_start=1337
+  _globals['_ADDENVIRONMENTMEMBERREQUEST']._serialized_end=1474
+  _globals['_LISTENVIRONMENTMEMBERSREQUEST']._serialized_start=1476
+  _globals['_LISTENVIRONMENTMEMBERSREQUEST']._serialized_end=1570
+  _globals['_LISTENVIRONMENTMEMBERSRESPONSE']._serialized_start=1573
+  _globals['_LISTENVIRONMENTMEMBERSRESPONSE']._serialized_end=1705
+  _globals['_UPDATEENVIRONMENTMEMBERREQUEST']._serialized_start=1708
+  _globals['_UPDATEENVIRONMENTMEMBERREQUEST']._serialized_end=1863
+  _globals['_REMOVEENVIRONMENTMEMBERREQUEST']._serialized_start=1865
+  _globals['_REMOVEENVIRONMENTMEMBERREQUEST']._serialized_end=1940
+  _globals['_LISTMEMBERENVIRONMENTSREQUEST']._serialized_start=1942
+  _globals['_LISTMEMBERENVIRONMENTSREQUEST']._serialized_end=2031
+  _globals['_LISTMEMBERENVIRONMENTSRESPONSE']._serialized_start=2033
+  _globals['_LISTMEMBERENVIRONMENTSRESPONSE']._serialized_end=2152
+  _globals['_MEMBERSHIPSERVICE']._serialized_start=2155
+  _globals['_MEMBERSHIPSERVICE']._serialized_end=3837
 # @@protoc_insertion_point(module_scope)

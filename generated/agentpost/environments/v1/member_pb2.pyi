@@ -1,6 +1,7 @@
 import datetime
 
 from agentpost.environments.v1 import environment_pb2 as _environment_pb2
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import empty_pb2 as _empty_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2

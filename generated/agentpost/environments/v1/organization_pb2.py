@@ -25,24 +25,29 @@ _sym_db = _symbol_database.Default()
 from agentpost.environments.v1 import api_key_pb2 as agentpost_dot_environments_dot_v1_dot_api__key__pb2
 from agentpost.environments.v1 import environment_pb2 as agentpost_dot_environments_dot_v1_dot_environment__pb2
 from agentpost.environments.v1 import member_pb2 as agentpost_dot_environments_dot_v1_dot_member__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,agentpost/environments/v1/organization.proto\x12\x19\x61gentpost.environments.v1\x1a\'agentpost/environments/v1/api_key.proto\x1a+agentpost/environments/v1/environment.proto\x1a&agentpost/environments/v1/member.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Y\n\x0cOrganization\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"n\n\x19\x43reateOrganizationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bowner_email\x18\x02 \x01(\t\x12\x1a\n\x12owner_display_name\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xaa\x02\n\x1a\x43reateOrganizationResponse\x12=\n\x0corganization\x18\x01 \x01(\x0b\x32\'.agentpost.environments.v1.Organization\x12\x43\n\x13\x64\x65\x66\x61ult_environment\x18\x02 \x01(\x0b\x32&.agentpost.environments.v1.Environment\x12\x30\n\x05owner\x18\x03 \x01(\x0b\x32!.agentpost.environments.v1.Member\x12\x38\n\rowner_api_key\x18\x04 \x01(\x0b\x32!.agentpost.environments.v1.ApiKey\x12\x1c\n\x14owner_api_key_secret\x18\x05 \x01(\t\"\x18\n\x16GetOrganizationRequest2\x88\x02\n\x13OrganizationService\x12\x81\x01\n\x12\x43reateOrganization\x12\x34.agentpost.environments.v1.CreateOrganizationRequest\x1a\x35.agentpost.environments.v1.CreateOrganizationResponse\x12m\n\x0fGetOrganization\x12\x31.agentpost.environments.v1.GetOrganizationRequest\x1a\'.agentpost.environments.v1.Organizationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n,agentpost/environments/v1/organization.proto\x12\x19\x61gentpost.environments.v1\x1a\'agentpost/environments/v1/api_key.proto\x1a+agentpost/environments/v1/environment.proto\x1a&agentpost/environments/v1/member.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"Y\n\x0cOrganization\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"n\n\x19\x43reateOrganizationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bowner_email\x18\x02 \x01(\t\x12\x1a\n\x12owner_display_name\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"\xaa\x02\n\x1a\x43reateOrganizationResponse\x12=\n\x0corganization\x18\x01 \x01(\x0b\x32\'.agentpost.environments.v1.Organization\x12\x43\n\x13\x64\x65\x66\x61ult_environment\x18\x02 \x01(\x0b\x32&.agentpost.environments.v1.Environment\x12\x30\n\x05owner\x18\x03 \x01(\x0b\x32!.agentpost.environments.v1.Member\x12\x38\n\rowner_api_key\x18\x04 \x01(\x0b\x32!.agentpost.environments.v1.ApiKey\x12\x1c\n\x14owner_api_key_secret\x18\x05 \x01(\t\"\x18\n\x16GetOrganizationRequest2\xc9\x02\n\x13OrganizationService\x12\xa3\x01\n\x12\x43reateOrganization\x12\x34.agentpost.environments.v1.CreateOrganizationRequest\x1a\x35.agentpost.environments.v1.CreateOrganizationResponse\" \x82\xd3\xe4\x93\x02\x1a\"\x15/api/v1/organizations:\x01*\x12\x8b\x01\n\x0fGetOrganization\x12\x31.agentpost.environments.v1.GetOrganizationRequest\x1a\'.agentpost.environments.v1.Organization\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/api/v1/organizationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentpost.environments.v1.organization_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORGANIZATION']._serialized_start=234
-  _globals['_ORGANIZATION']._serialized_end=323
-  _globals['_CREATEORGANIZATIONREQUEST']._serialized_start=325
-  _globals['_CREATEORGANIZATIONREQUEST']._serialized_end=435
-  _globals['_CREATEORGANIZATIONRESPONSE']._serialized_start=438
-  _globals['_CREATEORGANIZATIONRESPONSE']._serialized_end=736
-  _globals['_GETORGANIZATIONREQUEST']._serialized_start=738
-  _globals['_GETORGANIZATIONREQUEST']._serialized_end=762
-  _globals['_ORGANIZATIONSERVICE']._serialized_start=765
-  _globals['_ORGANIZATIONSERVICE']._serialized_end=1029
+  _globals['_ORGANIZATIONSERVICE'].methods_by_name['CreateOrganization']._loaded_options = None
+  _globals['_ORGANIZATIONSERVICE'].methods_by_name['CreateOrganization']._serialized_options = b'\202\323\344\223\002\032\"\025/api/v1/organizations:\001*'
+  _globals['_ORGANIZATIONSERVICE'].methods_by_name['GetOrganization']._loaded_options = None
+  _globals['_ORGANIZATIONSERVICE'].methods_by_name['GetOrganization']._serialized_options = b'\202\323\344\223\002\026\022\024/api/v1/organization'
+  _globals['_ORGANIZATION']._serialized_start=264
+  _globals['_ORGANIZATION']._serialized_end=353
+  _globals['_CREATEORGANIZATIONREQUEST']._serialized_start=355
+  _globals['_CREATEORGANIZATIONREQUEST']._serialized_end=465
+  _globals['_CREATEORGANIZATIONRESPONSE']._serialized_start=468
+  _globals['_CREATEORGANIZATIONRESPONSE']._serialized_end=766
+  _globals['_GETORGANIZATIONREQUEST']._serialized_start=768
+  _globals['_GETORGANIZATIONREQUEST']._serialized_end=792
+  _globals['_ORGANIZATIONSERVICE']._serialized_start=795
+  _globals['_ORGANIZATIONSERVICE']._serialized_end=1124
 # @@protoc_insertion_point(module_scope)

@@ -3,6 +3,7 @@ import datetime
 from agentpost.environments.v1 import api_key_pb2 as _api_key_pb2
 from agentpost.environments.v1 import environment_pb2 as _environment_pb2
 from agentpost.environments.v1 import member_pb2 as _member_pb2
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message

@@ -22,41 +22,54 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(agentpost/environments/v1/resource.proto\x12\x19\x61gentpost.environments.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x03\n\x0eScopedResource\x12<\n\x04kind\x18\x01 \x01(\x0e\x32..agentpost.environments.v1.ScopedResource.Kind\x12\x13\n\x0bresource_id\x18\x02 \x01(\t\x12\x17\n\x0forganization_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x04 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"x\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05INBOX\x10\x01\x12\x0b\n\x07MESSAGE\x10\x02\x12\n\n\x06THREAD\x10\x03\x12\t\n\x05\x44RAFT\x10\x04\x12\n\n\x06\x44OMAIN\x10\x05\x12\x14\n\x10WEBHOOK_ENDPOINT\x10\x06\x12\t\n\x05LABEL\x10\x07\"\x96\x01\n\x17RegisterResourceRequest\x12<\n\x04kind\x18\x01 \x01(\x0e\x32..agentpost.environments.v1.ScopedResource.Kind\x12\x13\n\x0bresource_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"g\n\x12GetResourceRequest\x12<\n\x04kind\x18\x01 \x01(\x0e\x32..agentpost.environments.v1.ScopedResource.Kind\x12\x13\n\x0bresource_id\x18\x02 \x01(\t\"{\n\x14ListResourcesRequest\x12<\n\x04kind\x18\x01 \x01(\x0e\x32..agentpost.environments.v1.ScopedResource.Kind\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"n\n\x15ListResourcesResponse\x12<\n\tresources\x18\x01 \x03(\x0b\x32).agentpost.environments.v1.ScopedResource\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"n\n\x19\x44\x65registerResourceRequest\x12<\n\x04kind\x18\x01 \x01(\x0e\x32..agentpost.environments.v1.ScopedResource.Kind\x12\x13\n\x0bresource_id\x18\x02 \x01(\t\"]\n\x1cListOrphanedResourcesRequest\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"v\n\x1dListOrphanedResourcesResponse\x12<\n\tresources\x18\x01 \x03(\x0b\x32).agentpost.environments.v1.ScopedResource\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"`\n\x0bResourceRef\x12<\n\x04kind\x18\x01 \x01(\x0e\x32..agentpost.environments.v1.ScopedResource.Kind\x12\x13\n\x0bresource_id\x18\x02 \x01(\t\"\x8d\x01\n\x18ReassignResourcesRequest\x12\x1b\n\x13\x66rom_environment_id\x18\x01 \x01(\t\x12\x19\n\x11to_environment_id\x18\x02 \x01(\t\x12\x39\n\tresources\x18\x03 \x03(\x0b\x32&.agentpost.environments.v1.ResourceRef\"0\n\x19ReassignResourcesResponse\x12\x13\n\x0bmoved_count\x18\x01 \x01(\x05\x32\xd2\x05\n\x0fResourceService\x12q\n\x10RegisterResource\x12\x32.agentpost.environments.v1.RegisterResourceRequest\x1a).agentpost.environments.v1.ScopedResource\x12g\n\x0bGetResource\x12-.agentpost.environments.v1.GetResourceRequest\x1a).agentpost.environments.v1.ScopedResource\x12r\n\rListResources\x12/.agentpost.environments.v1.ListResourcesRequest\x1a\x30.agentpost.environments.v1.ListResourcesResponse\x12\x62\n\x12\x44\x65registerResource\x12\x34.agentpost.environments.v1.DeregisterResourceRequest\x1a\x16.google.protobuf.Empty\x12\x8a\x01\n\x15ListOrphanedResources\x12\x37.agentpost.environments.v1.ListOrphanedResourcesRequest\x1a\x38.agentpost.environments.v1.ListOrphanedResourcesResponse\x12~\n\x11ReassignResources\x12\x33.agentpost.environments.v1.ReassignResourcesRequest\x1a\x34.agentpost.environments.v1.ReassignResourcesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(agentpost/environments/v1/resource.proto\x12\x19\x61gentpost.environments.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x86\x03\n\x0eScopedResource\x12<\n\x04kind\x18\x01 \x01(\x0e\x32..agentpost.environments.v1.ScopedResource.Kind\x12\x13\n\x0bresource_id\x18\x02 \x01(\t\x12\x17\n\x0forganization_id\x18\x03 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x04 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"x\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05INBOX\x10\x01\x12\x0b\n\x07MESSAGE\x10\x02\x12\n\n\x06THREAD\x10\x03\x12\t\n\x05\x44RAFT\x10\x04\x12\n\n\x06\x44OMAIN\x10\x05\x12\x14\n\x10WEBHOOK_ENDPOINT\x10\x06\x12\t\n\x05LABEL\x10\x07\"\x96\x01\n\x17RegisterResourceRequest\x12<\n\x04kind\x18\x01 \x01(\x0e\x32..agentpost.environments.v1.ScopedResource.Kind\x12\x13\n\x0bresource_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x03 \x01(\t\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"g\n\x12GetResourceRequest\x12<\n\x04kind\x18\x01 \x01(\x0e\x32..agentpost.environments.v1.ScopedResource.Kind\x12\x13\n\x0bresource_id\x18\x02 \x01(\t\"{\n\x14ListResourcesRequest\x12<\n\x04kind\x18\x01 \x01(\x0e\x32..agentpost.environments.v1.ScopedResource.Kind\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"n\n\x15ListResourcesResponse\x12<\n\tresources\x18\x01 \x03(\x0b\x32).agentpost.environments.v1.ScopedResource\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"n\n\x19\x44\x65registerResourceRequest\x12<\n\x04kind\x18\x01 \x01(\x0e\x32..agentpost.environments.v1.ScopedResource.Kind\x12\x13\n\x0bresource_id\x18\x02 \x01(\t\"]\n\x1cListOrphanedResourcesRequest\x12\x16\n\x0e\x65nvironment_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"v\n\x1dListOrphanedResourcesResponse\x12<\n\tresources\x18\x01 \x03(\x0b\x32).agentpost.environments.v1.ScopedResource\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"`\n\x0bResourceRef\x12<\n\x04kind\x18\x01 \x01(\x0e\x32..agentpost.environments.v1.ScopedResource.Kind\x12\x13\n\x0bresource_id\x18\x02 \x01(\t\"\x8d\x01\n\x18ReassignResourcesRequest\x12\x1b\n\x13\x66rom_environment_id\x18\x01 \x01(\t\x12\x19\n\x11to_environment_id\x18\x02 \x01(\t\x12\x39\n\tresources\x18\x03 \x03(\x0b\x32&.agentpost.environments.v1.ResourceRef\"0\n\x19ReassignResourcesResponse\x12\x13\n\x0bmoved_count\x18\x01 \x01(\x05\x32\xd9\x07\n\x0fResourceService\x12\x8f\x01\n\x10RegisterResource\x12\x32.agentpost.environments.v1.RegisterResourceRequest\x1a).agentpost.environments.v1.ScopedResource\"\x1c\x82\xd3\xe4\x93\x02\x16\"\x11/api/v1/resources:\x01*\x12\x97\x01\n\x0bGetResource\x12-.agentpost.environments.v1.GetResourceRequest\x1a).agentpost.environments.v1.ScopedResource\".\x82\xd3\xe4\x93\x02(\x12&/api/v1/resources/{kind}/{resource_id}\x12\x8d\x01\n\rListResources\x12/.agentpost.environments.v1.ListResourcesRequest\x1a\x30.agentpost.environments.v1.ListResourcesResponse\"\x19\x82\xd3\xe4\x93\x02\x13\x12\x11/api/v1/resources\x12\x92\x01\n\x12\x44\x65registerResource\x12\x34.agentpost.environments.v1.DeregisterResourceRequest\x1a\x16.google.protobuf.Empty\".\x82\xd3\xe4\x93\x02(*&/api/v1/resources/{kind}/{resource_id}\x12\xcc\x01\n\x15ListOrphanedResources\x12\x37.agentpost.environments.v1.ListOrphanedResourcesRequest\x1a\x38.agentpost.environments.v1.ListOrphanedResourcesResponse\"@\x82\xd3\xe4\x93\x02:\x12\x38/api/v1/environments/{environment_id}/orphaned-resources\x12\xa5\x01\n\x11ReassignResources\x12\x33.agentpost.environments.v1.ReassignResourcesRequest\x1a\x34.agentpost.environments.v1.ReassignResourcesResponse\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/api/v1/resources:reassign:\x01*b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentpost.environments.v1.resource_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SCOPEDRESOURCE']._serialized_start=134
-  _globals['_SCOPEDRESOURCE']._serialized_end=524
-  _globals['_SCOPEDRESOURCE_KIND']._serialized_start=404
-  _globals['_SCOPEDRESOURCE_KIND']._serialized_end=524
-  _globals['_REGISTERRESOURCEREQUEST']._serialized_start=527
-  _globals['_REGISTERRESOURCEREQUEST']._serialized_end=677
-  _globals['_GETRESOURCEREQUEST']._serialized_start=679
-  _globals['_GETRESOURCEREQUEST']._serialized_end=782
-  _globals['_LISTRESOURCESREQUEST']._serialized_start=784
-  _globals['_LISTRESOURCESREQUEST']._serialized_end=907
-  _globals['_LISTRESOURCESRESPONSE']._serialized_start=909
-  _globals['_LISTRESOURCESRESPONSE']._serialized_end=1019
-  _globals['_DEREGISTERRESOURCEREQUEST']._serialized_start=1021
-  _globals['_DEREGISTERRESOURCEREQUEST']._serialized_end=1131
-  _globals['_LISTORPHANEDRESOURCESREQUEST']._serialized_start=1133
-  _globals['_LISTORPHANEDRESOURCESREQUEST']._serialized_end=1226
-  _globals['_LISTORPHANEDRESOURCESRESPONSE']._serialized_start=1228
-  _globals['_LISTORPHANEDRESOURCESRESPONSE']._serialized_end=1346
-  _globals['_RESOURCEREF']._serialized_start=1348
-  _globals['_RESOURCEREF']._serialized_end=1444
-  _globals['_REASSIGNRESOURCESREQUEST']._serialized_start=1447
-  _globals['_REASSIGNRESOURCESREQUEST']._serialized_end=1588
-  _globals['_REASSIGNRESOURCESRESPONSE']._serialized_start=1590
-  _globals['_REASSIGNRESOURCESRESPONSE']._serialized_end=1638
-  _globals['_RESOURCESERVICE']._serialized_start=1641
-  _globals['_RESOURCESERVICE']._serialized_end=2363
+  _globals['_RESOURCESERVICE'].methods_by_name['RegisterResource']._loaded_options = None
+  _globals['_RESOURCESERVICE'].methods_by_name['RegisterResource']._serialized_options = b'\202\323\344\223\002\026\"\021/api/v1/resources:\001*'
+  _globals['_RESOURCESERVICE'].methods_by_name['GetResource']._loaded_options = None
+  _globals['_RESOURCESERVICE'].methods_by_name['GetResource']._serialized_options = b'\202\323\344\223\002(\022&/api/v1/resources/{kind}/{resource_id}'
+  _globals['_RESOURCESERVICE'].methods_by_name['ListResources']._loaded_options = None
+  _globals['_RESOURCESERVICE'].methods_by_name['ListResources']._serialized_options = b'\202\323\344\223\002\023\022\021/api/v1/resources'
+  _globals['_RESOURCESERVICE'].methods_by_name['DeregisterResource']._loaded_options = None
+  _globals['_RESOURCESERVICE'].methods_by_name['DeregisterResource']._serialized_options = b'\202\323\344\223\002(*&/api/v1/resources/{kind}/{resource_id}'
+  _globals['_RESOURCESERVICE'].methods_by_name['ListOrphanedResources']._loaded_options = None
+  _globals['_RESOURCESERVICE'].methods_by_name['ListOrphanedResources']._serialized_options = b'\202\323\344\223\002:\0228/api/v1/environments/{environment_id}/orphaned-resources'
+  _globals['_RESOURCESERVICE'].methods_by_name['ReassignResources']._loaded_options = None
+  _globals['_RESOURCESERVICE'].methods_by_name['ReassignResources']._serialized_options = b'\202\323\344\223\002\037\"\032/api/v1/resources:reassign:\001*'
+  _globals['_SCOPEDRESOURCE']._serialized_start=164
+  _globals['_SCOPEDRESOURCE']._serialized_end=554
+  _globals['_SCOPEDRESOURCE_KIND']._serialized_start=434
+  _globals['_SCOPEDRESOURCE_KIND']._serialized_end=554
+  _globals['_REGISTERRESOURCEREQUEST']._serialized_start=557
+  _globals['_REGISTERRESOURCEREQUEST']._serialized_end=707
+  _globals['_GETRESOURCEREQUEST']._serialized_start=709
+  _globals['_GETRESOURCEREQUEST']._serialized_end=812
+  _globals['_LISTRESOURCESREQUEST']._serialized_start=814
+  _globals['_LISTRESOURCESREQUEST']._serialized_end=937
+  _globals['_LISTRESOURCESRESPONSE']._serialized_start=939
+  _globals['_LISTRESOURCESRESPONSE']._serialized_end=1049
+  _globals['_DEREGISTERRESOURCEREQUEST']._serialized_start=1051
+  _globals['_DEREGISTERRESOURCEREQUEST']._serialized_end=1161
+  _globals['_LISTORPHANEDRESOURCESREQUEST']._serialized_start=1163
+  _globals['_LISTORPHANEDRESOURCESREQUEST']._serialized_end=1256
+  _globals['_LISTORPHANEDRESOURCESRESPONSE']._serialized_start=1258
+  _globals['_LISTORPHANEDRESOURCESRESPONSE']._serialized_end=1376
+  _globals['_RESOURCEREF']._serialized_start=1378
+  _globals['_RESOURCEREF']._serialized_end=1474
+  _globals['_REASSIGNRESOURCESREQUEST']._serialized_start=1477
+  _globals['_REASSIGNRESOURCESREQUEST']._serialized_end=1618
+  _globals['_REASSIGNRESOURCESRESPONSE']._serialized_start=1620
+  _globals['_REASSIGNRESOURCESRESPONSE']._serialized_end=1668
+  _globals['_RESOURCESERVICE']._serialized_start=1671
+  _globals['_RESOURCESERVICE']._serialized_end=2656
 # @@protoc_insertion_point(module_scope)

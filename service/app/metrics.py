@@ -1,0 +1,132 @@
+"""Prometheus metrics at `/metrics` when AGENTPOST_METRICS_ADDRESS is set.
+
+Each server has a registry of its own (several may run in one process, as in the tests). Call
+series come from the transport's interceptor; the state of the access cache and of the database
+pool is read when Prometheus scrapes, so it costs nothing between scrapes. The endpoint is
+prometheus-client's HTTP server on a thread of its own: a scrape never waits for the event loop,
+and a busy event loop never delays a scrape.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from sqlalchemy.pool import Pool
+
+from service.application.access import CacheStats
+from service.transport.metrics import CallMetrics
+
+log = logging.getLogger(__name__)
+
+
+class StateCollector(Collector):
+    """The access cache's sizes and key hits and misses, and the database pool's connections,
+    read at scrape time. Reading from the scrape thread is safe: each value is one read of a
+    counter or a container's length, which the interpreter does atomically."""
+
+    def __init__(self, cache_stats: Callable[[], CacheStats], pool: Pool) -> None:
+        self._cache_stats = cache_stats
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        """Yields the current values."""
+        stats = self._cache_stats()
+        entries = GaugeMetricFamily(
+            "agentpost_access_cache_entries",
+            "Entries held by the access cache: API keys, and organization snapshots.",
+            labels=["cache"],
+        )
+        entries.add_metric(["keys"], stats.keys)
+        entries.add_metric(["organizations"], stats.organizations)
+        yield entries
+        yield CounterMetricFamily(
+            "agentpost_access_cache_key_hits",
+            "Key lookups (authentication and VerifyApiKey) answered from memory.",
+            value=stats.key_hits,
+        )
+        yield CounterMetricFamily(
+            "agentpost_access_cache_key_misses",
+            "Key lookups that read the database (unknown secrets included: they are never cached).",
+            value=stats.key_misses,
+        )
+        yield from self._pool_metrics()
+
+    def _pool_metrics(self) -> Iterator[Metric]:
+        # Queue pools (PostgreSQL, SQLite files) count their connections; other pool classes
+        # (a StaticPool for an in-memory database) have nothing to report.
+        size = getattr(self._pool, "size", None)
+        checked_out = getattr(self._pool, "checkedout", None)
+        checked_in = getattr(self._pool, "checkedin", None)
+        if size is None or checked_out is None or checked_in is None:
+            return
+        yield GaugeMetricFamily(
+            "agentpost_database_pool_size",
+            "Connections the pool keeps open when idle (more may open, up to its overflow).",
+            value=size(),
+        )
+        connections = GaugeMetricFamily(
+            "agentpost_database_pool_connections",
+            "Open database connections of this process: in use by a call or idle in the pool.",
+            labels=["state"],
+        )
+        connections.add_metric(["in_use"], checked_out())
+        connections.add_metric(["idle"], checked_in())
+        yield connections
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """`host:port` (or `[v6]:port`) as (host, port); port 0 picks any free port."""
+    host, separator, port = address.rpartition(":")
+    if not separator or not port.isdigit():
+        raise ValueError(f"metrics address must be host:port, not {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an empty host means every interface
+
+
+class MetricsEndpoint:
+    """The call metrics, the state collector and the standard process series, served over HTTP."""
+
+    def __init__(self, address: str, cache_stats: Callable[[], CacheStats], pool: Pool) -> None:
+        self.address = address
+        # `*_created` gauges (one per series, the time it first appeared) double the exposition
+        # and no query here needs them.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.calls = CallMetrics(self.registry)
+        self.registry.register(StateCollector(cache_stats, pool))
+        for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            # The default collectors are registered globally; the same objects serve here too.
+            self.registry.register(standard)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    def start(self) -> int:
+        """Starts serving; returns the bound port. Raises OSError when the address is taken."""
+        host, port = parse_address(self.address)
+        self._server, self._thread = start_http_server(port, host, registry=self.registry)
+        self.port = int(self._server.server_address[1])
+        log.info("metrics on http://%s:%d/metrics", host, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        """Stops serving and closes the socket."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None

@@ -1,0 +1,126 @@
+"""A server span for every call, from its arrival to its answer, carrying its request id.
+
+The span starts as the call arrives, before authentication, and is made current there: the
+database reads that identify the caller (a key not yet cached) are its children, as are the
+statements of the use case. (opentelemetry-instrumentation-grpc's aio interceptor starts its span
+only once the behaviour runs, after authentication, which would leave those reads outside any
+trace.) A caller's `traceparent` metadata continues its trace. The request id is read from the
+trailers once the call is over, so refused calls carry theirs too.
+
+Imported only when tracing is on: OpenTelemetry is an optional extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextvars import ContextVar
+from typing import Any
+
+import grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from service.transport.call_wrapping import Behaviour, UnaryWrappingInterceptor, code_name, echoed_request_id
+
+REQUEST_ID_ATTRIBUTE = "agentpost.request_id"
+# Standard services: health checks would drown the traces, and both stream.
+UNTRACED_SERVICE_PREFIXES = ("grpc.health.", "grpc.reflection.")
+# OpenTelemetry's conventions for gRPC servers: only these codes are the server's own failures;
+# the others answer what the client sent and leave the span's status unset.
+SERVER_ERROR_CODES = frozenset(
+    {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+)
+
+_span: ContextVar[Span | None] = ContextVar("call_span", default=None)
+
+
+def _code_number(name: str) -> int:
+    return int(grpc.StatusCode[name].value[0])
+
+
+def _peer_attributes(peer: str) -> dict[str, str | int]:
+    """`ipv4:127.0.0.1:5555` or `ipv6:[::1]:5555` as network.peer.address and .port."""
+    kind, _, address = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return {}
+    host, _, port = address.rpartition(":")
+    return (
+        {"network.peer.address": host.strip("[]"), "network.peer.port": int(port)} if port.isdigit() else {}
+    )
+
+
+def finish(span: Span, code: str, request_id: str | None) -> None:
+    """Records how the call ended and ends its span."""
+    span.set_attribute("rpc.grpc.status_code", _code_number(code))
+    if request_id is not None:
+        span.set_attribute(REQUEST_ID_ATTRIBUTE, request_id)
+    if code in SERVER_ERROR_CODES:
+        span.set_status(Status(StatusCode.ERROR, code))
+    span.end()
+
+
+class TracingInterceptor(UnaryWrappingInterceptor):
+    """Starts each call's span as it arrives and ends it with the answer. First in the list of
+    interceptors, so that everything after it runs inside the span."""
+
+    def __init__(self, tracer: trace.Tracer) -> None:
+        super().__init__()
+        self._tracer = tracer
+
+    def arrived(self, details: grpc.HandlerCallDetails) -> None:
+        """Starts the call's span and makes it current for the rest of the call."""
+        method = details.method
+        if method.lstrip("/").startswith(UNTRACED_SERVICE_PREFIXES):
+            _span.set(None)
+            return
+        carrier = {key: value for key, value in details.invocation_metadata or () if isinstance(value, str)}
+        parent = propagate.extract(carrier)
+        service, _, name = method.lstrip("/").partition("/")
+        span = self._tracer.start_span(
+            method,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        )
+        _span.set(span)
+        # Left attached: the call's task ends with the call.
+        otel_context.attach(trace.set_span_in_context(span, parent))
+
+    def unimplemented(self) -> None:
+        """Ends the span of a call that nothing serves."""
+        span = _span.get()
+        if span is not None:
+            finish(span, "UNIMPLEMENTED", None)
+
+    def streaming(self) -> None:
+        """A stream's span covers its set-up (authentication) only: streams are not wrapped."""
+        span = _span.get()
+        if span is not None:
+            span.set_attribute("agentpost.stream_setup_only", True)
+            span.end()
+
+    def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
+        """The behaviour, ending the call's span when it finishes."""
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            span = _span.get()
+            if span is None:
+                return await behaviour(request, context)
+            code: str | None = None
+            try:
+                return await behaviour(request, context)
+            except grpc.aio.AbortError:
+                raise  # context.abort recorded the code, read below
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            except Exception as error:
+                span.record_exception(error)
+                code = "UNKNOWN"
+                raise
+            finally:
+                span.set_attributes(_peer_attributes(context.peer()))
+                finish(span, code or code_name(context), echoed_request_id(context))
+
+        return call
