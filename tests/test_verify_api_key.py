@@ -20,8 +20,11 @@ Reason = pb.VerifyApiKeyResponse
 def background_statement(statement: str) -> bool:
     """The cache's revision poll and last-used flush run on their own timers, not per call."""
     text = " ".join(statement.split()).lower()
-    return text.startswith("select organizations.id, organizations.revision") or (
-        text.startswith("update api_keys set last_used_time")
+    # With no organization held yet, the poll only checks that the database answers.
+    return (
+        text == "select 1"
+        or text.startswith("select organizations.id, organizations.revision")
+        or (text.startswith("update api_keys set last_used_time"))
     )
 
 
