@@ -4,7 +4,8 @@ Starts a bare echo server and this service (SQLite by default, `--postgres URL` 
 in subprocesses on 127.0.0.1, sets up an organization over gRPC, and drives every scenario with
 the same load client (tests/bench/load.py). Throughput is reported (tests/bench/report.py) as a
 ratio to the echo, run first and again last; the mean of both is 1.0. Then a second replica on
-the same database measures how long a revoke on one replica takes to be honoured by the other.
+the same database measures how long a revoke on one replica takes to be honoured by the other,
+and how long an event takes from its write's commit to WatchEvents consumers on both replicas.
 
 Run: `python -m tests.bench [--duration S] [--concurrency N] [--postgres URL] [--json PATH]`.
 A scenario whose setup fails (an RPC not implemented yet, say) prints "skipped: <reason>".
@@ -43,6 +44,7 @@ from agentpost.environments.v1 import (
 )
 from sqlalchemy.engine import make_url
 
+from tests.bench.delivery import Delivery, measure_delivery
 from tests.bench.echo import ECHO_METHOD
 from tests.bench.load import Load, Result, Scenario, run_load
 from tests.bench.processes import ServerProcess, echo_answers, health_serving, start_server
@@ -441,10 +443,11 @@ async def run(arguments: argparse.Namespace) -> Report:
                     channel_results.append(await measure(service_plans(setup)[0], replica_a, multi))
 
                 revocation = Revocation()
+                delivery = Delivery()
                 if setup.scoped_key_problem:
-                    revocation.skipped = setup.scoped_key_problem
+                    revocation.skipped = delivery.skipped = setup.scoped_key_problem
                 elif reads[0].skipped:
-                    revocation.skipped = reads[0].skipped
+                    revocation.skipped = delivery.skipped = reads[0].skipped
                 else:
                     print("  measuring revocation across replicas ...", file=sys.stderr, flush=True)
                     replica_b = await start_server(
@@ -460,11 +463,18 @@ async def run(arguments: argparse.Namespace) -> Report:
                         )
                     except grpc.aio.AioRpcError as error:
                         revocation.skipped = f"failed: {failure(error)}"
+                    print("  measuring event delivery ...", file=sys.stderr, flush=True)
+                    try:
+                        delivery = await measure_delivery(
+                            replica_a, replica_b, setup.owner_secret, "staging", arguments.delivery_rounds
+                        )
+                    except (grpc.aio.AioRpcError, TimeoutError) as error:
+                        delivery.skipped = f"failed: {error}"
             finally:
                 for server in reversed(servers):
                     server.stop()
     backend = "postgresql" if arguments.postgres else "sqlite"
-    return Report(backend, load, echo_first, echo_last, reads, write, channel_results, revocation)
+    return Report(backend, load, echo_first, echo_last, reads, write, channel_results, revocation, delivery)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -485,6 +495,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--revocation-rounds", type=int, default=5, help="revocations to time (default 5)")
     parser.add_argument(
+        "--delivery-rounds", type=int, default=300, help="events whose delivery delay is timed (default 300)"
+    )
+    parser.add_argument(
         "--postgres", metavar="URL", help="run the service on PostgreSQL (postgresql+asyncpg://...)"
     )
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON here")
@@ -502,7 +515,7 @@ def main() -> int:
         arguments.json.write_text(json.dumps(report.as_json(), indent=2) + "\n")
         print(f"\nresults written to {arguments.json}")
     flagged = [r for r in (report.echo_first, *report.reads, report.echo_last, report.write) if r.error_count]
-    return 1 if flagged or report.revocation.problems else 0
+    return 1 if flagged or report.revocation.problems or report.delivery.problems else 0
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from tests.bench.delivery import Delivery
 from tests.bench.load import Load, Result
 
 REVOCATION_POLL_SECONDS = 0.01
@@ -99,6 +100,7 @@ class Report:
     write: Result
     channel_results: list[Result]
     revocation: Revocation
+    delivery: Delivery = field(default_factory=Delivery)
 
     @property
     def baseline(self) -> Baseline:
@@ -124,6 +126,7 @@ class Report:
             if channel_baseline
             else [],
             "revocation": self.revocation.as_json(),
+            "event_delivery": self.delivery.as_json(),
         }
 
 
@@ -225,4 +228,6 @@ def render(report: Report) -> str:
             f"min {min(delays):.0f} ms, median {statistics.median(delays):.0f} ms, max {max(delays):.0f} ms"
         )
     lines += [f"  ! {problem}" for problem in revocation.problems]
+    lines += ["", "event delivery (a write's commit -> a WatchEvents consumer receives its event):"]
+    lines += report.delivery.lines()
     return "\n".join(lines)
