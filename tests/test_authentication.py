@@ -9,7 +9,7 @@ import grpc
 import pytest
 from agentpost.environments.v1 import environment_pb2, organization_pb2, organization_pb2_grpc
 
-from service.domain import keys
+from service.domain import keys, scopes
 from service.domain.models import KeyMode
 from tests.conftest import Backend, start_server
 from tests.harness import OPERATOR_TOKEN, Harness, Org, auth, fails, failure_of
@@ -147,7 +147,11 @@ async def test_create_organization_makes_everything_at_once(harness: Harness) ->
     assert created.owner.role == created.owner.OWNER and created.owner.email == "owner@example.com"
     key = created.owner_api_key
     assert key.owner_member_id == created.owner.id and list(key.environment_ids) == []
-    assert len(key.scopes) == 20 and key.state == key.ACTIVE
+    assert (
+        sorted(key.scopes) == sorted(scopes.ALL_SCOPES)
+        and "events:read" in key.scopes
+        and key.state == key.ACTIVE
+    )
     assert created.owner_api_key_secret.startswith(key.prefix) and len(key.prefix) == 12
     got = await harness.organizations.GetOrganization(
         organization_pb2.GetOrganizationRequest(), metadata=auth(created.owner_api_key_secret)
