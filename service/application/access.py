@@ -161,8 +161,13 @@ class AccessCache:
             return
         if revision == applied + 1:
             self._apply(organization_id, revision, events)
-        else:
-            self._schedule_catch_up(organization_id)
+            return
+        # Another process committed in between: show this write at once (re-applying an event is
+        # harmless), and read the ones missed from the log, which applies this one again after.
+        snapshot = self._snapshots.get(organization_id)
+        if snapshot is not None:
+            self._snapshots[organization_id] = snapshot.applying(events, snapshot.revision)
+        self._schedule_catch_up(organization_id)
 
     def _heard_of(self, organization_id: str, revision: int) -> None:
         """Another replica committed `revision` (a notification)."""
@@ -372,12 +377,6 @@ class AccessCache:
             return Authentication(None, Denial.NOT_FOUND)
         if min_revision > (self._applied.get(organization_id) or 0):
             await self.reach(organization_id, min_revision)
-            snapshot = self._snapshots.get(organization_id, snapshot)
-        pending = self._loads.pending(("catch-up", organization_id))
-        if pending is not None:
-            # Another replica's commit is being read: answer from what it shows.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(pending)
             snapshot = self._snapshots.get(organization_id, snapshot)
         self._require_fresh(entry, organization_id)
         key = entry.key

@@ -48,7 +48,7 @@ from tests.bench.delivery import Delivery, measure_delivery
 from tests.bench.echo import ECHO_METHOD
 from tests.bench.load import Load, Result, Scenario, run_load
 from tests.bench.processes import ServerProcess, echo_answers, health_serving, start_server
-from tests.bench.report import CACHE_REFRESH_SECONDS, REVOCATION_POLL_SECONDS, Report, Revocation, render
+from tests.bench.report import REVOCATION_POLL_SECONDS, SQLITE_POLL_SECONDS, Report, Revocation, render
 
 SCOPED_KEY_SCOPES = ["environments:read", "inboxes:read", "inboxes:write"]
 REVOCATION_TIMEOUT_SECONDS = 10.0
@@ -70,6 +70,7 @@ GET_ENVIRONMENT = _path(environment_pb2, "EnvironmentService", "GetEnvironment")
 LIST_ENVIRONMENTS = _path(environment_pb2, "EnvironmentService", "ListEnvironments")
 CREATE_ENVIRONMENT = _path(environment_pb2, "EnvironmentService", "CreateEnvironment")
 GET_RESOURCE = _path(resource_pb2, "ResourceService", "GetResource")
+REGISTER_RESOURCE = _path(resource_pb2, "ResourceService", "RegisterResource")
 
 
 def auth(secret: str, environment: str | None = None) -> Metadata:
@@ -256,6 +257,44 @@ def write_plan(setup: Setup) -> Plan:
     )
 
 
+def register_plan(setup: Setup) -> Plan:
+    """RegisterResource of a fresh inbox per call in staging: the write other backends make most."""
+    run = uuid.uuid4().hex[:6]
+    counter = itertools.count()
+
+    def request() -> bytes:
+        message = resource_pb2.RegisterResourceRequest(
+            kind=resource_pb2.ScopedResource.Kind.INBOX, resource_id=f"bench-{run}-{next(counter)}"
+        )
+        return message.SerializeToString()
+
+    return Plan(
+        "RegisterResource (write path)",
+        REGISTER_RESOURCE,
+        request,
+        auth(setup.owner_secret, "staging"),
+        resource_pb2.ScopedResource,
+        check=lambda r: None if r.environment_id == setup.staging.id else "registered elsewhere",
+        fixed_answer=False,
+        problem=setup.resource_problem,
+    )
+
+
+async def measure_under_writes(
+    read: Plan, write: Plan, server: ServerProcess, load: Load, writers: int
+) -> Result:
+    """The read plan's throughput while `writers` callers run the write plan, in the same window."""
+    try:
+        read_scenario = await prepare(read, server)
+        write_scenario = await prepare(write, server)
+    except Skip as skip:
+        return Result(f"{read.name} + {writers} writers", skipped=str(skip))
+    read_scenario.name = f"{read.name}, {writers} x {write.name.split(' ')[0]}"
+    write_load = Load(writers, 1, load.warmup, load.duration)
+    result, _ = await asyncio.gather(run_load(read_scenario, load), run_load(write_scenario, write_load))
+    return result
+
+
 async def prepare(plan: Plan, server: ServerProcess) -> Scenario:
     """Probes the call once; its answer must pass the plan's check. Raises Skip otherwise."""
     if plan.problem:
@@ -327,7 +366,7 @@ async def measure_revocation(
                 metadata=auth(setup.owner_secret),
             )
             # A random phase against B's refresh timer, so the rounds sample the whole interval.
-            await asyncio.sleep(random.uniform(0.0, CACHE_REFRESH_SECONDS))
+            await asyncio.sleep(random.uniform(0.0, SQLITE_POLL_SECONDS))
             for stub in (keys_a, keys_b):
                 if not (await _verify(stub, created.secret)).valid:
                     outcome.problems.append(f"round {round_number}: a fresh key was not valid")
@@ -388,7 +427,7 @@ def service_arguments(
     def arguments(port: int) -> list[str]:
         command = ["-m", "service", "serve", "--database-url", database_url]
         command += ["--listen-address", f"127.0.0.1:{port}", "--operator-token", operator_token]
-        command += ["--log-level", "WARNING", "--cache-refresh-seconds", str(CACHE_REFRESH_SECONDS)]
+        command += ["--log-level", "WARNING"]
         if migrate:
             command.append("--migrate")
         if schema is not None:
@@ -432,7 +471,13 @@ async def run(arguments: argparse.Namespace) -> Report:
                 reads = [await measure(plan, replica_a, load) for plan in service_plans(setup)]
                 echo_last = await measure_echo(echo, echo_size, "echo (last)", load)
                 # Writes last: they add environments, which the list scenario must not see.
-                write = await measure(write_plan(setup), replica_a, write_load)
+                writes = [
+                    await measure(write_plan(setup), replica_a, write_load),
+                    await measure(register_plan(setup), replica_a, write_load),
+                ]
+                under_writes = await measure_under_writes(
+                    service_plans(setup)[0], register_plan(setup), replica_a, load, writers=4
+                )
 
                 channel_results: list[Result] = []
                 if arguments.multi_channels > 1 and arguments.multi_channels != arguments.channels:
@@ -474,7 +519,18 @@ async def run(arguments: argparse.Namespace) -> Report:
                 for server in reversed(servers):
                     server.stop()
     backend = "postgresql" if arguments.postgres else "sqlite"
-    return Report(backend, load, echo_first, echo_last, reads, write, channel_results, revocation, delivery)
+    return Report(
+        backend,
+        load,
+        echo_first,
+        echo_last,
+        reads,
+        writes,
+        under_writes,
+        channel_results,
+        revocation,
+        delivery,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -493,7 +549,9 @@ def _parser() -> argparse.ArgumentParser:
         default=2,
         help="also run echo and VerifyApiKey on this many channels (default 2; 0: no)",
     )
-    parser.add_argument("--revocation-rounds", type=int, default=5, help="revocations to time (default 5)")
+    parser.add_argument(
+        "--revocation-rounds", type=int, default=100, help="revocations to time (default 100)"
+    )
     parser.add_argument(
         "--delivery-rounds", type=int, default=300, help="events whose delivery delay is timed (default 300)"
     )
@@ -514,7 +572,9 @@ def main() -> int:
     if arguments.json:
         arguments.json.write_text(json.dumps(report.as_json(), indent=2) + "\n")
         print(f"\nresults written to {arguments.json}")
-    flagged = [r for r in (report.echo_first, *report.reads, report.echo_last, report.write) if r.error_count]
+    under = [report.under_writes] if report.under_writes is not None else []
+    checked = (report.echo_first, *report.reads, report.echo_last, *report.writes, *under)
+    flagged = [result for result in checked if result.error_count]
     return 1 if flagged or report.revocation.problems or report.delivery.problems else 0
 
 
