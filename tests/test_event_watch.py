@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import pytest
 from agentpost.environments.v1 import api_key_pb2 as key_pb
-from agentpost.environments.v1 import environment_pb2, event_pb2, event_pb2_grpc, resource_pb2
+from agentpost.environments.v1 import environment_pb2, event_pb2, event_pb2_grpc, member_pb2, resource_pb2
 from google.protobuf import field_mask_pb2, timestamp_pb2
 from sqlalchemy import func, select, update
 
@@ -296,6 +296,18 @@ async def test_revoking_the_key_ends_its_stream(harness: Harness, org: Org) -> N
     failure = await watcher.ended_with()
     assert (failure.code, failure.reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_REVOKED")
     assert failure.trailers.get(REVISION)
+
+
+async def test_removing_the_keys_owner_ends_its_stream(harness: Harness, org: Org) -> None:
+    member = await harness.new_member(org, "ADMIN")
+    _, secret = await harness.new_key(org, ["events:read"], owner_member_id=member.id)
+    watcher = Watcher(harness.channel, secret)
+    await watcher.live()
+    await harness.members.DeleteMember(
+        member_pb2.DeleteMemberRequest(id=member.id), metadata=auth(org.owner_secret)
+    )
+    failure = await watcher.ended_with()
+    assert (failure.code, failure.reason) == (grpc.StatusCode.UNAUTHENTICATED, "API_KEY_OWNER_REMOVED")
 
 
 async def test_an_expiring_key_ends_its_stream_at_a_heartbeat(quick: Harness) -> None:

@@ -5,8 +5,9 @@ in subprocesses on 127.0.0.1, sets up an organization over gRPC, and drives ever
 the same load client (tests/bench/load.py). Throughput is reported (tests/bench/report.py) as a
 ratio to the echo, run first and again last; the mean of both is 1.0. Each read scenario runs
 interleaved (off, on, on, off) with a replica of the same database that has Prometheus metrics on,
-for the cost of metrics. Then a second replica on the same database measures how long a revoke on one replica
-takes to be honoured by the other.
+for the cost of metrics. Then a second replica on the same database measures how long a revoke on
+one replica takes to be honoured by the other, and how long an event takes from its write's commit
+to WatchEvents consumers on both replicas.
 
 Run: `python -m tests.bench [--duration S] [--concurrency N] [--postgres URL] [--json PATH]`.
 A scenario whose setup fails (an RPC not implemented yet, say) prints "skipped: <reason>".
@@ -43,6 +44,7 @@ from agentpost.environments.v1 import (
     resource_pb2_grpc,
 )
 
+from tests.bench.delivery import Delivery, measure_delivery
 from tests.bench.echo import ECHO_METHOD
 from tests.bench.load import Load, Result, Scenario, run_load
 from tests.bench.processes import ServerProcess, echo_answers, health_serving, start_server
@@ -513,10 +515,11 @@ async def run(arguments: argparse.Namespace) -> Report:
                     channel_results.append(await measure(service_plans(setup)[0], replica_a, multi))
 
                 revocation = Revocation()
+                delivery = Delivery()
                 if setup.scoped_key_problem:
-                    revocation.skipped = setup.scoped_key_problem
+                    revocation.skipped = delivery.skipped = setup.scoped_key_problem
                 elif reads[0].skipped:
-                    revocation.skipped = reads[0].skipped
+                    revocation.skipped = delivery.skipped = reads[0].skipped
                 else:
                     print("  measuring revocation across replicas ...", file=sys.stderr, flush=True)
                     replica_b = await start_server(
@@ -532,6 +535,13 @@ async def run(arguments: argparse.Namespace) -> Report:
                         )
                     except grpc.aio.AioRpcError as error:
                         revocation.skipped = f"failed: {failure(error)}"
+                    print("  measuring event delivery ...", file=sys.stderr, flush=True)
+                    try:
+                        delivery = await measure_delivery(
+                            replica_a, replica_b, setup.owner_secret, "staging", arguments.delivery_rounds
+                        )
+                    except (grpc.aio.AioRpcError, TimeoutError) as error:
+                        delivery.skipped = f"failed: {error}"
 
                 # Last: the flood leaves replica A throttling this client for a minute.
                 floods: list[Flood] = []
@@ -563,6 +573,7 @@ async def run(arguments: argparse.Namespace) -> Report:
         revocation,
         floods,
         metrics_pairs,
+        delivery,
     )
 
 
@@ -598,6 +609,9 @@ def _parser() -> argparse.ArgumentParser:
         help="skip the read scenarios on a replica with Prometheus metrics on",
     )
     parser.add_argument(
+        "--delivery-rounds", type=int, default=300, help="events whose delivery delay is timed (default 300)"
+    )
+    parser.add_argument(
         "--postgres", metavar="URL", help="run the service on PostgreSQL (postgresql+asyncpg://...)"
     )
     parser.add_argument("--json", metavar="PATH", type=Path, help="also write the results as JSON here")
@@ -626,7 +640,7 @@ def main() -> int:
     metered = [on for _, on in report.metrics_pairs]
     checked = (report.echo_first, *report.reads, report.echo_last, *report.writes, *under, *metered)
     flagged = [r for r in (*checked, *(f.flooded for f in report.floods)) if r.error_count]
-    return 1 if flagged or report.revocation.problems else 0
+    return 1 if flagged or report.revocation.problems or report.delivery.problems else 0
 
 
 if __name__ == "__main__":

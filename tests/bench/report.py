@@ -13,6 +13,7 @@ from typing import cast
 
 import grpc
 
+from tests.bench.delivery import Delivery
 from tests.bench.load import Load, Result
 from tests.bench.security import Flood, render_floods
 
@@ -113,6 +114,7 @@ class Report:
     floods: list[Flood] = field(default_factory=list)
     # Each read scenario with metrics off (replica A) and right after with metrics on.
     metrics_pairs: list[tuple[Result, Result]] = field(default_factory=list)
+    delivery: Delivery = field(default_factory=Delivery)
 
     @property
     def baseline(self) -> Baseline:
@@ -149,6 +151,7 @@ class Report:
             if channel_baseline
             else [],
             "revocation": self.revocation.as_json(),
+            "event_delivery": self.delivery.as_json(),
             "floods": [flood.as_json() for flood in self.floods],
             "metrics_on_vs_off": [MetricsCost(off, on).as_json() for off, on in self.metrics_pairs],
         }
@@ -320,4 +323,6 @@ def render(report: Report) -> str:
             f" median {statistics.median(delays):.0f} ms, p99 {percentile(delays, 0.99):.0f} ms, max {max(delays):.0f} ms"
         )
     lines += [f"  ! {problem}" for problem in revocation.problems]
+    lines += ["", "event delivery (a write's commit -> a WatchEvents consumer receives its event):"]
+    lines += report.delivery.lines()
     return "\n".join(lines)

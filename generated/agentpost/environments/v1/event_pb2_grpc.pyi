@@ -51,8 +51,12 @@ class EventServiceStub:
     revision), keyset-paginated. Needs `events:read`.
     """
     WatchEvents: _grpc.UnaryStreamMultiCallable[_event_pb2.WatchEventsRequest, _event_pb2.WatchEventsResponse]
-    """Streams every visible event after `after_revision` in revision order, then live as writes
-    commit on any replica, with heartbeats. Needs `events:read`.
+    """Streams every visible event after `after_revision` in revision order: first what the log
+    holds, then one message with no events (the stream is live from there), then each revision as
+    it commits on any replica. When nothing visible happens, a heartbeat (no events, the revision
+    reached) comes at least every AGENTPOST_WATCH_HEARTBEAT_SECONDS. The caller's key is checked
+    again before every delivery and heartbeat; a reach or scope that shrank stops what left it.
+    Needs `events:read`.
 
     Ends with UNAUTHENTICATED once the key is revoked, expires or its owner leaves; with
     RESOURCE_EXHAUSTED reason WATCH_BUFFER_OVERFLOW when the consumer falls too far behind; with
@@ -84,8 +88,12 @@ class EventServiceAsyncStub(EventServiceStub):
     revision), keyset-paginated. Needs `events:read`.
     """
     WatchEvents: _aio.UnaryStreamMultiCallable[_event_pb2.WatchEventsRequest, _event_pb2.WatchEventsResponse]  # type: ignore[assignment]
-    """Streams every visible event after `after_revision` in revision order, then live as writes
-    commit on any replica, with heartbeats. Needs `events:read`.
+    """Streams every visible event after `after_revision` in revision order: first what the log
+    holds, then one message with no events (the stream is live from there), then each revision as
+    it commits on any replica. When nothing visible happens, a heartbeat (no events, the revision
+    reached) comes at least every AGENTPOST_WATCH_HEARTBEAT_SECONDS. The caller's key is checked
+    again before every delivery and heartbeat; a reach or scope that shrank stops what left it.
+    Needs `events:read`.
 
     Ends with UNAUTHENTICATED once the key is revoked, expires or its owner leaves; with
     RESOURCE_EXHAUSTED reason WATCH_BUFFER_OVERFLOW when the consumer falls too far behind; with
@@ -126,8 +134,12 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _event_pb2.WatchEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_event_pb2.WatchEventsResponse], _abc.AsyncIterator[_event_pb2.WatchEventsResponse]]:
-        """Streams every visible event after `after_revision` in revision order, then live as writes
-        commit on any replica, with heartbeats. Needs `events:read`.
+        """Streams every visible event after `after_revision` in revision order: first what the log
+        holds, then one message with no events (the stream is live from there), then each revision as
+        it commits on any replica. When nothing visible happens, a heartbeat (no events, the revision
+        reached) comes at least every AGENTPOST_WATCH_HEARTBEAT_SECONDS. The caller's key is checked
+        again before every delivery and heartbeat; a reach or scope that shrank stops what left it.
+        Needs `events:read`.
 
         Ends with UNAUTHENTICATED once the key is revoked, expires or its owner leaves; with
         RESOURCE_EXHAUSTED reason WATCH_BUFFER_OVERFLOW when the consumer falls too far behind; with
