@@ -27,7 +27,7 @@ from agentpost.environments.v1 import (
     organization_pb2_grpc,
 )
 
-from tests.bench.__main__ import scratch_schema, service_arguments
+from tests.bench.__main__ import bench_schema, service_arguments
 from tests.bench.processes import health_serving, start_server
 
 
@@ -56,7 +56,7 @@ async def run(streams: int, channel_count: int, postgres: str | None) -> int:
     with tempfile.TemporaryDirectory(prefix="agentpost-idle-") as scratch:
         directory = Path(scratch)
         url = postgres or f"sqlite+aiosqlite:///{directory / 'idle.db'}"
-        async with scratch_schema(postgres) as schema:
+        async with bench_schema(postgres) as schema:
             server = await start_server(
                 "service", service_arguments(url, schema, operator, True), health_serving, directory
             )
