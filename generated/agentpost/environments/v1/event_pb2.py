@@ -27,32 +27,37 @@ from agentpost.environments.v1 import environment_pb2 as agentpost_dot_environme
 from agentpost.environments.v1 import member_pb2 as agentpost_dot_environments_dot_v1_dot_member__pb2
 from agentpost.environments.v1 import organization_pb2 as agentpost_dot_environments_dot_v1_dot_organization__pb2
 from agentpost.environments.v1 import resource_pb2 as agentpost_dot_environments_dot_v1_dot_resource__pb2
+from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%agentpost/environments/v1/event.proto\x12\x19\x61gentpost.environments.v1\x1a\'agentpost/environments/v1/api_key.proto\x1a+agentpost/environments/v1/environment.proto\x1a&agentpost/environments/v1/member.proto\x1a,agentpost/environments/v1/organization.proto\x1a(agentpost/environments/v1/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\t\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x05\x61\x63tor\x18\x05 \x01(\x0b\x32&.agentpost.environments.v1.Event.Actor\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x37\n\x06\x61\x63tion\x18\x07 \x01(\x0e\x32\'.agentpost.environments.v1.Event.Action\x12\x44\n\rresource_type\x18\x08 \x01(\x0e\x32-.agentpost.environments.v1.Event.ResourceType\x12\x13\n\x0bresource_id\x18\t \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\n \x01(\t\x12\x16\n\x0e\x63hanged_fields\x18\x0b \x03(\t\x12?\n\x0corganization\x18\x0c \x01(\x0b\x32\'.agentpost.environments.v1.OrganizationH\x00\x12=\n\x0b\x65nvironment\x18\r \x01(\x0b\x32&.agentpost.environments.v1.EnvironmentH\x00\x12\x33\n\x06member\x18\x0e \x01(\x0b\x32!.agentpost.environments.v1.MemberH\x00\x12J\n\x12\x65nvironment_member\x18\x0f \x01(\x0b\x32,.agentpost.environments.v1.EnvironmentMemberH\x00\x12\x34\n\x07\x61pi_key\x18\x10 \x01(\x0b\x32!.agentpost.environments.v1.ApiKeyH\x00\x12\x44\n\x0fscoped_resource\x18\x11 \x01(\x0b\x32).agentpost.environments.v1.ScopedResourceH\x00\x1a@\n\x05\x41\x63tor\x12\x12\n\napi_key_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x10\n\x08operator\x18\x03 \x01(\x08\"\xb9\x01\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\x0b\n\x07UPDATED\x10\x02\x12\x0b\n\x07\x44\x45LETED\x10\x03\x12\r\n\tUNDELETED\x10\x04\x12\x0b\n\x07REVOKED\x10\x05\x12\n\n\x06ROLLED\x10\x06\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x07\x12\x0b\n\x07REMOVED\x10\x08\x12\x0e\n\nREGISTERED\x10\t\x12\x10\n\x0c\x44\x45REGISTERED\x10\n\x12\x0e\n\nREASSIGNED\x10\x0b\"\x96\x01\n\x0cResourceType\x12\x1d\n\x19RESOURCE_TYPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cORGANIZATION\x10\x01\x12\x0f\n\x0b\x45NVIRONMENT\x10\x02\x12\n\n\x06MEMBER\x10\x03\x12\x16\n\x12\x45NVIRONMENT_MEMBER\x10\x04\x12\x0b\n\x07\x41PI_KEY\x10\x05\x12\x13\n\x0fSCOPED_RESOURCE\x10\x06\x42\n\n\x08resource\"\xa5\x02\n\x11ListEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x03 \x01(\t\x12\x44\n\rresource_type\x18\x04 \x01(\x0e\x32-.agentpost.environments.v1.Event.ResourceType\x12\x13\n\x0bresource_id\x18\x05 \x01(\t\x12\x18\n\x10\x61\x63tor_api_key_id\x18\x06 \x01(\t\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x12ListEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .agentpost.environments.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"s\n\x12WatchEventsRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x03\x12\x45\n\x0eresource_types\x18\x02 \x03(\x0e\x32-.agentpost.environments.v1.Event.ResourceType\"Y\n\x13WatchEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .agentpost.environments.v1.Event\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\xe9\x01\n\x0c\x45ventService\x12i\n\nListEvents\x12,.agentpost.environments.v1.ListEventsRequest\x1a-.agentpost.environments.v1.ListEventsResponse\x12n\n\x0bWatchEvents\x12-.agentpost.environments.v1.WatchEventsRequest\x1a..agentpost.environments.v1.WatchEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%agentpost/environments/v1/event.proto\x12\x19\x61gentpost.environments.v1\x1a\'agentpost/environments/v1/api_key.proto\x1a+agentpost/environments/v1/environment.proto\x1a&agentpost/environments/v1/member.proto\x1a,agentpost/environments/v1/organization.proto\x1a(agentpost/environments/v1/resource.proto\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x9e\t\n\x05\x45vent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0forganization_id\x18\x02 \x01(\t\x12\x10\n\x08revision\x18\x03 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x05\x61\x63tor\x18\x05 \x01(\x0b\x32&.agentpost.environments.v1.Event.Actor\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x37\n\x06\x61\x63tion\x18\x07 \x01(\x0e\x32\'.agentpost.environments.v1.Event.Action\x12\x44\n\rresource_type\x18\x08 \x01(\x0e\x32-.agentpost.environments.v1.Event.ResourceType\x12\x13\n\x0bresource_id\x18\t \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\n \x01(\t\x12\x16\n\x0e\x63hanged_fields\x18\x0b \x03(\t\x12?\n\x0corganization\x18\x0c \x01(\x0b\x32\'.agentpost.environments.v1.OrganizationH\x00\x12=\n\x0b\x65nvironment\x18\r \x01(\x0b\x32&.agentpost.environments.v1.EnvironmentH\x00\x12\x33\n\x06member\x18\x0e \x01(\x0b\x32!.agentpost.environments.v1.MemberH\x00\x12J\n\x12\x65nvironment_member\x18\x0f \x01(\x0b\x32,.agentpost.environments.v1.EnvironmentMemberH\x00\x12\x34\n\x07\x61pi_key\x18\x10 \x01(\x0b\x32!.agentpost.environments.v1.ApiKeyH\x00\x12\x44\n\x0fscoped_resource\x18\x11 \x01(\x0b\x32).agentpost.environments.v1.ScopedResourceH\x00\x1a@\n\x05\x41\x63tor\x12\x12\n\napi_key_id\x18\x01 \x01(\t\x12\x11\n\tmember_id\x18\x02 \x01(\t\x12\x10\n\x08operator\x18\x03 \x01(\x08\"\xb9\x01\n\x06\x41\x63tion\x12\x16\n\x12\x41\x43TION_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x43REATED\x10\x01\x12\x0b\n\x07UPDATED\x10\x02\x12\x0b\n\x07\x44\x45LETED\x10\x03\x12\r\n\tUNDELETED\x10\x04\x12\x0b\n\x07REVOKED\x10\x05\x12\n\n\x06ROLLED\x10\x06\x12\t\n\x05\x41\x44\x44\x45\x44\x10\x07\x12\x0b\n\x07REMOVED\x10\x08\x12\x0e\n\nREGISTERED\x10\t\x12\x10\n\x0c\x44\x45REGISTERED\x10\n\x12\x0e\n\nREASSIGNED\x10\x0b\"\x96\x01\n\x0cResourceType\x12\x1d\n\x19RESOURCE_TYPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cORGANIZATION\x10\x01\x12\x0f\n\x0b\x45NVIRONMENT\x10\x02\x12\n\n\x06MEMBER\x10\x03\x12\x16\n\x12\x45NVIRONMENT_MEMBER\x10\x04\x12\x0b\n\x07\x41PI_KEY\x10\x05\x12\x13\n\x0fSCOPED_RESOURCE\x10\x06\x42\n\n\x08resource\"\xa5\x02\n\x11ListEventsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x16\n\x0e\x65nvironment_id\x18\x03 \x01(\t\x12\x44\n\rresource_type\x18\x04 \x01(\x0e\x32-.agentpost.environments.v1.Event.ResourceType\x12\x13\n\x0bresource_id\x18\x05 \x01(\t\x12\x18\n\x10\x61\x63tor_api_key_id\x18\x06 \x01(\t\x12.\n\nstart_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x12ListEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .agentpost.environments.v1.Event\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"s\n\x12WatchEventsRequest\x12\x16\n\x0e\x61\x66ter_revision\x18\x01 \x01(\x03\x12\x45\n\x0eresource_types\x18\x02 \x03(\x0e\x32-.agentpost.environments.v1.Event.ResourceType\"Y\n\x13WatchEventsResponse\x12\x30\n\x06\x65vents\x18\x01 \x03(\x0b\x32 .agentpost.environments.v1.Event\x12\x10\n\x08revision\x18\x02 \x01(\x03\x32\xa1\x02\n\x0c\x45ventService\x12\x81\x01\n\nListEvents\x12,.agentpost.environments.v1.ListEventsRequest\x1a-.agentpost.environments.v1.ListEventsResponse\"\x16\x82\xd3\xe4\x93\x02\x10\x12\x0e/api/v1/events\x12\x8c\x01\n\x0bWatchEvents\x12-.agentpost.environments.v1.WatchEventsRequest\x1a..agentpost.environments.v1.WatchEventsResponse\"\x1c\x82\xd3\xe4\x93\x02\x16\x12\x14/api/v1/events:watch0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentpost.environments.v1.event_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENT']._serialized_start=316
-  _globals['_EVENT']._serialized_end=1498
-  _globals['_EVENT_ACTOR']._serialized_start=1081
-  _globals['_EVENT_ACTOR']._serialized_end=1145
-  _globals['_EVENT_ACTION']._serialized_start=1148
-  _globals['_EVENT_ACTION']._serialized_end=1333
-  _globals['_EVENT_RESOURCETYPE']._serialized_start=1336
-  _globals['_EVENT_RESOURCETYPE']._serialized_end=1486
-  _globals['_LISTEVENTSREQUEST']._serialized_start=1501
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1794
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1796
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1891
-  _globals['_WATCHEVENTSREQUEST']._serialized_start=1893
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=2008
-  _globals['_WATCHEVENTSRESPONSE']._serialized_start=2010
-  _globals['_WATCHEVENTSRESPONSE']._serialized_end=2099
-  _globals['_EVENTSERVICE']._serialized_start=2102
-  _globals['_EVENTSERVICE']._serialized_end=2335
+  _globals['_EVENTSERVICE'].methods_by_name['ListEvents']._loaded_options = None
+  _globals['_EVENTSERVICE'].methods_by_name['ListEvents']._serialized_options = b'\202\323\344\223\002\020\022\016/api/v1/events'
+  _globals['_EVENTSERVICE'].methods_by_name['WatchEvents']._loaded_options = None
+  _globals['_EVENTSERVICE'].methods_by_name['WatchEvents']._serialized_options = b'\202\323\344\223\002\026\022\024/api/v1/events:watch'
+  _globals['_EVENT']._serialized_start=346
+  _globals['_EVENT']._serialized_end=1528
+  _globals['_EVENT_ACTOR']._serialized_start=1111
+  _globals['_EVENT_ACTOR']._serialized_end=1175
+  _globals['_EVENT_ACTION']._serialized_start=1178
+  _globals['_EVENT_ACTION']._serialized_end=1363
+  _globals['_EVENT_RESOURCETYPE']._serialized_start=1366
+  _globals['_EVENT_RESOURCETYPE']._serialized_end=1516
+  _globals['_LISTEVENTSREQUEST']._serialized_start=1531
+  _globals['_LISTEVENTSREQUEST']._serialized_end=1824
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=1826
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=1921
+  _globals['_WATCHEVENTSREQUEST']._serialized_start=1923
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=2038
+  _globals['_WATCHEVENTSRESPONSE']._serialized_start=2040
+  _globals['_WATCHEVENTSRESPONSE']._serialized_end=2129
+  _globals['_EVENTSERVICE']._serialized_start=2132
+  _globals['_EVENTSERVICE']._serialized_end=2421
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ from agentpost.environments.v1 import environment_pb2 as _environment_pb2
 from agentpost.environments.v1 import member_pb2 as _member_pb2
 from agentpost.environments.v1 import organization_pb2 as _organization_pb2
 from agentpost.environments.v1 import resource_pb2 as _resource_pb2
+from google.api import annotations_pb2 as _annotations_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
