@@ -5,8 +5,8 @@ in subprocesses on 127.0.0.1, sets up an organization over gRPC, and drives ever
 the same load client (tests/bench/load.py). Throughput is reported (tests/bench/report.py) as a
 ratio to the echo, run first and again last; the mean of both is 1.0. Each read scenario runs
 interleaved (off, on, on, off) with a replica of the same database that has Prometheus metrics on,
-for the cost of metrics. Then a second replica on the same database measures how long a revoke on one replica
-takes to be honoured by the other.
+for the cost of metrics. Then a second replica on the same database measures how long a revoke on
+one replica takes to be honoured by the other.
 
 Run: `python -m tests.bench [--duration S] [--concurrency N] [--postgres URL] [--json PATH]`.
 A scenario whose setup fails (an RPC not implemented yet, say) prints "skipped: <reason>".
