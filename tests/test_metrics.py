@@ -23,6 +23,7 @@ from service.domain.models import KeyMode
 from tests.harness import Harness, auth, fails
 from tests.own_database import own_database
 from tests.servers import Backend, start_server
+from tests.watching import Watcher
 
 ORG = "agentpost.environments.v1.OrganizationService"
 ENVIRONMENTS = "agentpost.environments.v1.EnvironmentService"
@@ -277,3 +278,58 @@ def test_metrics_addresses_are_host_and_port() -> None:
     assert parse_address(":9464") == ("0.0.0.0", 9464)
     with pytest.raises(ValueError, match="host:port"):
         parse_address("9464x")
+
+
+async def test_open_event_streams_are_counted(metered: Harness) -> None:
+    org = await metered.new_org()
+    _, before = await scrape(metered)
+    assert value(before, "agentpost_event_stream_subscribers") == 0
+    watchers = [Watcher(metered.channel, org.owner_secret) for _ in range(2)]
+    try:
+        for watcher in watchers:
+            await watcher.live()
+        _, watching = await scrape(metered)
+        assert value(watching, "agentpost_event_stream_subscribers") == 2
+    finally:
+        for watcher in watchers:
+            await watcher.close()
+    # A closed stream unsubscribes as its handler ends, a moment after the client cancelled.
+    _, after = await scrape_until(metered, lambda s: value(s, "agentpost_event_stream_subscribers") == 0)
+    assert value(after, "agentpost_event_stream_subscribers") == 0
+
+
+async def test_revision_lag_shows_revisions_heard_of_and_not_yet_applied(
+    metered: Harness, backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    org = await metered.new_org()
+    # The metered replica follows the organization once it serves a call of its key.
+    await metered.organizations.GetOrganization(
+        organization_pb2.GetOrganizationRequest(), metadata=auth(org.owner_secret)
+    )
+    _, before = await scrape(metered)
+    assert value(before, "agentpost_revision_lag") == 0
+    # Tests poll every 0.2 s: the database confirmed the view moments ago.
+    assert 0 <= value(before, "agentpost_revision_unconfirmed_seconds") < 5
+
+    # Another replica of the same database writes twice, while the metered one holds back
+    # reading the log: it hears of the revisions (notification or poll) but cannot apply them.
+    async def held_back(_organization_id: str) -> None:
+        return None
+
+    monkeypatch.setattr(metered.app.access, "catch_up", held_back)
+    other, channel = await start_server(own_database(backend, tmp_path))
+    try:
+        writer = Harness(other, channel, backend.name)
+        for name in ("Lag one", "Lag two"):
+            await writer.environments.CreateEnvironment(
+                environment_pb2.CreateEnvironmentRequest(name=name), metadata=auth(org.owner_secret)
+            )
+    finally:
+        await channel.close()
+        await other.stop(grace=0)
+    _, behind = await scrape_until(metered, lambda s: value(s, "agentpost_revision_lag") >= 2)
+    assert value(behind, "agentpost_revision_lag") == 2
+
+    monkeypatch.undo()
+    _, caught_up = await scrape_until(metered, lambda s: value(s, "agentpost_revision_lag") == 0)
+    assert value(caught_up, "agentpost_revision_lag") == 0
