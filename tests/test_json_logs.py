@@ -3,6 +3,7 @@ call's method, code and duration, and never a secret in any line."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -70,6 +71,14 @@ async def test_each_line_is_one_object_and_each_call_one_access_line(
         grpc.StatusCode.UNAUTHENTICATED,
     )
 
+    # A refused call is answered before its access line is written: wait for it (at most 5 s).
+    for _ in range(500):  # 10 ms apart: at most 5 s
+        if any(
+            line["logger"] == "service.access" and line["request_id"] == "json-refused-1"
+            for line in parse(json_lines)
+        ):
+            break
+        await asyncio.sleep(0.01)
     lines = parse(json_lines)
     assert lines
     for line in lines:

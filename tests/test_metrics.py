@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -13,6 +13,7 @@ import pytest
 from agentpost.environments.v1 import api_key_pb2 as pb
 from agentpost.environments.v1 import environment_pb2, organization_pb2
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import text
 
 from service.app.config import Settings
 from service.app.metrics import parse_address
@@ -22,6 +23,7 @@ from service.domain.models import KeyMode
 from tests.harness import Harness, auth, fails
 from tests.own_database import own_database
 from tests.servers import Backend, start_server
+from tests.watching import Watcher
 
 ORG = "agentpost.environments.v1.OrganizationService"
 ENVIRONMENTS = "agentpost.environments.v1.EnvironmentService"
@@ -57,6 +59,17 @@ async def scrape(harness: Harness) -> tuple[str, Samples]:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return text, samples
+
+
+async def scrape_until(harness: Harness, ready: Callable[[Samples], bool]) -> tuple[str, Samples]:
+    """Scrapes until `ready` holds (at most 5 s). A call ended by `context.abort` is answered
+    before the interceptor's `finally` counts it, so its count may lag its answer by a moment."""
+    for _ in range(500):  # 10 ms apart: at most 5 s
+        text, samples = await scrape(harness)
+        if ready(samples):
+            break
+        await asyncio.sleep(0.01)
     return text, samples
 
 
@@ -106,10 +119,19 @@ async def test_calls_are_counted_by_method_and_code(metered: Harness) -> None:
         await metered.channel.unary_unary("/agentpost.environments.v1.NoSuchService/NoSuchMethod")(b"")
     assert unimplemented.value.code() == grpc.StatusCode.UNIMPLEMENTED
 
-    text, after = await scrape(metered)
+    def grew(after: Samples, method: str, code: str, service: str = ORG) -> float:
+        return handled(after, service, method, code) - handled(before, service, method, code)
+
+    text, after = await scrape_until(
+        metered,
+        lambda after: (
+            grew(after, "GetOrganization", "UNAUTHENTICATED") >= 2
+            and grew(after, "CreateEnvironment", "INVALID_ARGUMENT", ENVIRONMENTS) >= 1
+        ),
+    )
 
     def delta(method: str, code: str, service: str = ORG) -> float:
-        return handled(after, service, method, code) - handled(before, service, method, code)
+        return grew(after, method, code, service)
 
     assert delta("GetOrganization", "OK") == 3
     assert delta("GetOrganization", "UNAUTHENTICATED") == 2
@@ -156,7 +178,13 @@ async def test_verify_outcomes_and_cache_hits_are_counted(metered: Harness) -> N
         grpc.StatusCode.INVALID_ARGUMENT,
     )
 
-    _, after = await scrape(metered)
+    _, after = await scrape_until(
+        metered,
+        lambda after: (
+            handled(after, KEYS, "VerifyApiKey", "INVALID_ARGUMENT")
+            > handled(before, KEYS, "VerifyApiKey", "INVALID_ARGUMENT")
+        ),
+    )
     assert verified(after, "VALID") - verified(before, "VALID") == 4
     assert verified(after, "SCOPE_MISSING") - verified(before, "SCOPE_MISSING") == 1
     assert verified(after, "MALFORMED") - verified(before, "MALFORMED") == 1
@@ -203,9 +231,19 @@ async def test_cache_and_pool_state_is_read_at_scrape_time(metered: Harness) -> 
     assert value(samples, "agentpost_access_cache_entries", cache="organizations") == stats.organizations >= 1
     pool = metered.app.engine.sync_engine.pool
     assert value(samples, "agentpost_database_pool_size") == pool.size()  # type: ignore[attr-defined]
-    # No call is running while the scrape is answered; what the calls used is back in the pool.
-    assert value(samples, "agentpost_database_pool_connections", state="in_use") == 0
-    assert value(samples, "agentpost_database_pool_connections", state="idle") >= 1
+    # Background work (polls, catch-ups) may hold a connection at any moment, so the test holds
+    # two of its own and looks for at least them.
+    async with metered.app.engine.connect() as first, metered.app.engine.connect() as second:
+        await first.execute(text("SELECT 1"))
+        await second.execute(text("SELECT 1"))
+        _, held = await scrape(metered)
+    _, released = await scrape(metered)
+    in_use, idle = (
+        value(held, "agentpost_database_pool_connections", state="in_use"),
+        value(released, "agentpost_database_pool_connections", state="idle"),
+    )
+    assert in_use >= 2
+    assert idle + value(released, "agentpost_database_pool_connections", state="in_use") >= 2
     # The standard process series come along.
     assert value(samples, "process_resident_memory_bytes") > 0
 
@@ -240,3 +278,58 @@ def test_metrics_addresses_are_host_and_port() -> None:
     assert parse_address(":9464") == ("0.0.0.0", 9464)
     with pytest.raises(ValueError, match="host:port"):
         parse_address("9464x")
+
+
+async def test_open_event_streams_are_counted(metered: Harness) -> None:
+    org = await metered.new_org()
+    _, before = await scrape(metered)
+    assert value(before, "agentpost_event_stream_subscribers") == 0
+    watchers = [Watcher(metered.channel, org.owner_secret) for _ in range(2)]
+    try:
+        for watcher in watchers:
+            await watcher.live()
+        _, watching = await scrape(metered)
+        assert value(watching, "agentpost_event_stream_subscribers") == 2
+    finally:
+        for watcher in watchers:
+            await watcher.close()
+    # A closed stream unsubscribes as its handler ends, a moment after the client cancelled.
+    _, after = await scrape_until(metered, lambda s: value(s, "agentpost_event_stream_subscribers") == 0)
+    assert value(after, "agentpost_event_stream_subscribers") == 0
+
+
+async def test_revision_lag_shows_revisions_heard_of_and_not_yet_applied(
+    metered: Harness, backend: Backend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    org = await metered.new_org()
+    # The metered replica follows the organization once it serves a call of its key.
+    await metered.organizations.GetOrganization(
+        organization_pb2.GetOrganizationRequest(), metadata=auth(org.owner_secret)
+    )
+    _, before = await scrape(metered)
+    assert value(before, "agentpost_revision_lag") == 0
+    # Tests poll every 0.2 s: the database confirmed the view moments ago.
+    assert 0 <= value(before, "agentpost_revision_unconfirmed_seconds") < 5
+
+    # Another replica of the same database writes twice, while the metered one holds back
+    # reading the log: it hears of the revisions (notification or poll) but cannot apply them.
+    async def held_back(_organization_id: str) -> None:
+        return None
+
+    monkeypatch.setattr(metered.app.access, "catch_up", held_back)
+    other, channel = await start_server(own_database(backend, tmp_path))
+    try:
+        writer = Harness(other, channel, backend.name)
+        for name in ("Lag one", "Lag two"):
+            await writer.environments.CreateEnvironment(
+                environment_pb2.CreateEnvironmentRequest(name=name), metadata=auth(org.owner_secret)
+            )
+    finally:
+        await channel.close()
+        await other.stop(grace=0)
+    _, behind = await scrape_until(metered, lambda s: value(s, "agentpost_revision_lag") >= 2)
+    assert value(behind, "agentpost_revision_lag") == 2
+
+    monkeypatch.undo()
+    _, caught_up = await scrape_until(metered, lambda s: value(s, "agentpost_revision_lag") == 0)
+    assert value(caught_up, "agentpost_revision_lag") == 0

@@ -33,13 +33,16 @@ log = logging.getLogger(__name__)
 
 
 class StateCollector(Collector):
-    """The access cache's sizes and key hits and misses, and the database pool's connections,
-    read at scrape time. Reading from the scrape thread is safe: each value is one read of a
+    """The access cache's sizes, key hits and misses and revision lag, the open event streams,
+    and the database pool's connections, read at scrape time. Reading from the scrape thread is safe: each value is one read of a
     counter or a container's length, which the interpreter does atomically."""
 
-    def __init__(self, cache_stats: Callable[[], CacheStats], pool: Pool) -> None:
+    def __init__(
+        self, cache_stats: Callable[[], CacheStats], pool: Pool, subscribers: Callable[[], int]
+    ) -> None:
         self._cache_stats = cache_stats
         self._pool = pool
+        self._subscribers = subscribers
 
     def collect(self) -> Iterator[Metric]:
         """Yields the current values."""
@@ -61,6 +64,23 @@ class StateCollector(Collector):
             "agentpost_access_cache_key_misses",
             "Key lookups that read the database (unknown secrets included: they are never cached).",
             value=stats.key_misses,
+        )
+        yield GaugeMetricFamily(
+            "agentpost_revision_lag",
+            "Revisions this replica knows its followed organizations committed but has not applied "
+            "yet (the largest over organizations).",
+            value=stats.revision_lag,
+        )
+        yield GaugeMetricFamily(
+            "agentpost_revision_unconfirmed_seconds",
+            "Seconds since the database last confirmed this replica's view (a successful poll): "
+            "the bound on any lag it does not know of yet.",
+            value=stats.unconfirmed_seconds,
+        )
+        yield GaugeMetricFamily(
+            "agentpost_event_stream_subscribers",
+            "Open WatchEvents streams on this process.",
+            value=self._subscribers(),
         )
         yield from self._pool_metrics()
 
@@ -98,14 +118,16 @@ def parse_address(address: str) -> tuple[str, int]:
 class MetricsEndpoint:
     """The call metrics, the state collector and the standard process series, served over HTTP."""
 
-    def __init__(self, address: str, cache_stats: Callable[[], CacheStats], pool: Pool) -> None:
+    def __init__(
+        self, address: str, cache_stats: Callable[[], CacheStats], pool: Pool, subscribers: Callable[[], int]
+    ) -> None:
         self.address = address
         # `*_created` gauges (one per series, the time it first appeared) double the exposition
         # and no query here needs them.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self.calls = CallMetrics(self.registry)
-        self.registry.register(StateCollector(cache_stats, pool))
+        self.registry.register(StateCollector(cache_stats, pool, subscribers))
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             # The default collectors are registered globally; the same objects serve here too.
             self.registry.register(standard)

@@ -229,7 +229,12 @@ class Application:
         # its span is current in everything after it. Then metrics, whose clock starts before
         # authentication, then the call's method for log lines (and the access log).
         self.metrics = (
-            MetricsEndpoint(settings.metrics_address, self.access.stats, self.engine.sync_engine.pool)
+            MetricsEndpoint(
+                settings.metrics_address,
+                self.access.stats,
+                self.engine.sync_engine.pool,
+                lambda: self.event_hub.subscribers,
+            )
             if settings.metrics_address
             else None
         )

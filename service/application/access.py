@@ -72,6 +72,12 @@ class CacheStats:
     organizations: int
     key_hits: int
     key_misses: int
+    # The most revisions of one followed organization that this replica knows were committed
+    # (notified, polled or written here) but has not applied yet.
+    revision_lag: int
+    # Seconds since a poll last confirmed the view with the database (infinite before the first):
+    # the bound on any lag not known of yet.
+    unconfirmed_seconds: float
 
 
 @dataclass
@@ -160,8 +166,19 @@ class AccessCache:
         database.on_commit(self._committed)
 
     def stats(self) -> CacheStats:
-        """Sizes and key hit/miss counts, for metrics."""
-        return CacheStats(len(self._keys), len(self._snapshots), self._key_hits, self._key_misses)
+        """Sizes, key hit/miss counts and how far behind the database the view is, for metrics."""
+        applied = dict(self._applied)
+        lag = max(
+            (heard - applied[org] for org, heard in list(self._heard.items()) if org in applied), default=0
+        )
+        return CacheStats(
+            len(self._keys),
+            len(self._snapshots),
+            self._key_hits,
+            self._key_misses,
+            max(lag, 0),
+            self.staleness(),
+        )
 
     # -- following the log --------------------------------------------------------------------
 

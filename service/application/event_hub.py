@@ -130,5 +130,7 @@ class EventHub:
 
     @property
     def subscribers(self) -> int:
-        """How many streams are open on this replica."""
-        return sum(len(subscriptions) for subscriptions in self._subscriptions.values())
+        """How many streams are open on this replica. Metrics read it from their own thread: the
+        values are copied first (one step for the interpreter), so a stream opening meanwhile
+        cannot break the count."""
+        return sum(len(subscriptions) for subscriptions in list(self._subscriptions.values()))

@@ -96,6 +96,9 @@ class EventServiceServicer:
         UNAVAILABLE reason SERVER_SHUTTING_DOWN when the server stops. Every end carries the revision
         reached in the trailing metadata `x-agentpost-revision` (and in the ErrorInfo metadata
         `revision`): watching again from it loses and repeats nothing.
+
+        Over REST (a transcoder that streams, such as Envoy's), the messages arrive as a JSON array
+        or, with its newline-delimited option, one object per line.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,6 +63,9 @@ class EventServiceStub:
     UNAVAILABLE reason SERVER_SHUTTING_DOWN when the server stops. Every end carries the revision
     reached in the trailing metadata `x-agentpost-revision` (and in the ErrorInfo metadata
     `revision`): watching again from it loses and repeats nothing.
+
+    Over REST (a transcoder that streams, such as Envoy's), the messages arrive as a JSON array
+    or, with its newline-delimited option, one object per line.
     """
 
 @_typing.type_check_only
@@ -100,6 +103,9 @@ class EventServiceAsyncStub(EventServiceStub):
     UNAVAILABLE reason SERVER_SHUTTING_DOWN when the server stops. Every end carries the revision
     reached in the trailing metadata `x-agentpost-revision` (and in the ErrorInfo metadata
     `revision`): watching again from it loses and repeats nothing.
+
+    Over REST (a transcoder that streams, such as Envoy's), the messages arrive as a JSON array
+    or, with its newline-delimited option, one object per line.
     """
 
 class EventServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -146,6 +152,9 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
         UNAVAILABLE reason SERVER_SHUTTING_DOWN when the server stops. Every end carries the revision
         reached in the trailing metadata `x-agentpost-revision` (and in the ErrorInfo metadata
         `revision`): watching again from it loses and repeats nothing.
+
+        Over REST (a transcoder that streams, such as Envoy's), the messages arrive as a JSON array
+        or, with its newline-delimited option, one object per line.
         """
 
 def add_EventServiceServicer_to_server(servicer: EventServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
