@@ -47,6 +47,8 @@ MAX_CATCH_UP_EVENTS = 5_000
 # How long a caller asking for a revision not yet visible here waits for it.
 MIN_REVISION_WAIT_SECONDS = 2.0
 OWN_COMMIT_GRACE_SECONDS = 0.002
+# The longest shutdown waits to write last-used times.
+FINAL_FLUSH_SECONDS = 2.0
 # Key versions seen in events, remembered so a load that raced an event keeps the newer record.
 _SEEN_KEY_VERSIONS = 100_000
 
@@ -576,6 +578,10 @@ class AccessCache:
         self._tasks = []
         self._flushed.clear()
         try:
-            await asyncio.wait_for(self.flush_last_used(), timeout=self._poll_timeout)
+            # Advisory times must not hold shutdown: a write lock still held by a background task
+            # cancelled mid-transaction would otherwise keep this waiting for SQLite's busy timeout.
+            await asyncio.wait_for(
+                self.flush_last_used(), timeout=min(self._poll_timeout, FINAL_FLUSH_SECONDS)
+            )
         except Exception:
             log.exception("last-used times could not be written at shutdown")
