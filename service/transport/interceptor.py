@@ -257,8 +257,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 async def _admitted(state: _Call | None, request: Any, peer: str) -> Principal | None:
-    """The principal a stream acts as once the policy admits it (with its environment context
-    for context-scoped methods); raises the domain error that refuses it."""
+    """The principal a call or stream acts as once the policy admits it (with its environment
+    context for context-scoped methods); raises the domain error that refuses it."""
     if state is None:  # pragma: no cover - intercept_service always sets it
         raise Denied("the call was not authenticated", reason="METHOD_NOT_ALLOWED")
     principal = await state.authenticate(peer)
@@ -333,26 +333,7 @@ def _guarded(
         revision_token = committed_revision.set(None)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         try:
-            if state is None:  # pragma: no cover - intercept_service always sets it
-                raise Denied("the call was not authenticated", reason="METHOD_NOT_ALLOWED")
-            principal = await state.authenticate(context.peer())
-            assert state.rule is not None
-            if isinstance(request, _Undecodable):
-                raise InvalidArgument.field(
-                    "request",
-                    f"is not a valid protobuf message ({request.error})",
-                    reason="MALFORMED_REQUEST",
-                )
-            acting = principal
-            if acting is not None:
-                authorize(
-                    state.rule,
-                    acting,
-                    enums.requested_kind(request) if state.rule.resource_access else None,
-                )
-                if state.rule.level is Level.CONTEXT:
-                    acting = acting.in_context(state.environment)
-                call_context.current_principal.set(acting)
+            call_context.current_principal.set(await _admitted(state, request, context.peer()))
             response = await behaviour(request, context)
             revision = committed_revision.get()
             if revision is not None:
