@@ -241,7 +241,8 @@ class Application:
         self.traces = traces or tracing.from_environment()
         observing: list[grpc.aio.ServerInterceptor] = []
         if self.traces is not None:
-            self.traces.instrument(self.engine)
+            for engine in self.database.engines:
+                self.traces.instrument(engine)
             observing.extend(self.traces.interceptors())
         if self.metrics is not None:
             observing.append(self.metrics.calls.interceptor())

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import bisect
+import itertools
+from collections.abc import Iterable, Mapping
 
 from service.application.dependencies import Dependencies
 from service.application.idempotency import create_or_replay
@@ -81,12 +83,20 @@ class Environments:
             ("ListEnvironments", principal.key.id, show_deleted),
         )
         after = request.after[0] if request.after else ""
-        candidates = sorted(
-            env_id
-            for env_id in principal.visible_environment_ids
-            if env_id > after and (show_deleted or not principal.snapshot.environments[env_id].deleted)
+        snapshot = principal.snapshot
+        reach = principal.visible_environment_ids
+        if reach is snapshot.environment_ids:
+            # Every environment: continue in the snapshot's order, from the cursor on.
+            ordered = snapshot.ordered_environment_ids
+            candidates: Iterable[str] = itertools.islice(ordered, bisect.bisect_right(ordered, after), None)
+        else:
+            candidates = sorted(env_id for env_id in reach if env_id > after)
+        wanted = (
+            snapshot.environments[env_id]
+            for env_id in candidates
+            if show_deleted or not snapshot.environments[env_id].deleted
         )
-        fetched = [principal.snapshot.environments[env_id] for env_id in candidates[: request.size + 1]]
+        fetched = list(itertools.islice(wanted, request.size + 1))
         return self._deps.pager.page(request, fetched, lambda env: (env.id,))
 
     async def update(

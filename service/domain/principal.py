@@ -12,10 +12,12 @@ or widens) must not act with a higher role than the caller's own (`Principal.may
 
 from __future__ import annotations
 
+import bisect
 import enum
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import cached_property
 from typing import Final
 
 from service.domain.errors import Denied, FailedPrecondition, Unauthenticated, environment_not_found
@@ -75,19 +77,40 @@ _ACCESS_TYPES = frozenset(
 
 @dataclass(frozen=True)
 class OrgSnapshot:
-    """Everything about one organization that deciding access needs, read at one revision."""
+    """Everything about one organization that deciding access needs, read at one revision.
+
+    Its indexes (slugs, id sets, the ordered ids, the default) are built on first use and, when
+    built, carried into the next snapshot with only the changed environments patched in, so that
+    neither a call nor a write costs in proportion to the organization's environments.
+    """
 
     organization: Organization
     revision: int
     environments: Mapping[str, Environment]
     member_roles: Mapping[str, OrgRole]
     environment_roles: Mapping[str, Mapping[str, EnvRole]]
-    slugs: Mapping[str, str] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "slugs", {env.slug: env.id for env in self.environments.values()})
+    @cached_property
+    def slugs(self) -> Mapping[str, str]:
+        """Environment ids by slug (slugs never change and are never reused)."""
+        return {env.slug: env.id for env in self.environments.values()}
 
-    @property
+    @cached_property
+    def environment_ids(self) -> frozenset[str]:
+        """Every environment, deleted ones included."""
+        return frozenset(self.environments)
+
+    @cached_property
+    def active_environment_ids(self) -> frozenset[str]:
+        """Every environment that is not deleted."""
+        return frozenset(env.id for env in self.environments.values() if not env.deleted)
+
+    @cached_property
+    def ordered_environment_ids(self) -> Sequence[str]:
+        """Every environment id in order (ids sort by creation), for pages."""
+        return sorted(self.environments)
+
+    @cached_property
     def default_environment(self) -> Environment | None:
         """The organization's default environment."""
         return next((env for env in self.environments.values() if env.is_default), None)
@@ -109,12 +132,14 @@ class OrgSnapshot:
         environments = dict(self.environments)
         roles = dict(self.member_roles)
         environment_roles = dict(self.environment_roles)
+        changed: dict[str, Environment] = {}
         for event in relevant:
             resource = event.resource
             if isinstance(resource, Organization):
                 organization = resource
             elif isinstance(resource, Environment):
                 environments[resource.id] = resource
+                changed[resource.id] = resource
             elif isinstance(resource, Member):
                 if event.action is Action.DELETED:
                     roles.pop(resource.id, None)
@@ -128,7 +153,35 @@ class OrgSnapshot:
                 else:
                     held[resource.environment_id] = resource.role
                 environment_roles[resource.member_id] = held
-        return OrgSnapshot(organization, revision, environments, roles, environment_roles)
+        patched = OrgSnapshot(organization, revision, environments, roles, environment_roles)
+        self._carry_indexes(patched, list(changed.values()))
+        return patched
+
+    def _carry_indexes(self, patched: OrgSnapshot, changed: Sequence[Environment]) -> None:
+        """Gives `patched` the indexes this snapshot built, with the `changed` environments in."""
+        built = self.__dict__
+        into = patched.__dict__
+        if not changed:
+            into.update({name: value for name, value in built.items() if name in _INDEXES})
+            return
+        if "slugs" in built:
+            into["slugs"] = {**self.slugs, **{env.slug: env.id for env in changed}}
+        if "environment_ids" in built:
+            into["environment_ids"] = self.environment_ids | {env.id for env in changed}
+        if "active_environment_ids" in built:
+            into["active_environment_ids"] = (
+                self.active_environment_ids - {env.id for env in changed if env.deleted}
+            ) | {env.id for env in changed if not env.deleted}
+        if "ordered_environment_ids" in built:
+            ordered = list(self.ordered_environment_ids)
+            for env in changed:
+                if env.id not in self.environments:
+                    bisect.insort(ordered, env.id)
+            into["ordered_environment_ids"] = ordered
+        if "default_environment" in built:
+            into["default_environment"] = next(
+                (env for env in changed if env.is_default), self.default_environment
+            )
 
     def member_environment_ids(self, member_id: str) -> frozenset[str]:
         """The environments a member reaches: all for OWNER/ADMIN, else those it was added to."""
@@ -139,6 +192,11 @@ class OrgSnapshot:
             return frozenset(self.environments)
         return frozenset(self.environment_roles.get(member_id, {}))
 
+
+# The snapshot's lazily built indexes (see OrgSnapshot).
+_INDEXES = frozenset(
+    {"slugs", "environment_ids", "active_environment_ids", "ordered_environment_ids", "default_environment"}
+)
 
 _ROLE_RANK: Final = {OrgRole.MEMBER: 0, OrgRole.ADMIN: 1, OrgRole.OWNER: 2}
 
@@ -174,11 +232,22 @@ class Principal:
     @classmethod
     def of(cls, key: ApiKey, snapshot: OrgSnapshot) -> Principal:
         """The principal of a usable key (see `key_denial`)."""
-        reach = frozenset(snapshot.environments)
-        if not key.organization_wide:
-            reach &= frozenset(key.environment_ids)
-        if key.owner_member_id is not None:
-            reach &= snapshot.member_environment_ids(key.owner_member_id)
+        owner = key.owner_member_id
+        owner_role = None if owner is None else snapshot.member_roles.get(owner)
+        owner_reaches_all = owner is None or (owner_role is not None and owner_role.reaches_every_environment)
+        if key.organization_wide and owner_reaches_all:
+            # The common case shares the snapshot's sets: nothing in proportion to its size.
+            return cls(key, snapshot, snapshot.environment_ids, snapshot.active_environment_ids)
+        # Otherwise the reach is a short list: the key's environments and/or its owner's.
+        owner_environments: Mapping[str, EnvRole] = (
+            {} if owner is None or owner_role is None else snapshot.environment_roles.get(owner, {})
+        )
+        candidates = owner_environments if key.organization_wide else key.environment_ids
+        reach = frozenset(
+            env_id
+            for env_id in candidates
+            if env_id in snapshot.environments and (owner_reaches_all or env_id in owner_environments)
+        )
         allowed = frozenset(env_id for env_id in reach if not snapshot.environments[env_id].deleted)
         return cls(key=key, snapshot=snapshot, visible_environment_ids=reach, allowed_environment_ids=allowed)
 

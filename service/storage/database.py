@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import event, func, select, text, update
+from sqlalchemy import bindparam, event, func, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
@@ -20,14 +20,24 @@ from service.domain.clock import utcnow
 from service.domain.errors import DomainError, Unavailable
 from service.domain.events import Actor, Change, Event
 from service.domain.models import Organization
+from service.storage import inline_sqlite
 from service.storage.errors import translate
 from service.storage.notifications import REVISION_CHANNEL, OnConnected, OnRevision, listen_for_revisions
-from service.storage.tables import OrganizationRow
+from service.storage.tables import ORGANIZATIONS
 from service.storage.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
 
 CommitListener = Callable[[str, int, list[Event]], None]
+
+
+# Built once: the write path runs it on every write (see tables.table_of).
+_RAISE_REVISION = (
+    update(ORGANIZATIONS)
+    .where(ORGANIZATIONS.c.id == bindparam("organization_id"))
+    .values(revision=ORGANIZATIONS.c.revision + 1)
+    .returning(ORGANIZATIONS.c.revision)
+)
 
 
 def _created_organization(changes: list[Change]) -> str | None:
@@ -41,9 +51,9 @@ def _created_organization(changes: list[Change]) -> str | None:
 DEFAULT_TIMEOUT_SECONDS = 5.0
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any, busy_timeout_ms: int = 10_000) -> None:
     cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
     # WAL is a property of the file: switch once. Asking again on every connection races with
     # another process's last connection closing (and removing the WAL), a "disk I/O error".
     cursor.execute("PRAGMA journal_mode")
@@ -80,6 +90,23 @@ def build_engine(
     )
 
 
+def _sqlite_writer(url: URL) -> AsyncEngine:
+    """The engine of SQLite's write transactions (see inline_sqlite): one connection suffices,
+    as this process's writers queue for it anyway."""
+    engine = create_async_engine(
+        url.set(drivername=inline_sqlite.DRIVER_NAME),
+        pool_size=1,
+        max_overflow=2,
+        connect_args={"check_same_thread": False},
+    )
+    event.listen(
+        engine.sync_engine,
+        "connect",
+        lambda connection, record: _sqlite_pragmas(connection, record, inline_sqlite.BUSY_TIMEOUT_MS),
+    )
+    return engine
+
+
 @asynccontextmanager
 async def translated_errors() -> AsyncIterator[None]:
     """Re-raises driver errors as the domain errors they mean, including those raised while
@@ -103,6 +130,9 @@ class Database:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False)
+        sqlite = engine.dialect.name == "sqlite"
+        self._writer_engine = _sqlite_writer(engine.url) if sqlite else engine
+        self._write_sessions = async_sessionmaker(self._writer_engine, expire_on_commit=False)
         self._listeners: list[CommitListener] = []
         self._notify = engine.dialect.name == "postgresql"
         # SQLite lets one transaction write at a time, and a writer that finds the file locked
@@ -115,6 +145,13 @@ class Database:
         # (reason, message) while the schema is not known to be the one this code needs (start-up
         # found it behind, or could not tell): every unit of work is refused with it.
         self.closed_because: tuple[str, str] | None = None
+
+    @property
+    def engines(self) -> tuple[AsyncEngine, ...]:
+        """Every engine statements run on: reads', and writes' where it differs (SQLite)."""
+        if self._writer_engine is self.engine:
+            return (self.engine,)
+        return (self.engine, self._writer_engine)
 
     def on_commit(self, listener: CommitListener) -> None:
         """Calls `listener(organization_id, revision, events)` after each committed write."""
@@ -149,7 +186,7 @@ class Database:
         """
         if require_schema:
             self._require_schema()
-        async with translated_errors(), self._writer, self._sessions() as session, session.begin():
+        async with translated_errors(), self._writer, self._write_sessions() as session, session.begin():
             revision = None
             if organization_id is not None:
                 revision = await self._raise_revision(session, organization_id)
@@ -173,13 +210,7 @@ class Database:
 
     @staticmethod
     async def _raise_revision(session: AsyncSession, organization_id: str) -> int:
-        raised = await session.scalar(
-            update(OrganizationRow)
-            .where(OrganizationRow.id == organization_id)
-            .values(revision=OrganizationRow.revision + 1)
-            .returning(OrganizationRow.revision)
-            .execution_options(synchronize_session=False)
-        )
+        raised = await session.scalar(_RAISE_REVISION, {"organization_id": organization_id})
         return int(raised or 0)
 
     async def ping(self) -> None:
@@ -202,4 +233,6 @@ class Database:
 
     async def dispose(self) -> None:
         """Closes every pooled connection."""
+        if self._writer_engine is not self.engine:
+            await self._writer_engine.dispose()
         await self.engine.dispose()

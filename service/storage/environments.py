@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
+from typing import Any
+
+from sqlalchemy import Row, bindparam, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.domain.models import Environment
-from service.storage.tables import EnvironmentRow
+from service.storage.tables import ENVIRONMENTS, EnvironmentRow
+
+# Built once: every write into an environment re-reads it (see tables.table_of).
+_INSERT = insert(ENVIRONMENTS)
+_GET = select(ENVIRONMENTS).where(
+    ENVIRONMENTS.c.id == bindparam("environment_id"),
+    ENVIRONMENTS.c.organization_id == bindparam("organization_id"),
+)
 
 
-def to_environment(row: EnvironmentRow) -> Environment:
+def to_environment(row: EnvironmentRow | Row[Any]) -> Environment:
     """The domain record of a row."""
     return Environment(
         id=row.id,
@@ -33,39 +42,43 @@ class EnvironmentRepository:
 
     async def insert(self, env: Environment) -> None:
         """Stores a new environment; a taken slug raises AlreadyExists(SLUG_TAKEN)."""
-        self._session.add(
-            EnvironmentRow(
-                id=env.id,
-                organization_id=env.organization_id,
+        await self._session.execute(
+            _INSERT,
+            {
+                "id": env.id,
+                "organization_id": env.organization_id,
+                "name": env.name,
+                "slug": env.slug,
+                "description": env.description,
+                "is_default": env.is_default,
+                "create_time": env.create_time,
+                "update_time": env.update_time,
+                "delete_time": env.delete_time,
+                "version": env.version,
+            },
+        )
+
+    async def get(self, organization_id: str, environment_id: str) -> Environment | None:
+        """One environment of the organization, deleted or not."""
+        found = await self._session.execute(
+            _GET, {"environment_id": environment_id, "organization_id": organization_id}
+        )
+        row = found.first()
+        return None if row is None else to_environment(row)
+
+    async def save(self, env: Environment) -> None:
+        """Writes the mutable fields of an existing environment."""
+        await self._session.execute(
+            update(ENVIRONMENTS)
+            .where(ENVIRONMENTS.c.id == env.id, ENVIRONMENTS.c.organization_id == env.organization_id)
+            .values(
                 name=env.name,
-                slug=env.slug,
                 description=env.description,
-                is_default=env.is_default,
-                create_time=env.create_time,
                 update_time=env.update_time,
                 delete_time=env.delete_time,
                 version=env.version,
             )
         )
-        await self._session.flush()
-
-    async def get(self, organization_id: str, environment_id: str) -> Environment | None:
-        """One environment of the organization, deleted or not."""
-        row = await self._session.get(EnvironmentRow, environment_id)
-        if row is None or row.organization_id != organization_id:
-            return None
-        return to_environment(row)
-
-    async def save(self, env: Environment) -> None:
-        """Writes the mutable fields of an existing environment."""
-        row = await self._session.get(EnvironmentRow, env.id)
-        assert row is not None and row.organization_id == env.organization_id
-        row.name = env.name
-        row.description = env.description
-        row.update_time = env.update_time
-        row.delete_time = env.delete_time
-        row.version = env.version
-        await self._session.flush()
 
     async def all_of(self, organization_id: str) -> list[Environment]:
         """Every environment of the organization, deleted ones included."""

@@ -24,7 +24,9 @@ from service.domain.events import (
     resource_id_of,
     resource_type_of,
 )
-from service.storage.tables import EventRow
+from service.storage.tables import EVENTS, EventRow
+
+_INSERT = insert(EVENTS)  # built once: every write appends
 
 
 def to_event(row: EventRow) -> Event:
@@ -133,7 +135,7 @@ class EventRepository:
             for change in changes
         ]
         await self._session.execute(
-            insert(EventRow),
+            _INSERT,
             [
                 {
                     "id": event.id,

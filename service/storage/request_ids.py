@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.storage.tables import RequestIdRow
+from service.storage.tables import REQUEST_IDS
+
+# Built once, run on every create (see tables.table_of).
+_FIND = select(REQUEST_IDS.c.result_id).where(
+    REQUEST_IDS.c.scope == bindparam("scope"),
+    REQUEST_IDS.c.operation == bindparam("operation"),
+    REQUEST_IDS.c.request_id == bindparam("request_id"),
+)
+_RECORD = insert(REQUEST_IDS)
 
 
 class RequestIdRepository:
@@ -23,20 +31,20 @@ class RequestIdRepository:
     async def find(self, scope: str, operation: str, request_id: str) -> str | None:
         """The id created by an earlier request with this id, if any."""
         return await self._session.scalar(
-            select(RequestIdRow.result_id).where(
-                RequestIdRow.scope == scope,
-                RequestIdRow.operation == operation,
-                RequestIdRow.request_id == request_id,
-            )
+            _FIND, {"scope": scope, "operation": operation, "request_id": request_id}
         )
 
     async def record(
         self, scope: str, operation: str, request_id: str, result_id: str, now: datetime
     ) -> None:
         """Remembers the result; a concurrent duplicate fails the transaction (DUPLICATE_REQUEST)."""
-        self._session.add(
-            RequestIdRow(
-                scope=scope, operation=operation, request_id=request_id, result_id=result_id, create_time=now
-            )
+        await self._session.execute(
+            _RECORD,
+            {
+                "scope": scope,
+                "operation": operation,
+                "request_id": request_id,
+                "result_id": result_id,
+                "create_time": now,
+            },
         )
-        await self._session.flush()

@@ -17,6 +17,7 @@ from sqlalchemy import (
     MetaData,
     PrimaryKeyConstraint,
     String,
+    Table,
     Text,
     TypeDecorator,
     UniqueConstraint,
@@ -221,3 +222,18 @@ class EventRow(Base):
     resource: Mapped[str] = mapped_column(Text)
     # REASSIGNED: the environment the resource left (who may see the event depends on it).
     previous_environment_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+
+
+def table_of(row_class: type[Base]) -> Table:
+    """A mapped class's table, for Core statements: the write path uses them because the ORM's
+    unit of work and identity map cost more than the statements themselves there."""
+    table = row_class.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+ORGANIZATIONS = table_of(OrganizationRow)
+ENVIRONMENTS = table_of(EnvironmentRow)
+RESOURCES = table_of(ResourceRow)
+REQUEST_IDS = table_of(RequestIdRow)
+EVENTS = table_of(EventRow)
