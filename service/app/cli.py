@@ -14,7 +14,7 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -201,6 +201,20 @@ async def _first_organization(organizations: Organizations) -> CreatedOrganizati
     return await organizations.create("Local organization", "owner@example.com", "Owner", "")
 
 
+def _run_server(settings: Settings, serving: Coroutine[Any, Any, int]) -> int:
+    """Runs a server process's main coroutine on the configured event loop."""
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if settings.event_loop == "uvloop":
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is installed wherever it is built
+            log.warning("uvloop is not installed here; serving on asyncio's event loop")
+        else:
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(serving)
+
+
 async def _serve(
     settings: Settings, migrate: bool, bootstrap_if_empty: bool, role: workers.WorkerRole | None = None
 ) -> int:
@@ -294,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             if role is not None:
                 workers.become_worker(role)
-            return asyncio.run(_serve(settings, args.migrate, args.bootstrap_if_empty, role))
+            return _run_server(settings, _serve(settings, args.migrate, args.bootstrap_if_empty, role))
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
         return asyncio.run(_bootstrap_command(settings, args.name, args.owner_email))

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     metrics_address: str | None = Field(
         None, description="host:port to serve Prometheus metrics on at /metrics; unset: no metrics"
     )
+    event_loop: Literal["uvloop", "asyncio"] = Field(
+        "uvloop",
+        description="the event loop a server process runs on: uvloop (faster, see make bench) or "
+        "asyncio's own; uvloop falls back to asyncio where it is not installed",
+    )
     log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line")
     access_log: bool = Field(
         False, description="log one line per finished call: method, status code, duration"

@@ -246,7 +246,10 @@ class Application:
             observing.extend(self.traces.interceptors())
         if self.metrics is not None:
             observing.append(self.metrics.calls.interceptor())
-        observing.append(CallLogInterceptor(settings.access_log))
+        if settings.access_log:
+            # Off, it is not in the chain at all: each interceptor costs every call (about 5%
+            # of a bare call's throughput); authentication names the method for log lines.
+            observing.append(CallLogInterceptor(access_log_on=True))
         self.throttle = AuthFailureThrottle(settings.auth_failures_per_minute)
         self.server = grpc.aio.server(
             interceptors=[

@@ -192,6 +192,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        # Every line the call logs names its method (the access log, when on, sets it earlier).
+        call_context.current_method.set(details.method)
         handler = await continuation(details)
         if handler is None:
             return None
