@@ -229,11 +229,12 @@ async def test_cache_and_pool_state_is_read_at_scrape_time(metered: Harness) -> 
     stats = metered.app.access.stats()
     assert value(samples, "agentpost_access_cache_entries", cache="keys") == stats.keys >= 1
     assert value(samples, "agentpost_access_cache_entries", cache="organizations") == stats.organizations >= 1
-    pool = metered.app.engine.sync_engine.pool
+    engine = metered.app.database.read_engine
+    pool = engine.sync_engine.pool
     assert value(samples, "agentpost_database_pool_size") == pool.size()  # type: ignore[attr-defined]
     # Background work (polls, catch-ups) may hold a connection at any moment, so the test holds
     # two of its own and looks for at least them.
-    async with metered.app.engine.connect() as first, metered.app.engine.connect() as second:
+    async with engine.connect() as first, engine.connect() as second:
         await first.execute(text("SELECT 1"))
         await second.execute(text("SELECT 1"))
         _, held = await scrape(metered)

@@ -37,12 +37,15 @@ def counted_sql(harness: Harness) -> Iterator[list[str]]:
         if not background_statement(statement):
             statements.append(statement)
 
-    engine = harness.app.engine.sync_engine
-    event.listen(engine, "before_cursor_execute", record)
+    # Every engine: reads and writes may have engines of their own (SQLite).
+    engines = [engine.sync_engine for engine in harness.app.database.engines]
+    for engine in engines:
+        event.listen(engine, "before_cursor_execute", record)
     try:
         yield statements
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        for engine in engines:
+            event.remove(engine, "before_cursor_execute", record)
 
 
 async def test_valid_key_resolves_environment_by_id_slug_and_default(harness: Harness, org: Org) -> None:

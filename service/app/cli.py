@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import shlex
@@ -20,7 +21,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service.app import logs, workers
+from service.app import logs, seeding, workers
 from service.app.config import DEFAULT_DATABASE_URL, Settings, environment_variable
 from service.app.server import Application, BindError
 from service.application.organizations import CreatedOrganization, Organizations
@@ -79,7 +80,51 @@ def _parser() -> argparse.ArgumentParser:
         "--owner-email", help=f"the email of its OWNER member (default {DEFAULT_OWNER_EMAIL!r})"
     )
     _add_settings(bootstrap, _COMMAND_SETTINGS["bootstrap"])
+    seed = commands.add_parser(
+        "seed",
+        help="fill the database with organizations, environments and keys to measure at scale",
+        description=seeding.__doc__.split("\n\n")[1] if seeding.__doc__ else None,
+    )
+    seed.add_argument(
+        "--organizations", type=_positive, default=1, help="organizations to create (default 1)"
+    )
+    seed.add_argument(
+        "--environments",
+        type=_not_negative,
+        default=0,
+        help="environments per organization besides its default",
+    )
+    seed.add_argument(
+        "--keys", type=_not_negative, default=0, help="keys per organization besides its owner key"
+    )
+    seed.add_argument(
+        "--sample",
+        type=_not_negative,
+        default=1000,
+        help="secrets of the first organization's keys to write out",
+    )
+    seed.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="JSON file for organization ids, owner secrets and the sample",
+    )
+    _add_settings(seed, _COMMAND_SETTINGS["bootstrap"])
     return parser
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _not_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError("must not be negative")
+    return value
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -285,6 +330,24 @@ async def _bootstrap_command(settings: Settings, name: str | None, owner_email: 
     return 0
 
 
+async def _seed_command(settings: Settings, args: argparse.Namespace) -> int:
+    app = Application(settings)
+    plan = seeding.SeedPlan(args.organizations, args.environments, args.keys, args.sample)
+    try:
+        await app.migrate()
+        report = await seeding.seed(app, plan, lambda line: print(line, file=sys.stderr, flush=True))
+    finally:
+        await app.database.dispose()
+    args.output.write_text(json.dumps(report, indent=1) + "\n")
+    args.output.chmod(0o600)  # it holds owner secrets
+    print(
+        f"seeded {plan.organizations:,} organizations, {plan.organizations * (plan.environments + 1):,} "
+        f"environments and {plan.organizations * (plan.keys + 1):,} keys in {report['seconds']} s; "
+        f"secrets written to {args.output}"
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `agentpost-environments`."""
     args = _parser().parse_args(argv)
@@ -311,6 +374,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_server(settings, _serve(settings, args.migrate, args.bootstrap_if_empty, role))
         if args.command == "migrate":
             return asyncio.run(_migrate(settings))
+        if args.command == "seed":
+            return asyncio.run(_seed_command(settings, args))
         return asyncio.run(_bootstrap_command(settings, args.name, args.owner_email))
     except DomainError as error:
         log.error("%s failed: %s (%s)", args.command, error.message, error.reason)

@@ -232,7 +232,7 @@ class Application:
             MetricsEndpoint(
                 settings.metrics_address,
                 self.access.stats,
-                self.engine.sync_engine.pool,
+                self.database.read_pool,
                 lambda: self.event_hub.subscribers,
             )
             if settings.metrics_address

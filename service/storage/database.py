@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import bindparam, event, func, select, text, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import Pool
 
 from service.domain.calls import committed_revision, current_request_id
 from service.domain.clock import utcnow
@@ -90,13 +91,13 @@ def build_engine(
     )
 
 
-def _sqlite_writer(url: URL) -> AsyncEngine:
-    """The engine of SQLite's write transactions (see inline_sqlite): one connection suffices,
-    as this process's writers queue for it anyway."""
+def _sqlite_inline(url: URL, driver: str, pool_size: int) -> AsyncEngine:
+    """An engine whose statements run on the event loop's thread (see inline_sqlite). Writers
+    need one connection, as this process's writers queue for it anyway."""
     engine = create_async_engine(
-        url.set(drivername=inline_sqlite.DRIVER_NAME),
-        pool_size=1,
-        max_overflow=2,
+        url.set(drivername=driver),
+        pool_size=pool_size,
+        max_overflow=2 * pool_size,
         connect_args={"check_same_thread": False},
     )
     event.listen(
@@ -129,9 +130,12 @@ class Database:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
-        self._sessions = async_sessionmaker(engine, expire_on_commit=False)
         sqlite = engine.dialect.name == "sqlite"
-        self._writer_engine = _sqlite_writer(engine.url) if sqlite else engine
+        self._reader_engine = (
+            _sqlite_inline(engine.url, inline_sqlite.READ_DRIVER_NAME, 4) if sqlite else engine
+        )
+        self._writer_engine = _sqlite_inline(engine.url, inline_sqlite.DRIVER_NAME, 1) if sqlite else engine
+        self._sessions = async_sessionmaker(self._reader_engine, expire_on_commit=False)
         self._write_sessions = async_sessionmaker(self._writer_engine, expire_on_commit=False)
         self._listeners: list[CommitListener] = []
         self._notify = engine.dialect.name == "postgresql"
@@ -147,11 +151,21 @@ class Database:
         self.closed_because: tuple[str, str] | None = None
 
     @property
+    def read_engine(self) -> AsyncEngine:
+        """The engine reads (and on PostgreSQL, writes) run on."""
+        return self._reader_engine
+
+    @property
+    def read_pool(self) -> Pool:
+        """The connection pool of `read_engine`."""
+        return self._reader_engine.sync_engine.pool
+
+    @property
     def engines(self) -> tuple[AsyncEngine, ...]:
         """Every engine statements run on: reads', and writes' where it differs (SQLite)."""
         if self._writer_engine is self.engine:
             return (self.engine,)
-        return (self.engine, self._writer_engine)
+        return (self.engine, self._reader_engine, self._writer_engine)
 
     def on_commit(self, listener: CommitListener) -> None:
         """Calls `listener(organization_id, revision, events)` after each committed write."""
@@ -235,4 +249,5 @@ class Database:
         """Closes every pooled connection."""
         if self._writer_engine is not self.engine:
             await self._writer_engine.dispose()
+            await self._reader_engine.dispose()
         await self.engine.dispose()

@@ -407,7 +407,12 @@ async def bench_schema(url: str | None) -> AsyncIterator[str | None]:
 
 
 def service_arguments(
-    database_url: str, schema: str | None, operator_token: str, migrate: bool, metrics: bool = False
+    database_url: str,
+    schema: str | None,
+    operator_token: str,
+    migrate: bool,
+    metrics: bool = False,
+    workers: int = 1,
 ) -> Callable[[int], list[str]]:
     """The command line of one replica of this service, given its port."""
 
@@ -421,6 +426,8 @@ def service_arguments(
             command += ["--metrics-address", f"127.0.0.1:{free_port()}"]
         if schema is not None:
             command += ["--database-schema", schema]
+        if workers > 1:
+            command += ["--workers", str(workers)]
         return command
 
     return arguments
@@ -513,6 +520,17 @@ async def run(arguments: argparse.Namespace) -> Report:
                     )
                     channel_results.append(await measure_echo(echo, echo_size, "echo", multi))
                     channel_results.append(await measure(service_plans(setup)[0], replica_a, multi))
+                    # The same on `serve --workers 2`: the kernel spreads the channels' connections.
+                    two_workers = await start_server(
+                        "service, 2 workers",
+                        service_arguments(database_url, schema, operator_token, False, workers=2),
+                        health_serving,
+                        directory,
+                    )
+                    servers.append(two_workers)
+                    verify_two = service_plans(setup)[0]
+                    verify_two.name = f"{verify_two.name}, serve --workers 2"
+                    channel_results.append(await measure(verify_two, two_workers, multi))
 
                 revocation = Revocation()
                 delivery = Delivery()
