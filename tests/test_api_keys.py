@@ -16,7 +16,10 @@ import pytest
 from agentpost.environments.v1 import api_key_pb2 as pb
 from agentpost.environments.v1 import environment_pb2, member_pb2
 from google.protobuf import duration_pb2
+from sqlalchemy import select
 
+from service.application import access
+from service.storage.tables import ApiKeyRow
 from tests.harness import Harness, Org, auth, fails, stamp
 
 Code = grpc.StatusCode
@@ -543,6 +546,40 @@ async def test_list_shows_last_used_time_without_a_write_per_call(harness: Harne
     assert got.last_used_time.ToDatetime(tzinfo=UTC) >= before - timedelta(milliseconds=1)
     listed = await harness.api_keys.ListApiKeys(pb.ListApiKeysRequest(), metadata=auth(org.owner_secret))
     assert next(k for k in listed.api_keys if k.id == key.id).last_used_time == got.last_used_time
+
+
+async def test_last_used_times_are_written_in_batches_and_only_move_forward(
+    harness: Harness, org: Org, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(access, "LAST_USED_BATCH", 2)  # five keys: three transactions
+    made = [await harness.new_key(org, ["api_keys:read"]) for _ in range(5)]
+    before = datetime.now(UTC)
+    for _, secret in made:
+        await harness.whoami(secret)
+    await harness.app.access.flush_last_used()
+    ids = [key.id for key, _ in made]
+    table = ApiKeyRow.__table__
+    async with harness.app.engine.connect() as connection:
+        stored = dict(
+            (
+                await connection.execute(
+                    select(table.c.id, table.c.last_used_time).where(table.c.id.in_(ids))
+                )
+            ).all()
+        )
+    assert set(stored) == set(ids)
+    for when in stored.values():
+        assert when is not None
+        moment = when if when.tzinfo else when.replace(tzinfo=UTC)
+        assert moment >= before - timedelta(milliseconds=1)
+    # An older time never overwrites a newer one.
+    async with harness.app.database.write(None) as uow:
+        await uow.last_used.record({ids[0]: before - timedelta(days=1)})
+    async with harness.app.engine.connect() as connection:
+        kept = (
+            await connection.execute(select(table.c.last_used_time).where(table.c.id == ids[0]))
+        ).scalar_one()
+    assert kept == stored[ids[0]]
 
 
 @dataclass

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
 from collections import OrderedDict
@@ -40,6 +41,8 @@ from service.storage.errors import database_unavailable
 log = logging.getLogger(__name__)
 
 LAST_USED_FLUSH_SECONDS = 30.0
+LAST_USED_BATCH = 500  # keys per last-used transaction
+STOP_WAIT_SECONDS = 5.0  # how long stop() waits for cancelled background work
 DEFAULT_MAX_STALENESS_SECONDS = 300.0
 DEFAULT_POLL_TIMEOUT_SECONDS = 10.0
 # Past this many events behind, an organization is loaded afresh rather than caught up.
@@ -89,6 +92,13 @@ class _KeyEntry:
     # time.monotonic() when the load started: the entry is at least that fresh.
     loaded_at: float = field(default_factory=time.monotonic)
     principal: Principal | None = None
+
+
+def _task_stack(task: asyncio.Task[Any]) -> str:
+    """Where a task is suspended, as a traceback."""
+    out = io.StringIO()
+    task.print_stack(file=out)
+    return out.getvalue()
 
 
 class _SingleFlight:
@@ -486,11 +496,14 @@ class AccessCache:
             if when - self._flushed.get(key_id, datetime.min.replace(tzinfo=UTC))
             >= timedelta(seconds=LAST_USED_FLUSH_SECONDS)
         }
-        if not due:
-            return
-        async with self._db.write(None) as uow:
-            await uow.last_used.record(due)
-        self._flushed.update(due)
+        # In batches, each its own short transaction: other writers (and, on SQLite, whose writes
+        # run on the event loop's thread, other calls) go on between them.
+        pending = list(due.items())
+        for start in range(0, len(pending), LAST_USED_BATCH):
+            batch = dict(pending[start : start + LAST_USED_BATCH])
+            async with self._db.write(None) as uow:
+                await uow.last_used.record(batch)
+            self._flushed.update(batch)
 
     # -- background work ----------------------------------------------------------------------
 
@@ -521,7 +534,8 @@ class AccessCache:
     async def confirm(self) -> bool:
         """One poll now, for start-up: True when the database answered."""
         try:
-            await asyncio.wait_for(self.refresh(), timeout=self._poll_timeout)
+            async with asyncio.timeout(self._poll_timeout):
+                await self.refresh()
         except Exception:
             log.exception("the database did not answer at start-up; retrying in the background")
             return False
@@ -530,7 +544,8 @@ class AccessCache:
     async def _caught_up_after_reconnect(self) -> None:
         """The listener (re)connected: commits made while it was away are read from the log."""
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.refresh(), timeout=self._poll_timeout)
+            async with asyncio.timeout(self._poll_timeout):
+                await self.refresh()
 
     async def _every(self, seconds: float, name: str, work: Callable[[], Awaitable[None]]) -> None:
         """Runs `work` every `seconds` until cancelled, each run bounded by the poll timeout. A
@@ -541,7 +556,10 @@ class AccessCache:
         while True:
             await asyncio.sleep(seconds)
             try:
-                await asyncio.wait_for(work(), timeout=max(self._poll_timeout, seconds))
+                # Not asyncio.wait_for: on Python 3.11 it can swallow a cancellation that arrives
+                # as `work` completes, and this loop would then outlive stop().
+                async with asyncio.timeout(max(self._poll_timeout, seconds)):
+                    await work()
             except Exception as error:
                 failures += 1
                 if type(error) is not failing:
@@ -572,16 +590,21 @@ class AccessCache:
     async def stop(self) -> None:
         """Stops background work and writes pending last-used times (a failure is logged: the
         times are advisory and shutdown must go on)."""
-        for task in (*self._tasks, *self._catch_ups):
+        tasks = [*self._tasks, *self._catch_ups]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._catch_ups, return_exceptions=True)
+        if tasks:
+            _, stuck = await asyncio.wait(tasks, timeout=STOP_WAIT_SECONDS)
+            for task in stuck:  # shutdown goes on; say what did not end
+                log.error(
+                    "background task %s did not stop when cancelled:\n%s", task.get_name(), _task_stack(task)
+                )
         self._tasks = []
         self._flushed.clear()
         try:
             # Advisory times must not hold shutdown: a write lock still held by a background task
             # cancelled mid-transaction would otherwise keep this waiting for SQLite's busy timeout.
-            await asyncio.wait_for(
-                self.flush_last_used(), timeout=min(self._poll_timeout, FINAL_FLUSH_SECONDS)
-            )
+            async with asyncio.timeout(min(self._poll_timeout, FINAL_FLUSH_SECONDS)):
+                await self.flush_last_used()
         except Exception:
             log.exception("last-used times could not be written at shutdown")

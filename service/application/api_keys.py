@@ -241,7 +241,7 @@ class ApiKeys:
                 principal.organization_id,
                 after=request.after[0] if request.after else "",
                 limit=request.size + 1,
-                reach=None if principal.organization_level else principal.visible_environment_ids,
+                reach=None if principal.organization_level else frozenset(principal.visible_environment_ids),
                 environment_id=environment_id or None,
                 show_revoked=show_revoked,
             )

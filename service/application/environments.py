@@ -88,7 +88,10 @@ class Environments:
         if reach is snapshot.environment_ids:
             # Every environment: continue in the snapshot's order, from the cursor on.
             ordered = snapshot.ordered_environment_ids
-            candidates: Iterable[str] = itertools.islice(ordered, bisect.bisect_right(ordered, after), None)
+            # Indexed from the cursor on (islice would step through every id before it).
+            candidates: Iterable[str] = (
+                ordered[index] for index in range(bisect.bisect_right(ordered, after), len(ordered))
+            )
         else:
             candidates = sorted(env_id for env_id in reach if env_id > after)
         wanted = (

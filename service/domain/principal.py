@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import bisect
 import enum
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cached_property
 from typing import Final
+
+import immutables
 
 from service.domain.errors import Denied, FailedPrecondition, Unauthenticated, environment_not_found
 from service.domain.events import Action, Actor, Event, ResourceType
@@ -75,13 +78,37 @@ _ACCESS_TYPES = frozenset(
 )
 
 
+class KeySet(AbstractSet[str]):
+    """The keys of an immutable map as a set: membership and size without a copy."""
+
+    __slots__ = ("_map",)
+
+    def __init__(self, keys: Mapping[str, object]) -> None:
+        self._map = keys
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._map
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._map)
+
+    def __len__(self) -> int:
+        return len(self._map)
+
+    @classmethod
+    def _from_iterable(cls, items: Iterable[str]) -> frozenset[str]:  # type: ignore[override]
+        return frozenset(items)
+
+
 @dataclass(frozen=True)
 class OrgSnapshot:
     """Everything about one organization that deciding access needs, read at one revision.
 
-    Its indexes (slugs, id sets, the ordered ids, the default) are built on first use and, when
-    built, carried into the next snapshot with only the changed environments patched in, so that
-    neither a call nor a write costs in proportion to the organization's environments.
+    Environments live in persistent maps (`immutables.Map`, a HAMT): the next snapshot shares
+    all but the changed entries. Its indexes (slugs, id sets, the ordered ids, the default) are
+    built on first use and, when built, carried into the next snapshot with only the changed
+    environments patched in, so that neither a call nor a write costs in proportion to the
+    organization's environments (only the ordered ids are copied, a memory copy).
     """
 
     organization: Organization
@@ -90,20 +117,34 @@ class OrgSnapshot:
     member_roles: Mapping[str, OrgRole]
     environment_roles: Mapping[str, Mapping[str, EnvRole]]
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.environments, immutables.Map):
+            object.__setattr__(self, "environments", immutables.Map(self.environments))
+
+    @property
+    def _environment_map(self) -> immutables.Map[str, Environment]:
+        environments = self.environments
+        assert isinstance(environments, immutables.Map)
+        return environments
+
     @cached_property
-    def slugs(self) -> Mapping[str, str]:
+    def slugs(self) -> immutables.Map[str, str]:
         """Environment ids by slug (slugs never change and are never reused)."""
-        return {env.slug: env.id for env in self.environments.values()}
+        return immutables.Map({env.slug: env.id for env in self.environments.values()})
 
     @cached_property
-    def environment_ids(self) -> frozenset[str]:
+    def environment_ids(self) -> AbstractSet[str]:
         """Every environment, deleted ones included."""
-        return frozenset(self.environments)
+        return KeySet(self.environments)
 
     @cached_property
-    def active_environment_ids(self) -> frozenset[str]:
+    def _active(self) -> immutables.Map[str, None]:
+        return immutables.Map({env.id: None for env in self.environments.values() if not env.deleted})
+
+    @cached_property
+    def active_environment_ids(self) -> AbstractSet[str]:
         """Every environment that is not deleted."""
-        return frozenset(env.id for env in self.environments.values() if not env.deleted)
+        return KeySet(self._active)
 
     @cached_property
     def ordered_environment_ids(self) -> Sequence[str]:
@@ -129,7 +170,7 @@ class OrgSnapshot:
         if not relevant:
             return self
         organization = self.organization
-        environments = dict(self.environments)
+        environments = self._environment_map
         roles = dict(self.member_roles)
         environment_roles = dict(self.environment_roles)
         changed: dict[str, Environment] = {}
@@ -138,7 +179,7 @@ class OrgSnapshot:
             if isinstance(resource, Organization):
                 organization = resource
             elif isinstance(resource, Environment):
-                environments[resource.id] = resource
+                environments = environments.set(resource.id, resource)
                 changed[resource.id] = resource
             elif isinstance(resource, Member):
                 if event.action is Action.DELETED:
@@ -165,13 +206,18 @@ class OrgSnapshot:
             into.update({name: value for name, value in built.items() if name in _INDEXES})
             return
         if "slugs" in built:
-            into["slugs"] = {**self.slugs, **{env.slug: env.id for env in changed}}
-        if "environment_ids" in built:
-            into["environment_ids"] = self.environment_ids | {env.id for env in changed}
-        if "active_environment_ids" in built:
-            into["active_environment_ids"] = (
-                self.active_environment_ids - {env.id for env in changed if env.deleted}
-            ) | {env.id for env in changed if not env.deleted}
+            slugs = self.slugs
+            for env in changed:
+                slugs = slugs.set(env.slug, env.id)
+            into["slugs"] = slugs
+        if "_active" in built:
+            active = self._active
+            for env in changed:
+                if not env.deleted:
+                    active = active.set(env.id, None)
+                elif env.id in active:
+                    active = active.delete(env.id)
+            into["_active"] = active
         if "ordered_environment_ids" in built:
             ordered = list(self.ordered_environment_ids)
             for env in changed:
@@ -183,20 +229,18 @@ class OrgSnapshot:
                 (env for env in changed if env.is_default), self.default_environment
             )
 
-    def member_environment_ids(self, member_id: str) -> frozenset[str]:
+    def member_environment_ids(self, member_id: str) -> AbstractSet[str]:
         """The environments a member reaches: all for OWNER/ADMIN, else those it was added to."""
         role = self.member_roles.get(member_id)
         if role is None:
             return frozenset()
         if role.reaches_every_environment:
-            return frozenset(self.environments)
+            return self.environment_ids
         return frozenset(self.environment_roles.get(member_id, {}))
 
 
 # The snapshot's lazily built indexes (see OrgSnapshot).
-_INDEXES = frozenset(
-    {"slugs", "environment_ids", "active_environment_ids", "ordered_environment_ids", "default_environment"}
-)
+_INDEXES = frozenset({"slugs", "_active", "ordered_environment_ids", "default_environment"})
 
 _ROLE_RANK: Final = {OrgRole.MEMBER: 0, OrgRole.ADMIN: 1, OrgRole.OWNER: 2}
 
@@ -225,8 +269,8 @@ class Principal:
 
     key: ApiKey
     snapshot: OrgSnapshot
-    visible_environment_ids: frozenset[str]
-    allowed_environment_ids: frozenset[str]
+    visible_environment_ids: AbstractSet[str]
+    allowed_environment_ids: AbstractSet[str]
     environment: Environment | None = None
 
     @classmethod

@@ -101,5 +101,5 @@ def audience(principal: Principal) -> Audience:
         types.add(ResourceType.ORGANIZATION)
     if kinds:
         types.add(ResourceType.SCOPED_RESOURCE)
-    reach = None if principal.organization_level else principal.visible_environment_ids
+    reach = None if principal.organization_level else frozenset(principal.visible_environment_ids)
     return Audience(frozenset(types), kinds, reach)

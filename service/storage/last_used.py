@@ -5,10 +5,21 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime
 
-from sqlalchemy import or_, update
+from sqlalchemy import bindparam, or_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.storage.tables import ApiKeyRow
+from service.storage.tables import ApiKeyRow, table_of
+
+_KEYS = table_of(ApiKeyRow)
+# One statement, run for many keys at once (executemany).
+_TOUCH = (
+    update(_KEYS)
+    .where(
+        _KEYS.c.id == bindparam("key_id"),
+        or_(_KEYS.c.last_used_time.is_(None), _KEYS.c.last_used_time < bindparam("when")),
+    )
+    .values(last_used_time=bindparam("when"))
+)
 
 
 class LastUsedRepository:
@@ -19,12 +30,7 @@ class LastUsedRepository:
 
     async def record(self, times: Mapping[str, datetime]) -> None:
         """Sets each key's last-used time unless a later one is stored already."""
-        for key_id, when in times.items():
+        if times:
             await self._session.execute(
-                update(ApiKeyRow)
-                .where(
-                    ApiKeyRow.id == key_id,
-                    or_(ApiKeyRow.last_used_time.is_(None), ApiKeyRow.last_used_time < when),
-                )
-                .values(last_used_time=when)
+                _TOUCH, [{"key_id": key_id, "when": when} for key_id, when in times.items()]
             )

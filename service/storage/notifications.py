@@ -66,10 +66,13 @@ async def listen_for_revisions(
             await on_connected()
             # asyncpg notices a dead server only when it next talks to it: check now and then.
             while not lost.is_set():
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(lost.wait(), timeout=5.0)
+                    async with asyncio.timeout(5.0):
+                        await lost.wait()
                 if not lost.is_set():
-                    await asyncio.wait_for(connection.execute("SELECT 1"), timeout=connect_seconds)
+                    async with asyncio.timeout(connect_seconds):
+                        await connection.execute("SELECT 1")
             raise ConnectionError("the listening connection was closed")
         except asyncio.CancelledError:
             raise
@@ -81,4 +84,5 @@ async def listen_for_revisions(
         finally:
             if connection is not None:
                 with contextlib.suppress(Exception):
-                    await asyncio.wait_for(connection.close(), timeout=connect_seconds)
+                    async with asyncio.timeout(connect_seconds):
+                        await connection.close()
