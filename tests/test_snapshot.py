@@ -37,6 +37,7 @@ def indexes(snapshot: OrgSnapshot) -> tuple[object, ...]:
         set(snapshot.environment_ids),
         set(snapshot.active_environment_ids),
         list(snapshot.ordered_environment_ids),
+        list(snapshot.ordered_active_environment_ids),
         snapshot.default_environment,
     )
 

@@ -152,6 +152,12 @@ class OrgSnapshot:
         return sorted(self.environments)
 
     @cached_property
+    def ordered_active_environment_ids(self) -> Sequence[str]:
+        """The active environment ids in order (VerifyApiKey lists them for wide keys)."""
+        active = self._active
+        return [env_id for env_id in self.ordered_environment_ids if env_id in active]
+
+    @cached_property
     def default_environment(self) -> Environment | None:
         """The organization's default environment."""
         return next((env for env in self.environments.values() if env.is_default), None)
@@ -294,6 +300,12 @@ class Principal:
         )
         allowed = frozenset(env_id for env_id in reach if not snapshot.environments[env_id].deleted)
         return cls(key=key, snapshot=snapshot, visible_environment_ids=reach, allowed_environment_ids=allowed)
+
+    def allowed_in_order(self) -> Sequence[str]:
+        """The allowed environment ids, sorted (built once per snapshot for wide keys)."""
+        if self.allowed_environment_ids is self.snapshot.active_environment_ids:
+            return self.snapshot.ordered_active_environment_ids
+        return sorted(self.allowed_environment_ids)
 
     @property
     def organization_id(self) -> str:

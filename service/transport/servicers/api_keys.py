@@ -130,7 +130,7 @@ def _verification(outcome: Verification) -> api_key_pb2.VerifyApiKeyResponse:
         who.owner_member_id = key.owner_member_id or ""
         who.organization_wide = key.organization_wide
         who.scopes.extend(key.scopes)
-        who.allowed_environment_ids.extend(sorted(outcome.principal.allowed_environment_ids))
+        who.allowed_environment_ids.extend(outcome.principal.allowed_in_order())
     if outcome.environment is not None:
         response.principal.environment_id = outcome.environment.id
         response.principal.environment_slug = outcome.environment.slug
