@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -39,6 +40,8 @@ _RAISE_REVISION = (
     .values(revision=ORGANIZATIONS.c.revision + 1)
     .returning(ORGANIZATIONS.c.revision)
 )
+
+_NOTIFY = select(func.pg_notify(bindparam("channel"), bindparam("payload")))
 
 
 def _created_organization(changes: list[Change]) -> str | None:
@@ -143,6 +146,11 @@ class Database:
         # sleeps in growing steps (up to 100 ms) before trying again: under concurrent writes
         # that, not the work, made the latency. Queueing this process's writers here hands the
         # lock over at once. PostgreSQL writes of different organizations run in parallel.
+        self._sqlite = sqlite
+        # Dropped with the last writer waiting on them (see _organization_queue).
+        self._organization_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
         self._writer: contextlib.AbstractAsyncContextManager[Any] = (
             asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
@@ -166,6 +174,18 @@ class Database:
         if self._writer_engine is self.engine:
             return (self.engine,)
         return (self.engine, self._reader_engine, self._writer_engine)
+
+    def _organization_queue(self, organization_id: str | None) -> contextlib.AbstractAsyncContextManager[Any]:
+        """PostgreSQL: this process's writers of one organization queue here, before taking a
+        pooled connection. They would wait for the organization's revision row lock anyway; waiting
+        in the database instead held a connection each (exhausting the pool) and handed the lock
+        over through PostgreSQL's lock queue, one round trip per writer."""
+        if organization_id is None:
+            return contextlib.nullcontext()
+        lock = self._organization_locks.get(organization_id)
+        if lock is None:
+            lock = self._organization_locks[organization_id] = asyncio.Lock()
+        return lock
 
     def on_commit(self, listener: CommitListener) -> None:
         """Calls `listener(organization_id, revision, events)` after each committed write."""
@@ -200,7 +220,8 @@ class Database:
         """
         if require_schema:
             self._require_schema()
-        async with translated_errors(), self._writer, self._write_sessions() as session, session.begin():
+        queue = self._writer if self._sqlite else self._organization_queue(organization_id)
+        async with translated_errors(), queue, self._write_sessions() as session, session.begin():
             revision = None
             if organization_id is not None:
                 revision = await self._raise_revision(session, organization_id)
@@ -217,7 +238,9 @@ class Database:
                     owner, revision, utcnow(), actor or Actor(), current_request_id.get(), uow.changes
                 )
             if self._notify:
-                await session.execute(select(func.pg_notify(REVISION_CHANNEL, f"{owner}:{revision}")))
+                await session.execute(
+                    _NOTIFY, {"channel": REVISION_CHANNEL, "payload": f"{owner}:{revision}"}
+                )
         committed_revision.set(revision)
         for listener in self._listeners:
             listener(owner, revision, events)
