@@ -2,7 +2,8 @@
 
 Seeds two SQLite files (or PostgreSQL schemas) with `agentpost-environments seed`:
 
-- small: one organization with 10 environments and 40,000 keys (enough for the cold scenario);
+- small: one organization with 200 environments and 40,000 keys (enough for the cold scenario,
+  and for a full page at 90% of the environments);
 - large: one organization with 100,000 environments and 1,000,000 keys, and beside it 10,000
   organizations with 10 environments and 100 keys each (1,100,000 keys, 200,000 environments).
 
@@ -308,7 +309,7 @@ def render(small: Measured, large: Measured, load: Load, backend: str) -> str:
 
 async def run(arguments: argparse.Namespace) -> str:
     load = Load(arguments.concurrency, 1, arguments.warmup, arguments.duration)
-    small = Shape("small", 10, 40_000)
+    small = Shape("small", 200, 40_000)
     large = Shape(
         "large",
         arguments.environments,
