@@ -94,3 +94,23 @@ def test_an_organization_wide_key_shares_the_snapshot_sets_and_a_scoped_one_gets
     # A MEMBER-owned organization-wide key reaches only what its owner was added to: nothing here.
     owned = replace(wide, owner_member_id="mem_1")
     assert not Principal.of(owned, snapshot).visible_environment_ids
+
+
+def test_each_snapshot_keeps_its_own_order_when_later_ones_add_environments() -> None:
+    first = replace(Environment.new(ORG.id, "First", "first", "", NOW), id="env_1")
+    snapshot = OrgSnapshot(ORG, 1, {first.id: first}, {}, {})
+    before = list(snapshot.ordered_environment_ids)
+    later = replace(Environment.new(ORG.id, "Later", "later", "", NOW), id="env_2")  # appended
+    grown = snapshot.applying([event(2, Action.CREATED, later)], 2)
+    assert list(grown.ordered_environment_ids) == [first.id, later.id]
+    assert list(snapshot.ordered_environment_ids) == before, "the older view must not grow"
+    # The older snapshot taking another path gets a copy, not the newer one's list.
+    other = replace(Environment.new(ORG.id, "Other", "other", "", NOW), id="env_3")
+    branch = snapshot.applying([event(2, Action.CREATED, other)], 2)
+    assert list(branch.ordered_environment_ids) == [first.id, other.id]
+    assert list(grown.ordered_environment_ids) == [first.id, later.id]
+    # An id that sorts before the others goes in its place.
+    early = replace(Environment.new(ORG.id, "Early", "early", "", NOW), id="env_0")
+    placed = grown.applying([event(3, Action.CREATED, early)], 3)
+    assert list(placed.ordered_environment_ids) == ["env_0", first.id, later.id]
+    assert placed.ordered_environment_ids[-1] == later.id and len(placed.ordered_environment_ids) == 3

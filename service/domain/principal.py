@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import bisect
 import enum
+import itertools
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import cached_property
-from typing import Final
+from typing import Final, overload
 
 import immutables
 
@@ -100,6 +101,54 @@ class KeySet(AbstractSet[str]):
         return frozenset(items)
 
 
+class OrderedIds(Sequence[str]):
+    """The first `length` ids of a sorted list that only grows at its end, shared by successive
+    snapshots: a snapshot that adds ids later than all it has appends them and takes a longer
+    view, while the snapshots before it keep their shorter ones. Anything else (an id that sorts
+    earlier, or a list already extended by another snapshot) gets a copy."""
+
+    __slots__ = ("_ids", "_length")
+
+    def __init__(self, ids: list[str], length: int) -> None:
+        self._ids = ids
+        self._length = length
+
+    def __len__(self) -> int:
+        return self._length
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        if isinstance(index, slice):
+            return self._ids[: self._length][index]
+        if index < 0:
+            index += self._length
+        if not 0 <= index < self._length:
+            raise IndexError("environment index out of range")
+        return self._ids[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return itertools.islice(self._ids, self._length)
+
+    def with_ids(self, added: Iterable[str]) -> OrderedIds:
+        """This order with `added` (ids not in it yet) in their places."""
+        new = sorted(added)
+        if not new:
+            return self
+        shared = len(self._ids) == self._length
+        if shared and (not self._length or new[0] > self._ids[self._length - 1]):
+            self._ids.extend(new)
+            return OrderedIds(self._ids, self._length + len(new))
+        ids = list(self)
+        for env_id in new:
+            bisect.insort(ids, env_id)
+        return OrderedIds(ids, len(ids))
+
+
 @dataclass(frozen=True)
 class OrgSnapshot:
     """Everything about one organization that deciding access needs, read at one revision.
@@ -147,9 +196,10 @@ class OrgSnapshot:
         return KeySet(self._active)
 
     @cached_property
-    def ordered_environment_ids(self) -> Sequence[str]:
+    def ordered_environment_ids(self) -> OrderedIds:
         """Every environment id in order (ids sort by creation), for pages."""
-        return sorted(self.environments)
+        ids = sorted(self.environments)
+        return OrderedIds(ids, len(ids))
 
     @cached_property
     def ordered_active_environment_ids(self) -> Sequence[str]:
@@ -225,11 +275,9 @@ class OrgSnapshot:
                     active = active.delete(env.id)
             into["_active"] = active
         if "ordered_environment_ids" in built:
-            ordered = list(self.ordered_environment_ids)
-            for env in changed:
-                if env.id not in self.environments:
-                    bisect.insort(ordered, env.id)
-            into["ordered_environment_ids"] = ordered
+            into["ordered_environment_ids"] = self.ordered_environment_ids.with_ids(
+                env.id for env in changed if env.id not in self.environments
+            )
         if "default_environment" in built:
             into["default_environment"] = next(
                 (env for env in changed if env.is_default), self.default_environment
