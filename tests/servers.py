@@ -9,6 +9,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import grpc
@@ -17,6 +18,9 @@ from sqlalchemy.engine import make_url
 from service.app.config import Settings
 from service.app.server import Application
 from tests.harness import OPERATOR_TOKEN, Harness
+
+# The project root: where `python -m service` runs from.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)

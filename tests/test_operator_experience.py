@@ -17,9 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.empty_database import empty_database
-from tests.servers import Backend
+from tests.servers import PROJECT_ROOT, Backend
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SECRET = re.compile(r"ap_sk_live_[0-9A-Za-z]{38}")
 
 

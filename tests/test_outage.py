@@ -40,9 +40,8 @@ from tests import private_postgres
 from tests.bench.processes import ServerProcess, health_serving
 from tests.harness import OPERATOR_TOKEN, auth, create_organization, failure_of
 from tests.private_postgres import PrivatePostgres
-from tests.servers import Backend, free_port
+from tests.servers import PROJECT_ROOT, Backend, free_port
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 REFRESH_SECONDS = 0.2
 DATABASE_TIMEOUT_SECONDS = 2.0
 # Every call carries a deadline well above the database time-out: an outage must answer, not hang.

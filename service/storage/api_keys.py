@@ -4,18 +4,43 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Row, bindparam, delete, or_, select
+from sqlalchemy import Row, bindparam, delete, insert, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from service.domain.models import ApiKey, KeyMode
-from service.storage.tables import ApiKeyEnvironmentRow, ApiKeyRow, table_of
+from service.storage.tables import API_KEY_ENVIRONMENTS, API_KEYS, ApiKeyEnvironmentRow, ApiKeyRow
 
-_KEYS = table_of(ApiKeyRow)
-_KEY_ENVIRONMENTS = table_of(ApiKeyEnvironmentRow)
-_BY_HASH = select(_KEYS).where(_KEYS.c.secret_hash == bindparam("secret_hash"))
-_ENVIRONMENTS_OF = select(_KEY_ENVIRONMENTS.c.environment_id).where(
-    _KEY_ENVIRONMENTS.c.api_key_id == bindparam("api_key_id")
+_BY_HASH = select(API_KEYS).where(API_KEYS.c.secret_hash == bindparam("secret_hash"))
+_ENVIRONMENTS_OF = select(API_KEY_ENVIRONMENTS.c.environment_id).where(
+    API_KEY_ENVIRONMENTS.c.api_key_id == bindparam("api_key_id")
 )
+_INSERT = insert(API_KEYS)
+_INSERT_ENVIRONMENTS = insert(API_KEY_ENVIRONMENTS)
+
+
+def api_key_row(key: ApiKey, secret_hash: str) -> dict[str, Any]:
+    """The row of a new key, for Core inserts (one, or many at once in bulk loads)."""
+    return {
+        "id": key.id,
+        "organization_id": key.organization_id,
+        "name": key.name,
+        "scopes": list(key.scopes),
+        "owner_member_id": key.owner_member_id,
+        "mode": key.mode.value,
+        "prefix": key.prefix,
+        "secret_hash": secret_hash,
+        "create_time": key.create_time,
+        "update_time": key.update_time,
+        "expire_time": key.expire_time,
+        "last_used_time": key.last_used_time,
+        "revoke_time": key.revoke_time,
+        "version": key.version,
+    }
+
+
+def key_environment_rows(key: ApiKey) -> list[dict[str, Any]]:
+    """The rows naming a new key's environments (none for an organization-wide key)."""
+    return [{"api_key_id": key.id, "environment_id": env_id} for env_id in key.environment_ids]
 
 
 def to_api_key(row: ApiKeyRow | Row[Any], environment_ids: list[str]) -> ApiKey:
@@ -46,29 +71,10 @@ class ApiKeyRepository:
 
     async def insert(self, key: ApiKey, secret_hash: str) -> None:
         """Stores a new key with the digest of its secret."""
-        self._session.add(
-            ApiKeyRow(
-                id=key.id,
-                organization_id=key.organization_id,
-                name=key.name,
-                scopes=list(key.scopes),
-                owner_member_id=key.owner_member_id,
-                mode=key.mode.value,
-                prefix=key.prefix,
-                secret_hash=secret_hash,
-                create_time=key.create_time,
-                update_time=key.update_time,
-                expire_time=key.expire_time,
-                last_used_time=key.last_used_time,
-                revoke_time=key.revoke_time,
-                version=key.version,
-            )
-        )
-        await self._session.flush()
-        self._session.add_all(
-            ApiKeyEnvironmentRow(api_key_id=key.id, environment_id=env_id) for env_id in key.environment_ids
-        )
-        await self._session.flush()
+        await self._session.execute(_INSERT, api_key_row(key, secret_hash))
+        environment_rows = key_environment_rows(key)
+        if environment_rows:
+            await self._session.execute(_INSERT_ENVIRONMENTS, environment_rows)
 
     async def _environment_ids(self, key_id: str) -> list[str]:
         rows = await self._session.scalars(

@@ -142,17 +142,11 @@ class Database:
         self._write_sessions = async_sessionmaker(self._writer_engine, expire_on_commit=False)
         self._listeners: list[CommitListener] = []
         self._notify = engine.dialect.name == "postgresql"
-        # SQLite lets one transaction write at a time, and a writer that finds the file locked
-        # sleeps in growing steps (up to 100 ms) before trying again: under concurrent writes
-        # that, not the work, made the latency. Queueing this process's writers here hands the
-        # lock over at once. PostgreSQL writes of different organizations run in parallel.
-        self._sqlite = sqlite
-        # Dropped with the last writer waiting on them (see _organization_queue).
-        self._organization_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+        # Where this process's writers queue (see _write_queue): SQLite's one lock for all, or
+        # one per organization on PostgreSQL, dropped with the last writer waiting on it.
+        self._sqlite_writers = asyncio.Lock() if sqlite else None
+        self._organization_writers: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
-        )
-        self._writer: contextlib.AbstractAsyncContextManager[Any] = (
-            asyncio.Lock() if engine.dialect.name == "sqlite" else contextlib.nullcontext()
         )
         # (reason, message) while the schema is not known to be the one this code needs (start-up
         # found it behind, or could not tell): every unit of work is refused with it.
@@ -175,16 +169,22 @@ class Database:
             return (self.engine,)
         return (self.engine, self._reader_engine, self._writer_engine)
 
-    def _organization_queue(self, organization_id: str | None) -> contextlib.AbstractAsyncContextManager[Any]:
-        """PostgreSQL: this process's writers of one organization queue here, before taking a
-        pooled connection. They would wait for the organization's revision row lock anyway; waiting
-        in the database instead held a connection each (exhausting the pool) and handed the lock
-        over through PostgreSQL's lock queue, one round trip per writer."""
+    def _write_queue(self, organization_id: str | None) -> contextlib.AbstractAsyncContextManager[Any]:
+        """Where a writer waits its turn in this process, before taking a connection.
+
+        SQLite lets one transaction write at a time, and a writer that finds the file locked
+        sleeps in growing steps (up to 100 ms): under concurrent writes that, not the work, made
+        the latency; one queue hands the lock over at once. On PostgreSQL, writers of one
+        organization would wait for its revision row lock anyway; waiting in the database held a
+        pooled connection each and handed the lock over through PostgreSQL's lock queue. Writes of
+        different organizations (and creating one) run in parallel there."""
+        if self._sqlite_writers is not None:
+            return self._sqlite_writers
         if organization_id is None:
             return contextlib.nullcontext()
-        lock = self._organization_locks.get(organization_id)
+        lock = self._organization_writers.get(organization_id)
         if lock is None:
-            lock = self._organization_locks[organization_id] = asyncio.Lock()
+            lock = self._organization_writers[organization_id] = asyncio.Lock()
         return lock
 
     def on_commit(self, listener: CommitListener) -> None:
@@ -220,8 +220,12 @@ class Database:
         """
         if require_schema:
             self._require_schema()
-        queue = self._writer if self._sqlite else self._organization_queue(organization_id)
-        async with translated_errors(), queue, self._write_sessions() as session, session.begin():
+        async with (
+            translated_errors(),
+            self._write_queue(organization_id),
+            self._write_sessions() as session,
+            session.begin(),
+        ):
             revision = None
             if organization_id is not None:
                 revision = await self._raise_revision(session, organization_id)

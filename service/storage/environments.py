@@ -34,6 +34,22 @@ def to_environment(row: EnvironmentRow | Row[Any]) -> Environment:
     )
 
 
+def environment_row(env: Environment) -> dict[str, Any]:
+    """The row of a new environment, for Core inserts (one, or many at once in bulk loads)."""
+    return {
+        "id": env.id,
+        "organization_id": env.organization_id,
+        "name": env.name,
+        "slug": env.slug,
+        "description": env.description,
+        "is_default": env.is_default,
+        "create_time": env.create_time,
+        "update_time": env.update_time,
+        "delete_time": env.delete_time,
+        "version": env.version,
+    }
+
+
 class EnvironmentRepository:
     """Reads and writes environments."""
 
@@ -42,21 +58,7 @@ class EnvironmentRepository:
 
     async def insert(self, env: Environment) -> None:
         """Stores a new environment; a taken slug raises AlreadyExists(SLUG_TAKEN)."""
-        await self._session.execute(
-            _INSERT,
-            {
-                "id": env.id,
-                "organization_id": env.organization_id,
-                "name": env.name,
-                "slug": env.slug,
-                "description": env.description,
-                "is_default": env.is_default,
-                "create_time": env.create_time,
-                "update_time": env.update_time,
-                "delete_time": env.delete_time,
-                "version": env.version,
-            },
-        )
+        await self._session.execute(_INSERT, environment_row(env))
 
     async def get(self, organization_id: str, environment_id: str) -> Environment | None:
         """One environment of the organization, deleted or not."""

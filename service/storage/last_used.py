@@ -8,15 +8,14 @@ from datetime import datetime
 from sqlalchemy import bindparam, or_, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from service.storage.tables import ApiKeyRow, table_of
+from service.storage.tables import API_KEYS
 
-_KEYS = table_of(ApiKeyRow)
 # One statement, run for many keys at once (executemany).
 _TOUCH = (
-    update(_KEYS)
+    update(API_KEYS)
     .where(
-        _KEYS.c.id == bindparam("key_id"),
-        or_(_KEYS.c.last_used_time.is_(None), _KEYS.c.last_used_time < bindparam("when")),
+        API_KEYS.c.id == bindparam("key_id"),
+        or_(API_KEYS.c.last_used_time.is_(None), API_KEYS.c.last_used_time < bindparam("when")),
     )
     .values(last_used_time=bindparam("when"))
 )

@@ -9,16 +9,14 @@ nothing unless asked for.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from contextvars import ContextVar
-from typing import Any
 
 import grpc
 
 from service.transport import context as call_context
-from service.transport.call_wrapping import Behaviour, UnaryWrappingInterceptor, code_name, echoed_request_id
+from service.transport.call_wrapping import Behaviour, UnaryWrappingInterceptor, echoed_request_id, on_finish
 
 access_log = logging.getLogger("service.access")
 
@@ -46,24 +44,12 @@ class CallLogInterceptor(UnaryWrappingInterceptor):
 
 
 def _logged(method: str, behaviour: Behaviour) -> Behaviour:
-    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        started = _arrived_at.get() or time.perf_counter()
-        code: str | None = None
-        try:
-            return await behaviour(request, context)
-        except grpc.aio.AbortError:
-            raise  # context.abort recorded the code, read below
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED.name
-            raise
-        except Exception:
-            code = grpc.StatusCode.UNKNOWN.name
-            raise
-        finally:
-            if access_log.isEnabledFor(logging.INFO):
-                _log_call(method, code or code_name(context), time.perf_counter() - started, context)
+    def finished(context: grpc.aio.ServicerContext, code: str, _error: Exception | None) -> None:
+        if access_log.isEnabledFor(logging.INFO):
+            now = time.perf_counter()
+            _log_call(method, code, now - (_arrived_at.get() or now), context)
 
-    return call
+    return on_finish(behaviour, finished)
 
 
 def _log_call(method: str, code: str, seconds: float, context: grpc.aio.ServicerContext) -> None:

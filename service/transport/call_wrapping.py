@@ -8,6 +8,7 @@ stream's duration is its lifetime, not a latency.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,6 +30,34 @@ def code_name(context: grpc.aio.ServicerContext) -> str:
         return str(code.name)
     # The C core may report the wire number.
     return next((str(known.name) for known in grpc.StatusCode if known.value[0] == code), "UNKNOWN")
+
+
+Finished = Callable[[grpc.aio.ServicerContext, str, Exception | None], None]
+
+
+def on_finish(behaviour: Behaviour, finished: Finished) -> Behaviour:
+    """`behaviour`, then `finished(context, code, error)` however it ended: the name of the status
+    code the call ended with, and the exception that escaped the behaviour (None when it returned
+    or aborted). An escaping exception is UNKNOWN, as grpc.aio answers it; a cancelled call is
+    CANCELLED; an abort, or a return, is whatever the context recorded."""
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        code: str | None = None
+        error: Exception | None = None
+        try:
+            return await behaviour(request, context)
+        except grpc.aio.AbortError:
+            raise  # context.abort recorded the code, read below
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED.name
+            raise
+        except Exception as escaped:
+            code, error = grpc.StatusCode.UNKNOWN.name, escaped
+            raise
+        finally:
+            finished(context, code or code_name(context), error)
+
+    return call
 
 
 def echoed_request_id(context: grpc.aio.ServicerContext) -> str | None:

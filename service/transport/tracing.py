@@ -12,16 +12,14 @@ Imported only when tracing is on: OpenTelemetry is an optional extra.
 
 from __future__ import annotations
 
-import asyncio
 from contextvars import ContextVar
-from typing import Any
 
 import grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from service.transport.call_wrapping import Behaviour, UnaryWrappingInterceptor, code_name, echoed_request_id
+from service.transport.call_wrapping import Behaviour, UnaryWrappingInterceptor, echoed_request_id, on_finish
 
 REQUEST_ID_ATTRIBUTE = "agentpost.request_id"
 # Standard services: health checks would drown the traces, and both stream.
@@ -103,24 +101,13 @@ class TracingInterceptor(UnaryWrappingInterceptor):
     def wrap(self, method: str, behaviour: Behaviour) -> Behaviour:
         """The behaviour, ending the call's span when it finishes."""
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def finished(context: grpc.aio.ServicerContext, code: str, error: Exception | None) -> None:
             span = _span.get()
             if span is None:
-                return await behaviour(request, context)
-            code: str | None = None
-            try:
-                return await behaviour(request, context)
-            except grpc.aio.AbortError:
-                raise  # context.abort recorded the code, read below
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except Exception as error:
+                return
+            if error is not None:
                 span.record_exception(error)
-                code = "UNKNOWN"
-                raise
-            finally:
-                span.set_attributes(_peer_attributes(context.peer()))
-                finish(span, code or code_name(context), echoed_request_id(context))
+            span.set_attributes(_peer_attributes(context.peer()))
+            finish(span, code, echoed_request_id(context))
 
-        return call
+        return on_finish(behaviour, finished)
