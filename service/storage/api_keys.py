@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Row, bindparam, delete, insert, or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Row, bindparam, delete, insert, or_, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.domain.models import ApiKey, KeyMode
 from service.storage.tables import API_KEY_ENVIRONMENTS, API_KEYS, ApiKeyEnvironmentRow, ApiKeyRow
@@ -66,18 +66,18 @@ def to_api_key(row: ApiKeyRow | Row[Any], environment_ids: list[str]) -> ApiKey:
 class ApiKeyRepository:
     """Reads and writes API keys."""
 
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
 
     async def insert(self, key: ApiKey, secret_hash: str) -> None:
         """Stores a new key with the digest of its secret."""
-        await self._session.execute(_INSERT, api_key_row(key, secret_hash))
+        await self._connection.execute(_INSERT, api_key_row(key, secret_hash))
         environment_rows = key_environment_rows(key)
         if environment_rows:
-            await self._session.execute(_INSERT_ENVIRONMENTS, environment_rows)
+            await self._connection.execute(_INSERT_ENVIRONMENTS, environment_rows)
 
     async def _environment_ids(self, key_id: str) -> list[str]:
-        rows = await self._session.scalars(
+        rows = await self._connection.scalars(
             select(ApiKeyEnvironmentRow.environment_id).where(ApiKeyEnvironmentRow.api_key_id == key_id)
         )
         return list(rows)
@@ -85,42 +85,46 @@ class ApiKeyRepository:
     async def find_by_hash(self, secret_hash: str) -> tuple[ApiKey, str] | None:
         """The key whose secret has this digest, and the stored digest (to compare in constant time).
         Core statements built once: this is every VerifyApiKey cache miss."""
-        row = (await self._session.execute(_BY_HASH, {"secret_hash": secret_hash})).first()
+        row = (await self._connection.execute(_BY_HASH, {"secret_hash": secret_hash})).first()
         if row is None:
             return None
-        environment_ids = (await self._session.scalars(_ENVIRONMENTS_OF, {"api_key_id": row.id})).all()
+        environment_ids = (await self._connection.scalars(_ENVIRONMENTS_OF, {"api_key_id": row.id})).all()
         return to_api_key(row, list(environment_ids)), row.secret_hash
 
     async def get(self, organization_id: str, key_id: str) -> ApiKey | None:
         """One key of the organization, or None."""
-        row = await self._session.get(ApiKeyRow, key_id)
-        if row is None or row.organization_id != organization_id:
-            return None
-        return to_api_key(row, await self._environment_ids(row.id))
+        found = await self._connection.execute(
+            select(API_KEYS).where(API_KEYS.c.id == key_id, API_KEYS.c.organization_id == organization_id)
+        )
+        row = found.first()
+        return None if row is None else to_api_key(row, await self._environment_ids(row.id))
 
     async def save(self, key: ApiKey) -> None:
         """Writes the mutable fields of an existing key and replaces its environments."""
-        row = await self._session.get(ApiKeyRow, key.id)
-        assert row is not None and row.organization_id == key.organization_id
-        row.name = key.name
-        row.scopes = list(key.scopes)
-        row.update_time = key.update_time
-        row.expire_time = key.expire_time
-        row.revoke_time = key.revoke_time
-        row.version = key.version
+        await self._connection.execute(
+            update(API_KEYS)
+            .where(API_KEYS.c.id == key.id, API_KEYS.c.organization_id == key.organization_id)
+            .values(
+                name=key.name,
+                scopes=list(key.scopes),
+                update_time=key.update_time,
+                expire_time=key.expire_time,
+                revoke_time=key.revoke_time,
+                version=key.version,
+            )
+        )
         current = set(await self._environment_ids(key.id))
         wanted = set(key.environment_ids)
         if current != wanted:
-            await self._session.execute(
+            await self._connection.execute(
                 delete(ApiKeyEnvironmentRow).where(
                     ApiKeyEnvironmentRow.api_key_id == key.id,
                     ApiKeyEnvironmentRow.environment_id.in_(current - wanted),
                 )
             )
-            self._session.add_all(
-                ApiKeyEnvironmentRow(api_key_id=key.id, environment_id=env_id) for env_id in wanted - current
-            )
-        await self._session.flush()
+            added = [{"api_key_id": key.id, "environment_id": env_id} for env_id in sorted(wanted - current)]
+            if added:
+                await self._connection.execute(_INSERT_ENVIRONMENTS, added)
 
     async def list_page(
         self,
@@ -141,7 +145,7 @@ class ApiKeyRepository:
         listed = select(ApiKeyEnvironmentRow.api_key_id).where(
             ApiKeyEnvironmentRow.api_key_id == ApiKeyRow.id
         )
-        query = select(ApiKeyRow).where(ApiKeyRow.organization_id == organization_id, ApiKeyRow.id > after)
+        query = select(API_KEYS).where(ApiKeyRow.organization_id == organization_id, ApiKeyRow.id > after)
         if reach is not None:
             outside = listed.where(ApiKeyEnvironmentRow.environment_id.not_in(sorted(reach)))
             query = query.where(listed.exists(), ~outside.exists())
@@ -154,10 +158,10 @@ class ApiKeyRepository:
             )
         if not show_revoked:
             query = query.where(ApiKeyRow.revoke_time.is_(None))
-        rows = list(await self._session.scalars(query.order_by(ApiKeyRow.id).limit(limit)))
+        rows = list(await self._connection.execute(query.order_by(ApiKeyRow.id).limit(limit)))
         environments: dict[str, list[str]] = {row.id: [] for row in rows}
         if rows:
-            pairs = await self._session.execute(
+            pairs = await self._connection.execute(
                 select(ApiKeyEnvironmentRow.api_key_id, ApiKeyEnvironmentRow.environment_id).where(
                     ApiKeyEnvironmentRow.api_key_id.in_(list(environments))
                 )

@@ -1,4 +1,4 @@
-"""The engine, sessions and units of work. Every write names its organization, whose `revision`
+"""The engines, connections and units of work. Every write names its organization, whose `revision`
 it raises first: that row lock orders concurrent writes of one organization, and listeners
 (the access cache) learn after commit which organization changed."""
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import bindparam, event, func, select, text, update
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import Pool
 
 from service.domain.calls import committed_revision, current_request_id
@@ -138,8 +138,6 @@ class Database:
             _sqlite_inline(engine.url, inline_sqlite.READ_DRIVER_NAME, 4) if sqlite else engine
         )
         self._writer_engine = _sqlite_inline(engine.url, inline_sqlite.DRIVER_NAME, 1) if sqlite else engine
-        self._sessions = async_sessionmaker(self._reader_engine, expire_on_commit=False)
-        self._write_sessions = async_sessionmaker(self._writer_engine, expire_on_commit=False)
         self._listeners: list[CommitListener] = []
         self._notify = engine.dialect.name == "postgresql"
         # Where this process's writers queue (see _write_queue): SQLite's one lock for all, or
@@ -200,8 +198,8 @@ class Database:
     async def read(self) -> AsyncIterator[UnitOfWork]:
         """A unit of work for reading; nothing it does is committed."""
         self._require_schema()
-        async with translated_errors(), self._sessions() as session:
-            yield UnitOfWork(session)
+        async with translated_errors(), self._reader_engine.connect() as connection:
+            yield UnitOfWork(connection)
 
     @asynccontextmanager
     async def write(
@@ -223,26 +221,26 @@ class Database:
         async with (
             translated_errors(),
             self._write_queue(organization_id),
-            self._write_sessions() as session,
-            session.begin(),
+            self._writer_engine.connect() as connection,
+            connection.begin(),
         ):
             revision = None
             if organization_id is not None:
-                revision = await self._raise_revision(session, organization_id)
-            uow = UnitOfWork(session, organization_id)
+                revision = await self._raise_revision(connection, organization_id)
+            uow = UnitOfWork(connection, organization_id)
             yield uow
             owner = organization_id or _created_organization(uow.changes)
             if owner is None:
                 return
             if revision is None:
-                revision = await self._raise_revision(session, owner)
+                revision = await self._raise_revision(connection, owner)
             events: list[Event] = []
             if uow.changes:
                 events = await uow.events.append(
                     owner, revision, utcnow(), actor or Actor(), current_request_id.get(), uow.changes
                 )
             if self._notify:
-                await session.execute(
+                await connection.execute(
                     _NOTIFY, {"channel": REVISION_CHANNEL, "payload": f"{owner}:{revision}"}
                 )
         committed_revision.set(revision)
@@ -250,14 +248,14 @@ class Database:
             listener(owner, revision, events)
 
     @staticmethod
-    async def _raise_revision(session: AsyncSession, organization_id: str) -> int:
-        raised = await session.scalar(_RAISE_REVISION, {"organization_id": organization_id})
+    async def _raise_revision(connection: AsyncConnection, organization_id: str) -> int:
+        raised = await connection.scalar(_RAISE_REVISION, {"organization_id": organization_id})
         return int(raised or 0)
 
     async def ping(self) -> None:
         """One round trip to the database; `Unavailable` when it does not answer."""
-        async with translated_errors(), self._sessions() as session:
-            await session.execute(text("SELECT 1"))
+        async with translated_errors(), self._reader_engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
 
     @property
     def notifies(self) -> bool:

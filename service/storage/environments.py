@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Row, bindparam, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.domain.models import Environment
 from service.storage.tables import ENVIRONMENTS, EnvironmentRow
@@ -53,16 +53,16 @@ def environment_row(env: Environment) -> dict[str, Any]:
 class EnvironmentRepository:
     """Reads and writes environments."""
 
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
 
     async def insert(self, env: Environment) -> None:
         """Stores a new environment; a taken slug raises AlreadyExists(SLUG_TAKEN)."""
-        await self._session.execute(_INSERT, environment_row(env))
+        await self._connection.execute(_INSERT, environment_row(env))
 
     async def get(self, organization_id: str, environment_id: str) -> Environment | None:
         """One environment of the organization, deleted or not."""
-        found = await self._session.execute(
+        found = await self._connection.execute(
             _GET, {"environment_id": environment_id, "organization_id": organization_id}
         )
         row = found.first()
@@ -70,7 +70,7 @@ class EnvironmentRepository:
 
     async def save(self, env: Environment) -> None:
         """Writes the mutable fields of an existing environment."""
-        await self._session.execute(
+        await self._connection.execute(
             update(ENVIRONMENTS)
             .where(ENVIRONMENTS.c.id == env.id, ENVIRONMENTS.c.organization_id == env.organization_id)
             .values(
@@ -84,7 +84,7 @@ class EnvironmentRepository:
 
     async def all_of(self, organization_id: str) -> list[Environment]:
         """Every environment of the organization, deleted ones included."""
-        rows = await self._session.scalars(
-            select(EnvironmentRow).where(EnvironmentRow.organization_id == organization_id)
+        rows = await self._connection.execute(
+            select(ENVIRONMENTS).where(EnvironmentRow.organization_id == organization_id)
         )
         return [to_environment(row) for row in rows]

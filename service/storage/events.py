@@ -7,9 +7,10 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import ColumnElement, and_, delete, func, insert, or_, select, tuple_
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import ColumnElement, Row, and_, delete, func, insert, or_, select, tuple_
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.domain import ids
 from service.domain.events import (
@@ -29,7 +30,7 @@ from service.storage.tables import EVENTS, EventRow
 _INSERT = insert(EVENTS)  # built once: every write appends
 
 
-def to_event(row: EventRow) -> Event:
+def to_event(row: EventRow | Row[Any]) -> Event:
     """The domain record of a row."""
     resource_type = ResourceType(row.resource_type)
     return Event(
@@ -103,8 +104,8 @@ class EventQuery:
 class EventRepository:
     """Appends and reads an organization's events."""
 
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
 
     async def append(
         self,
@@ -134,7 +135,7 @@ class EventRepository:
             )
             for change in changes
         ]
-        await self._session.execute(
+        await self._connection.execute(
             _INSERT,
             [
                 {
@@ -164,8 +165,8 @@ class EventRepository:
         self, organization_id: str, revision: int, *, up_to: int, limit: int = 10_000
     ) -> list[Event]:
         """The organization's events with `revision < n <= up_to`, in commit order."""
-        rows = await self._session.scalars(
-            select(EventRow)
+        rows = await self._connection.execute(
+            select(EVENTS)
             .where(
                 EventRow.organization_id == organization_id,
                 EventRow.revision > revision,
@@ -182,8 +183,8 @@ class EventRepository:
         """The organization's events after `position` (revision, sequence) and up to revision
         `up_to`, in commit order, each with its sequence within its revision."""
         revision, sequence = position
-        rows = await self._session.scalars(
-            select(EventRow)
+        rows = await self._connection.execute(
+            select(EVENTS)
             .where(
                 EventRow.organization_id == organization_id,
                 tuple_(EventRow.revision, EventRow.sequence) > tuple_(revision, sequence),
@@ -199,17 +200,17 @@ class EventRepository:
     ) -> list[tuple[Event, int]]:
         """The organization's events matching `query`, newest first (revision, then sequence,
         descending), from just before `before`; each with its sequence within its revision."""
-        statement = select(EventRow).where(EventRow.organization_id == organization_id, *query.conditions())
+        statement = select(EVENTS).where(EventRow.organization_id == organization_id, *query.conditions())
         if before is not None:
             statement = statement.where(tuple_(EventRow.revision, EventRow.sequence) < tuple_(*before))
-        rows = await self._session.scalars(
+        rows = await self._connection.execute(
             statement.order_by(EventRow.revision.desc(), EventRow.sequence.desc()).limit(limit)
         )
         return [(to_event(row), row.sequence) for row in rows]
 
     async def oldest_revision(self, organization_id: str) -> int | None:
         """The oldest revision the organization's log still holds; None when it holds none."""
-        oldest = await self._session.scalar(
+        oldest = await self._connection.scalar(
             select(func.min(EventRow.revision)).where(EventRow.organization_id == organization_id)
         )
         return None if oldest is None else int(oldest)
@@ -220,7 +221,7 @@ class EventRepository:
         Whole revisions go, and for each organization only a prefix of its log: everything up to
         the newest old revision found. The log of an organization thus always starts at its
         oldest retained revision, which is how a watcher's revision is known to have expired."""
-        found = await self._session.execute(
+        found = await self._connection.execute(
             select(EventRow.organization_id, EventRow.revision)
             .where(EventRow.create_time < cutoff)
             .order_by(EventRow.create_time)
@@ -231,7 +232,7 @@ class EventRepository:
             newest[organization_id] = max(revision, newest.get(organization_id, 0))
         deleted = 0
         for organization_id, revision in newest.items():
-            result = await self._session.execute(
+            result = await self._connection.execute(
                 delete(EventRow).where(
                     EventRow.organization_id == organization_id, EventRow.revision <= revision
                 )

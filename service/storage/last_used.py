@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from sqlalchemy import bindparam, or_, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.storage.tables import API_KEYS
 
@@ -24,12 +24,12 @@ _TOUCH = (
 class LastUsedRepository:
     """Moves keys' last-used times forward, never back."""
 
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
 
     async def record(self, times: Mapping[str, datetime]) -> None:
         """Sets each key's last-used time unless a later one is stored already."""
         if times:
-            await self._session.execute(
+            await self._connection.execute(
                 _TOUCH, [{"key_id": key_id, "when": when} for key_id, when in times.items()]
             )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from sqlalchemy import delete, func, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from typing import Any
+
+from sqlalchemy import Row, delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.domain.models import EnvironmentMembership, EnvRole, Member, OrgRole
-from service.storage.tables import EnvironmentMemberRow, MemberRow
+from service.storage.tables import ENVIRONMENT_MEMBERS, MEMBERS, EnvironmentMemberRow, MemberRow
 
 
-def to_member(row: MemberRow) -> Member:
+def to_member(row: MemberRow | Row[Any]) -> Member:
     """The domain record of a row."""
     return Member(
         id=row.id,
@@ -23,7 +25,7 @@ def to_member(row: MemberRow) -> Member:
     )
 
 
-def to_membership(row: EnvironmentMemberRow) -> EnvironmentMembership:
+def to_membership(row: EnvironmentMemberRow | Row[Any]) -> EnvironmentMembership:
     """The domain record of a row."""
     return EnvironmentMembership(
         environment_id=row.environment_id,
@@ -37,43 +39,44 @@ def to_membership(row: EnvironmentMemberRow) -> EnvironmentMembership:
 class MemberRepository:
     """Reads and writes members and environment memberships."""
 
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
 
     async def insert(self, member: Member) -> None:
         """Stores a new member; a taken email raises AlreadyExists(EMAIL_TAKEN)."""
-        self._session.add(
-            MemberRow(
-                id=member.id,
-                organization_id=member.organization_id,
-                email=member.email,
-                email_key=member.email.lower(),
-                display_name=member.display_name,
-                role=member.role.value,
-                create_time=member.create_time,
-                update_time=member.update_time,
-                version=member.version,
-            )
+        await self._connection.execute(
+            insert(MEMBERS),
+            {
+                "id": member.id,
+                "organization_id": member.organization_id,
+                "email": member.email,
+                "email_key": member.email.lower(),
+                "display_name": member.display_name,
+                "role": member.role.value,
+                "create_time": member.create_time,
+                "update_time": member.update_time,
+                "version": member.version,
+            },
         )
-        await self._session.flush()
 
     async def get(self, organization_id: str, member_id: str) -> Member | None:
         """One member of the organization, or None."""
-        row = await self._session.get(MemberRow, member_id)
-        if row is None or row.organization_id != organization_id:
-            return None
-        return to_member(row)
+        found = await self._connection.execute(
+            select(MEMBERS).where(MEMBERS.c.id == member_id, MEMBERS.c.organization_id == organization_id)
+        )
+        row = found.first()
+        return None if row is None else to_member(row)
 
     async def roles_of(self, organization_id: str) -> dict[str, OrgRole]:
         """Every member's organization role."""
-        rows = await self._session.execute(
+        rows = await self._connection.execute(
             select(MemberRow.id, MemberRow.role).where(MemberRow.organization_id == organization_id)
         )
         return {row.id: OrgRole(row.role) for row in rows}
 
     async def environment_roles_of(self, organization_id: str) -> dict[str, dict[str, EnvRole]]:
         """member id -> environment id -> role, for the whole organization."""
-        rows = await self._session.execute(
+        rows = await self._connection.execute(
             select(
                 EnvironmentMemberRow.member_id, EnvironmentMemberRow.environment_id, EnvironmentMemberRow.role
             ).where(EnvironmentMemberRow.organization_id == organization_id)
@@ -85,8 +88,8 @@ class MemberRepository:
 
     async def page(self, organization_id: str, after: str, limit: int) -> list[Member]:
         """Up to `limit` members of the organization with ids after `after`, ordered by id."""
-        rows = await self._session.scalars(
-            select(MemberRow)
+        rows = await self._connection.execute(
+            select(MEMBERS)
             .where(MemberRow.organization_id == organization_id, MemberRow.id > after)
             .order_by(MemberRow.id)
             .limit(limit)
@@ -95,39 +98,42 @@ class MemberRepository:
 
     async def save(self, member: Member) -> None:
         """Writes the mutable fields of an existing member; the email never changes."""
-        row = await self._session.get(MemberRow, member.id)
-        assert row is not None and row.organization_id == member.organization_id
-        row.display_name = member.display_name
-        row.role = member.role.value
-        row.update_time = member.update_time
-        row.version = member.version
-        await self._session.flush()
+        await self._connection.execute(
+            update(MEMBERS)
+            .where(MEMBERS.c.id == member.id, MEMBERS.c.organization_id == member.organization_id)
+            .values(
+                display_name=member.display_name,
+                role=member.role.value,
+                update_time=member.update_time,
+                version=member.version,
+            )
+        )
 
     async def delete(self, organization_id: str, member_id: str) -> list[EnvironmentMembership]:
         """Removes a member and its environment memberships, and returns those memberships. The
         foreign key cascades too; the memberships are deleted explicitly so no backend setting
         can leave them behind."""
-        memberships = await self._session.scalars(
-            select(EnvironmentMemberRow).where(
+        memberships = await self._connection.execute(
+            select(ENVIRONMENT_MEMBERS).where(
                 EnvironmentMemberRow.organization_id == organization_id,
                 EnvironmentMemberRow.member_id == member_id,
             )
         )
         removed = [to_membership(row) for row in memberships]
-        await self._session.execute(
+        await self._connection.execute(
             delete(EnvironmentMemberRow).where(
                 EnvironmentMemberRow.organization_id == organization_id,
                 EnvironmentMemberRow.member_id == member_id,
             )
         )
-        await self._session.execute(
+        await self._connection.execute(
             delete(MemberRow).where(MemberRow.organization_id == organization_id, MemberRow.id == member_id)
         )
         return removed
 
     async def count_owners(self, organization_id: str) -> int:
         """How many OWNER members the organization has."""
-        count = await self._session.scalar(
+        count = await self._connection.scalar(
             select(func.count())
             .select_from(MemberRow)
             .where(MemberRow.organization_id == organization_id, MemberRow.role == OrgRole.OWNER.value)
@@ -138,33 +144,42 @@ class MemberRepository:
         self, organization_id: str, environment_id: str, member_id: str
     ) -> EnvironmentMembership | None:
         """A member's access to one environment, or None."""
-        row = await self._session.get(EnvironmentMemberRow, (environment_id, member_id))
-        if row is None or row.organization_id != organization_id:
-            return None
-        return to_membership(row)
+        found = await self._connection.execute(
+            select(ENVIRONMENT_MEMBERS).where(
+                ENVIRONMENT_MEMBERS.c.environment_id == environment_id,
+                ENVIRONMENT_MEMBERS.c.member_id == member_id,
+                ENVIRONMENT_MEMBERS.c.organization_id == organization_id,
+            )
+        )
+        row = found.first()
+        return None if row is None else to_membership(row)
 
     async def insert_membership(self, organization_id: str, membership: EnvironmentMembership) -> None:
         """Stores a new environment membership; an existing pair raises
         AlreadyExists(ENVIRONMENT_MEMBER_EXISTS)."""
-        self._session.add(
-            EnvironmentMemberRow(
-                environment_id=membership.environment_id,
-                member_id=membership.member_id,
-                organization_id=organization_id,
-                role=membership.role.value,
-                create_time=membership.create_time,
-                update_time=membership.update_time,
-            )
+        await self._connection.execute(
+            insert(ENVIRONMENT_MEMBERS),
+            {
+                "environment_id": membership.environment_id,
+                "member_id": membership.member_id,
+                "organization_id": organization_id,
+                "role": membership.role.value,
+                "create_time": membership.create_time,
+                "update_time": membership.update_time,
+            },
         )
-        await self._session.flush()
 
     async def save_membership(self, organization_id: str, membership: EnvironmentMembership) -> None:
         """Writes the role of an existing environment membership."""
-        row = await self._session.get(EnvironmentMemberRow, (membership.environment_id, membership.member_id))
-        assert row is not None and row.organization_id == organization_id
-        row.role = membership.role.value
-        row.update_time = membership.update_time
-        await self._session.flush()
+        await self._connection.execute(
+            update(ENVIRONMENT_MEMBERS)
+            .where(
+                ENVIRONMENT_MEMBERS.c.environment_id == membership.environment_id,
+                ENVIRONMENT_MEMBERS.c.member_id == membership.member_id,
+                ENVIRONMENT_MEMBERS.c.organization_id == organization_id,
+            )
+            .values(role=membership.role.value, update_time=membership.update_time)
+        )
 
     async def delete_membership(
         self, organization_id: str, environment_id: str, member_id: str
@@ -172,7 +187,7 @@ class MemberRepository:
         """Removes a member's access to an environment and returns it; None when it had none."""
         removed = await self.get_membership(organization_id, environment_id, member_id)
         if removed is not None:
-            await self._session.execute(
+            await self._connection.execute(
                 delete(EnvironmentMemberRow).where(
                     EnvironmentMemberRow.organization_id == organization_id,
                     EnvironmentMemberRow.environment_id == environment_id,
@@ -186,8 +201,8 @@ class MemberRepository:
     ) -> list[EnvironmentMembership]:
         """Up to `limit` memberships of an environment with member ids after `after`, ordered by
         member id."""
-        rows = await self._session.scalars(
-            select(EnvironmentMemberRow)
+        rows = await self._connection.execute(
+            select(ENVIRONMENT_MEMBERS)
             .where(
                 EnvironmentMemberRow.organization_id == organization_id,
                 EnvironmentMemberRow.environment_id == environment_id,

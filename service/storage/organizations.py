@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
+from typing import Any
+
+from sqlalchemy import Row, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.domain.models import Organization
-from service.storage.tables import OrganizationRow
+from service.storage.tables import ORGANIZATIONS, OrganizationRow
 
 
-def to_organization(row: OrganizationRow) -> Organization:
+def to_organization(row: OrganizationRow | Row[Any]) -> Organization:
     """The domain record of a row."""
     return Organization(id=row.id, name=row.name, create_time=row.create_time)
 
@@ -17,30 +19,36 @@ def to_organization(row: OrganizationRow) -> Organization:
 class OrganizationRepository:
     """Reads and writes organizations."""
 
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
 
     async def insert(self, organization: Organization) -> None:
         """Stores a new organization."""
-        self._session.add(
-            OrganizationRow(
-                id=organization.id, name=organization.name, revision=0, create_time=organization.create_time
-            )
+        await self._connection.execute(
+            insert(ORGANIZATIONS),
+            {
+                "id": organization.id,
+                "name": organization.name,
+                "revision": 0,
+                "create_time": organization.create_time,
+            },
         )
-        await self._session.flush()
 
     async def get(self, organization_id: str) -> Organization | None:
         """One organization, or None."""
-        row = await self._session.get(OrganizationRow, organization_id)
+        found = await self._connection.execute(
+            select(ORGANIZATIONS).where(ORGANIZATIONS.c.id == organization_id)
+        )
+        row = found.first()
         return None if row is None else to_organization(row)
 
     async def any_exists(self) -> bool:
         """True when the database holds at least one organization."""
-        return (await self._session.scalar(select(OrganizationRow.id).limit(1))) is not None
+        return (await self._connection.scalar(select(OrganizationRow.id).limit(1))) is not None
 
     async def revisions(self, organization_ids: list[str]) -> dict[str, int]:
         """The current revision of each of these organizations."""
-        rows = await self._session.execute(
+        rows = await self._connection.execute(
             select(OrganizationRow.id, OrganizationRow.revision).where(
                 OrganizationRow.id.in_(organization_ids)
             )

@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import bindparam, insert, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.storage.tables import REQUEST_IDS
 
@@ -25,12 +25,12 @@ _RECORD = insert(REQUEST_IDS)
 class RequestIdRepository:
     """Remembers which result each request id produced."""
 
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
 
     async def find(self, scope: str, operation: str, request_id: str) -> str | None:
         """The id created by an earlier request with this id, if any."""
-        return await self._session.scalar(
+        return await self._connection.scalar(
             _FIND, {"scope": scope, "operation": operation, "request_id": request_id}
         )
 
@@ -38,7 +38,7 @@ class RequestIdRepository:
         self, scope: str, operation: str, request_id: str, result_id: str, now: datetime
     ) -> None:
         """Remembers the result; a concurrent duplicate fails the transaction (DUPLICATE_REQUEST)."""
-        await self._session.execute(
+        await self._connection.execute(
             _RECORD,
             {
                 "scope": scope,

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import and_, delete, insert, or_, select, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import Row, and_, delete, insert, or_, select, tuple_, update
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.domain.models import ResourceKind, ScopedResource
@@ -16,7 +17,7 @@ from service.storage.tables import RESOURCES, ResourceRow
 ResourceKey = tuple[ResourceKind, str]
 
 
-def to_resource(row: ResourceRow) -> ScopedResource:
+def to_resource(row: ResourceRow | Row[Any]) -> ScopedResource:
     """The domain record of a row."""
     return ScopedResource(
         kind=ResourceKind(row.kind),
@@ -45,13 +46,13 @@ def _after(after: tuple[str, str] | None) -> ColumnElement[bool]:
 class ResourceRepository:
     """Reads and writes registered resources."""
 
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
 
     async def insert(self, resource: ScopedResource) -> None:
         """Stores a new registration; one already registered under the same organization, kind and
         id (in any environment) raises AlreadyExists(RESOURCE_EXISTS)."""
-        await self._session.execute(
+        await self._connection.execute(
             _INSERT,
             {
                 "organization_id": resource.organization_id,
@@ -66,7 +67,14 @@ class ResourceRepository:
 
     async def get(self, organization_id: str, kind: ResourceKind, resource_id: str) -> ScopedResource | None:
         """One registration of the organization, in whichever environment holds it."""
-        row = await self._session.get(ResourceRow, (organization_id, kind.value, resource_id))
+        found = await self._connection.execute(
+            select(RESOURCES).where(
+                RESOURCES.c.organization_id == organization_id,
+                RESOURCES.c.kind == kind.value,
+                RESOURCES.c.resource_id == resource_id,
+            )
+        )
+        row = found.first()
         return None if row is None else to_resource(row)
 
     async def delete(
@@ -74,16 +82,15 @@ class ResourceRepository:
     ) -> ScopedResource | None:
         """Removes a registration if it belongs to the environment and returns it; None when
         there was none."""
-        rows = await self._session.scalars(
-            delete(ResourceRow)
+        rows = await self._connection.execute(
+            delete(RESOURCES)
             .where(
                 ResourceRow.organization_id == organization_id,
                 ResourceRow.kind == kind.value,
                 ResourceRow.resource_id == resource_id,
                 ResourceRow.environment_id == environment_id,
             )
-            .returning(ResourceRow),
-            execution_options={"synchronize_session": False},
+            .returning(*RESOURCES.c)
         )
         removed = rows.first()
         return None if removed is None else to_resource(removed)
@@ -98,8 +105,8 @@ class ResourceRepository:
     ) -> list[ScopedResource]:
         """Up to `limit` resources of the environment of the given kinds, ordered by (kind,
         resource_id) and continuing after the cursor."""
-        rows = await self._session.scalars(
-            select(ResourceRow)
+        rows = await self._connection.execute(
+            select(RESOURCES)
             .where(
                 ResourceRow.organization_id == organization_id,
                 ResourceRow.environment_id == environment_id,
@@ -115,7 +122,7 @@ class ResourceRepository:
         self, organization_id: str, environment_id: str, keys: Collection[ResourceKey]
     ) -> set[ResourceKey]:
         """Which of the named resources currently belong to the environment."""
-        rows = await self._session.execute(
+        rows = await self._connection.execute(
             select(ResourceRow.kind, ResourceRow.resource_id).where(
                 ResourceRow.organization_id == organization_id,
                 ResourceRow.environment_id == environment_id,
@@ -150,7 +157,5 @@ class ResourceRepository:
                     [(kind.value, resource_id) for kind, resource_id in keys]
                 )
             )
-        rows = await self._session.scalars(
-            statement.returning(ResourceRow), execution_options={"synchronize_session": False}
-        )
+        rows = await self._connection.execute(statement.returning(*RESOURCES.c))
         return [to_resource(row) for row in rows]

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.storage.tables import ServerSecretRow
 
@@ -22,19 +22,21 @@ _KEY_BYTES = 32
 class ServerSecretRepository:
     """Named secrets: the first writer's value wins and every later reader gets it."""
 
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
+    def __init__(self, connection: AsyncConnection) -> None:
+        self._connection = connection
 
     async def get_or_create(self, name: str, candidate: str) -> str:
         """The stored value of `name`, storing `candidate` first if there is none. Servers that
         start together all insert-if-absent and read back, so they agree on one value."""
-        insert = postgresql.insert if self._session.get_bind().dialect.name == "postgresql" else sqlite.insert
-        await self._session.execute(
+        insert = postgresql.insert if self._connection.dialect.name == "postgresql" else sqlite.insert
+        await self._connection.execute(
             insert(ServerSecretRow)
             .values(name=name, value=candidate, create_time=datetime.now(UTC))
             .on_conflict_do_nothing(index_elements=[ServerSecretRow.name])
         )
-        stored = await self._session.scalar(select(ServerSecretRow.value).where(ServerSecretRow.name == name))
+        stored = await self._connection.scalar(
+            select(ServerSecretRow.value).where(ServerSecretRow.name == name)
+        )
         assert stored is not None  # inserted above, or by the writer that won
         return stored
 

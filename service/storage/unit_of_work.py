@@ -1,6 +1,6 @@
 """A unit of work: the repositories of one transaction, handed to a use case as one object.
 
-Use cases never see a session: `Database.read()` and `Database.write(organization_id)` yield a
+Use cases never see a connection: `Database.read()` and `Database.write(organization_id)` yield a
 `UnitOfWork`, and everything done through its repositories commits or rolls back together.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cached_property
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.domain.events import Action, Change, Resource, changed_fields
 from service.storage.api_keys import ApiKeyRepository
@@ -30,8 +30,8 @@ class UnitOfWork:
     organization): the one place that knows what a transaction changes.
     """
 
-    def __init__(self, session: AsyncSession, organization_id: str | None = None) -> None:
-        self._session = session
+    def __init__(self, connection: AsyncConnection, organization_id: str | None = None) -> None:
+        self._connection = connection
         self.organization_id = organization_id
         self.changes: list[Change] = []
 
@@ -55,44 +55,44 @@ class UnitOfWork:
     @cached_property
     def organizations(self) -> OrganizationRepository:
         """Organizations and their revisions."""
-        return OrganizationRepository(self._session)
+        return OrganizationRepository(self._connection)
 
     @cached_property
     def environments(self) -> EnvironmentRepository:
         """Environments."""
-        return EnvironmentRepository(self._session)
+        return EnvironmentRepository(self._connection)
 
     @cached_property
     def members(self) -> MemberRepository:
         """Members and their environment access."""
-        return MemberRepository(self._session)
+        return MemberRepository(self._connection)
 
     @cached_property
     def api_keys(self) -> ApiKeyRepository:
         """API keys and their digests."""
-        return ApiKeyRepository(self._session)
+        return ApiKeyRepository(self._connection)
 
     @cached_property
     def resources(self) -> ResourceRepository:
         """The registry of scoped resources."""
-        return ResourceRepository(self._session)
+        return ResourceRepository(self._connection)
 
     @cached_property
     def request_ids(self) -> RequestIdRepository:
         """Idempotency keys of create requests."""
-        return RequestIdRepository(self._session)
+        return RequestIdRepository(self._connection)
 
     @cached_property
     def last_used(self) -> LastUsedRepository:
         """Batched last-used times of keys."""
-        return LastUsedRepository(self._session)
+        return LastUsedRepository(self._connection)
 
     @cached_property
     def server_secrets(self) -> ServerSecretRepository:
         """Secrets made once per database (the page-token key)."""
-        return ServerSecretRepository(self._session)
+        return ServerSecretRepository(self._connection)
 
     @cached_property
     def events(self) -> EventRepository:
         """The organization's event log."""
-        return EventRepository(self._session)
+        return EventRepository(self._connection)
