@@ -35,7 +35,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service.domain.errors import Unavailable
-from service.storage.database import translated_errors
+from service.storage.database import PING_AFTER_IDLE_SECONDS, translated_errors
 from tests import private_postgres
 from tests.bench.processes import ServerProcess, health_serving
 from tests.harness import OPERATOR_TOKEN, auth, create_organization, failure_of
@@ -456,3 +456,47 @@ async def test_faults_of_the_service_are_not_called_unavailable(error: Exception
         async with translated_errors():
             raise error
     assert raised.value is error
+
+
+async def _terminate_server_connections(pg: PrivatePostgres) -> int:
+    """Ends the pooled sessions of the cluster, as an idle-session killer or a proxy in between
+    would; returns how many it ended. The listening session is spared: its reconnect would read
+    through the pool and so retire the ended sessions before the call under test meets them."""
+    connection = await asyncpg.connect(pg.url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        ended = await connection.fetchval(
+            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            " AND query NOT ILIKE 'LISTEN%') AS ended"
+        )
+    finally:
+        await connection.close()
+    return int(ended)
+
+
+@on_postgres
+async def test_pooled_connections_the_database_ended_are_replaced(
+    database: str, cluster: PrivatePostgres, replicas: Callable[..., Awaitable[Replica]]
+) -> None:
+    """Pooled connections are not pinged on every checkout (that cost a write three round
+    trips), only after sitting idle: one the database ended while idle is replaced before use,
+    and one ended while in steady use fails one call as UNAVAILABLE at most."""
+    # The revision poll would otherwise meet the ended connections first, and retire them.
+    a = await replicas("replica-a", AGENTPOST_CACHE_REFRESH_SECONDS="60")
+    owner = (await create_organization(a.organizations, "Ended sessions", CALL_TIMEOUT)).owner_api_key_secret
+    assert await _write_works(a, owner)
+
+    assert await _terminate_server_connections(cluster) >= 1
+    await asyncio.sleep(PING_AFTER_IDLE_SECONDS + 0.5)
+    # Idle past the bound: the checkout pings, finds the connection dead and connects anew.
+    assert await _write_works(a, owner), "the first write after the idle connection was ended failed"
+
+    # In steady use: calls right after the sessions end may fail, only as UNAVAILABLE (asserted
+    # by _write_works), and the replica writes again by itself.
+    assert await _terminate_server_connections(cluster) >= 1
+    failed = 0
+    for _ in range(20):
+        failed += not await _write_works(a, owner)
+    assert failed <= 2, f"{failed} of 20 writes failed after the sessions were ended"
+    assert await _write_works(a, owner)
+    assert await a.health() == SERVING
