@@ -227,3 +227,38 @@ async def test_revoke_is_seen_by_verify_on_the_next_call(harness: Harness, org: 
     assert (await harness.verify(secret)).valid
     await harness.api_keys.RevokeApiKey(pb.RevokeApiKeyRequest(id=key.id), metadata=auth(org.owner_secret))
     assert (await harness.verify(secret)).denial_reason == Reason.REVOKED
+
+
+async def test_a_warm_granted_answer_follows_the_key_and_its_environments(harness: Harness, org: Org) -> None:
+    """Granted answers are kept per key and environment while neither changes: every change of
+    the key, or of the environments it may use, must show in the very next answer."""
+    first = await harness.new_environment(org, "Memo one")
+    second = await harness.new_environment(org, "Memo two")
+    key, secret = await harness.new_key(org, ["inboxes:read", "inboxes:write"], [first.id])
+    for _ in range(3):
+        answer = await harness.verify(secret, first.id)
+        assert answer.valid
+        assert list(answer.principal.scopes) == ["inboxes:read", "inboxes:write"]
+        assert list(answer.principal.allowed_environment_ids) == [first.id]
+
+    key.scopes[:] = ["inboxes:read"]
+    key = await harness.update_key(org.owner_secret, key, "scopes")
+    answer = await harness.verify(secret, first.id)
+    assert list(answer.principal.scopes) == ["inboxes:read"]
+    assert (await harness.verify(secret, first.id, "inboxes:write")).denial_reason == Reason.SCOPE_MISSING
+
+    key.environment_ids[:] = [first.id, second.id]
+    key = await harness.update_key(org.owner_secret, key, "environment_ids")
+    answer = await harness.verify(secret, first.id)
+    assert sorted(answer.principal.allowed_environment_ids) == sorted([first.id, second.id])
+    assert (await harness.verify(secret, second.id)).principal.environment_id == second.id
+
+    await harness.environments.DeleteEnvironment(
+        environment_pb2.DeleteEnvironmentRequest(id=second.id), metadata=auth(org.owner_secret)
+    )
+    assert list((await harness.verify(secret, first.id)).principal.allowed_environment_ids) == [first.id]
+    assert not (await harness.verify(secret, second.id)).valid
+
+    await harness.api_keys.RevokeApiKey(pb.RevokeApiKeyRequest(id=key.id), metadata=auth(org.owner_secret))
+    revoked = await harness.verify(secret, first.id)
+    assert revoked.denial_reason == Reason.REVOKED and not revoked.principal.scopes

@@ -22,6 +22,8 @@ from service.domain.models import KeyMode
 PREFIX_LENGTH: Final = 12
 _BODY_LENGTH: Final = 32
 _CHECKSUM_LENGTH: Final = 6
+# Longer than any secret (`ap_sk_live_` and 38 characters): a longer string is refused unhashed.
+MAX_SECRET_LENGTH: Final = 64
 _SHAPE: Final = re.compile(r"ap_sk_(live|dev)_([0-9A-Za-z]{32})([0-9A-Za-z]{6})")
 
 

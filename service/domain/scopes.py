@@ -32,6 +32,8 @@ _KNOWN: Final = frozenset(ALL_SCOPES)
 def validate(field: str, scopes: Iterable[str], *, required: bool) -> tuple[str, ...]:
     """Known scopes, de-duplicated and sorted. Unknown ones are INVALID_ARGUMENT, each named."""
     given = list(scopes)
+    if not given and not required:
+        return ()
     unknown = [scope for scope in given if scope not in _KNOWN]
     if unknown:
         raise InvalidArgument(

@@ -49,17 +49,23 @@ MIN_REVISION_HEADER = "x-agentpost-min-revision"
 _MAX_REQUEST_ID = 128
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Call:
     """What `intercept_service` learnt about one call, for the wrapped handler."""
 
     rule: Rule | None
-    # Identifies the caller, given its peer; raises the DomainError that refuses the call.
-    authenticate: Callable[[str], Awaitable[Principal | None]]
+    # Who identifies the caller from the call's metadata (see `authenticate`).
+    guard: AuthInterceptor
+    metadata: dict[str, str]
+    raw: Sequence[tuple[str, str | bytes]]
     environment: str | None
     request_id: str
     # The bearer secret, kept only for streams (which check the key again as they go).
     credential: str | None = None
+
+    async def authenticate(self, peer: str) -> Principal | None:
+        """Identifies the caller, given its peer; raises the DomainError that refuses the call."""
+        return await self.guard.authenticate(self, peer)
 
 
 _current_call: ContextVar[_Call | None] = ContextVar("current_call", default=None)
@@ -142,21 +148,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._throttle = throttle if throttle is not None else AuthFailureThrottle(0)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    def _authentication(
-        self, rule: Rule | None, metadata: dict[str, str], raw: Sequence[tuple[str, str | bytes]]
-    ) -> Callable[[str], Awaitable[Principal | None]]:
-        """How the wrapped handler identifies this call's caller once it knows the peer."""
-
-        async def authenticate(peer: str) -> Principal | None:
-            if rule is None:
-                raise Denied("this method has no access rule and is refused", reason="METHOD_NOT_ALLOWED")
-            if rule.level is Level.PUBLIC:
-                return None
-            return await self._throttle.guard(
-                peer, lambda throttled: self._identify(rule, metadata, raw, known_only=throttled)
-            )
-
-        return authenticate
+    async def authenticate(self, call: _Call, peer: str) -> Principal | None:
+        """Identifies the caller of `call` once its peer is known."""
+        rule = call.rule
+        if rule is None:
+            raise Denied("this method has no access rule and is refused", reason="METHOD_NOT_ALLOWED")
+        if rule.level is Level.PUBLIC:
+            return None
+        return await self._throttle.guard(
+            peer, lambda throttled: self._identify(rule, call.metadata, call.raw, known_only=throttled)
+        )
 
     async def _identify(
         self,
@@ -208,12 +209,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return self._intercept_stream(handler, details, rule, metadata, raw)
         # The handler runs in this call's own task, so this reaches it and no other call.
         _current_call.set(
-            _Call(
-                rule,
-                self._authentication(rule, metadata, raw),
-                metadata.get(ENVIRONMENT_HEADER),
-                _request_id(metadata),
-            )
+            _Call(rule, self, metadata, raw, metadata.get(ENVIRONMENT_HEADER), _request_id(metadata))
         )
         wrapped = self._wrapped.get(details.method)
         if wrapped is None:
@@ -240,11 +236,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             credential = _bearer(metadata, raw)
         _current_call.set(
             _Call(
-                rule,
-                self._authentication(rule, metadata, raw),
-                metadata.get(ENVIRONMENT_HEADER),
-                _request_id(metadata),
-                credential,
+                rule, self, metadata, raw, metadata.get(ENVIRONMENT_HEADER), _request_id(metadata), credential
             )
         )
         wrapped = self._wrapped.get(details.method)

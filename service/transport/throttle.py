@@ -132,8 +132,10 @@ class AuthFailureThrottle:
     async def guard(self, peer: str, authenticate: Callable[[bool], Awaitable[T]]) -> T:
         """Runs `authenticate(throttled)` for a call from `peer`; a credential it refuses is counted,
         and answered `TOO_MANY_AUTH_FAILURES` once the peer is past the limit."""
-        address = peer_address(peer)
+        # No window open anywhere (the usual case): nobody is throttled, and the peer's address
+        # is worked out only if this credential is refused.
+        throttled = bool(self._windows) and self.retry_after(peer_address(peer)) is not None
         try:
-            return await authenticate(self.retry_after(address) is not None)
+            return await authenticate(throttled)
         except Unauthenticated as error:
-            raise self.refused(address, error) from None
+            raise self.refused(peer_address(peer), error) from None
