@@ -169,9 +169,28 @@ async def test_admin_key_cannot_widen_a_key_acting_above_it(harness: Harness, or
         )
         assert (list(got.scopes), list(got.environment_ids)) == (["inboxes:read"], [env_a.id])
         assert got.expire_time == stamp(soon)
-        # Narrowing stays allowed: a new name, a shorter life.
+        # Nor may it narrow, rename or revoke it: a narrower key never changes a wider one.
+        narrowings = (
+            (pb.ApiKey(id=key.id, name="renamed"), "name"),
+            (pb.ApiKey(id=key.id, expire_time=stamp(soon - timedelta(minutes=1))), "expire_time"),
+            (pb.ApiKey(id=key.id, scopes=["inboxes:read"]), "scopes"),
+        )
+        for change, path in narrowings:
+            await fails(
+                harness.update_key(admin_secret, change, path), Code.PERMISSION_DENIED, "OWNER_ESCALATION"
+            )
+        await fails(
+            harness.api_keys.RevokeApiKey(pb.RevokeApiKeyRequest(id=key.id), metadata=auth(admin_secret)),
+            Code.PERMISSION_DENIED,
+            "OWNER_ESCALATION",
+        )
+        got = await harness.api_keys.GetApiKey(
+            pb.GetApiKeyRequest(id=key.id), metadata=auth(org.owner_secret)
+        )
+        assert (got.name, got.expire_time, got.HasField("revoke_time")) == (key.name, stamp(soon), False)
+        # An OWNER's key may.
         narrowed = await harness.update_key(
-            admin_secret,
+            org.owner_secret,
             pb.ApiKey(id=key.id, name="renamed", expire_time=stamp(soon - timedelta(minutes=1))),
             "name",
             "expire_time",
@@ -191,6 +210,40 @@ async def test_admin_key_cannot_widen_a_key_acting_above_it(harness: Harness, or
         "environment_ids",
     )
     assert list(widened.environment_ids) == sorted([env_a.id, env_b.id])
+
+
+async def test_admin_key_changes_and_revokes_only_keys_acting_at_most_as_admin(
+    harness: Harness, org: Org
+) -> None:
+    admin, admin_secret = await admin_key(harness, org)
+    other_admin = await harness.new_member(org, "ADMIN")
+    member = await harness.new_member(org, "MEMBER")
+    leaver = await harness.new_member(org, "OWNER")
+    keys = {
+        "own": (await harness.new_key(org, ["inboxes:read"], owner_member_id=admin.id))[0],
+        "another ADMIN's": (await harness.new_key(org, ["inboxes:read"], owner_member_id=other_admin.id))[0],
+        "a MEMBER's": (await harness.new_key(org, ["inboxes:read"], owner_member_id=member.id))[0],
+        "a departed OWNER's": (await harness.new_key(org, ["inboxes:read"], owner_member_id=leaver.id))[0],
+    }
+    # While its owner is an OWNER, that key is out of the ADMIN's hands; once the owner has left
+    # the organization, the key acts as no one and may be cleaned up.
+    await fails(
+        harness.update_key(admin_secret, pb.ApiKey(id=keys["a departed OWNER's"].id, name="x"), "name"),
+        Code.PERMISSION_DENIED,
+        "OWNER_ESCALATION",
+    )
+    await harness.members.DeleteMember(
+        member_pb2.DeleteMemberRequest(id=leaver.id), metadata=auth(org.owner_secret)
+    )
+    for label, key in keys.items():
+        renamed = await harness.update_key(
+            admin_secret, pb.ApiKey(id=key.id, name=f"renamed {label}"), "name"
+        )
+        assert renamed.name == f"renamed {label}"
+        revoked = await harness.api_keys.RevokeApiKey(
+            pb.RevokeApiKeyRequest(id=key.id), metadata=auth(admin_secret)
+        )
+        assert revoked.HasField("revoke_time"), label
 
 
 # -- 2. A narrower key cannot revive a wider one --------------------------------------------------

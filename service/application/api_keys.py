@@ -280,6 +280,7 @@ class ApiKeys:
             check_etag(etag, current.etag)
             if current.state(now) is KeyState.REVOKED:
                 raise FailedPrecondition("a revoked key cannot be changed", reason="API_KEY_REVOKED")
+            await _require_outranks_or_equals(uow, principal, current)
             if new_scopes is not None:
                 _require_held(principal, set(new_scopes) - set(current.scopes))
             if new_env_ids is not None:
@@ -318,6 +319,7 @@ class ApiKeys:
             check_etag(etag, current.etag)
             if current.revoke_time is not None:
                 return current
+            await _require_outranks_or_equals(uow, principal, current)
             now = utcnow()
             revoked = current.revised(now, revoke_time=now)
             await repository.save(revoked)
@@ -460,6 +462,17 @@ async def _acting_role_of_key(uow: UnitOfWork, key: ApiKey) -> OrgRole:
             "the member that owned the key left the organization", reason="API_KEY_OWNER_REMOVED"
         )
     return acting_role(owner.role)
+
+
+async def _require_outranks_or_equals(uow: UnitOfWork, principal: Principal, key: ApiKey) -> None:
+    """A key changes or revokes only keys acting at most with its own role: an ADMIN's key
+    cannot rename, narrow or revoke an OWNER's key, nor a key no member owns (which acts as
+    OWNER); OWNER_ESCALATION. A key whose owner left acts as no one, and stays revocable."""
+    try:
+        role = await _acting_role_of_key(uow, key)
+    except FailedPrecondition:
+        return
+    principal.require_act_as(role)
 
 
 def _lives_longer(current: datetime | None, updated: datetime | None) -> bool:

@@ -387,7 +387,7 @@ class Principal:
         return self.key.organization_wide and self.acting_role.reaches_every_environment
 
     def may_act_as(self, role: OrgRole) -> bool:
-        """Whether this key may create, roll or widen a key that acts as `role` (see
+        """Whether this key may create, change, roll or revoke a key that acts as `role` (see
         `acting_role`): only when its own acting role is at least as high."""
         return _ROLE_RANK[self.acting_role] >= _ROLE_RANK[role]
 
@@ -395,7 +395,7 @@ class Principal:
         """PERMISSION_DENIED OWNER_ESCALATION unless `may_act_as(role)`."""
         if not self.may_act_as(role):
             raise Denied(
-                f"a key acting as {self.acting_role} cannot create, roll or widen a key acting as {role}"
+                f"a key acting as {self.acting_role} cannot create, change, roll or revoke a key acting as {role}"
                 " (a key no member owns acts as OWNER)",
                 reason="OWNER_ESCALATION",
             )

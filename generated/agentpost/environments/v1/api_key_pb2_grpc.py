@@ -47,9 +47,11 @@ class ApiKeyServiceStub:
     A key never acts above its owner: a key acts with its owner member's organization role, and as
     OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
     environments, making it organization-wide, extending or clearing its expiry) needs the caller
-    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION. So a key owned by an
-    ADMIN creates keys owned by itself or by ADMIN and MEMBER members, never keys no member owns
-    nor keys owned by an OWNER, and neither rolls nor widens those.
+    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION; so does any change or
+    revoke of a key (a narrower key never changes a wider one). So a key owned by an ADMIN creates
+    keys owned by itself or by ADMIN and MEMBER members, never keys no member owns nor keys owned
+    by an OWNER, and neither rolls, changes nor revokes those. A key whose owner left the
+    organization acts as no one: it may still be changed and revoked.
     """
 
     def __init__(self, channel):
@@ -117,9 +119,11 @@ class ApiKeyServiceServicer:
     A key never acts above its owner: a key acts with its owner member's organization role, and as
     OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
     environments, making it organization-wide, extending or clearing its expiry) needs the caller
-    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION. So a key owned by an
-    ADMIN creates keys owned by itself or by ADMIN and MEMBER members, never keys no member owns
-    nor keys owned by an OWNER, and neither rolls nor widens those.
+    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION; so does any change or
+    revoke of a key (a narrower key never changes a wider one). So a key owned by an ADMIN creates
+    keys owned by itself or by ADMIN and MEMBER members, never keys no member owns nor keys owned
+    by an OWNER, and neither rolls, changes nor revokes those. A key whose owner left the
+    organization acts as no one: it may still be changed and revoked.
     """
 
     def CreateApiKey(self, request, context):
@@ -145,7 +149,8 @@ class ApiKeyServiceServicer:
 
     def UpdateApiKey(self, request, context):
         """Changes `name`, `scopes`, `environment_ids` and/or `expire_time`, as `update_mask` says.
-        Narrowing, a shorter `expire_time` included, is always allowed; what is
+        Any change needs the caller acting with at least the key's role (OWNER_ESCALATION).
+        Narrowing, a shorter `expire_time` included, is then always allowed; what is
         added obeys the no-escalation rules. `expire_time` in the mask but unset clears it. Extending
         or clearing the expiry (which revives an expired key) hands access back as a roll does: it
         needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
@@ -156,7 +161,8 @@ class ApiKeyServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RevokeApiKey(self, request, context):
-        """Revokes a key at once. Needs `api_keys:write`. Revoking a revoked key returns it unchanged.
+        """Revokes a key at once. Needs `api_keys:write` and the caller acting with at least the key's
+        role (OWNER_ESCALATION). Revoking a revoked key returns it unchanged.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -248,9 +254,11 @@ class ApiKeyService:
     A key never acts above its owner: a key acts with its owner member's organization role, and as
     OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
     environments, making it organization-wide, extending or clearing its expiry) needs the caller
-    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION. So a key owned by an
-    ADMIN creates keys owned by itself or by ADMIN and MEMBER members, never keys no member owns
-    nor keys owned by an OWNER, and neither rolls nor widens those.
+    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION; so does any change or
+    revoke of a key (a narrower key never changes a wider one). So a key owned by an ADMIN creates
+    keys owned by itself or by ADMIN and MEMBER members, never keys no member owns nor keys owned
+    by an OWNER, and neither rolls, changes nor revokes those. A key whose owner left the
+    organization acts as no one: it may still be changed and revoked.
     """
 
     @staticmethod

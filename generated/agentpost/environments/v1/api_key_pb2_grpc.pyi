@@ -48,9 +48,11 @@ class ApiKeyServiceStub:
     A key never acts above its owner: a key acts with its owner member's organization role, and as
     OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
     environments, making it organization-wide, extending or clearing its expiry) needs the caller
-    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION. So a key owned by an
-    ADMIN creates keys owned by itself or by ADMIN and MEMBER members, never keys no member owns
-    nor keys owned by an OWNER, and neither rolls nor widens those.
+    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION; so does any change or
+    revoke of a key (a narrower key never changes a wider one). So a key owned by an ADMIN creates
+    keys owned by itself or by ADMIN and MEMBER members, never keys no member owns nor keys owned
+    by an OWNER, and neither rolls, changes nor revokes those. A key whose owner left the
+    organization acts as no one: it may still be changed and revoked.
     """
 
     @_typing.overload
@@ -65,14 +67,17 @@ class ApiKeyServiceStub:
     """Lists the keys within the caller's reach, ordered by id. Needs `api_keys:read`."""
     UpdateApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.UpdateApiKeyRequest, _api_key_pb2.ApiKey]
     """Changes `name`, `scopes`, `environment_ids` and/or `expire_time`, as `update_mask` says.
-    Narrowing, a shorter `expire_time` included, is always allowed; what is
+    Any change needs the caller acting with at least the key's role (OWNER_ESCALATION).
+    Narrowing, a shorter `expire_time` included, is then always allowed; what is
     added obeys the no-escalation rules. `expire_time` in the mask but unset clears it. Extending
     or clearing the expiry (which revives an expired key) hands access back as a roll does: it
     needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
     with at least the key's role. A revoked key cannot be changed. Needs `api_keys:write`.
     """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.RevokeApiKeyRequest, _api_key_pb2.ApiKey]
-    """Revokes a key at once. Needs `api_keys:write`. Revoking a revoked key returns it unchanged."""
+    """Revokes a key at once. Needs `api_keys:write` and the caller acting with at least the key's
+    role (OWNER_ESCALATION). Revoking a revoked key returns it unchanged.
+    """
     RollApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.RollApiKeyRequest, _api_key_pb2.RollApiKeyResponse]
     """Issues a new key with the same access; the previous one keeps working for
     `previous_key_ttl`, then is EXPIRED. Needs `api_keys:write` and, since it hands out a secret,
@@ -107,9 +112,11 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     A key never acts above its owner: a key acts with its owner member's organization role, and as
     OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
     environments, making it organization-wide, extending or clearing its expiry) needs the caller
-    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION. So a key owned by an
-    ADMIN creates keys owned by itself or by ADMIN and MEMBER members, never keys no member owns
-    nor keys owned by an OWNER, and neither rolls nor widens those.
+    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION; so does any change or
+    revoke of a key (a narrower key never changes a wider one). So a key owned by an ADMIN creates
+    keys owned by itself or by ADMIN and MEMBER members, never keys no member owns nor keys owned
+    by an OWNER, and neither rolls, changes nor revokes those. A key whose owner left the
+    organization acts as no one: it may still be changed and revoked.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -121,14 +128,17 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     """Lists the keys within the caller's reach, ordered by id. Needs `api_keys:read`."""
     UpdateApiKey: _aio.UnaryUnaryMultiCallable[_api_key_pb2.UpdateApiKeyRequest, _api_key_pb2.ApiKey]  # type: ignore[assignment]
     """Changes `name`, `scopes`, `environment_ids` and/or `expire_time`, as `update_mask` says.
-    Narrowing, a shorter `expire_time` included, is always allowed; what is
+    Any change needs the caller acting with at least the key's role (OWNER_ESCALATION).
+    Narrowing, a shorter `expire_time` included, is then always allowed; what is
     added obeys the no-escalation rules. `expire_time` in the mask but unset clears it. Extending
     or clearing the expiry (which revives an expired key) hands access back as a roll does: it
     needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
     with at least the key's role. A revoked key cannot be changed. Needs `api_keys:write`.
     """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_api_key_pb2.RevokeApiKeyRequest, _api_key_pb2.ApiKey]  # type: ignore[assignment]
-    """Revokes a key at once. Needs `api_keys:write`. Revoking a revoked key returns it unchanged."""
+    """Revokes a key at once. Needs `api_keys:write` and the caller acting with at least the key's
+    role (OWNER_ESCALATION). Revoking a revoked key returns it unchanged.
+    """
     RollApiKey: _aio.UnaryUnaryMultiCallable[_api_key_pb2.RollApiKeyRequest, _api_key_pb2.RollApiKeyResponse]  # type: ignore[assignment]
     """Issues a new key with the same access; the previous one keeps working for
     `previous_key_ttl`, then is EXPIRED. Needs `api_keys:write` and, since it hands out a secret,
@@ -162,9 +172,11 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
     A key never acts above its owner: a key acts with its owner member's organization role, and as
     OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
     environments, making it organization-wide, extending or clearing its expiry) needs the caller
-    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION. So a key owned by an
-    ADMIN creates keys owned by itself or by ADMIN and MEMBER members, never keys no member owns
-    nor keys owned by an OWNER, and neither rolls nor widens those.
+    to act with at least that role, else PERMISSION_DENIED OWNER_ESCALATION; so does any change or
+    revoke of a key (a narrower key never changes a wider one). So a key owned by an ADMIN creates
+    keys owned by itself or by ADMIN and MEMBER members, never keys no member owns nor keys owned
+    by an OWNER, and neither rolls, changes nor revokes those. A key whose owner left the
+    organization acts as no one: it may still be changed and revoked.
     """
 
     @_abc_1.abstractmethod
@@ -198,7 +210,8 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_api_key_pb2.ApiKey, _abc.Awaitable[_api_key_pb2.ApiKey]]:
         """Changes `name`, `scopes`, `environment_ids` and/or `expire_time`, as `update_mask` says.
-        Narrowing, a shorter `expire_time` included, is always allowed; what is
+        Any change needs the caller acting with at least the key's role (OWNER_ESCALATION).
+        Narrowing, a shorter `expire_time` included, is then always allowed; what is
         added obeys the no-escalation rules. `expire_time` in the mask but unset clears it. Extending
         or clearing the expiry (which revives an expired key) hands access back as a roll does: it
         needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
@@ -211,7 +224,9 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _api_key_pb2.RevokeApiKeyRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_api_key_pb2.ApiKey, _abc.Awaitable[_api_key_pb2.ApiKey]]:
-        """Revokes a key at once. Needs `api_keys:write`. Revoking a revoked key returns it unchanged."""
+        """Revokes a key at once. Needs `api_keys:write` and the caller acting with at least the key's
+        role (OWNER_ESCALATION). Revoking a revoked key returns it unchanged.
+        """
 
     @_abc_1.abstractmethod
     def RollApiKey(
