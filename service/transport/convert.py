@@ -27,6 +27,7 @@ from service.domain.models import (
     ScopedResource,
 )
 from service.domain.validation import UpdateMask
+from service.transport.memo import IdentityMemo
 
 # The ranges google/protobuf/duration.proto and timestamp.proto define: about ±10,000 years, and
 # 0001-01-01T00:00:00Z to 9999-12-31T23:59:59.999999999Z.
@@ -61,13 +62,22 @@ def to_datetime(field: str, value: timestamp_pb2.Timestamp) -> datetime:
     return value.ToDatetime(tzinfo=UTC)
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    """A Timestamp, or None (field left unset) for a missing time."""
+    """A Timestamp, or None (field left unset) for a missing time; a naive time is UTC.
+
+    Worked out from the difference to the epoch: `Timestamp.FromDatetime` goes through a time
+    tuple in pure Python, and every answer converts two to five of these."""
     if value is None:
         return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    since = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=since.days * 86_400 + since.seconds, nanos=since.microseconds * 1000
+    )
 
 
 def organization(org: Organization) -> organization_pb2.Organization:
@@ -75,8 +85,15 @@ def organization(org: Organization) -> organization_pb2.Organization:
     return organization_pb2.Organization(id=org.id, name=org.name, create_time=timestamp(org.create_time))
 
 
+_ENVIRONMENTS: IdentityMemo[environment_pb2.Environment] = IdentityMemo()
+
+
 def environment(env: Environment) -> environment_pb2.Environment:
-    """The wire form of an environment."""
+    """The wire form of an environment (built once per Environment object, see memo)."""
+    return _ENVIRONMENTS.get(env, None, lambda: _environment(env))
+
+
+def _environment(env: Environment) -> environment_pb2.Environment:
     return environment_pb2.Environment(
         id=env.id,
         organization_id=env.organization_id,

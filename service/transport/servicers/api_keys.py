@@ -11,8 +11,8 @@ from agentpost.environments.v1 import api_key_pb2, api_key_pb2_grpc
 from service.application.api_keys import ApiKeys, KeyChanges, Verification
 from service.domain.clock import utcnow
 from service.domain.models import ApiKey
-from service.domain.principal import Principal
 from service.transport import context, convert, enums
+from service.transport.memo import IdentityMemo
 
 
 class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
@@ -22,10 +22,8 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
         self._keys = api_keys
         # Told each VerifyApiKey outcome ("VALID" or the denial reason), for metrics.
         self._on_verification = on_verification
-        # Granted answers by (principal, environment): a principal is rebuilt whenever its key or
-        # its organization's snapshot changes, so an answer built for it stays true while it
-        # lives. Keyed by id() and checked by identity; emptied when full.
-        self._granted: dict[tuple[int, str], tuple[Principal, api_key_pb2.VerifyApiKeyResponse]] = {}
+        # Granted answers per principal and environment (see memo).
+        self._granted: IdentityMemo[api_key_pb2.VerifyApiKeyResponse] = IdentityMemo()
 
     def _wire(self, key: ApiKey, now: datetime | None = None) -> api_key_pb2.ApiKey:
         return convert.api_key(key, now=now or utcnow(), last_used_time=self._keys.last_used(key))
@@ -120,18 +118,7 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
         principal, environment = verification.principal, verification.environment
         if principal is None or environment is None:
             return _verification(verification)
-        memo = (id(principal), environment.id)
-        known = self._granted.get(memo)
-        if known is not None and known[0] is principal:
-            return known[1]
-        if len(self._granted) >= _MAX_GRANTED_ANSWERS:
-            self._granted.clear()
-        response = _verification(verification)
-        self._granted[memo] = (principal, response)
-        return response
-
-
-_MAX_GRANTED_ANSWERS = 10_000
+        return self._granted.get(principal, environment.id, lambda: _verification(verification))
 
 
 def _verification(outcome: Verification) -> api_key_pb2.VerifyApiKeyResponse:
