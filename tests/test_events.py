@@ -5,13 +5,21 @@ both sides of a reassignment."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 import grpc
 from agentpost.environments.v1 import api_key_pb2 as key_pb
-from agentpost.environments.v1 import environment_pb2, event_pb2, event_pb2_grpc, member_pb2, resource_pb2
+from agentpost.environments.v1 import (
+    environment_pb2,
+    event_pb2,
+    event_pb2_grpc,
+    member_pb2,
+    resource_pb2,
+    resource_pb2_grpc,
+)
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
 from tests.harness import Harness, Org, auth, fails
@@ -301,3 +309,46 @@ async def test_events_need_their_scope_which_is_read_only(harness: Harness, org:
         stub.ListEvents(event_pb2.ListEventsRequest(), metadata=auth("ap_sk_live_nonsense")),
         grpc.StatusCode.UNAUTHENTICATED,
     )
+
+
+async def test_writes_their_callers_gave_up_on_are_whole_or_absent(harness: Harness, org: Org) -> None:
+    """Callers that give up mid-write (deadlines of a few milliseconds, so some land while the
+    commit runs) leave nothing half done: the log stays gapless, each registration it records is
+    registered and each acknowledged one is in it, and the writer is free for the next write."""
+    stub = resource_pb2_grpc.ResourceServiceStub(harness.channel)
+
+    async def register(index: int, deadline: float) -> str:
+        try:
+            await stub.RegisterResource(
+                resource_pb2.RegisterResourceRequest(kind=INBOX, resource_id=f"gave-up-{index}"),
+                metadata=auth(org.owner_secret),
+                timeout=deadline,
+            )
+        except grpc.aio.AioRpcError as error:
+            return str(error.code().name)
+        return "OK"
+
+    codes = await asyncio.gather(*(register(index, 0.001 + (index % 30) * 0.004) for index in range(90)))
+    assert set(codes) <= {"OK", "DEADLINE_EXCEEDED", "CANCELLED"}, codes
+    assert "DEADLINE_EXCEEDED" in codes, "no caller gave up: the deadlines are too long to test this"
+    acknowledged = {f"gave-up-{index}" for index, code in enumerate(codes) if code == "OK"}
+
+    call = stub.RegisterResource(
+        resource_pb2.RegisterResourceRequest(kind=INBOX, resource_id="after"),
+        metadata=auth(org.owner_secret),
+        timeout=10,
+    )
+    await call
+    revision = int(dict(await call.trailing_metadata())["x-agentpost-revision"])
+    events = await all_events(harness, org.owner_secret)
+    assert sorted({event.revision for event in events}) == list(range(1, revision + 1))
+    # A registration's event names it `KIND:resource_id`.
+    logged = {event.resource_id.split(":", 1)[1] for event in events if event.action == Event.REGISTERED}
+    assert acknowledged | {"after"} <= logged
+    assert acknowledged, "every caller gave up: the deadlines are too short to test this"
+    for resource_id in logged:
+        got = await stub.GetResource(
+            resource_pb2.GetResourceRequest(kind=INBOX, resource_id=resource_id),
+            metadata=auth(org.owner_secret),
+        )
+        assert got.resource_id == resource_id

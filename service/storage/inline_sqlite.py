@@ -16,6 +16,9 @@ revision poll keep aiosqlite). Two rules keep writes from stalling the loop:
 - SQLite's own busy handler, which would sleep on the loop's thread, is kept short
   (`BUSY_TIMEOUT_MS`), for the rare lock a statement meets after the write lock is held.
 
+The commit itself, where SQLite writes and syncs the log, runs on a worker thread (see
+`do_commit`), so a slow disk or a checkpoint does not hold up other calls.
+
 Reads need neither: in WAL mode a reader never waits for a writer. A read holds the loop for as
 long as SQLite takes to answer it, which for the indexed reads the service makes is far less than
 the thread hand-offs it saves (a cache miss of VerifyApiKey: about 4x faster).
@@ -26,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import pool
@@ -44,6 +48,24 @@ _LONGEST_PAUSE_SECONDS = 0.02
 
 async def _done() -> None:
     """An awaitable that completes at once."""
+
+
+async def _to_the_end(work: Callable[[], None]) -> None:
+    """Runs `work` on a worker thread and waits for it to end even if the caller is cancelled
+    meanwhile (the cancellation is raised once it has ended): a commit must not be left running
+    on a connection that is handed to the next writer."""
+    running = asyncio.ensure_future(asyncio.to_thread(work))
+    cancelled = False
+    while not running.done():
+        try:
+            await asyncio.shield(running)
+        except asyncio.CancelledError:
+            if running.done():
+                break
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    running.result()
 
 
 class _Cursor(sqlite3.Cursor):
@@ -88,6 +110,13 @@ class InlineSQLiteDialect(SQLiteDialect_pysqlite):
     def connect(self, *cargs: Any, **cparams: Any) -> Any:
         cparams.setdefault("factory", _Connection)
         return super().connect(*cargs, **cparams)
+
+    def do_commit(self, dbapi_connection: Any) -> None:
+        """Commits on a worker thread: the commit is where SQLite writes the WAL, syncs it to
+        disk (`synchronous=FULL`) and, every thousand pages, checkpoints it into the database
+        file; SQLite releases the GIL for all of that, so the loop serves calls meanwhile. The
+        connection stays this transaction's until the commit has ended, cancelled or not."""
+        await_(_to_the_end(dbapi_connection.commit))
 
     def do_begin(self, dbapi_connection: Any) -> None:
         """Takes the write lock, waiting for another process's writer without blocking the loop."""
