@@ -504,7 +504,12 @@ async def run(arguments: argparse.Namespace) -> Report:
                             )
                         )
                 echo_last = await measure_echo(echo, echo_size, "echo (last)", load)
-                # Writes last: they add environments, which the list scenario must not see.
+                # Writes last: they add environments, which the list scenario must not see. One
+                # process on the cores: the other replicas, which would follow every write from
+                # the log on the same two cores (in production they have machines of their own),
+                # are stopped first; the flood below starts its own.
+                for follower in (security.tls, security.verifier, *([metered] if metered else [])):
+                    follower.stop()
                 writes = [
                     await measure(write_plan(setup), replica_a, write_load),
                     await measure(register_plan(setup), replica_a, write_load),
@@ -562,6 +567,10 @@ async def run(arguments: argparse.Namespace) -> Report:
                         delivery.skipped = f"failed: {error}"
 
                 # Last: the flood leaves replica A throttling this client for a minute.
+                security = await start_security_servers(
+                    service_arguments(database_url, schema, operator_token, False), directory
+                )
+                servers += [security.tls, security.verifier]
                 floods: list[Flood] = []
                 legitimate = plans[2]
                 for target, server in (

@@ -268,7 +268,10 @@ def render(report: Report) -> str:
     main_rows = [report.echo_first, *report.reads, report.echo_last]
     lines += [_row(result, baseline) for result in main_rows]
     seconds = report.writes[0].seconds if report.writes else 0
-    lines += ["", f"write path ({seconds:g} s measured each):"]
+    lines += [
+        "",
+        f"write path ({seconds:g} s measured each; the other replicas stopped, as for the next row):",
+    ]
     lines += [_row(result, baseline) for result in report.writes]
     if report.under_writes is not None:
         lines += [
