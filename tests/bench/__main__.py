@@ -418,7 +418,8 @@ def service_arguments(
 
     def arguments(port: int) -> list[str]:
         command = ["-m", "service", "serve", "--database-url", database_url]
-        command += ["--listen-address", f"127.0.0.1:{port}", "--operator-token", operator_token]
+        # One argument with `=`: a token may start with "-", which argparse would take for a flag.
+        command += ["--listen-address", f"127.0.0.1:{port}", f"--operator-token={operator_token}"]
         command += ["--log-level", "WARNING"]
         if migrate:
             command.append("--migrate")
