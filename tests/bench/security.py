@@ -86,8 +86,7 @@ async def start_security_servers(arguments: Callable[[int], list[str]], director
             "service verifier tokens",
             lambda port: [
                 *arguments(port),
-                "--verifier-tokens",
-                VERIFIER_TOKEN,
+                f"--verifier-tokens={VERIFIER_TOKEN}",  # one argument: a token may start with "-"
                 "--auth-failures-per-minute",
                 "0",
             ],
