@@ -369,15 +369,19 @@ class AccessCache:
 
     # -- keys ---------------------------------------------------------------------------------
 
-    async def _key_entry(self, digest: str) -> tuple[_KeyEntry | None, bool]:
-        """The key with that digest and whether it came from the cache."""
+    def _cached_entry(self, digest: str) -> _KeyEntry | None:
+        """The cached key with that digest (counted as a hit, and made the most recent)."""
         entry = self._keys.get(digest)
         if entry is not None:
             self._key_hits += 1
             self._keys.move_to_end(digest)
-            return entry, True
+        return entry
+
+    async def _loaded_entry(self, digest: str) -> _KeyEntry | None:
+        """The key with that digest read from the database (counted as a miss); concurrent
+        misses for one digest share the read."""
         self._key_misses += 1
-        return await self._loads.run(("key", digest), lambda: self._load_key_entry(digest)), False
+        return await self._loads.run(("key", digest), lambda: self._load_key_entry(digest))
 
     async def _load_key_entry(self, digest: str) -> _KeyEntry | None:
         started = time.monotonic()
@@ -420,17 +424,14 @@ class AccessCache:
         # and checksum checks (a third of this method); any other secret meets them before a
         # lookup. Only secrets of a plausible length are hashed first.
         digest = self._hasher.digest(secret) if len(secret) <= keys.MAX_SECRET_LENGTH else ""
-        entry = self._keys.get(digest)
+        entry = self._cached_entry(digest)
         key_cached = entry is not None
-        if entry is not None:
-            self._key_hits += 1
-            self._keys.move_to_end(digest)
-        else:
+        if entry is None:
             if keys.parse(secret) is None:
                 return Authentication(None, Denial.MALFORMED)
             if known_only and digest not in self._known_digests:
                 return Authentication(None, Denial.NOT_FOUND)
-            entry, key_cached = await self._key_entry(digest)
+            entry = await self._loaded_entry(digest)
         if entry is None or not self._hasher.same(entry.stored_hash, digest):
             return Authentication(None, Denial.NOT_FOUND)
         organization_id = entry.key.organization_id

@@ -280,7 +280,7 @@ class ApiKeys:
             check_etag(etag, current.etag)
             if current.state(now) is KeyState.REVOKED:
                 raise FailedPrecondition("a revoked key cannot be changed", reason="API_KEY_REVOKED")
-            await _require_outranks_or_equals(uow, principal, current)
+            role = await _require_outranks_or_equals(uow, principal, current)
             if new_scopes is not None:
                 _require_held(principal, set(new_scopes) - set(current.scopes))
             if new_env_ids is not None:
@@ -303,8 +303,8 @@ class ApiKeys:
             lives_longer = _lives_longer(current.expire_time, updated.expire_time)
             if lives_longer:
                 _require_held(principal, updated.scopes)
-            if lives_longer or _reaches_further(current, updated):
-                principal.require_act_as(await _acting_role_of_key(uow, current))
+            if (lives_longer or _reaches_further(current, updated)) and role is None:
+                raise _owner_removed()  # a key that acts as no one is not handed more
             await repository.save(updated)
             uow.record_update(current, updated)
         return updated
@@ -451,28 +451,38 @@ def _owner_of_new_key(principal: Principal, requested: str) -> str | None:
     return caller_owner
 
 
-async def _acting_role_of_key(uow: UnitOfWork, key: ApiKey) -> OrgRole:
+def _owner_removed() -> FailedPrecondition:
+    return FailedPrecondition(
+        "the member that owned the key left the organization", reason="API_KEY_OWNER_REMOVED"
+    )
+
+
+async def _acting_role_or_none(uow: UnitOfWork, key: ApiKey) -> OrgRole | None:
     """The role `key` acts with, its owner read in the current transaction so a concurrent
-    promotion cannot slip past; FAILED_PRECONDITION API_KEY_OWNER_REMOVED when its owner left."""
+    promotion cannot slip past; None when its owner left (it acts as no one)."""
     if key.owner_member_id is None:
         return acting_role(None)
     owner = await uow.members.get(key.organization_id, key.owner_member_id)
-    if owner is None:
-        raise FailedPrecondition(
-            "the member that owned the key left the organization", reason="API_KEY_OWNER_REMOVED"
-        )
-    return acting_role(owner.role)
+    return None if owner is None else acting_role(owner.role)
 
 
-async def _require_outranks_or_equals(uow: UnitOfWork, principal: Principal, key: ApiKey) -> None:
+async def _acting_role_of_key(uow: UnitOfWork, key: ApiKey) -> OrgRole:
+    """The role `key` acts with; FAILED_PRECONDITION API_KEY_OWNER_REMOVED when its owner left."""
+    role = await _acting_role_or_none(uow, key)
+    if role is None:
+        raise _owner_removed()
+    return role
+
+
+async def _require_outranks_or_equals(uow: UnitOfWork, principal: Principal, key: ApiKey) -> OrgRole | None:
     """A key changes or revokes only keys acting at most with its own role: an ADMIN's key
     cannot rename, narrow or revoke an OWNER's key, nor a key no member owns (which acts as
-    OWNER); OWNER_ESCALATION. A key whose owner left acts as no one, and stays revocable."""
-    try:
-        role = await _acting_role_of_key(uow, key)
-    except FailedPrecondition:
-        return
-    principal.require_act_as(role)
+    OWNER); OWNER_ESCALATION. Returns that role; None for a key whose owner left, which acts
+    as no one and stays revocable."""
+    role = await _acting_role_or_none(uow, key)
+    if role is not None:
+        principal.require_act_as(role)
+    return role
 
 
 def _lives_longer(current: datetime | None, updated: datetime | None) -> bool:

@@ -45,13 +45,7 @@ _RAISE_REVISION = (
 
 # PostgreSQL: the same UPDATE, and in the same statement the NOTIFY that tells other replicas
 # (`organization_id:revision`, delivered at commit, dropped on rollback): one round trip, not two.
-_RAISED = (
-    update(ORGANIZATIONS)
-    .where(ORGANIZATIONS.c.id == bindparam("organization_id"))
-    .values(revision=ORGANIZATIONS.c.revision + 1)
-    .returning(ORGANIZATIONS.c.id, ORGANIZATIONS.c.revision)
-    .cte("raised")
-)
+_RAISED = _RAISE_REVISION.returning(ORGANIZATIONS.c.id).cte("raised")
 _RAISE_REVISION_AND_NOTIFY = select(
     _RAISED.c.revision,
     func.pg_notify(literal(REVISION_CHANNEL), _RAISED.c.id + literal(":") + cast(_RAISED.c.revision, String)),

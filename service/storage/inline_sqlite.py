@@ -1,4 +1,4 @@
-"""SQLite's write path: transactions run on the event loop's own thread.
+"""SQLite reads and writes run on the event loop's own thread.
 
 aiosqlite runs every statement on a thread of its own and hands each result back through the
 event loop: a write of seven statements made about twenty such round trips, and SQLite's one
@@ -7,8 +7,8 @@ work (a few microseconds per statement in WAL mode). This dialect is the standar
 driver marked usable from asyncio: SQLAlchemy's asyncio layer runs it inside its greenlet, and as
 the driver never awaits, each statement runs at once, to completion.
 
-It serves `Database.write()` and `Database.read()` on SQLite (migrations and the LISTEN-less
-revision poll keep aiosqlite). Two rules keep writes from stalling the loop:
+It serves `Database.write()` and `Database.read()` on SQLite, the revision poll included
+(migrations and bulk seeding keep aiosqlite). Two rules keep writes from stalling the loop:
 
 - the transaction starts with `BEGIN IMMEDIATE`, so the write lock is taken first or not at all.
   While another process holds it, the wait is an asyncio sleep (1 ms, doubling to 20 ms) and

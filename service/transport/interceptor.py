@@ -54,8 +54,6 @@ class _Call:
     """What `intercept_service` learnt about one call, for the wrapped handler."""
 
     rule: Rule | None
-    # Who identifies the caller from the call's metadata (see `authenticate`).
-    guard: AuthInterceptor
     metadata: dict[str, str]
     raw: Sequence[tuple[str, str | bytes]]
     environment: str | None
@@ -63,9 +61,9 @@ class _Call:
     # The bearer secret, kept only for streams (which check the key again as they go).
     credential: str | None = None
 
-    async def authenticate(self, peer: str) -> Principal | None:
-        """Identifies the caller, given its peer; raises the DomainError that refuses the call."""
-        return await self.guard.authenticate(self, peer)
+
+# Identifies a call's caller once its peer is known; raises the DomainError that refuses it.
+Authenticate = Callable[[_Call, str], Awaitable[Principal | None]]
 
 
 _current_call: ContextVar[_Call | None] = ContextVar("current_call", default=None)
@@ -208,13 +206,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 return None  # no client-streaming method of this API takes credentials
             return self._intercept_stream(handler, details, rule, metadata, raw)
         # The handler runs in this call's own task, so this reaches it and no other call.
-        _current_call.set(
-            _Call(rule, self, metadata, raw, metadata.get(ENVIRONMENT_HEADER), _request_id(metadata))
-        )
+        _current_call.set(_Call(rule, metadata, raw, metadata.get(ENVIRONMENT_HEADER), _request_id(metadata)))
         wrapped = self._wrapped.get(details.method)
         if wrapped is None:
             wrapped = grpc.unary_unary_rpc_method_handler(
-                _guarded(handler.unary_unary),
+                _guarded(handler.unary_unary, self.authenticate),
                 request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
@@ -235,14 +231,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         with contextlib.suppress(DomainError):
             credential = _bearer(metadata, raw)
         _current_call.set(
-            _Call(
-                rule, self, metadata, raw, metadata.get(ENVIRONMENT_HEADER), _request_id(metadata), credential
-            )
+            _Call(rule, metadata, raw, metadata.get(ENVIRONMENT_HEADER), _request_id(metadata), credential)
         )
         wrapped = self._wrapped.get(details.method)
         if wrapped is None:
             wrapped = grpc.unary_stream_rpc_method_handler(
-                _guarded_stream(handler.unary_stream),
+                _guarded_stream(handler.unary_stream, self.authenticate),
                 request_deserializer=_safe_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
@@ -250,12 +244,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return wrapped
 
 
-async def _admitted(state: _Call | None, request: Any, peer: str) -> Principal | None:
+async def _admitted(
+    authenticate: Authenticate, state: _Call | None, request: Any, peer: str
+) -> Principal | None:
     """The principal a call or stream acts as once the policy admits it (with its environment
     context for context-scoped methods); raises the domain error that refuses it."""
     if state is None:  # pragma: no cover - intercept_service always sets it
         raise Denied("the call was not authenticated", reason="METHOD_NOT_ALLOWED")
-    principal = await state.authenticate(peer)
+    principal = await authenticate(state, peer)
     assert state.rule is not None
     if isinstance(request, _Undecodable):
         raise InvalidArgument.field(
@@ -271,6 +267,7 @@ async def _admitted(state: _Call | None, request: Any, peer: str) -> Principal |
 
 def _guarded_stream(
     behaviour: Callable[[Any, grpc.aio.ServicerContext], AsyncGenerator[Any, None]],
+    authenticate: Authenticate,
 ) -> Callable[[Any, grpc.aio.ServicerContext], AsyncIterator[Any]]:
     """A server-streaming method's behaviour behind the same policy, request id and error mapping
     as unary calls. However the stream ends, its trailing metadata carries the revision it
@@ -285,7 +282,7 @@ def _guarded_stream(
         reached_token = reached_revision.set(None)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         try:
-            call_context.current_principal.set(await _admitted(state, request, context.peer()))
+            call_context.current_principal.set(await _admitted(authenticate, state, request, context.peer()))
             async with aclosing(behaviour(request, context)) as responses:
                 async for response in responses:
                     yield response
@@ -315,6 +312,7 @@ def _reached() -> tuple[tuple[str, str], ...]:
 
 def _guarded(
     behaviour: Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]],
+    authenticate: Authenticate,
 ) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]:
     """The method's behaviour behind the policy: built once per method, it reads what
     `intercept_service` learnt about this call from `_current_call`."""
@@ -327,7 +325,7 @@ def _guarded(
         revision_token = committed_revision.set(None)
         context.set_trailing_metadata(((REQUEST_ID_HEADER, request_id),))
         try:
-            call_context.current_principal.set(await _admitted(state, request, context.peer()))
+            call_context.current_principal.set(await _admitted(authenticate, state, request, context.peer()))
             response = await behaviour(request, context)
             revision = committed_revision.get()
             if revision is not None:
