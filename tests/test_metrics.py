@@ -13,7 +13,6 @@ import pytest
 from agentpost.environments.v1 import api_key_pb2 as pb
 from agentpost.environments.v1 import environment_pb2, organization_pb2
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import text
 
 from service.app.config import Settings
 from service.app.metrics import parse_address
@@ -229,14 +228,12 @@ async def test_cache_and_pool_state_is_read_at_scrape_time(metered: Harness) -> 
     stats = metered.app.access.stats()
     assert value(samples, "agentpost_access_cache_entries", cache="keys") == stats.keys >= 1
     assert value(samples, "agentpost_access_cache_entries", cache="organizations") == stats.organizations >= 1
-    engine = metered.app.database.read_engine
-    pool = engine.sync_engine.pool
+    database = metered.app.database
+    pool = database.read_pool
     assert value(samples, "agentpost_database_pool_size") == pool.size()  # type: ignore[attr-defined]
     # Background work (polls, catch-ups) may hold a connection at any moment, so the test holds
-    # two of its own and looks for at least them.
-    async with engine.connect() as first, engine.connect() as second:
-        await first.execute(text("SELECT 1"))
-        await second.execute(text("SELECT 1"))
+    # two of its own (a unit of work holds its connection from start to end) and looks for them.
+    async with database.read(), database.read():
         _, held = await scrape(metered)
     _, released = await scrape(metered)
     in_use, idle = (

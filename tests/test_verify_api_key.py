@@ -38,7 +38,7 @@ def counted_sql(harness: Harness) -> Iterator[list[str]]:
             statements.append(statement)
 
     # Every engine: reads and writes may have engines of their own (SQLite).
-    engines = [engine.sync_engine for engine in harness.app.database.engines]
+    engines = harness.app.database.engines
     for engine in engines:
         event.listen(engine, "before_cursor_execute", record)
     try:

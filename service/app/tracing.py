@@ -18,7 +18,7 @@ import os
 from typing import TYPE_CHECKING
 
 import grpc
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy import Engine
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -42,7 +42,7 @@ class Tracing:
 
         return [TracingInterceptor(self.provider.get_tracer(__name__))]
 
-    def instrument(self, engine: AsyncEngine) -> None:
+    def instrument(self, engine: Engine) -> None:
         """Makes every statement run on `engine` a span, a child of the call's span."""
         # Imported here, as everything of OpenTelemetry: only installed with the otel extra.
         from opentelemetry.instrumentation.sqlalchemy import __name__ as instrumentation
@@ -55,7 +55,7 @@ class Tracing:
             .get_meter(instrumentation)
             .create_up_down_counter("db.client.connections.usage")
         )
-        EngineTracer(self.provider.get_tracer(instrumentation), engine.sync_engine, usage)  # type: ignore[no-untyped-call]
+        EngineTracer(self.provider.get_tracer(instrumentation), engine, usage)  # type: ignore[no-untyped-call]
 
     def shutdown(self) -> None:
         """Exports what is pending, when this server made the provider."""

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Row, bindparam, delete, insert, or_, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.domain.models import ApiKey, KeyMode
+from service.storage.statements import Statements
 from service.storage.tables import API_KEY_ENVIRONMENTS, API_KEYS, ApiKeyEnvironmentRow, ApiKeyRow
 
 _BY_HASH = select(API_KEYS).where(API_KEYS.c.secret_hash == bindparam("secret_hash"))
@@ -66,7 +66,7 @@ def to_api_key(row: ApiKeyRow | Row[Any], environment_ids: list[str]) -> ApiKey:
 class ApiKeyRepository:
     """Reads and writes API keys."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: Statements) -> None:
         self._connection = connection
 
     async def insert(self, key: ApiKey, secret_hash: str) -> None:

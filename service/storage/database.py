@@ -14,9 +14,9 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from sqlalchemy import String, bindparam, cast, event, func, literal, select, text, update
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DisconnectionError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import Pool
 
 from service.domain.calls import committed_revision, current_request_id
@@ -26,7 +26,9 @@ from service.domain.events import Actor, Change, Event
 from service.domain.models import Organization
 from service.storage import inline_sqlite
 from service.storage.errors import translate
+from service.storage.inline_sqlite import InlineSQLite
 from service.storage.notifications import REVISION_CHANNEL, OnConnected, OnRevision, listen_for_revisions
+from service.storage.statements import Statements
 from service.storage.tables import ORGANIZATIONS
 from service.storage.unit_of_work import UnitOfWork
 
@@ -129,21 +131,18 @@ def build_engine(
     return engine
 
 
-def _sqlite_inline(url: URL, driver: str, pool_size: int) -> AsyncEngine:
-    """An engine whose statements run on the event loop's thread (see inline_sqlite). Writers
-    need one connection, as this process's writers queue for it anyway."""
-    engine = create_async_engine(
-        url.set(drivername=driver),
-        pool_size=pool_size,
-        max_overflow=2 * pool_size,
-        connect_args={"check_same_thread": False},
-    )
-    event.listen(
-        engine.sync_engine,
-        "connect",
-        lambda connection, record: _sqlite_pragmas(connection, record, inline_sqlite.BUSY_TIMEOUT_MS),
-    )
-    return engine
+@asynccontextmanager
+async def _connected(engine: AsyncEngine) -> AsyncIterator[Statements]:
+    """A pooled connection for reads (PostgreSQL)."""
+    async with engine.connect() as connection:
+        yield connection
+
+
+@asynccontextmanager
+async def _in_transaction(engine: AsyncEngine) -> AsyncIterator[Statements]:
+    """A pooled connection in a transaction, committed when the block ends (PostgreSQL)."""
+    async with engine.connect() as connection, connection.begin():
+        yield connection
 
 
 @asynccontextmanager
@@ -169,10 +168,14 @@ class Database:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         sqlite = engine.dialect.name == "sqlite"
-        self._reader_engine = (
-            _sqlite_inline(engine.url, inline_sqlite.READ_DRIVER_NAME, 4) if sqlite else engine
+        self._inline = (
+            InlineSQLite(
+                engine.url,
+                lambda connection, record: _sqlite_pragmas(connection, record, inline_sqlite.BUSY_TIMEOUT_MS),
+            )
+            if sqlite
+            else None
         )
-        self._writer_engine = _sqlite_inline(engine.url, inline_sqlite.DRIVER_NAME, 1) if sqlite else engine
         self._listeners: list[CommitListener] = []
         self._notify = engine.dialect.name == "postgresql"
         # Where this process's writers queue (see _write_queue): SQLite's one lock for all, or
@@ -186,21 +189,23 @@ class Database:
         self.closed_because: tuple[str, str] | None = None
 
     @property
-    def read_engine(self) -> AsyncEngine:
-        """The engine reads (and on PostgreSQL, writes) run on."""
-        return self._reader_engine
-
-    @property
     def read_pool(self) -> Pool:
-        """The connection pool of `read_engine`."""
-        return self._reader_engine.sync_engine.pool
+        """The connection pool reads (and on PostgreSQL, writes) take their connections from."""
+        return self._inline.reader.pool if self._inline else self.engine.sync_engine.pool
 
     @property
-    def engines(self) -> tuple[AsyncEngine, ...]:
-        """Every engine statements run on: reads', and writes' where it differs (SQLite)."""
-        if self._writer_engine is self.engine:
-            return (self.engine,)
-        return (self.engine, self._reader_engine, self._writer_engine)
+    def engines(self) -> tuple[Engine, ...]:
+        """Every engine statements run on (the synchronous side of the async one): on SQLite
+        also those of reads and writes."""
+        if self._inline is None:
+            return (self.engine.sync_engine,)
+        return (self.engine.sync_engine, self._inline.reader, self._inline.writer)
+
+    def _reading(self) -> contextlib.AbstractAsyncContextManager[Statements]:
+        return self._inline.reading() if self._inline else _connected(self.engine)
+
+    def _writing(self) -> contextlib.AbstractAsyncContextManager[Statements]:
+        return self._inline.writing() if self._inline else _in_transaction(self.engine)
 
     def _write_queue(self, organization_id: str | None) -> contextlib.AbstractAsyncContextManager[Any]:
         """Where a writer waits its turn in this process, before taking a connection.
@@ -233,7 +238,7 @@ class Database:
     async def read(self) -> AsyncIterator[UnitOfWork]:
         """A unit of work for reading; nothing it does is committed."""
         self._require_schema()
-        async with translated_errors(), self._reader_engine.connect() as connection:
+        async with translated_errors(), self._reading() as connection:
             yield UnitOfWork(connection)
 
     @asynccontextmanager
@@ -256,8 +261,7 @@ class Database:
         async with (
             translated_errors(),
             self._write_queue(organization_id),
-            self._writer_engine.connect() as connection,
-            connection.begin(),
+            self._writing() as connection,
         ):
             revision = None
             if organization_id is not None:
@@ -278,7 +282,7 @@ class Database:
         for listener in self._listeners:
             listener(owner, revision, events)
 
-    async def _raise_revision(self, connection: AsyncConnection, organization_id: str) -> int:
+    async def _raise_revision(self, connection: Statements, organization_id: str) -> int:
         """Raises the organization's revision (taking its row lock) and, on PostgreSQL, queues
         the NOTIFY of the new revision in the same statement."""
         statement = _RAISE_REVISION_AND_NOTIFY if self._notify else _RAISE_REVISION
@@ -287,7 +291,7 @@ class Database:
 
     async def ping(self) -> None:
         """One round trip to the database; `Unavailable` when it does not answer."""
-        async with translated_errors(), self._reader_engine.connect() as connection:
+        async with translated_errors(), self._reading() as connection:
             await connection.execute(text("SELECT 1"))
 
     @property
@@ -305,7 +309,6 @@ class Database:
 
     async def dispose(self) -> None:
         """Closes every pooled connection."""
-        if self._writer_engine is not self.engine:
-            await self._writer_engine.dispose()
-            await self._reader_engine.dispose()
+        if self._inline is not None:
+            self._inline.dispose()
         await self.engine.dispose()

@@ -10,7 +10,6 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import ColumnElement, Row, and_, delete, func, insert, or_, select, tuple_
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.domain import ids
 from service.domain.events import (
@@ -25,6 +24,7 @@ from service.domain.events import (
     resource_id_of,
     resource_type_of,
 )
+from service.storage.statements import Statements
 from service.storage.tables import EVENTS, EventRow
 
 _INSERT = insert(EVENTS)  # built once: every write appends
@@ -104,7 +104,7 @@ class EventQuery:
 class EventRepository:
     """Appends and reads an organization's events."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: Statements) -> None:
         self._connection = connection
 
     async def append(

@@ -1,25 +1,28 @@
-"""SQLite reads and writes run on the event loop's own thread.
+"""SQLite runs on the event loop's own thread, through SQLAlchemy's synchronous Core.
 
 aiosqlite runs every statement on a thread of its own and hands each result back through the
 event loop: a write of seven statements made about twenty such round trips, and SQLite's one
 write lock was held across all of them, so writes queued behind the hand-offs, not behind the
-work (a few microseconds per statement in WAL mode). This dialect is the standard `sqlite3`
-driver marked usable from asyncio: SQLAlchemy's asyncio layer runs it inside its greenlet, and as
-the driver never awaits, each statement runs at once, to completion.
+work (a few microseconds per statement in WAL mode). SQLAlchemy's asyncio layer, even over a
+driver that never waits, costs a greenlet and its switches for every statement, connect, begin
+and commit: more than half of the CPU a write spent on the loop's thread. Here the standard
+`sqlite3` driver runs under a plain synchronous `Engine`, and `InlineStatements` hands its Core
+to the repositories as the same awaitable calls `AsyncConnection` offers, run at once, to the end.
 
 It serves `Database.write()` and `Database.read()` on SQLite, the revision poll included
-(migrations and bulk seeding keep aiosqlite). Two rules keep writes from stalling the loop:
+(migrations and bulk seeding keep aiosqlite). Three rules keep writes from stalling the loop:
 
 - the transaction starts with `BEGIN IMMEDIATE`, so the write lock is taken first or not at all.
   While another process holds it, the wait is an asyncio sleep (1 ms, doubling to 20 ms) and
   other calls go on; after `WAIT_SECONDS` the write is UNAVAILABLE (the busy database);
 - SQLite's own busy handler, which would sleep on the loop's thread, is kept short
-  (`BUSY_TIMEOUT_MS`), for the rare lock a statement meets after the write lock is held.
+  (`BUSY_TIMEOUT_MS`), for the rare lock a statement meets after the write lock is held;
+- the commit, where SQLite writes the WAL, syncs it to disk (`synchronous=FULL`) and, every
+  thousand pages, checkpoints it into the database file, runs on a worker thread (SQLite
+  releases the GIL for all of that), so a slow disk or a checkpoint does not hold up other calls.
 
-The commit itself, where SQLite writes and syncs the log, runs on a worker thread (see
-`do_commit`), so a slow disk or a checkpoint does not hold up other calls.
-
-Reads need neither: in WAL mode a reader never waits for a writer. A read holds the loop for as
+Reads need none of it: in WAL mode a reader never waits for a writer, and `sqlite3` begins no
+transaction for a SELECT, so each reads the last committed state. A read holds the loop for as
 long as SQLite takes to answer it, which for the indexed reads the service makes is far less than
 the thread hand-offs it saves (a cache miss of VerifyApiKey: about 4x faster).
 """
@@ -29,25 +32,24 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from sqlalchemy import pool
-from sqlalchemy.dialects import registry
-from sqlalchemy.dialects.sqlite.pysqlite import SQLiteDialect_pysqlite
+from sqlalchemy import Connection, CursorResult, Engine, ScalarResult, create_engine, event
 from sqlalchemy.engine import URL
-from sqlalchemy.util.concurrency import await_
+from sqlalchemy.engine.interfaces import Dialect
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import QueuePool
+from sqlalchemy.sql.base import Executable
+from sqlalchemy.util.typing import TupleAny
 
-DRIVER_NAME = "sqlite+agentpost_inline"
-READ_DRIVER_NAME = "sqlite+agentpost_inline_read"
+from service.storage.statements import Statements
+
 WAIT_SECONDS = 10.0
 BUSY_TIMEOUT_MS = 100
 _FIRST_PAUSE_SECONDS = 0.001
 _LONGEST_PAUSE_SECONDS = 0.02
-
-
-async def _done() -> None:
-    """An awaitable that completes at once."""
 
 
 async def _to_the_end(work: Callable[[], None]) -> None:
@@ -68,81 +70,105 @@ async def _to_the_end(work: Callable[[], None]) -> None:
     running.result()
 
 
-class _Cursor(sqlite3.Cursor):
-    """A `sqlite3` cursor with the one asyncio hook SQLAlchemy calls on a Core result."""
+class InlineStatements:
+    """A synchronous Core connection offered as the awaitable `Statements` of a unit of work."""
 
-    async def _async_soft_close(self) -> None:
-        """Nothing to release: rows are read from SQLite where they are asked for."""
+    __slots__ = ("_connection",)
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    @property
+    def dialect(self) -> Dialect:
+        return self._connection.dialect
+
+    async def execute(self, statement: Executable, parameters: Any = None) -> CursorResult[*TupleAny]:
+        return self._connection.execute(statement, parameters)
+
+    async def scalar(self, statement: Executable, parameters: Any = None) -> Any:
+        return self._connection.scalar(statement, parameters)
+
+    async def scalars(self, statement: Executable, parameters: Any = None) -> ScalarResult[Any]:
+        return self._connection.scalars(statement, parameters)
 
 
-class _Connection(sqlite3.Connection):
-    """A `sqlite3` connection whose cursors are `_Cursor`s."""
+@contextmanager
+def _as_dbapi_error(statement: str) -> Iterator[None]:
+    """A `sqlite3` error raised outside SQLAlchemy, wrapped as SQLAlchemy would have wrapped it
+    (storage.errors reads those)."""
+    try:
+        yield
+    except sqlite3.Error as error:
+        raise DBAPIError.instance(statement, None, error, sqlite3.Error) from error
 
-    def cursor(self, factory: Any = _Cursor) -> Any:
-        return super().cursor(factory)
 
+class InlineSQLite:
+    """The engines reads and writes run on: one connection for this process's writers (they
+    queue for SQLite's one write lock anyway) and a pool for readers, which never waits: a read
+    that finds every pooled connection in use opens another."""
 
-class InlineSQLiteDialect(SQLiteDialect_pysqlite):
-    """pysqlite for `AsyncEngine`: statements run where they are called, never on a thread."""
+    def __init__(self, url: URL, pragmas: Callable[[Any, Any], None]) -> None:
+        self.reader = self._engine(url, pool_size=4, max_overflow=-1, pragmas=pragmas)
+        self.writer = self._engine(url, pool_size=1, max_overflow=-1, pragmas=pragmas)
 
-    driver = "agentpost_inline"
-    is_async = True
-    supports_statement_cache = True
+    @staticmethod
+    def _engine(
+        url: URL, *, pool_size: int, max_overflow: int, pragmas: Callable[[Any, Any], None]
+    ) -> Engine:
+        engine = create_engine(
+            url.set(drivername="sqlite+pysqlite"),
+            poolclass=QueuePool,
+            pool_size=pool_size,
+            max_overflow=max_overflow,
+            # Commits run on a worker thread; each connection is used by one call at a time.
+            connect_args={"check_same_thread": False},
+        )
+        event.listen(engine, "connect", pragmas)
+        return engine
 
-    @classmethod
-    def get_pool_class(cls, url: URL) -> type[pool.Pool]:
-        return pool.AsyncAdaptedQueuePool
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[Statements]:
+        """A connection for reads; nothing it does is committed."""
+        with self.reader.connect() as connection:
+            yield InlineStatements(connection)
 
-    # SQLAlchemy's AsyncConnection insists that a statement awaited something (it guards against
-    # blocking drivers); an await that is already done satisfies it without leaving the call.
-    def do_execute(self, cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
-        await_(_done())
-        super().do_execute(cursor, statement, parameters, context)  # type: ignore[no-untyped-call]
-
-    def do_executemany(self, cursor: Any, statement: str, parameters: Any, context: Any = None) -> None:
-        await_(_done())
-        super().do_executemany(cursor, statement, parameters, context)  # type: ignore[no-untyped-call]
-
-    def do_execute_no_params(self, cursor: Any, statement: str, context: Any = None) -> None:
-        await_(_done())
-        super().do_execute_no_params(cursor, statement, context)  # type: ignore[no-untyped-call]
-
-    def connect(self, *cargs: Any, **cparams: Any) -> Any:
-        cparams.setdefault("factory", _Connection)
-        return super().connect(*cargs, **cparams)
-
-    def do_commit(self, dbapi_connection: Any) -> None:
-        """Commits on a worker thread: the commit is where SQLite writes the WAL, syncs it to
-        disk (`synchronous=FULL`) and, every thousand pages, checkpoints it into the database
-        file; SQLite releases the GIL for all of that, so the loop serves calls meanwhile. The
-        connection stays this transaction's until the commit has ended, cancelled or not."""
-        await_(_to_the_end(dbapi_connection.commit))
-
-    def do_begin(self, dbapi_connection: Any) -> None:
-        """Takes the write lock, waiting for another process's writer without blocking the loop."""
-        deadline = time.monotonic() + WAIT_SECONDS
-        pause = _FIRST_PAUSE_SECONDS
-        while True:
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[Statements]:
+        """A transaction holding SQLite's write lock, committed on a worker thread when the block
+        ends, rolled back if it raises (or is cancelled before the commit)."""
+        with self.writer.connect() as connection:
+            driver = connection.connection.driver_connection
+            assert isinstance(driver, sqlite3.Connection)
+            await _begin_immediate(driver)
             try:
-                dbapi_connection.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as error:
-                if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
-                    raise
-            await_(asyncio.sleep(pause))
-            pause = min(pause * 2, _LONGEST_PAUSE_SECONDS)
+                yield InlineStatements(connection)
+            except BaseException:
+                with _as_dbapi_error("ROLLBACK"):
+                    driver.rollback()
+                raise
+            with _as_dbapi_error("COMMIT"):
+                await _to_the_end(driver.commit)
+            # SQLAlchemy's own bookkeeping: its transaction ends (the driver's commit is a no-op now).
+            connection.commit()
+
+    def dispose(self) -> None:
+        """Closes every pooled connection."""
+        self.reader.dispose()
+        self.writer.dispose()
 
 
-class InlineSQLiteReadDialect(InlineSQLiteDialect):
-    """The same for reads: no BEGIN IMMEDIATE (a read takes no lock that a writer waits for in
-    WAL mode, nor waits for one); `sqlite3` begins no transaction for a SELECT."""
-
-    driver = "agentpost_inline_read"
-    supports_statement_cache = True
-
-    def do_begin(self, dbapi_connection: Any) -> None:
-        """Nothing: each SELECT reads the last committed state."""
-
-
-registry.register("sqlite.agentpost_inline", __name__, InlineSQLiteDialect.__name__)
-registry.register("sqlite.agentpost_inline_read", __name__, InlineSQLiteReadDialect.__name__)
+async def _begin_immediate(driver: sqlite3.Connection) -> None:
+    """Takes the write lock, waiting for another process's writer without blocking the loop."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    pause = _FIRST_PAUSE_SECONDS
+    while True:
+        try:
+            with _as_dbapi_error("BEGIN IMMEDIATE"):
+                driver.execute("BEGIN IMMEDIATE")
+            return
+        except DBAPIError as error:
+            code = getattr(error.orig, "sqlite_errorcode", 0)
+            if code & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, _LONGEST_PAUSE_SECONDS)

@@ -6,8 +6,8 @@ from collections.abc import Mapping
 from datetime import datetime
 
 from sqlalchemy import bindparam, or_, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.storage.statements import Statements
 from service.storage.tables import API_KEYS
 
 # One statement, run for many keys at once (executemany).
@@ -24,7 +24,7 @@ _TOUCH = (
 class LastUsedRepository:
     """Moves keys' last-used times forward, never back."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: Statements) -> None:
         self._connection = connection
 
     async def record(self, times: Mapping[str, datetime]) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Row, delete, func, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.domain.models import EnvironmentMembership, EnvRole, Member, OrgRole
+from service.storage.statements import Statements
 from service.storage.tables import ENVIRONMENT_MEMBERS, MEMBERS, EnvironmentMemberRow, MemberRow
 
 
@@ -39,7 +39,7 @@ def to_membership(row: EnvironmentMemberRow | Row[Any]) -> EnvironmentMembership
 class MemberRepository:
     """Reads and writes members and environment memberships."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: Statements) -> None:
         self._connection = connection
 
     async def insert(self, member: Member) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Row, insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.domain.models import Organization
+from service.storage.statements import Statements
 from service.storage.tables import ORGANIZATIONS, OrganizationRow
 
 
@@ -19,7 +19,7 @@ def to_organization(row: OrganizationRow | Row[Any]) -> Organization:
 class OrganizationRepository:
     """Reads and writes organizations."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: Statements) -> None:
         self._connection = connection
 
     async def insert(self, organization: Organization) -> None:

@@ -9,8 +9,8 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import bindparam, insert, select
-from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.storage.statements import Statements
 from service.storage.tables import REQUEST_IDS
 
 # Built once, run on every create (see tables.table_of).
@@ -25,7 +25,7 @@ _RECORD = insert(REQUEST_IDS)
 class RequestIdRepository:
     """Remembers which result each request id produced."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: Statements) -> None:
         self._connection = connection
 
     async def find(self, scope: str, operation: str, request_id: str) -> str | None:

@@ -8,10 +8,10 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row, and_, delete, insert, or_, select, tuple_, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.domain.models import ResourceKind, ScopedResource
+from service.storage.statements import Statements
 from service.storage.tables import RESOURCES, ResourceRow
 
 ResourceKey = tuple[ResourceKind, str]
@@ -46,7 +46,7 @@ def _after(after: tuple[str, str] | None) -> ColumnElement[bool]:
 class ResourceRepository:
     """Reads and writes registered resources."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: Statements) -> None:
         self._connection = connection
 
     async def insert(self, resource: ScopedResource) -> None:

@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.ext.asyncio import AsyncConnection
 
+from service.storage.statements import Statements
 from service.storage.tables import ServerSecretRow
 
 if TYPE_CHECKING:  # the database module builds units of work, which hold this repository
@@ -22,7 +22,7 @@ _KEY_BYTES = 32
 class ServerSecretRepository:
     """Named secrets: the first writer's value wins and every later reader gets it."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: Statements) -> None:
         self._connection = connection
 
     async def get_or_create(self, name: str, candidate: str) -> str:

@@ -9,8 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cached_property
 
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from service.domain.events import Action, Change, Resource, changed_fields
 from service.storage.api_keys import ApiKeyRepository
 from service.storage.environments import EnvironmentRepository
@@ -21,6 +19,7 @@ from service.storage.organizations import OrganizationRepository
 from service.storage.request_ids import RequestIdRepository
 from service.storage.resources import ResourceRepository
 from service.storage.server_secrets import ServerSecretRepository
+from service.storage.statements import Statements
 
 
 class UnitOfWork:
@@ -30,7 +29,7 @@ class UnitOfWork:
     organization): the one place that knows what a transaction changes.
     """
 
-    def __init__(self, connection: AsyncConnection, organization_id: str | None = None) -> None:
+    def __init__(self, connection: Statements, organization_id: str | None = None) -> None:
         self._connection = connection
         self.organization_id = organization_id
         self.changes: list[Change] = []
