@@ -186,8 +186,8 @@ async def recheck_active(uow: UnitOfWork, organization_id: str, environment_id: 
     """Re-reads the environment inside a write transaction: a delete committed since the caller's
     snapshot was read must win, so nothing is granted in, added to or moved into a deleted
     environment (FAILED_PRECONDITION ENVIRONMENT_DELETED)."""
-    env = await uow.environments.get(organization_id, environment_id)
-    if env is None:  # pragma: no cover - environments are never removed
+    deleted = await uow.environments.is_deleted(organization_id, environment_id)
+    if deleted is None:  # pragma: no cover - environments are never removed
         raise environment_not_found(environment_id)
-    if env.deleted:
-        raise FailedPrecondition(f"environment {env.id} is deleted", reason="ENVIRONMENT_DELETED")
+    if deleted:
+        raise FailedPrecondition(f"environment {environment_id} is deleted", reason="ENVIRONMENT_DELETED")

@@ -5,14 +5,21 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Row, bindparam, insert, select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from service.domain.models import Environment
+from service.storage.statements import Statements
 from service.storage.tables import ENVIRONMENTS, EnvironmentRow
 
 # Built once: every write into an environment re-reads it (see tables.table_of).
 _INSERT = insert(ENVIRONMENTS)
 _GET = select(ENVIRONMENTS).where(
+    ENVIRONMENTS.c.id == bindparam("environment_id"),
+    ENVIRONMENTS.c.organization_id == bindparam("organization_id"),
+)
+
+
+# Only what a write re-checks inside its transaction: whether the environment is deleted.
+_DELETE_TIME = select(ENVIRONMENTS.c.delete_time).where(
     ENVIRONMENTS.c.id == bindparam("environment_id"),
     ENVIRONMENTS.c.organization_id == bindparam("organization_id"),
 )
@@ -53,7 +60,7 @@ def environment_row(env: Environment) -> dict[str, Any]:
 class EnvironmentRepository:
     """Reads and writes environments."""
 
-    def __init__(self, connection: AsyncConnection) -> None:
+    def __init__(self, connection: Statements) -> None:
         self._connection = connection
 
     async def insert(self, env: Environment) -> None:
@@ -67,6 +74,14 @@ class EnvironmentRepository:
         )
         row = found.first()
         return None if row is None else to_environment(row)
+
+    async def is_deleted(self, organization_id: str, environment_id: str) -> bool | None:
+        """Whether the organization's environment is deleted; None when there is no such one."""
+        found = await self._connection.execute(
+            _DELETE_TIME, {"environment_id": environment_id, "organization_id": organization_id}
+        )
+        row = found.first()
+        return None if row is None else row.delete_time is not None
 
     async def save(self, env: Environment) -> None:
         """Writes the mutable fields of an existing environment."""
