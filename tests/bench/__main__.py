@@ -48,7 +48,14 @@ from tests.bench.delivery import Delivery, measure_delivery
 from tests.bench.echo import ECHO_METHOD
 from tests.bench.load import Load, Result, Scenario, run_load
 from tests.bench.processes import ServerProcess, echo_answers, health_serving, start_server
-from tests.bench.report import REVOCATION_POLL_SECONDS, SQLITE_POLL_SECONDS, Report, Revocation, render
+from tests.bench.report import (
+    REVOCATION_POLL_SECONDS,
+    SQLITE_POLL_SECONDS,
+    Report,
+    Revocation,
+    UnderWrites,
+    render,
+)
 from tests.bench.security import VERIFIER_TOKEN, Flood, measure_flood, start_security_servers
 from tests.harness import auth, corrupt
 from tests.servers import free_port, scratch_schema
@@ -272,17 +279,25 @@ def register_plan(setup: Setup) -> Plan:
 
 async def measure_under_writes(
     read: Plan, write: Plan, server: ServerProcess, load: Load, writers: int
-) -> Result:
-    """The read plan's throughput while `writers` callers run the write plan, in the same window."""
+) -> UnderWrites:
+    """The read plan alone, then again while `writers` callers run the write plan in the same
+    window: back to back on one server, so that the ratio compares like with like."""
+    label = f"{read.name}, {writers} x {write.name.split(' ')[0]}"
     try:
+        alone_scenario = await prepare(read, server)
         read_scenario = await prepare(read, server)
         write_scenario = await prepare(write, server)
     except Skip as skip:
-        return Result(f"{read.name} + {writers} writers", skipped=str(skip))
-    read_scenario.name = f"{read.name}, {writers} x {write.name.split(' ')[0]}"
+        skipped = [Result(name, skipped=str(skip)) for name in (f"{read.name}, alone", label, write.name)]
+        return UnderWrites(*skipped)
+    alone_scenario.name = f"{read.name}, alone"
+    read_scenario.name = label
+    write_scenario.name = f"{write.name.split(' ')[0]}, {writers} callers beside it"
+    print(f"  running {label} ...", file=sys.stderr, flush=True)
+    alone = await run_load(alone_scenario, load)
     write_load = Load(writers, 1, load.warmup, load.duration)
-    result, _ = await asyncio.gather(run_load(read_scenario, load), run_load(write_scenario, write_load))
-    return result
+    under, writes = await asyncio.gather(run_load(read_scenario, load), run_load(write_scenario, write_load))
+    return UnderWrites(alone, under, writes)
 
 
 async def prepare(plan: Plan, server: ServerProcess) -> Scenario:
@@ -664,7 +679,7 @@ def main() -> int:
     if arguments.json:
         arguments.json.write_text(json.dumps(report.as_json(), indent=2) + "\n")
         print(f"\nresults written to {arguments.json}")
-    under = [report.under_writes] if report.under_writes is not None else []
+    under = report.under_writes.results if report.under_writes is not None else []
     metered = [on for _, on in report.metrics_pairs]
     checked = (report.echo_first, *report.reads, report.echo_last, *report.writes, *under, *metered)
     flagged = [r for r in (*checked, *(f.flooded for f in report.floods)) if r.error_count]

@@ -99,6 +99,29 @@ class Baseline:
 
 
 @dataclass
+class UnderWrites:
+    """VerifyApiKey alone and then beside writers of its organization, back to back on one
+    server (after the write rows, so both see the same database), and the writers' own rate."""
+
+    alone: Result
+    under: Result
+    writes: Result
+
+    @property
+    def ratio(self) -> float | None:
+        """VerifyApiKey's throughput while the writes go on, against it alone just before."""
+        alone = self.alone.calls_per_second
+        if self.under.skipped or not alone:
+            return None
+        return round(self.under.calls_per_second / alone, 3)
+
+    @property
+    def results(self) -> list[Result]:
+        """Every row measured."""
+        return [self.alone, self.under, self.writes]
+
+
+@dataclass
 class Report:
     """Everything one run measured."""
 
@@ -108,7 +131,7 @@ class Report:
     echo_last: Result
     reads: list[Result]
     writes: list[Result]
-    under_writes: Result | None
+    under_writes: UnderWrites | None
     channel_results: list[Result]
     revocation: Revocation
     floods: list[Flood] = field(default_factory=list)
@@ -120,14 +143,6 @@ class Report:
     def baseline(self) -> Baseline:
         """The mean of the first and last echo runs: the 1.0 of every ratio."""
         return Baseline.of(self.echo_first, self.echo_last)
-
-    @property
-    def under_writes_ratio(self) -> float | None:
-        """VerifyApiKey's throughput while writes go on, against VerifyApiKey alone."""
-        alone = self.reads[0].calls_per_second if self.reads else 0.0
-        if self.under_writes is None or not alone:
-            return None
-        return round(self.under_writes.calls_per_second / alone, 3)
 
     @property
     def channel_baseline(self) -> Baseline | None:
@@ -146,7 +161,12 @@ class Report:
             "write_path": [baseline.annotate(result) for result in self.writes],
             "verify_under_writes": None
             if self.under_writes is None
-            else baseline.annotate(self.under_writes) | {"x_alone": self.under_writes_ratio},
+            else {
+                "alone": baseline.annotate(self.under_writes.alone),
+                "under": baseline.annotate(self.under_writes.under),
+                "writes": baseline.annotate(self.under_writes.writes),
+                "x_alone": self.under_writes.ratio,
+            },
             "multi_channel": [channel_baseline.annotate(r) for r in self.channel_results]
             if channel_baseline
             else [],
@@ -274,11 +294,13 @@ def render(report: Report) -> str:
     ]
     lines += [_row(result, baseline) for result in report.writes]
     if report.under_writes is not None:
+        under = report.under_writes
         lines += [
             "",
-            "reads while writes go on (the same organization):",
-            _row(report.under_writes, baseline)
-            + f"   = {_number(report.under_writes_ratio, '.2f')}x VerifyApiKey alone",
+            "reads while writes go on (the same organization; alone measured just before, on the same server):",
+            _row(under.alone, baseline),
+            _row(under.under, baseline) + f"   = {_number(under.ratio, '.2f')}x alone",
+            _row(under.writes, baseline),
         ]
     if report.channel_baseline is not None:
         multi_echo = report.channel_baseline
@@ -306,7 +328,7 @@ def render(report: Report) -> str:
                 f" {_number(off.server_cpu_us_per_call, '.0f'):>7} {_number(on.server_cpu_us_per_call, '.0f'):>7}"
                 f" {_number(cost.cpu_ratio, '.2f'):>10}"
             )
-    extra = [report.under_writes] if report.under_writes is not None else []
+    extra = report.under_writes.results if report.under_writes is not None else []
     lines += list(_error_lines([*main_rows, *report.writes, *extra, *report.channel_results, *metered]))
     lines += render_floods(report.floods)
     lines += [
