@@ -24,7 +24,6 @@ from service.domain.clock import utcnow
 from service.domain.errors import DomainError, Unavailable
 from service.domain.events import Actor, Change, Event
 from service.domain.models import Organization
-from service.storage import inline_sqlite
 from service.storage.errors import translate
 from service.storage.inline_sqlite import InlineSQLite
 from service.storage.notifications import REVISION_CHANNEL, OnConnected, OnRevision, listen_for_revisions
@@ -171,7 +170,7 @@ class Database:
         self._inline = (
             InlineSQLite(
                 engine.url,
-                lambda connection, record: _sqlite_pragmas(connection, record, inline_sqlite.BUSY_TIMEOUT_MS),
+                lambda connection, busy_timeout_ms: _sqlite_pragmas(connection, None, busy_timeout_ms),
             )
             if sqlite
             else None

@@ -15,8 +15,10 @@ It serves `Database.write()` and `Database.read()` on SQLite, the revision poll 
 - the transaction starts with `BEGIN IMMEDIATE`, so the write lock is taken first or not at all.
   While another process holds it, the wait is an asyncio sleep (1 ms, doubling to 20 ms) and
   other calls go on; after `WAIT_SECONDS` the write is UNAVAILABLE (the busy database);
-- SQLite's own busy handler, which would sleep on the loop's thread, is kept short
-  (`BUSY_TIMEOUT_MS`), for the rare lock a statement meets after the write lock is held;
+- the writer's connection has no busy handler (SQLite's would sleep on the loop's thread, up to
+  its timeout on every attempt): it asks for the lock and is told at once. Once the lock is held,
+  nothing a write does in WAL mode waits for another connection. Readers keep a short one
+  (`BUSY_TIMEOUT_MS`) for the rare moment a WAL restart makes a read wait;
 - the commit, where SQLite writes the WAL, syncs it to disk (`synchronous=FULL`) and, every
   thousand pages, checkpoints it into the database file, runs on a worker thread (SQLite
   releases the GIL for all of that), so a slow disk or a checkpoint does not hold up other calls.
@@ -109,23 +111,23 @@ class InlineSQLite:
     queue for SQLite's one write lock anyway) and a pool for readers, which never waits: a read
     that finds every pooled connection in use opens another."""
 
-    def __init__(self, url: URL, pragmas: Callable[[Any, Any], None]) -> None:
-        self.reader = self._engine(url, pool_size=4, max_overflow=-1, pragmas=pragmas)
-        self.writer = self._engine(url, pool_size=1, max_overflow=-1, pragmas=pragmas)
+    def __init__(self, url: URL, pragmas: Callable[[Any, int], None]) -> None:
+        self.reader = self._engine(
+            url, pool_size=4, pragmas=lambda connection: pragmas(connection, BUSY_TIMEOUT_MS)
+        )
+        self.writer = self._engine(url, pool_size=1, pragmas=lambda connection: pragmas(connection, 0))
 
     @staticmethod
-    def _engine(
-        url: URL, *, pool_size: int, max_overflow: int, pragmas: Callable[[Any, Any], None]
-    ) -> Engine:
+    def _engine(url: URL, *, pool_size: int, pragmas: Callable[[Any], None]) -> Engine:
         engine = create_engine(
             url.set(drivername="sqlite+pysqlite"),
             poolclass=QueuePool,
             pool_size=pool_size,
-            max_overflow=max_overflow,
+            max_overflow=-1,
             # Commits run on a worker thread; each connection is used by one call at a time.
             connect_args={"check_same_thread": False},
         )
-        event.listen(engine, "connect", pragmas)
+        event.listen(engine, "connect", lambda connection, _record: pragmas(connection))
         return engine
 
     @asynccontextmanager
