@@ -19,7 +19,7 @@ import pytest
 from agentpost.environments.v1 import environment_pb2
 
 from service.storage import inline_sqlite
-from tests.harness import Harness, auth, fails
+from tests.harness import auth, fails
 from tests.servers import Backend, serving
 
 
@@ -42,7 +42,6 @@ def sqlite_backend(tmp_path: Path) -> tuple[Backend, Path]:
 
 async def test_a_write_waits_for_another_writer_while_other_calls_are_answered(tmp_path: Path) -> None:
     backend, path = sqlite_backend(tmp_path)
-    harness: Harness
     async with serving(backend) as harness:
         org = await harness.new_org()
         with write_lock_held(path):

@@ -77,10 +77,7 @@ class ApiKeyRepository:
             await self._connection.execute(_INSERT_ENVIRONMENTS, environment_rows)
 
     async def _environment_ids(self, key_id: str) -> list[str]:
-        rows = await self._connection.scalars(
-            select(ApiKeyEnvironmentRow.environment_id).where(ApiKeyEnvironmentRow.api_key_id == key_id)
-        )
-        return list(rows)
+        return list(await self._connection.scalars(_ENVIRONMENTS_OF, {"api_key_id": key_id}))
 
     async def find_by_hash(self, secret_hash: str) -> tuple[ApiKey, str] | None:
         """The key whose secret has this digest, and the stored digest (to compare in constant time).
@@ -88,8 +85,7 @@ class ApiKeyRepository:
         row = (await self._connection.execute(_BY_HASH, {"secret_hash": secret_hash})).first()
         if row is None:
             return None
-        environment_ids = (await self._connection.scalars(_ENVIRONMENTS_OF, {"api_key_id": row.id})).all()
-        return to_api_key(row, list(environment_ids)), row.secret_hash
+        return to_api_key(row, await self._environment_ids(row.id)), row.secret_hash
 
     async def get(self, organization_id: str, key_id: str) -> ApiKey | None:
         """One key of the organization, or None."""

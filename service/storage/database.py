@@ -167,14 +167,7 @@ class Database:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         sqlite = engine.dialect.name == "sqlite"
-        self._inline = (
-            InlineSQLite(
-                engine.url,
-                lambda connection, busy_timeout_ms: _sqlite_pragmas(connection, None, busy_timeout_ms),
-            )
-            if sqlite
-            else None
-        )
+        self._inline = InlineSQLite(engine.url, _sqlite_pragmas) if sqlite else None
         self._listeners: list[CommitListener] = []
         self._notify = engine.dialect.name == "postgresql"
         # Where this process's writers queue (see _write_queue): SQLite's one lock for all, or

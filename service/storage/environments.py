@@ -19,10 +19,7 @@ _GET = select(ENVIRONMENTS).where(
 
 
 # Only what a write re-checks inside its transaction: whether the environment is deleted.
-_DELETE_TIME = select(ENVIRONMENTS.c.delete_time).where(
-    ENVIRONMENTS.c.id == bindparam("environment_id"),
-    ENVIRONMENTS.c.organization_id == bindparam("organization_id"),
-)
+_DELETE_TIME = _GET.with_only_columns(ENVIRONMENTS.c.delete_time)
 
 
 def to_environment(row: EnvironmentRow | Row[Any]) -> Environment:

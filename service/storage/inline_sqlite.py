@@ -48,6 +48,9 @@ from sqlalchemy.util.typing import TupleAny
 
 from service.storage.statements import Statements
 
+# Sets up a new connection (driver connection, pool record, busy timeout in ms).
+Pragmas = Callable[[Any, Any, int], None]
+
 WAIT_SECONDS = 10.0
 BUSY_TIMEOUT_MS = 100
 _FIRST_PAUSE_SECONDS = 0.001
@@ -111,14 +114,12 @@ class InlineSQLite:
     queue for SQLite's one write lock anyway) and a pool for readers, which never waits: a read
     that finds every pooled connection in use opens another."""
 
-    def __init__(self, url: URL, pragmas: Callable[[Any, int], None]) -> None:
-        self.reader = self._engine(
-            url, pool_size=4, pragmas=lambda connection: pragmas(connection, BUSY_TIMEOUT_MS)
-        )
-        self.writer = self._engine(url, pool_size=1, pragmas=lambda connection: pragmas(connection, 0))
+    def __init__(self, url: URL, pragmas: Pragmas) -> None:
+        self.reader = self._engine(url, pragmas, pool_size=4, busy_timeout_ms=BUSY_TIMEOUT_MS)
+        self.writer = self._engine(url, pragmas, pool_size=1, busy_timeout_ms=0)
 
     @staticmethod
-    def _engine(url: URL, *, pool_size: int, pragmas: Callable[[Any], None]) -> Engine:
+    def _engine(url: URL, pragmas: Pragmas, *, pool_size: int, busy_timeout_ms: int) -> Engine:
         engine = create_engine(
             url.set(drivername="sqlite+pysqlite"),
             poolclass=QueuePool,
@@ -127,7 +128,9 @@ class InlineSQLite:
             # Commits run on a worker thread; each connection is used by one call at a time.
             connect_args={"check_same_thread": False},
         )
-        event.listen(engine, "connect", lambda connection, _record: pragmas(connection))
+        event.listen(
+            engine, "connect", lambda connection, record: pragmas(connection, record, busy_timeout_ms)
+        )
         return engine
 
     @asynccontextmanager
@@ -165,14 +168,13 @@ async def _begin_immediate(driver: sqlite3.Connection) -> None:
     """Takes the write lock, waiting for another process's writer without blocking the loop."""
     deadline = time.monotonic() + WAIT_SECONDS
     pause = _FIRST_PAUSE_SECONDS
-    while True:
-        try:
-            with _as_dbapi_error("BEGIN IMMEDIATE"):
+    with _as_dbapi_error("BEGIN IMMEDIATE"):
+        while True:
+            try:
                 driver.execute("BEGIN IMMEDIATE")
-            return
-        except DBAPIError as error:
-            code = getattr(error.orig, "sqlite_errorcode", 0)
-            if code & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
-                raise
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, _LONGEST_PAUSE_SECONDS)
+                return
+            except sqlite3.OperationalError as error:
+                if error.sqlite_errorcode & 0xFF != sqlite3.SQLITE_BUSY or time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, _LONGEST_PAUSE_SECONDS)
