@@ -55,6 +55,8 @@ class Result:
     latencies_ms: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     server_cpu_seconds: float | None = None
+    # The server's event-loop thread alone: the resource every call of one process shares.
+    loop_cpu_seconds: float | None = None
     client_cpu_seconds: float = 0.0
     skipped: str | None = None
     channels: int = 1
@@ -79,6 +81,13 @@ class Result:
         return self.server_cpu_seconds / self.calls * 1e6
 
     @property
+    def loop_cpu_share(self) -> float | None:
+        """How busy the server's event-loop thread was, as a fraction of one core."""
+        if self.loop_cpu_seconds is None or not self.seconds:
+            return None
+        return self.loop_cpu_seconds / self.seconds
+
+    @property
     def client_cpu_share(self) -> float:
         """The load client's CPU use as a fraction of one core during the measured window."""
         return self.client_cpu_seconds / self.seconds if self.seconds else 0.0
@@ -96,11 +105,13 @@ class Result:
         if skipped:
             return cls(first.name, skipped=skipped, channels=first.channels)
         cpu = [part.server_cpu_seconds for part in parts]
+        loop_cpu = [part.loop_cpu_seconds for part in parts]
         combined = cls(
             first.name,
             calls=sum(part.calls for part in parts),
             seconds=sum(part.seconds for part in parts),
             server_cpu_seconds=None if None in cpu else sum(c for c in cpu if c is not None),
+            loop_cpu_seconds=None if None in loop_cpu else sum(c for c in loop_cpu if c is not None),
             client_cpu_seconds=sum(part.client_cpu_seconds for part in parts),
             channels=first.channels,
         )
@@ -124,6 +135,7 @@ class Result:
             "server_cpu_us_per_call": (
                 None if self.server_cpu_us_per_call is None else round(self.server_cpu_us_per_call, 1)
             ),
+            "loop_cpu_share": None if self.loop_cpu_share is None else round(self.loop_cpu_share, 3),
             "client_cpu_share": round(self.client_cpu_share, 3),
         }
 
@@ -160,10 +172,14 @@ async def _sample_cpu(server: ServerProcess, window: tuple[float, float], result
     measure_from, measure_until = window
     await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
     server_before, client_before = server.cpu_seconds(), time.process_time()
+    loop_before = server.loop_cpu_seconds()
     await asyncio.sleep(max(0.0, measure_until - time.perf_counter()))
     server_after, client_after = server.cpu_seconds(), time.process_time()
+    loop_after = server.loop_cpu_seconds()
     if server_before is not None and server_after is not None:
         result.server_cpu_seconds = server_after - server_before
+    if loop_before is not None and loop_after is not None:
+        result.loop_cpu_seconds = loop_after - loop_before
     result.client_cpu_seconds = client_after - client_before
 
 

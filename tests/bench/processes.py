@@ -67,12 +67,12 @@ class ServerProcess:
 
     def cpu_seconds(self) -> float | None:
         """User + system CPU time the process (all its threads) has used; None off Linux."""
-        try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return None
-        # After the command name: state is field 3, utime and stime are fields 14 and 15.
-        return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        return _cpu_seconds(f"/proc/{self.process.pid}/stat")
+
+    def loop_cpu_seconds(self) -> float | None:
+        """The same for the process's main thread alone, which runs its event loop (with
+        `--workers N` that is the supervisor's); None off Linux."""
+        return _cpu_seconds(f"/proc/{self.process.pid}/task/{self.process.pid}/stat")
 
     async def wait_ready(self, probe: Probe) -> None:
         """Waits until `probe` succeeds on a channel to the server; fails if the process exits."""
@@ -101,6 +101,16 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def _cpu_seconds(stat_path: str) -> float | None:
+    """User + system CPU seconds from a /proc stat file; None when it cannot be read."""
+    try:
+        fields = Path(stat_path).read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
 def spawn(

@@ -22,6 +22,8 @@ REVOCATION_POLL_SECONDS = 0.01
 # SQLite (the servers' defaults); revocation rounds start at a random phase against it.
 SQLITE_POLL_SECONDS = 0.05
 ECHO_DRIFT_WARNING = 0.2
+# VerifyApiKey beside four writers of its organization, as a fraction of VerifyApiKey alone.
+TARGET_UNDER_WRITES = 0.8
 REFERENCE_NOTE = (
     "team reference (grpcio 1.85, 2 cores): one DB read per call via SQLAlchemy+aiosqlite = 0.22x"
 )
@@ -116,6 +118,23 @@ class UnderWrites:
         return round(self.under.calls_per_second / alone, 3)
 
     @property
+    def displaced(self) -> float | None:
+        """How many verifications each write took the place of: what the writes cost the reads,
+        counted in reads (the target, 0.8x alone, allows `allowed` of them)."""
+        writes = self.writes.calls_per_second
+        if self.under.skipped or not writes:
+            return None
+        return round((self.alone.calls_per_second - self.under.calls_per_second) / writes, 2)
+
+    @property
+    def allowed(self) -> float | None:
+        """The most verifications a write may displace, at the writers' rate, for 0.8x alone."""
+        writes = self.writes.calls_per_second
+        if self.under.skipped or not writes:
+            return None
+        return round((1 - TARGET_UNDER_WRITES) * self.alone.calls_per_second / writes, 2)
+
+    @property
     def results(self) -> list[Result]:
         """Every row measured."""
         return [self.alone, self.under, self.writes]
@@ -166,6 +185,8 @@ class Report:
                 "under": baseline.annotate(self.under_writes.under),
                 "writes": baseline.annotate(self.under_writes.writes),
                 "x_alone": self.under_writes.ratio,
+                "verifications_displaced_per_write": self.under_writes.displaced,
+                "displaced_allowed_for_target": self.under_writes.allowed,
             },
             "multi_channel": [channel_baseline.annotate(r) for r in self.channel_results]
             if channel_baseline
@@ -301,6 +322,10 @@ def render(report: Report) -> str:
             _row(under.alone, baseline),
             _row(under.under, baseline) + f"   = {_number(under.ratio, '.2f')}x alone",
             _row(under.writes, baseline),
+            f"  each write took the place of {_number(under.displaced, '.1f')} verifications"
+            f" ({TARGET_UNDER_WRITES:g}x alone allows {_number(under.allowed, '.1f')} at this write rate);"
+            f" event-loop thread busy {_number(under.alone.loop_cpu_share, '.2f')} of a core alone,"
+            f" {_number(under.under.loop_cpu_share, '.2f')} with the writes",
         ]
     if report.channel_baseline is not None:
         multi_echo = report.channel_baseline
