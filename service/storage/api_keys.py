@@ -16,6 +16,13 @@ _ENVIRONMENTS_OF = select(API_KEY_ENVIRONMENTS.c.environment_id).where(
 )
 _INSERT = insert(API_KEYS)
 _INSERT_ENVIRONMENTS = insert(API_KEY_ENVIRONMENTS)
+_GET = select(API_KEYS).where(
+    API_KEYS.c.id == bindparam("key_id"), API_KEYS.c.organization_id == bindparam("key_organization_id")
+)
+# The mutable fields are the parameters named after their columns (see `save`).
+_UPDATE = update(API_KEYS).where(
+    API_KEYS.c.id == bindparam("key_id"), API_KEYS.c.organization_id == bindparam("key_organization_id")
+)
 
 
 def api_key_row(key: ApiKey, secret_hash: str) -> dict[str, Any]:
@@ -90,7 +97,7 @@ class ApiKeyRepository:
     async def get(self, organization_id: str, key_id: str) -> ApiKey | None:
         """One key of the organization, or None."""
         found = await self._connection.execute(
-            select(API_KEYS).where(API_KEYS.c.id == key_id, API_KEYS.c.organization_id == organization_id)
+            _GET, {"key_id": key_id, "key_organization_id": organization_id}
         )
         row = found.first()
         return None if row is None else to_api_key(row, await self._environment_ids(row.id))
@@ -98,16 +105,17 @@ class ApiKeyRepository:
     async def save(self, key: ApiKey) -> None:
         """Writes the mutable fields of an existing key and replaces its environments."""
         await self._connection.execute(
-            update(API_KEYS)
-            .where(API_KEYS.c.id == key.id, API_KEYS.c.organization_id == key.organization_id)
-            .values(
-                name=key.name,
-                scopes=list(key.scopes),
-                update_time=key.update_time,
-                expire_time=key.expire_time,
-                revoke_time=key.revoke_time,
-                version=key.version,
-            )
+            _UPDATE,
+            {
+                "key_id": key.id,
+                "key_organization_id": key.organization_id,
+                "name": key.name,
+                "scopes": list(key.scopes),
+                "update_time": key.update_time,
+                "expire_time": key.expire_time,
+                "revoke_time": key.revoke_time,
+                "version": key.version,
+            },
         )
         current = set(await self._environment_ids(key.id))
         wanted = set(key.environment_ids)

@@ -20,6 +20,11 @@ _GET = select(ENVIRONMENTS).where(
 
 # Only what a write re-checks inside its transaction: whether the environment is deleted.
 _DELETE_TIME = _GET.with_only_columns(ENVIRONMENTS.c.delete_time)
+# The mutable fields are the parameters named after their columns (see `save`).
+_UPDATE = update(ENVIRONMENTS).where(
+    ENVIRONMENTS.c.id == bindparam("environment_id"),
+    ENVIRONMENTS.c.organization_id == bindparam("environment_organization_id"),
+)
 
 
 def to_environment(row: EnvironmentRow | Row[Any]) -> Environment:
@@ -83,15 +88,16 @@ class EnvironmentRepository:
     async def save(self, env: Environment) -> None:
         """Writes the mutable fields of an existing environment."""
         await self._connection.execute(
-            update(ENVIRONMENTS)
-            .where(ENVIRONMENTS.c.id == env.id, ENVIRONMENTS.c.organization_id == env.organization_id)
-            .values(
-                name=env.name,
-                description=env.description,
-                update_time=env.update_time,
-                delete_time=env.delete_time,
-                version=env.version,
-            )
+            _UPDATE,
+            {
+                "environment_id": env.id,
+                "environment_organization_id": env.organization_id,
+                "name": env.name,
+                "description": env.description,
+                "update_time": env.update_time,
+                "delete_time": env.delete_time,
+                "version": env.version,
+            },
         )
 
     async def all_of(self, organization_id: str) -> list[Environment]:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, delete, func, insert, or_, select, tuple_
+from sqlalchemy import ColumnElement, Row, and_, bindparam, delete, func, insert, or_, select, tuple_
 
 from service.domain import ids
 from service.domain.events import (
@@ -28,6 +28,29 @@ from service.storage.statements import Statements
 from service.storage.tables import EVENTS, EventRow
 
 _INSERT = insert(EVENTS)  # built once: every write appends
+# Built once too: every replica reads the log after each revision it hears of, and every watch
+# stream reads it as it resumes.
+_IN_ORDER = (EVENTS.c.revision, EVENTS.c.sequence)
+_AFTER = (
+    select(EVENTS)
+    .where(
+        EVENTS.c.organization_id == bindparam("organization_id"),
+        EVENTS.c.revision > bindparam("revision"),
+        EVENTS.c.revision <= bindparam("up_to"),
+    )
+    .order_by(*_IN_ORDER)
+    .limit(bindparam("limit"))
+)
+_SINCE = (
+    select(EVENTS)
+    .where(
+        EVENTS.c.organization_id == bindparam("organization_id"),
+        tuple_(*_IN_ORDER) > tuple_(bindparam("revision"), bindparam("sequence")),
+        EVENTS.c.revision <= bindparam("up_to"),
+    )
+    .order_by(*_IN_ORDER)
+    .limit(bindparam("limit"))
+)
 
 
 def to_event(row: EventRow | Row[Any]) -> Event:
@@ -166,14 +189,7 @@ class EventRepository:
     ) -> list[Event]:
         """The organization's events with `revision < n <= up_to`, in commit order."""
         rows = await self._connection.execute(
-            select(EVENTS)
-            .where(
-                EventRow.organization_id == organization_id,
-                EventRow.revision > revision,
-                EventRow.revision <= up_to,
-            )
-            .order_by(EventRow.revision, EventRow.sequence)
-            .limit(limit)
+            _AFTER, {"organization_id": organization_id, "revision": revision, "up_to": up_to, "limit": limit}
         )
         return [to_event(row) for row in rows]
 
@@ -184,14 +200,14 @@ class EventRepository:
         `up_to`, in commit order, each with its sequence within its revision."""
         revision, sequence = position
         rows = await self._connection.execute(
-            select(EVENTS)
-            .where(
-                EventRow.organization_id == organization_id,
-                tuple_(EventRow.revision, EventRow.sequence) > tuple_(revision, sequence),
-                EventRow.revision <= up_to,
-            )
-            .order_by(EventRow.revision, EventRow.sequence)
-            .limit(limit)
+            _SINCE,
+            {
+                "organization_id": organization_id,
+                "revision": revision,
+                "sequence": sequence,
+                "up_to": up_to,
+                "limit": limit,
+            },
         )
         return [(to_event(row), row.sequence) for row in rows]
 

@@ -7,7 +7,7 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, insert, or_, select, tuple_, update
+from sqlalchemy import Row, and_, bindparam, delete, insert, or_, select, tuple_, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.domain.models import ResourceKind, ScopedResource
@@ -30,8 +30,24 @@ def to_resource(row: ResourceRow | Row[Any]) -> ScopedResource:
     )
 
 
-# Built once: registering is the write other services make most (see tables.table_of).
+# Built once: registering is the write other services make most, and GetResource reads the
+# database on every call (see tables.table_of).
 _INSERT = insert(RESOURCES)
+_GET = select(RESOURCES).where(
+    RESOURCES.c.organization_id == bindparam("organization_id"),
+    RESOURCES.c.kind == bindparam("kind"),
+    RESOURCES.c.resource_id == bindparam("resource_id"),
+)
+_DELETE = (
+    delete(RESOURCES)
+    .where(
+        RESOURCES.c.organization_id == bindparam("organization_id"),
+        RESOURCES.c.kind == bindparam("kind"),
+        RESOURCES.c.resource_id == bindparam("resource_id"),
+        RESOURCES.c.environment_id == bindparam("environment_id"),
+    )
+    .returning(*RESOURCES.c)
+)
 
 
 def _after(after: tuple[str, str] | None) -> ColumnElement[bool]:
@@ -68,11 +84,7 @@ class ResourceRepository:
     async def get(self, organization_id: str, kind: ResourceKind, resource_id: str) -> ScopedResource | None:
         """One registration of the organization, in whichever environment holds it."""
         found = await self._connection.execute(
-            select(RESOURCES).where(
-                RESOURCES.c.organization_id == organization_id,
-                RESOURCES.c.kind == kind.value,
-                RESOURCES.c.resource_id == resource_id,
-            )
+            _GET, {"organization_id": organization_id, "kind": kind.value, "resource_id": resource_id}
         )
         row = found.first()
         return None if row is None else to_resource(row)
@@ -83,14 +95,13 @@ class ResourceRepository:
         """Removes a registration if it belongs to the environment and returns it; None when
         there was none."""
         rows = await self._connection.execute(
-            delete(RESOURCES)
-            .where(
-                ResourceRow.organization_id == organization_id,
-                ResourceRow.kind == kind.value,
-                ResourceRow.resource_id == resource_id,
-                ResourceRow.environment_id == environment_id,
-            )
-            .returning(*RESOURCES.c)
+            _DELETE,
+            {
+                "organization_id": organization_id,
+                "kind": kind.value,
+                "resource_id": resource_id,
+                "environment_id": environment_id,
+            },
         )
         removed = rows.first()
         return None if removed is None else to_resource(removed)
