@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 from agentpost.environments.v1 import api_key_pb2 as pb
-from agentpost.environments.v1 import environment_pb2, organization_pb2
+from agentpost.environments.v1 import environment_pb2, organization_pb2, resource_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app.config import Settings
@@ -331,3 +331,29 @@ async def test_revision_lag_shows_revisions_heard_of_and_not_yet_applied(
     monkeypatch.undo()
     _, caught_up = await scrape_until(metered, lambda s: value(s, "agentpost_revision_lag") == 0)
     assert value(caught_up, "agentpost_revision_lag") == 0
+
+
+async def test_own_commits_are_applied_without_reading_the_log(metered: Harness) -> None:
+    """A replica hears of its own commits too (its own NOTIFY on PostgreSQL, its poll on SQLite),
+    under load often before the writer has resumed to apply them. It then waits for its writer
+    instead of reading the log: 320 writes, 32 at a time, read it at most once (before, on
+    PostgreSQL, 11-30 times)."""
+    org = await metered.new_org()
+    _, before = await scrape(metered)
+
+    async def register(worker: int) -> None:
+        for index in range(10):
+            await metered.resources.RegisterResource(
+                resource_pb2.RegisterResourceRequest(
+                    kind=resource_pb2.ScopedResource.Kind.INBOX, resource_id=f"inbox-{worker}-{index}"
+                ),
+                metadata=auth(org.owner_secret),
+            )
+
+    await asyncio.gather(*(register(worker) for worker in range(32)))
+    # Any catch-up a late notification starts has begun within its grace and waits (see access).
+    await asyncio.sleep(0.2)
+    _, after = await scrape(metered)
+    reads = value(after, "agentpost_event_log_reads_total") - value(before, "agentpost_event_log_reads_total")
+    assert reads <= 1
+    assert metered.app.access.stats().revision_lag == 0

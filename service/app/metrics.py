@@ -77,6 +77,12 @@ class StateCollector(Collector):
             "the bound on any lag it does not know of yet.",
             value=stats.unconfirmed_seconds,
         )
+        yield CounterMetricFamily(
+            "agentpost_event_log_reads",
+            "Reads of the event log to catch up an organization: other replicas' commits, or a gap "
+            "(a replica applies its own commits as it makes them).",
+            value=stats.log_reads,
+        )
         yield GaugeMetricFamily(
             "agentpost_event_stream_subscribers",
             "Open WatchEvents streams on this process.",

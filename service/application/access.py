@@ -50,6 +50,8 @@ MAX_CATCH_UP_EVENTS = 5_000
 # How long a caller asking for a revision not yet visible here waits for it.
 MIN_REVISION_WAIT_SECONDS = 2.0
 OWN_COMMIT_GRACE_SECONDS = 0.002
+# At most this many such moments while a write here commits the very revision heard of.
+OWN_COMMIT_WAITS = 25
 # The longest shutdown waits to write last-used times.
 FINAL_FLUSH_SECONDS = 2.0
 # Key versions seen in events, remembered so a load that raced an event keeps the newer record.
@@ -83,6 +85,8 @@ class CacheStats:
     # Seconds since a poll last confirmed the view with the database (infinite before the first):
     # the bound on any lag not known of yet.
     unconfirmed_seconds: float
+    # Reads of the event log to catch up an organization: other replicas' commits, or a gap.
+    log_reads: int = 0
 
 
 @dataclass
@@ -175,6 +179,7 @@ class AccessCache:
         self._applied_listeners: list[AppliedListener] = []
         self._key_hits = 0
         self._key_misses = 0
+        self._log_reads = 0
         database.on_commit(self._committed)
 
     def stats(self) -> CacheStats:
@@ -190,6 +195,7 @@ class AccessCache:
             self._key_misses,
             max(lag, 0),
             self.staleness(),
+            self._log_reads,
         )
 
     # -- following the log --------------------------------------------------------------------
@@ -260,11 +266,31 @@ class AccessCache:
         self._catch_ups.add(task)
         task.add_done_callback(self._catch_ups.discard)
 
+    async def _own_commit_applied(self, organization_id: str) -> bool:
+        """Whether all that was heard of the organization is applied, waiting (a bounded while)
+        when the one revision missing is the one a write in this process is committing: its
+        writer applies it as soon as it resumes, which under load can take a while after the
+        commit was announced (its own NOTIFY) or seen (a poll)."""
+        for _ in range(OWN_COMMIT_WAITS):
+            heard = self._heard.get(organization_id, 0)
+            applied = self._applied.get(organization_id, 0)
+            if heard <= applied:
+                return True
+            if heard != self._db.committing(organization_id) or applied != heard - 1:
+                return False
+            await asyncio.sleep(OWN_COMMIT_GRACE_SECONDS)
+        return self._heard.get(organization_id, 0) <= self._applied.get(organization_id, 0)
+
+    async def _catch_up_unless_own(self, organization_id: str) -> None:
+        """Reads the log for what was heard of, unless it was this process's own commit."""
+        if not await self._own_commit_applied(organization_id):
+            await self.catch_up(organization_id)
+
     async def _catch_up_quietly(self, organization_id: str) -> None:
         # A replica hears its own commits too, sometimes before the writer applies them: give the
         # writer a moment, so a commit made here costs no read of the log.
         await asyncio.sleep(OWN_COMMIT_GRACE_SECONDS)
-        if self._heard.get(organization_id, 0) <= self._applied.get(organization_id, 0):
+        if await self._own_commit_applied(organization_id):
             return
         try:
             # A read already running may predate the commit that asked for this one: go on
@@ -287,6 +313,7 @@ class AccessCache:
         applied = self._applied.get(organization_id)
         if applied is None:
             return
+        self._log_reads += 1
         async with self._db.read() as uow:
             # The revision first: every event up to it has committed, so none is skipped.
             latest = (await uow.organizations.revisions([organization_id])).get(organization_id)
@@ -535,7 +562,7 @@ class AccessCache:
                 self._heard[organization_id] = max(
                     revisions[organization_id], self._heard.get(organization_id, 0)
                 )
-            await asyncio.gather(*(self.catch_up(organization_id) for organization_id in behind))
+            await asyncio.gather(*(self._catch_up_unless_own(organization_id) for organization_id in behind))
         else:
             await self._db.ping()
         self._confirmed_at = started

@@ -176,6 +176,9 @@ class Database:
         self._organization_writers: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        # The revision each organization's write in progress here raised, until its listeners
+        # have run (see `committing`).
+        self._committing: dict[str, int] = {}
         # (reason, message) while the schema is not known to be the one this code needs (start-up
         # found it behind, or could not tell): every unit of work is refused with it.
         self.closed_because: tuple[str, str] | None = None
@@ -250,29 +253,41 @@ class Database:
         """
         if require_schema:
             self._require_schema()
-        async with (
-            translated_errors(),
-            self._write_queue(organization_id),
-            self._writing() as connection,
-        ):
-            revision = None
+        try:
+            async with (
+                translated_errors(),
+                self._write_queue(organization_id),
+                self._writing() as connection,
+            ):
+                revision = None
+                if organization_id is not None:
+                    revision = await self._raise_revision(connection, organization_id)
+                    self._committing[organization_id] = revision
+                uow = UnitOfWork(connection, organization_id)
+                yield uow
+                owner = organization_id or _created_organization(uow.changes)
+                if owner is None:
+                    return
+                if revision is None:
+                    revision = await self._raise_revision(connection, owner)
+                events: list[Event] = []
+                if uow.changes:
+                    events = await uow.events.append(
+                        owner, revision, utcnow(), actor or Actor(), current_request_id.get(), uow.changes
+                    )
+            committed_revision.set(revision)
+            for listener in self._listeners:
+                listener(owner, revision, events)
+        finally:
+            # Nothing awaited since the write queue let go: the next writer has not begun.
             if organization_id is not None:
-                revision = await self._raise_revision(connection, organization_id)
-            uow = UnitOfWork(connection, organization_id)
-            yield uow
-            owner = organization_id or _created_organization(uow.changes)
-            if owner is None:
-                return
-            if revision is None:
-                revision = await self._raise_revision(connection, owner)
-            events: list[Event] = []
-            if uow.changes:
-                events = await uow.events.append(
-                    owner, revision, utcnow(), actor or Actor(), current_request_id.get(), uow.changes
-                )
-        committed_revision.set(revision)
-        for listener in self._listeners:
-            listener(owner, revision, events)
+                self._committing.pop(organization_id, None)
+
+    def committing(self, organization_id: str) -> int | None:
+        """The revision of the organization that a write in progress in this process raised, if
+        one is: it commits, then tells the listeners, with no wait in between. Writes of one
+        organization queue here (see `_write_queue`), so there is at most one."""
+        return self._committing.get(organization_id)
 
     async def _raise_revision(self, connection: Statements, organization_id: str) -> int:
         """Raises the organization's revision (taking its row lock) and, on PostgreSQL, queues
