@@ -266,20 +266,26 @@ class AccessCache:
         self._catch_ups.add(task)
         task.add_done_callback(self._catch_ups.discard)
 
+    def _all_applied(self, organization_id: str) -> bool:
+        """Whether every revision of the organization heard of is applied here."""
+        return self._heard.get(organization_id, 0) <= self._applied.get(organization_id, 0)
+
     async def _own_commit_applied(self, organization_id: str) -> bool:
         """Whether all that was heard of the organization is applied, waiting (a bounded while)
         when the one revision missing is the one a write in this process is committing: its
         writer applies it as soon as it resumes, which under load can take a while after the
         commit was announced (its own NOTIFY) or seen (a poll)."""
         for _ in range(OWN_COMMIT_WAITS):
-            heard = self._heard.get(organization_id, 0)
-            applied = self._applied.get(organization_id, 0)
-            if heard <= applied:
+            if self._all_applied(organization_id):
                 return True
-            if heard != self._db.committing(organization_id) or applied != heard - 1:
+            heard = self._heard.get(organization_id, 0)
+            if (
+                heard != self._db.committing(organization_id)
+                or self._applied.get(organization_id, 0) != heard - 1
+            ):
                 return False
             await asyncio.sleep(OWN_COMMIT_GRACE_SECONDS)
-        return self._heard.get(organization_id, 0) <= self._applied.get(organization_id, 0)
+        return self._all_applied(organization_id)
 
     async def _catch_up_unless_own(self, organization_id: str) -> None:
         """Reads the log for what was heard of, unless it was this process's own commit."""
@@ -297,7 +303,7 @@ class AccessCache:
             # until what was heard of is applied (the next poll takes over after a few tries).
             for _ in range(3):
                 await self.catch_up(organization_id)
-                if self._heard.get(organization_id, 0) <= self._applied.get(organization_id, 0):
+                if self._all_applied(organization_id):
                     return
         except Exception:
             log.warning("catching up organization %s failed; the next poll retries", organization_id)

@@ -16,13 +16,15 @@ _ENVIRONMENTS_OF = select(API_KEY_ENVIRONMENTS.c.environment_id).where(
 )
 _INSERT = insert(API_KEYS)
 _INSERT_ENVIRONMENTS = insert(API_KEY_ENVIRONMENTS)
-_GET = select(API_KEYS).where(
-    API_KEYS.c.id == bindparam("key_id"), API_KEYS.c.organization_id == bindparam("key_organization_id")
+# One key of one organization. The names differ from the columns': an UPDATE takes parameters
+# named after its columns as the values to set.
+_THE_KEY = (
+    API_KEYS.c.id == bindparam("key_id"),
+    API_KEYS.c.organization_id == bindparam("key_organization_id"),
 )
+_GET = select(API_KEYS).where(*_THE_KEY)
 # The mutable fields are the parameters named after their columns (see `save`).
-_UPDATE = update(API_KEYS).where(
-    API_KEYS.c.id == bindparam("key_id"), API_KEYS.c.organization_id == bindparam("key_organization_id")
-)
+_UPDATE = update(API_KEYS).where(*_THE_KEY)
 
 
 def api_key_row(key: ApiKey, secret_hash: str) -> dict[str, Any]:

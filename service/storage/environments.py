@@ -12,19 +12,22 @@ from service.storage.tables import ENVIRONMENTS, EnvironmentRow
 
 # Built once: every write into an environment re-reads it (see tables.table_of).
 _INSERT = insert(ENVIRONMENTS)
-_GET = select(ENVIRONMENTS).where(
-    ENVIRONMENTS.c.id == bindparam("environment_id"),
-    ENVIRONMENTS.c.organization_id == bindparam("organization_id"),
-)
-
-
-# Only what a write re-checks inside its transaction: whether the environment is deleted.
-_DELETE_TIME = _GET.with_only_columns(ENVIRONMENTS.c.delete_time)
-# The mutable fields are the parameters named after their columns (see `save`).
-_UPDATE = update(ENVIRONMENTS).where(
+# One environment of one organization. The names differ from the columns': an UPDATE takes
+# parameters named after its columns as the values to set.
+_THE_ENVIRONMENT = (
     ENVIRONMENTS.c.id == bindparam("environment_id"),
     ENVIRONMENTS.c.organization_id == bindparam("environment_organization_id"),
 )
+_GET = select(ENVIRONMENTS).where(*_THE_ENVIRONMENT)
+# Only what a write re-checks inside its transaction: whether the environment is deleted.
+_DELETE_TIME = _GET.with_only_columns(ENVIRONMENTS.c.delete_time)
+# The mutable fields are the parameters named after their columns (see `save`).
+_UPDATE = update(ENVIRONMENTS).where(*_THE_ENVIRONMENT)
+
+
+def _the_environment(organization_id: str, environment_id: str) -> dict[str, str]:
+    """The parameters naming one environment in `_GET`, `_DELETE_TIME` and `_UPDATE`."""
+    return {"environment_id": environment_id, "environment_organization_id": organization_id}
 
 
 def to_environment(row: EnvironmentRow | Row[Any]) -> Environment:
@@ -71,16 +74,14 @@ class EnvironmentRepository:
 
     async def get(self, organization_id: str, environment_id: str) -> Environment | None:
         """One environment of the organization, deleted or not."""
-        found = await self._connection.execute(
-            _GET, {"environment_id": environment_id, "organization_id": organization_id}
-        )
+        found = await self._connection.execute(_GET, _the_environment(organization_id, environment_id))
         row = found.first()
         return None if row is None else to_environment(row)
 
     async def is_deleted(self, organization_id: str, environment_id: str) -> bool | None:
         """Whether the organization's environment is deleted; None when there is no such one."""
         found = await self._connection.execute(
-            _DELETE_TIME, {"environment_id": environment_id, "organization_id": organization_id}
+            _DELETE_TIME, _the_environment(organization_id, environment_id)
         )
         row = found.first()
         return None if row is None else row.delete_time is not None
@@ -89,9 +90,8 @@ class EnvironmentRepository:
         """Writes the mutable fields of an existing environment."""
         await self._connection.execute(
             _UPDATE,
-            {
-                "environment_id": env.id,
-                "environment_organization_id": env.organization_id,
+            _the_environment(env.organization_id, env.id)
+            | {
                 "name": env.name,
                 "description": env.description,
                 "update_time": env.update_time,

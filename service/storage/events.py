@@ -29,28 +29,17 @@ from service.storage.tables import EVENTS, EventRow
 
 _INSERT = insert(EVENTS)  # built once: every write appends
 # Built once too: every replica reads the log after each revision it hears of, and every watch
-# stream reads it as it resumes.
+# stream reads it as it resumes. Both read one organization's log in commit order, up to a
+# revision; they differ in where they start.
 _IN_ORDER = (EVENTS.c.revision, EVENTS.c.sequence)
-_AFTER = (
+_IN_COMMIT_ORDER = (
     select(EVENTS)
-    .where(
-        EVENTS.c.organization_id == bindparam("organization_id"),
-        EVENTS.c.revision > bindparam("revision"),
-        EVENTS.c.revision <= bindparam("up_to"),
-    )
+    .where(EVENTS.c.organization_id == bindparam("organization_id"), EVENTS.c.revision <= bindparam("up_to"))
     .order_by(*_IN_ORDER)
     .limit(bindparam("limit"))
 )
-_SINCE = (
-    select(EVENTS)
-    .where(
-        EVENTS.c.organization_id == bindparam("organization_id"),
-        tuple_(*_IN_ORDER) > tuple_(bindparam("revision"), bindparam("sequence")),
-        EVENTS.c.revision <= bindparam("up_to"),
-    )
-    .order_by(*_IN_ORDER)
-    .limit(bindparam("limit"))
-)
+_AFTER = _IN_COMMIT_ORDER.where(EVENTS.c.revision > bindparam("revision"))
+_SINCE = _IN_COMMIT_ORDER.where(tuple_(*_IN_ORDER) > tuple_(bindparam("revision"), bindparam("sequence")))
 
 
 def to_event(row: EventRow | Row[Any]) -> Event:

@@ -33,19 +33,16 @@ def to_resource(row: ResourceRow | Row[Any]) -> ScopedResource:
 # Built once: registering is the write other services make most, and GetResource reads the
 # database on every call (see tables.table_of).
 _INSERT = insert(RESOURCES)
-_GET = select(RESOURCES).where(
+# One registration: (kind, resource id) is unique in an organization.
+_THE_RESOURCE = (
     RESOURCES.c.organization_id == bindparam("organization_id"),
     RESOURCES.c.kind == bindparam("kind"),
     RESOURCES.c.resource_id == bindparam("resource_id"),
 )
+_GET = select(RESOURCES).where(*_THE_RESOURCE)
 _DELETE = (
     delete(RESOURCES)
-    .where(
-        RESOURCES.c.organization_id == bindparam("organization_id"),
-        RESOURCES.c.kind == bindparam("kind"),
-        RESOURCES.c.resource_id == bindparam("resource_id"),
-        RESOURCES.c.environment_id == bindparam("environment_id"),
-    )
+    .where(*_THE_RESOURCE, RESOURCES.c.environment_id == bindparam("environment_id"))
     .returning(*RESOURCES.c)
 )
 

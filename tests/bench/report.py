@@ -117,22 +117,23 @@ class UnderWrites:
             return None
         return round(self.under.calls_per_second / alone, 3)
 
+    def _per_write(self, verifications_per_second: float) -> float | None:
+        """Verifications per second, counted per write the writers made in the same time."""
+        writes = self.writes.calls_per_second
+        if self.under.skipped or not writes:
+            return None
+        return round(verifications_per_second / writes, 2)
+
     @property
     def displaced(self) -> float | None:
         """How many verifications each write took the place of: what the writes cost the reads,
         counted in reads (the target, 0.8x alone, allows `allowed` of them)."""
-        writes = self.writes.calls_per_second
-        if self.under.skipped or not writes:
-            return None
-        return round((self.alone.calls_per_second - self.under.calls_per_second) / writes, 2)
+        return self._per_write(self.alone.calls_per_second - self.under.calls_per_second)
 
     @property
     def allowed(self) -> float | None:
         """The most verifications a write may displace, at the writers' rate, for 0.8x alone."""
-        writes = self.writes.calls_per_second
-        if self.under.skipped or not writes:
-            return None
-        return round((1 - TARGET_UNDER_WRITES) * self.alone.calls_per_second / writes, 2)
+        return self._per_write((1 - TARGET_UNDER_WRITES) * self.alone.calls_per_second)
 
     @property
     def results(self) -> list[Result]:
