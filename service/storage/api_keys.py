@@ -7,24 +7,27 @@ from typing import Any
 from sqlalchemy import Row, bindparam, delete, insert, or_, select, update
 
 from service.domain.models import ApiKey, KeyMode
+from service.storage.prepared import prepared
 from service.storage.statements import Statements
 from service.storage.tables import API_KEY_ENVIRONMENTS, API_KEYS, ApiKeyEnvironmentRow, ApiKeyRow
 
-_BY_HASH = select(API_KEYS).where(API_KEYS.c.secret_hash == bindparam("secret_hash"))
-_ENVIRONMENTS_OF = select(API_KEY_ENVIRONMENTS.c.environment_id).where(
-    API_KEY_ENVIRONMENTS.c.api_key_id == bindparam("api_key_id")
+_BY_HASH = prepared(select(API_KEYS).where(API_KEYS.c.secret_hash == bindparam("secret_hash")))
+_ENVIRONMENTS_OF = prepared(
+    select(API_KEY_ENVIRONMENTS.c.environment_id).where(
+        API_KEY_ENVIRONMENTS.c.api_key_id == bindparam("api_key_id")
+    )
 )
-_INSERT = insert(API_KEYS)
-_INSERT_ENVIRONMENTS = insert(API_KEY_ENVIRONMENTS)
+_INSERT = prepared(insert(API_KEYS))
+_INSERT_ENVIRONMENTS = prepared(insert(API_KEY_ENVIRONMENTS))
 # One key of one organization. The names differ from the columns': an UPDATE takes parameters
 # named after its columns as the values to set.
 _THE_KEY = (
     API_KEYS.c.id == bindparam("key_id"),
     API_KEYS.c.organization_id == bindparam("key_organization_id"),
 )
-_GET = select(API_KEYS).where(*_THE_KEY)
+_GET = prepared(select(API_KEYS).where(*_THE_KEY))
 # The mutable fields are the parameters named after their columns (see `save`).
-_UPDATE = update(API_KEYS).where(*_THE_KEY)
+_UPDATE = prepared(update(API_KEYS).where(*_THE_KEY))
 
 
 def api_key_row(key: ApiKey, secret_hash: str) -> dict[str, Any]:

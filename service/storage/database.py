@@ -27,6 +27,8 @@ from service.domain.models import Organization
 from service.storage.errors import translate
 from service.storage.inline_sqlite import InlineSQLite
 from service.storage.notifications import REVISION_CHANNEL, OnConnected, OnRevision, listen_for_revisions
+from service.storage.postgres import PostgresStatements
+from service.storage.prepared import prepared
 from service.storage.statements import Statements
 from service.storage.tables import ORGANIZATIONS
 from service.storage.unit_of_work import UnitOfWork
@@ -37,7 +39,7 @@ CommitListener = Callable[[str, int, list[Event]], None]
 
 
 # Built once: the write path runs it on every write (see tables.table_of).
-_RAISE_REVISION = (
+_RAISE_REVISION = prepared(
     update(ORGANIZATIONS)
     .where(ORGANIZATIONS.c.id == bindparam("organization_id"))
     .values(revision=ORGANIZATIONS.c.revision + 1)
@@ -47,9 +49,13 @@ _RAISE_REVISION = (
 # PostgreSQL: the same UPDATE, and in the same statement the NOTIFY that tells other replicas
 # (`organization_id:revision`, delivered at commit, dropped on rollback): one round trip, not two.
 _RAISED = _RAISE_REVISION.returning(ORGANIZATIONS.c.id).cte("raised")
-_RAISE_REVISION_AND_NOTIFY = select(
-    _RAISED.c.revision,
-    func.pg_notify(literal(REVISION_CHANNEL), _RAISED.c.id + literal(":") + cast(_RAISED.c.revision, String)),
+_RAISE_REVISION_AND_NOTIFY = prepared(
+    select(
+        _RAISED.c.revision,
+        func.pg_notify(
+            literal(REVISION_CHANNEL), _RAISED.c.id + literal(":") + cast(_RAISED.c.revision, String)
+        ),
+    )
 )
 
 
@@ -134,14 +140,14 @@ def build_engine(
 async def _connected(engine: AsyncEngine) -> AsyncIterator[Statements]:
     """A pooled connection for reads (PostgreSQL)."""
     async with engine.connect() as connection:
-        yield connection
+        yield PostgresStatements(connection)
 
 
 @asynccontextmanager
 async def _in_transaction(engine: AsyncEngine) -> AsyncIterator[Statements]:
     """A pooled connection in a transaction, committed when the block ends (PostgreSQL)."""
     async with engine.connect() as connection, connection.begin():
-        yield connection
+        yield PostgresStatements(connection)
 
 
 @asynccontextmanager

@@ -7,22 +7,23 @@ from typing import Any
 from sqlalchemy import Row, bindparam, insert, select, update
 
 from service.domain.models import Environment
+from service.storage.prepared import prepared
 from service.storage.statements import Statements
 from service.storage.tables import ENVIRONMENTS, EnvironmentRow
 
 # Built once: every write into an environment re-reads it (see tables.table_of).
-_INSERT = insert(ENVIRONMENTS)
+_INSERT = prepared(insert(ENVIRONMENTS))
 # One environment of one organization. The names differ from the columns': an UPDATE takes
 # parameters named after its columns as the values to set.
 _THE_ENVIRONMENT = (
     ENVIRONMENTS.c.id == bindparam("environment_id"),
     ENVIRONMENTS.c.organization_id == bindparam("environment_organization_id"),
 )
-_GET = select(ENVIRONMENTS).where(*_THE_ENVIRONMENT)
+_GET = prepared(select(ENVIRONMENTS).where(*_THE_ENVIRONMENT))
 # Only what a write re-checks inside its transaction: whether the environment is deleted.
-_DELETE_TIME = _GET.with_only_columns(ENVIRONMENTS.c.delete_time)
+_DELETE_TIME = prepared(_GET.with_only_columns(ENVIRONMENTS.c.delete_time))
 # The mutable fields are the parameters named after their columns (see `save`).
-_UPDATE = update(ENVIRONMENTS).where(*_THE_ENVIRONMENT)
+_UPDATE = prepared(update(ENVIRONMENTS).where(*_THE_ENVIRONMENT))
 
 
 def _the_environment(organization_id: str, environment_id: str) -> dict[str, str]:

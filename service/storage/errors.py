@@ -89,7 +89,7 @@ def _sqlstate(error: DBAPIError) -> str | None:
     return str(state) if state else None
 
 
-def _unreachable(error: BaseException) -> bool:
+def unreachable(error: BaseException) -> bool:
     """True when `error` (or the driver error SQLAlchemy wrapped in it) says the database is gone."""
     seen: set[int] = set()
     candidate: BaseException | None = error
@@ -130,7 +130,7 @@ def translate(error: BaseException) -> DomainError | None:
         if _sqlstate(error) == _SQLSTATE_UNIQUE or "UNIQUE" in text:
             return AlreadyExists("the record already exists")
         return None
-    if _unreachable(error):
+    if unreachable(error):
         return database_unavailable()
     if isinstance(error, OperationalError) or (
         isinstance(error, DBAPIError) and _sqlstate(error) in _RETRYABLE_SQLSTATES

@@ -24,10 +24,11 @@ from service.domain.events import (
     resource_id_of,
     resource_type_of,
 )
+from service.storage.prepared import prepared
 from service.storage.statements import Statements
 from service.storage.tables import EVENTS, EventRow
 
-_INSERT = insert(EVENTS)  # built once: every write appends
+_INSERT = prepared(insert(EVENTS))  # built once: every write appends
 # Built once too: every replica reads the log after each revision it hears of, and every watch
 # stream reads it as it resumes. Both read one organization's log in commit order, up to a
 # revision; they differ in where they start.
@@ -38,8 +39,10 @@ _IN_COMMIT_ORDER = (
     .order_by(*_IN_ORDER)
     .limit(bindparam("limit"))
 )
-_AFTER = _IN_COMMIT_ORDER.where(EVENTS.c.revision > bindparam("revision"))
-_SINCE = _IN_COMMIT_ORDER.where(tuple_(*_IN_ORDER) > tuple_(bindparam("revision"), bindparam("sequence")))
+_AFTER = prepared(_IN_COMMIT_ORDER.where(EVENTS.c.revision > bindparam("revision")))
+_SINCE = prepared(
+    _IN_COMMIT_ORDER.where(tuple_(*_IN_ORDER) > tuple_(bindparam("revision"), bindparam("sequence")))
+)
 
 
 def to_event(row: EventRow | Row[Any]) -> Event:

@@ -32,7 +32,10 @@ the thread hand-offs it saves (a cache miss of VerifyApiKey: about 4x faster).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import queue
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -41,11 +44,12 @@ from typing import Any
 from sqlalchemy import Connection, CursorResult, Engine, ScalarResult, create_engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.engine.interfaces import Dialect
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, StatementError
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.util.typing import TupleAny
 
+from service.storage import prepared
 from service.storage.statements import Statements
 
 # Sets up a new connection (driver connection, pool record, busy timeout in ms).
@@ -57,56 +61,141 @@ _FIRST_PAUSE_SECONDS = 0.001
 _LONGEST_PAUSE_SECONDS = 0.02
 
 
+class _Commit:
+    """One piece of work for the commit thread, and what its caller waits on."""
+
+    __slots__ = ("_loop", "ended", "error", "waiter", "work")
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self.work = work
+        self._loop = asyncio.get_running_loop()
+        self.waiter: asyncio.Future[None] = self._loop.create_future()
+        self.ended = False
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """Runs the work (on the commit thread) and tells the caller's loop it ended."""
+        error: BaseException | None = None
+        try:
+            self.work()
+        except BaseException as caught:  # handed to the caller, whatever it is
+            error = caught
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            self._loop.call_soon_threadsafe(self._end, error)
+
+    def _end(self, error: BaseException | None) -> None:
+        self.ended = True
+        self.error = error
+        if not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+# Commits run one at a time on one thread of their own (each process has one writer connection;
+# its writers queue for it first). A queue and a future per commit: the executor's futures, their
+# chaining into asyncio's and a shield cost the loop's thread about as much as the commit's
+# statements did.
+_COMMITS: queue.SimpleQueue[_Commit] = queue.SimpleQueue()
+_commit_thread: threading.Thread | None = None
+_commit_thread_lock = threading.Lock()
+
+
+def _run_commits() -> None:
+    while True:
+        _COMMITS.get().run()
+
+
+def _submit(commit: _Commit) -> None:
+    global _commit_thread
+    if _commit_thread is None:
+        with _commit_thread_lock:
+            if _commit_thread is None:
+                _commit_thread = threading.Thread(target=_run_commits, name="agentpost-commit", daemon=True)
+                _commit_thread.start()
+    _COMMITS.put(commit)
+
+
 async def _to_the_end(work: Callable[[], None]) -> None:
-    """Runs `work` on a worker thread and waits for it to end even if the caller is cancelled
+    """Runs `work` on the commit thread and waits for it to end even if the caller is cancelled
     meanwhile (the cancellation is raised once it has ended): a commit must not be left running
     on a connection that is handed to the next writer."""
-    # The loop's default executor directly: no task, coroutine or context copy per commit, as
-    # `asyncio.to_thread` would make (the work needs no context variables).
-    running = asyncio.get_running_loop().run_in_executor(None, work)
+    commit = _Commit(work)
+    _submit(commit)
     cancelled = False
-    while not running.done():
+    while not commit.ended:
         try:
-            await asyncio.shield(running)
+            await commit.waiter
         except asyncio.CancelledError:
-            if running.done():
-                break
             cancelled = True
+            if not commit.ended:  # the waiter was cancelled with the caller: wait on a new one
+                commit.waiter = asyncio.get_running_loop().create_future()
     if cancelled:
         raise asyncio.CancelledError
-    running.result()
+    if commit.error is not None:
+        raise commit.error
 
 
 class InlineStatements:
-    """A synchronous Core connection offered as the awaitable `Statements` of a unit of work."""
+    """A synchronous Core connection offered as the awaitable `Statements` of a unit of work;
+    prepared statements (see `storage.prepared`) run on its `sqlite3` connection directly."""
 
-    __slots__ = ("_connection",)
+    __slots__ = ("_connection", "driver")
 
     def __init__(self, connection: Connection) -> None:
         self._connection = connection
+        driver = connection.connection.driver_connection
+        assert isinstance(driver, sqlite3.Connection)
+        self.driver = driver
 
     @property
     def dialect(self) -> Dialect:
         return self._connection.dialect
 
     async def execute(self, statement: Executable, parameters: Any = None) -> CursorResult[*TupleAny]:
+        if prepared.is_prepared(statement):
+            return self._run(statement, parameters).as_cursor_result()
         return self._connection.execute(statement, parameters)
 
     async def scalar(self, statement: Executable, parameters: Any = None) -> Any:
+        if prepared.is_prepared(statement):
+            return self._run(statement, parameters).scalar()
         return self._connection.scalar(statement, parameters)
 
     async def scalars(self, statement: Executable, parameters: Any = None) -> ScalarResult[Any]:
+        if prepared.is_prepared(statement):
+            return self._run(statement, parameters).as_scalar_result()
         return self._connection.scalars(statement, parameters)
+
+    def _run(self, statement: Executable, parameters: Any) -> prepared.Rows:
+        run = prepared.run(statement, self._connection.dialect, parameters)
+        if run is None:
+            return prepared.Rows([])
+        plan = run.plan
+        with run.observed(self._connection):
+            try:
+                if run.many and not plan.returns_rows:
+                    self.driver.executemany(plan.sql, run.arguments)
+                    return prepared.Rows([])
+                fetched: list[Any] = []
+                for values in run.arguments:
+                    fetched.extend(self.driver.execute(plan.sql, values).fetchall())
+                return prepared.Rows(plan.rows(fetched))
+            except sqlite3.Error as error:
+                raise _wrapped(plan.sql, error) from error
+
+
+def _wrapped(statement: str, error: sqlite3.Error) -> StatementError:
+    """A `sqlite3` error raised outside SQLAlchemy, wrapped as SQLAlchemy would have wrapped it
+    (storage.errors reads those)."""
+    return DBAPIError.instance(statement, None, error, sqlite3.Error)
 
 
 @contextmanager
 def _as_dbapi_error(statement: str) -> Iterator[None]:
-    """A `sqlite3` error raised outside SQLAlchemy, wrapped as SQLAlchemy would have wrapped it
-    (storage.errors reads those)."""
+    """Wraps the `sqlite3` errors of the block (see `_wrapped`)."""
     try:
         yield
     except sqlite3.Error as error:
-        raise DBAPIError.instance(statement, None, error, sqlite3.Error) from error
+        raise _wrapped(statement, error) from error
 
 
 class InlineSQLite:
@@ -144,11 +233,11 @@ class InlineSQLite:
         """A transaction holding SQLite's write lock, committed on a worker thread when the block
         ends, rolled back if it raises (or is cancelled before the commit)."""
         with self.writer.connect() as connection:
-            driver = connection.connection.driver_connection
-            assert isinstance(driver, sqlite3.Connection)
+            statements = InlineStatements(connection)
+            driver = statements.driver
             await _begin_immediate(driver)
             try:
-                yield InlineStatements(connection)
+                yield statements
             except BaseException:
                 with _as_dbapi_error("ROLLBACK"):
                     driver.rollback()

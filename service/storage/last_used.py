@@ -7,11 +7,12 @@ from datetime import datetime
 
 from sqlalchemy import bindparam, or_, update
 
+from service.storage.prepared import prepared
 from service.storage.statements import Statements
 from service.storage.tables import API_KEYS
 
 # One statement, run for many keys at once (executemany).
-_TOUCH = (
+_TOUCH = prepared(
     update(API_KEYS)
     .where(
         API_KEYS.c.id == bindparam("key_id"),

@@ -10,16 +10,19 @@ from datetime import datetime
 
 from sqlalchemy import bindparam, insert, select
 
+from service.storage.prepared import prepared
 from service.storage.statements import Statements
 from service.storage.tables import REQUEST_IDS
 
 # Built once, run on every create (see tables.table_of).
-_FIND = select(REQUEST_IDS.c.result_id).where(
-    REQUEST_IDS.c.scope == bindparam("scope"),
-    REQUEST_IDS.c.operation == bindparam("operation"),
-    REQUEST_IDS.c.request_id == bindparam("request_id"),
+_FIND = prepared(
+    select(REQUEST_IDS.c.result_id).where(
+        REQUEST_IDS.c.scope == bindparam("scope"),
+        REQUEST_IDS.c.operation == bindparam("operation"),
+        REQUEST_IDS.c.request_id == bindparam("request_id"),
+    )
 )
-_RECORD = insert(REQUEST_IDS)
+_RECORD = prepared(insert(REQUEST_IDS))
 
 
 class RequestIdRepository:

@@ -11,6 +11,7 @@ from sqlalchemy import Row, and_, bindparam, delete, insert, or_, select, tuple_
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.domain.models import ResourceKind, ScopedResource
+from service.storage.prepared import prepared
 from service.storage.statements import Statements
 from service.storage.tables import RESOURCES, ResourceRow
 
@@ -32,15 +33,15 @@ def to_resource(row: ResourceRow | Row[Any]) -> ScopedResource:
 
 # Built once: registering is the write other services make most, and GetResource reads the
 # database on every call (see tables.table_of).
-_INSERT = insert(RESOURCES)
+_INSERT = prepared(insert(RESOURCES))
 # One registration: (kind, resource id) is unique in an organization.
 _THE_RESOURCE = (
     RESOURCES.c.organization_id == bindparam("organization_id"),
     RESOURCES.c.kind == bindparam("kind"),
     RESOURCES.c.resource_id == bindparam("resource_id"),
 )
-_GET = select(RESOURCES).where(*_THE_RESOURCE)
-_DELETE = (
+_GET = prepared(select(RESOURCES).where(*_THE_RESOURCE))
+_DELETE = prepared(
     delete(RESOURCES)
     .where(*_THE_RESOURCE, RESOURCES.c.environment_id == bindparam("environment_id"))
     .returning(*RESOURCES.c)

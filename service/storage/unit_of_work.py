@@ -51,6 +51,11 @@ class UnitOfWork:
         """Notes a changed record, naming the fields whose values differ."""
         self.record(action, after, changed_fields(before, after))
 
+    @property
+    def statements(self) -> Statements:
+        """The connection every repository of this unit of work runs its statements on."""
+        return self._connection
+
     @cached_property
     def organizations(self) -> OrganizationRepository:
         """Organizations and their revisions."""
