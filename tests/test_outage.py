@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import random
 import subprocess
 import sys
 import time
@@ -429,6 +430,11 @@ UNREACHABLE = {
     "admin shutdown (57P01, raw)": asyncpg.exceptions.AdminShutdownError("terminating connection"),
     "too many connections (53300, raw)": asyncpg.exceptions.TooManyConnectionsError("too many clients"),
     "connection closed (raw)": asyncpg.exceptions.InterfaceError("connection is closed"),
+    # What the next statement meets on a session the server ended while idle, before asyncpg has
+    # seen its socket close (test_pooled_connections_the_database_ended_are_replaced hit it).
+    "ended while idle (raw)": asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 15; another operation (2) is in progress"
+    ),
     "admin shutdown (57P01, wrapped)": DBAPIError("SELECT 1", None, _DriverError("57P01")),
     "cannot connect now (57P03, wrapped)": DBAPIError("SELECT 1", None, _DriverError("57P03")),
     "connection failure (08006, wrapped)": DBAPIError("SELECT 1", None, _DriverError("08006")),
@@ -438,6 +444,9 @@ SERVICE_FAULTS = {
     "a bug": ValueError("bug"),
     "undefined table (42P01, wrapped)": DBAPIError("SELECT 1", None, _DriverError("42P01")),
     "misuse of a connection (raw)": asyncpg.exceptions.InterfaceError("another operation is in progress"),
+    "a fault of the driver (raw)": asyncpg.exceptions.InternalClientError(
+        "unknown error in protocol implementation"
+    ),
 }
 
 
@@ -499,4 +508,62 @@ async def test_pooled_connections_the_database_ended_are_replaced(
         failed += not await _write_works(a, owner)
     assert failed <= 2, f"{failed} of 20 writes failed after the sessions were ended"
     assert await _write_works(a, owner)
+    assert await a.health() == SERVING
+
+
+@on_postgres
+async def test_sessions_ended_at_any_moment_under_load_fail_only_as_unavailable(
+    database: str, cluster: PrivatePostgres, replicas: Callable[..., Awaitable[Replica]]
+) -> None:
+    """Sessions ended at random moments while writes, cold verifications and listings run: a
+    session ends idle in the pool, mid-statement or between a transaction's statements. Every
+    call either succeeds or is UNAVAILABLE DATABASE_UNAVAILABLE; nothing is a fault of the service
+    (one class of these, a session ended while idle, was INTERNAL once), and calls keep
+    succeeding between the ends."""
+    a = await replicas("replica-a", AGENTPOST_CACHE_REFRESH_SECONDS="60")
+    owner = (await create_organization(a.organizations, "Ended at random", CALL_TIMEOUT)).owner_api_key_secret
+    seen: collections.Counter[str] = collections.Counter()
+    chance = random.Random(20261124)
+    until = time.monotonic() + 8.0
+
+    async def calls(kind: str) -> None:
+        while time.monotonic() < until:
+            try:
+                if kind == "create":
+                    await a.environments.CreateEnvironment(
+                        environment_pb2.CreateEnvironmentRequest(name=f"Load {uuid.uuid4().hex[:8]}"),
+                        metadata=auth(owner),
+                        timeout=CALL_TIMEOUT,
+                    )
+                elif kind == "list":
+                    await a.environments.ListEnvironments(
+                        environment_pb2.ListEnvironmentsRequest(page_size=50),
+                        metadata=auth(owner),
+                        timeout=CALL_TIMEOUT,
+                    )
+                else:  # a new key, verified cold
+                    await a.verify((await _new_key(a, owner, f"k {uuid.uuid4().hex[:6]}"))[1])
+                seen[f"{kind} OK"] += 1
+            except grpc.aio.AioRpcError as error:
+                failure = failure_of(error)
+                seen[f"{kind} {failure.code.name} {failure.reason}"] += 1
+
+    ended: list[int] = []
+
+    async def ending() -> None:
+        while time.monotonic() < until:
+            await asyncio.sleep(chance.uniform(0.02, 0.25))
+            ended.append(await _terminate_server_connections(cluster))
+
+    kinds = ["create"] * 4 + ["list", "verify", "verify"]
+    await asyncio.gather(*(calls(kind) for kind in kinds), ending())
+    print(f"\n[{database}] {sum(ended)} sessions ended at {len(ended)} moments under load: {dict(seen)}")
+    faults = {
+        key: count for key, count in seen.items() if key.split()[-1] not in ("OK", "DATABASE_UNAVAILABLE")
+    }
+    assert not faults, (faults, a.process.log_tail(60))
+    assert all(seen[f"{kind} OK"] > 0 for kind in set(kinds)), seen
+    assert sum(ended) > 0
+    # The last end may have come just before: the replica writes again by itself, at once.
+    assert await _write_works(a, owner) or await _write_works(a, owner)
     assert await a.health() == SERVING

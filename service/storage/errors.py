@@ -68,6 +68,11 @@ _UNREACHABLE_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.CannotConnectNowError,
 )
 _CLOSED_CONNECTION = re.compile(r"connection (is|was) closed|connection_lost", re.IGNORECASE)
+# A session the server ended while it sat idle in the pool: the server's FATAL error arrived
+# outside any operation, so asyncpg's protocol discards input until a sync that never comes
+# (state 2, "error consume"), and the next statement is refused before the closed socket is
+# noticed. No caller was waiting on it, so it is not two callers on one connection.
+_ENDED_WHILE_IDLE = re.compile(r"another operation \(2\) is in progress")
 
 
 def _constraint_name(error: IntegrityError) -> str | None:
@@ -99,6 +104,10 @@ def unreachable(error: BaseException) -> bool:
         if isinstance(candidate, (OSError, *_UNREACHABLE_DRIVER_ERRORS)):
             return True
         if isinstance(candidate, asyncpg.InterfaceError) and _CLOSED_CONNECTION.search(str(candidate)):
+            return True
+        if isinstance(candidate, asyncpg.exceptions.InternalClientError) and _ENDED_WHILE_IDLE.search(
+            str(candidate)
+        ):
             return True
         state = getattr(candidate, "sqlstate", None)
         if isinstance(state, str) and state.startswith(_UNREACHABLE_SQLSTATE_PREFIXES):
