@@ -28,8 +28,12 @@ from agentpost.environments.v1 import (
     api_key_pb2_grpc,
     environment_pb2,
     environment_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
     organization_pb2,
     organization_pb2_grpc,
+    resource_pb2,
+    resource_pb2_grpc,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.exc import DBAPIError
@@ -515,34 +519,78 @@ async def test_pooled_connections_the_database_ended_are_replaced(
 async def test_sessions_ended_at_any_moment_under_load_fail_only_as_unavailable(
     database: str, cluster: PrivatePostgres, replicas: Callable[..., Awaitable[Replica]]
 ) -> None:
-    """Sessions ended at random moments while writes, cold verifications and listings run: a
-    session ends idle in the pool, mid-statement or between a transaction's statements. Every
-    call either succeeds or is UNAVAILABLE DATABASE_UNAVAILABLE; nothing is a fault of the service
-    (one class of these, a session ended while idle, was INTERNAL once), and calls keep
-    succeeding between the ends."""
+    """Sessions ended at random moments while environments are created, resources registered,
+    read and removed, keys created, verified cold and revoked, and environments and events
+    listed: a session ends idle in the pool, mid-statement or between a transaction's statements.
+    Every call either succeeds or is UNAVAILABLE DATABASE_UNAVAILABLE; nothing is a fault of the
+    service (one class of these, a session ended while idle, was INTERNAL once); an acknowledged
+    revoke is never followed by a valid verification; calls keep succeeding between the ends."""
     a = await replicas("replica-a", AGENTPOST_CACHE_REFRESH_SECONDS="60")
     owner = (await create_organization(a.organizations, "Ended at random", CALL_TIMEOUT)).owner_api_key_secret
     seen: collections.Counter[str] = collections.Counter()
     chance = random.Random(20261124)
     until = time.monotonic() + 8.0
 
+    await a.environments.CreateEnvironment(
+        environment_pb2.CreateEnvironmentRequest(name="Stress", slug="stress"),
+        metadata=auth(owner),
+        timeout=CALL_TIMEOUT,
+    )
+    resources = resource_pb2_grpc.ResourceServiceStub(a.channel)
+    events = event_pb2_grpc.EventServiceStub(a.channel)
+    inbox = resource_pb2.ScopedResource.Kind.INBOX
+    in_stress = auth(owner, "stress")
+
+    async def create() -> None:
+        await a.environments.CreateEnvironment(
+            environment_pb2.CreateEnvironmentRequest(name=f"Load {uuid.uuid4().hex[:8]}"),
+            metadata=auth(owner),
+            timeout=CALL_TIMEOUT,
+        )
+
+    async def listing() -> None:
+        await a.environments.ListEnvironments(
+            environment_pb2.ListEnvironmentsRequest(page_size=50), metadata=auth(owner), timeout=CALL_TIMEOUT
+        )
+        await events.ListEvents(
+            event_pb2.ListEventsRequest(page_size=50), metadata=auth(owner), timeout=CALL_TIMEOUT
+        )
+
+    async def resource() -> None:
+        name = f"inbox-{uuid.uuid4().hex[:8]}"
+        await resources.RegisterResource(
+            resource_pb2.RegisterResourceRequest(kind=inbox, resource_id=name),
+            metadata=in_stress,
+            timeout=CALL_TIMEOUT,
+        )
+        found = await resources.GetResource(
+            resource_pb2.GetResourceRequest(kind=inbox, resource_id=name),
+            metadata=in_stress,
+            timeout=CALL_TIMEOUT,
+        )
+        assert found.resource_id == name
+        await resources.DeregisterResource(
+            resource_pb2.DeregisterResourceRequest(kind=inbox, resource_id=name),
+            metadata=in_stress,
+            timeout=CALL_TIMEOUT,
+        )
+
+    async def revoke() -> None:
+        # A new key, verified cold, revoked: once the revoke is acknowledged it never verifies.
+        key_id, secret = await _new_key(a, owner, f"k {uuid.uuid4().hex[:6]}")
+        assert (await a.verify(secret)).valid
+        await a.api_keys.RevokeApiKey(
+            api_key_pb2.RevokeApiKeyRequest(id=key_id), metadata=auth(owner), timeout=CALL_TIMEOUT
+        )
+        refused = await a.verify(secret)
+        assert refused.denial_reason == api_key_pb2.VerifyApiKeyResponse.REVOKED, refused
+
+    kinds = {"create": create, "list": listing, "resource": resource, "revoke": revoke}
+
     async def calls(kind: str) -> None:
         while time.monotonic() < until:
             try:
-                if kind == "create":
-                    await a.environments.CreateEnvironment(
-                        environment_pb2.CreateEnvironmentRequest(name=f"Load {uuid.uuid4().hex[:8]}"),
-                        metadata=auth(owner),
-                        timeout=CALL_TIMEOUT,
-                    )
-                elif kind == "list":
-                    await a.environments.ListEnvironments(
-                        environment_pb2.ListEnvironmentsRequest(page_size=50),
-                        metadata=auth(owner),
-                        timeout=CALL_TIMEOUT,
-                    )
-                else:  # a new key, verified cold
-                    await a.verify((await _new_key(a, owner, f"k {uuid.uuid4().hex[:6]}"))[1])
+                await kinds[kind]()
                 seen[f"{kind} OK"] += 1
             except grpc.aio.AioRpcError as error:
                 failure = failure_of(error)
@@ -555,14 +603,14 @@ async def test_sessions_ended_at_any_moment_under_load_fail_only_as_unavailable(
             await asyncio.sleep(chance.uniform(0.02, 0.25))
             ended.append(await _terminate_server_connections(cluster))
 
-    kinds = ["create"] * 4 + ["list", "verify", "verify"]
-    await asyncio.gather(*(calls(kind) for kind in kinds), ending())
+    callers = ["create", "create", "resource", "resource", "revoke", "revoke", "list"]
+    await asyncio.gather(*(calls(kind) for kind in callers), ending())
     print(f"\n[{database}] {sum(ended)} sessions ended at {len(ended)} moments under load: {dict(seen)}")
     faults = {
         key: count for key, count in seen.items() if key.split()[-1] not in ("OK", "DATABASE_UNAVAILABLE")
     }
     assert not faults, (faults, a.process.log_tail(60))
-    assert all(seen[f"{kind} OK"] > 0 for kind in set(kinds)), seen
+    assert all(seen[f"{kind} OK"] > 0 for kind in kinds), seen
     assert sum(ended) > 0
     # The last end may have come just before: the replica writes again by itself, at once.
     assert await _write_works(a, owner) or await _write_works(a, owner)
