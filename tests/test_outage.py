@@ -487,6 +487,29 @@ async def _terminate_server_connections(pg: PrivatePostgres) -> int:
     return int(ended)
 
 
+async def _cancel_running_statements(pg: PrivatePostgres) -> int:
+    """Cancels the statements running on the cluster at this moment (as statement_timeout or an
+    operator would); returns how many."""
+    connection = await asyncpg.connect(pg.url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        cancelled = await connection.fetchval(
+            "SELECT count(*) FROM (SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
+            " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend' AND state = 'active'"
+            " AND query NOT ILIKE 'LISTEN%') AS cancelled"
+        )
+    finally:
+        await connection.close()
+    return int(cancelled)
+
+
+# How the sessions are disturbed, and how long between two disturbances (seconds): ended at any
+# moment, or their running statement cancelled (that needs a statement running, so more often).
+DISTURBANCES = {
+    "sessions ended": (_terminate_server_connections, (0.02, 0.25)),
+    "statements cancelled": (_cancel_running_statements, (0.0, 0.005)),
+}
+
+
 @on_postgres
 async def test_pooled_connections_the_database_ended_are_replaced(
     database: str, cluster: PrivatePostgres, replicas: Callable[..., Awaitable[Replica]]
@@ -516,15 +539,18 @@ async def test_pooled_connections_the_database_ended_are_replaced(
 
 
 @on_postgres
-async def test_sessions_ended_at_any_moment_under_load_fail_only_as_unavailable(
-    database: str, cluster: PrivatePostgres, replicas: Callable[..., Awaitable[Replica]]
+@pytest.mark.parametrize("disturbance", DISTURBANCES)
+async def test_sessions_disturbed_at_any_moment_under_load_fail_only_as_unavailable(
+    database: str, disturbance: str, cluster: PrivatePostgres, replicas: Callable[..., Awaitable[Replica]]
 ) -> None:
-    """Sessions ended at random moments while environments are created, resources registered,
-    read and removed, keys created, verified cold and revoked, and environments and events
-    listed: a session ends idle in the pool, mid-statement or between a transaction's statements.
-    Every call either succeeds or is UNAVAILABLE DATABASE_UNAVAILABLE; nothing is a fault of the
-    service (one class of these, a session ended while idle, was INTERNAL once); an acknowledged
-    revoke is never followed by a valid verification; calls keep succeeding between the ends."""
+    """Sessions ended (or their statements cancelled) at random moments while environments are
+    created, resources registered, read and removed, keys created, verified cold and revoked, and
+    environments and events listed: a session ends idle in the pool, mid-statement or between a
+    transaction's statements. Every call either succeeds or is UNAVAILABLE DATABASE_UNAVAILABLE;
+    nothing is a fault of the service (one class of these, a session ended while idle, was
+    INTERNAL once); an acknowledged revoke is never followed by a valid verification; calls keep
+    succeeding between the disturbances, and the event log stays gapless: no write that failed
+    left a revision behind."""
     a = await replicas("replica-a", AGENTPOST_CACHE_REFRESH_SECONDS="60")
     owner = (await create_organization(a.organizations, "Ended at random", CALL_TIMEOUT)).owner_api_key_secret
     seen: collections.Counter[str] = collections.Counter()
@@ -596,16 +622,17 @@ async def test_sessions_ended_at_any_moment_under_load_fail_only_as_unavailable(
                 failure = failure_of(error)
                 seen[f"{kind} {failure.code.name} {failure.reason}"] += 1
 
+    disturb, (shortest, longest) = DISTURBANCES[disturbance]
     ended: list[int] = []
 
     async def ending() -> None:
         while time.monotonic() < until:
-            await asyncio.sleep(chance.uniform(0.02, 0.25))
-            ended.append(await _terminate_server_connections(cluster))
+            await asyncio.sleep(chance.uniform(shortest, longest))
+            ended.append(await disturb(cluster))
 
     callers = ["create", "create", "resource", "resource", "revoke", "revoke", "list"]
     await asyncio.gather(*(calls(kind) for kind in callers), ending())
-    print(f"\n[{database}] {sum(ended)} sessions ended at {len(ended)} moments under load: {dict(seen)}")
+    print(f"\n[{database}] {sum(ended)} {disturbance} at {len(ended)} moments under load: {dict(seen)}")
     faults = {
         key: count for key, count in seen.items() if key.split()[-1] not in ("OK", "DATABASE_UNAVAILABLE")
     }
@@ -615,3 +642,16 @@ async def test_sessions_ended_at_any_moment_under_load_fail_only_as_unavailable(
     # The last end may have come just before: the replica writes again by itself, at once.
     assert await _write_works(a, owner) or await _write_works(a, owner)
     assert await a.health() == SERVING
+    revisions: set[int] = set()
+    token = ""
+    while True:
+        page = await events.ListEvents(
+            event_pb2.ListEventsRequest(page_size=500, page_token=token),
+            metadata=auth(owner),
+            timeout=CALL_TIMEOUT,
+        )
+        revisions.update(event.revision for event in page.events)
+        token = page.next_page_token
+        if not token:
+            break
+    assert sorted(revisions) == list(range(1, max(revisions) + 1))
