@@ -39,11 +39,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from service.domain.errors import Unavailable
+from service.domain.errors import ResourceExhausted, Unavailable
 from service.storage.database import PING_AFTER_IDLE_SECONDS, translated_errors
+from service.storage.errors import unreachable
 from tests import private_postgres
 from tests.bench.processes import ServerProcess, health_serving
-from tests.harness import OPERATOR_TOKEN, auth, create_organization, failure_of
+from tests.harness import OPERATOR_TOKEN, Harness, Org, auth, create_organization, failure_of
 from tests.private_postgres import PrivatePostgres
 from tests.servers import PROJECT_ROOT, Backend, free_port
 
@@ -432,6 +433,7 @@ UNREACHABLE = {
         "the database system is starting up"
     ),
     "admin shutdown (57P01, raw)": asyncpg.exceptions.AdminShutdownError("terminating connection"),
+    "idle session timeout (57P05, raw)": asyncpg.exceptions.IdleSessionTimeoutError("terminating connection"),
     "too many connections (53300, raw)": asyncpg.exceptions.TooManyConnectionsError("too many clients"),
     "connection closed (raw)": asyncpg.exceptions.InterfaceError("connection is closed"),
     # What the next statement meets on a session the server ended while idle, before asyncpg has
@@ -460,6 +462,57 @@ async def test_every_unreachable_database_error_is_database_unavailable(error: E
         async with translated_errors():
             raise error
     assert raised.value.reason == "DATABASE_UNAVAILABLE"
+    assert raised.value.__cause__ is error
+
+
+def _adapted(error: Exception) -> Exception:
+    """The driver error as SQLAlchemy's asyncpg adapter re-raises it outside a statement (a BEGIN
+    it starts): its own exception class, not SQLAlchemy's DBAPIError, caused by the driver's."""
+    adapted = Exception(str(error))
+    adapted.__cause__ = error
+    return adapted
+
+
+# A statement the server cancelled (statement_timeout, pg_cancel_backend): the server is there,
+# the call may be retried; never a fault of the service, and never a reason to drop the pool.
+BUSY = {
+    "cancelled (57014, raw)": asyncpg.exceptions.QueryCanceledError(
+        "canceling statement due to user request"
+    ),
+    "cancelled (57014, wrapped)": DBAPIError("SELECT 1", None, _DriverError("57014")),
+    "cancelled BEGIN (57014, adapter)": _adapted(
+        asyncpg.exceptions.QueryCanceledError("canceling statement")
+    ),
+}
+
+
+@pytest.mark.parametrize("error", BUSY.values(), ids=BUSY.keys())
+async def test_a_cancelled_statement_is_busy_not_unreachable(error: Exception) -> None:
+    assert not unreachable(error)
+    with pytest.raises(Unavailable) as raised:
+        async with translated_errors():
+            raise error
+    assert (raised.value.reason, raised.value.message) == (
+        "DATABASE_UNAVAILABLE",
+        "the database is busy or unreachable; retry later",
+    )
+
+
+# The database has no space left (tests/test_database_full.py fills a real disk under SQLite).
+FULL = {
+    "disk full (53100, raw)": asyncpg.exceptions.DiskFullError(
+        "could not extend file: No space left on device"
+    ),
+    "disk full (53100, wrapped)": DBAPIError("INSERT", None, _DriverError("53100")),
+}
+
+
+@pytest.mark.parametrize("error", FULL.values(), ids=FULL.keys())
+async def test_a_database_without_space_is_database_full(error: Exception) -> None:
+    with pytest.raises(ResourceExhausted) as raised:
+        async with translated_errors():
+            raise error
+    assert raised.value.reason == "DATABASE_FULL"
     assert raised.value.__cause__ is error
 
 
@@ -536,6 +589,32 @@ async def test_pooled_connections_the_database_ended_are_replaced(
     assert failed <= 2, f"{failed} of 20 writes failed after the sessions were ended"
     assert await _write_works(a, owner)
     assert await a.health() == SERVING
+
+
+async def test_a_connection_left_inside_a_transaction_is_not_handed_out_again(
+    harness: Harness, org: Org
+) -> None:
+    """A pooled connection that comes back while the server still holds a transaction on it (a
+    BEGIN or ROLLBACK cancelled midway leaves SQLAlchemy's adapter tracking none, so its reset on
+    return does nothing) is replaced at its next checkout; handed out again, every write on it
+    failed as INTERNAL ("cannot use Connection.transaction() in a manually started
+    transaction")."""
+    if harness.backend != "postgres":
+        pytest.skip("a PostgreSQL pool's connections (SQLite has no server-side session)")
+    engine = harness.app.database.engine
+    async with engine.connect() as connection:
+        driver = (await connection.get_raw_connection()).driver_connection
+        assert driver is not None
+        await driver.execute("BEGIN")
+        assert driver.is_in_transaction()
+    # The pool hands its connections out in turn (10 kept, 10 more at most): enough writes and
+    # reads to reach that one.
+    for index in range(30):
+        await harness.environments.CreateEnvironment(
+            environment_pb2.CreateEnvironmentRequest(name=f"After {index}"), metadata=auth(org.owner_secret)
+        )
+        assert (await harness.verify(org.owner_secret)).valid
+    assert driver.is_closed()
 
 
 @on_postgres

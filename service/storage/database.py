@@ -97,8 +97,19 @@ def _note_checkin(_dbapi_connection: Any, record: Any) -> None:
     record.info[_CHECKED_IN] = time.monotonic()
 
 
-def _ping_if_idle(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
-    """Pings a connection that sat in the pool; a dead one is replaced (the pool retries)."""
+def _check_on_checkout(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+    """Replaces (the pool retries) a connection that came back to the pool still inside a
+    transaction, or pings one that sat in the pool and replaces it if dead.
+
+    A BEGIN the server cancelled midway (pg_cancel_backend, statement_timeout) can leave the
+    server in a failed transaction block while SQLAlchemy's adapter tracks no transaction, so its
+    rollback on return does nothing; or leave asyncpg's own bookkeeping holding a transaction that
+    never began, so that its next BEGIN becomes a SAVEPOINT. Either way every later statement on
+    the connection would fail. Checked without a round trip: the server's transaction status from
+    its last message, and asyncpg's `_top_xact` (a private attribute; asyncpg is pinned)."""
+    driver = record.driver_connection
+    if driver is not None and (driver.is_in_transaction() or getattr(driver, "_top_xact", None) is not None):
+        raise DisconnectionError("pooled connection was left inside a transaction")
     checked_in = record.info.get(_CHECKED_IN)
     if checked_in is None or time.monotonic() - checked_in < PING_AFTER_IDLE_SECONDS:
         return  # just connected, or in use moments ago
@@ -132,7 +143,7 @@ def build_engine(
         connect_args=connect_args,
     )
     event.listen(engine.sync_engine.pool, "checkin", _note_checkin)
-    event.listen(engine.sync_engine.pool, "checkout", _ping_if_idle)
+    event.listen(engine.sync_engine.pool, "checkout", _check_on_checkout)
     return engine
 
 

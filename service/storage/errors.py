@@ -8,15 +8,26 @@ down refuses the connect with asyncpg's own exception, neither wrapped.
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Callable
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
 
 import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from service.domain.errors import AlreadyExists, DomainError, FailedPrecondition, Unavailable
+from service.domain.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    ResourceExhausted,
+    Unavailable,
+)
 from service.storage.tables import Base
+
+log = logging.getLogger(__name__)
 
 # What each unique constraint means to a client.
 _UNIQUE_MEANINGS: dict[str, Callable[[], DomainError]] = {
@@ -57,13 +68,18 @@ _SQLITE_UNIQUE = re.compile(r"UNIQUE constraint failed: (.+)$")
 _SQLSTATE_UNIQUE = "23505"
 _SQLSTATE_FOREIGN_KEY = "23503"
 _RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03", "57014"}
-# Class 08 (connection exception), 53300 (too many connections), 57P01..57P03 (admin shutdown,
-# crash shutdown, cannot connect now): the server is not there to answer.
-_UNREACHABLE_SQLSTATE_PREFIXES = ("08", "53300", "57P01", "57P02", "57P03")
+# Class 08 (connection exception), 53300 (too many connections), 57P01..57P05 (admin shutdown,
+# crash shutdown, cannot connect now, database dropped, idle session timeout): the server is not
+# there to answer, or has ended the session.
+_UNREACHABLE_SQLSTATE_PREFIXES = ("08", "53300", "57P01", "57P02", "57P03", "57P04", "57P05")
 # asyncpg raises these outside SQLAlchemy's wrapping while connecting, or once a connection died.
 _UNREACHABLE_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
-    asyncpg.exceptions.OperatorInterventionError,
+    # Class 57 but for a cancelled statement (57014, retryable: the server is there).
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.DatabaseDroppedError,
+    asyncpg.exceptions.IdleSessionTimeoutError,
     asyncpg.exceptions.TooManyConnectionsError,
     asyncpg.exceptions.CannotConnectNowError,
 )
@@ -94,12 +110,51 @@ def _sqlstate(error: DBAPIError) -> str | None:
     return str(state) if state else None
 
 
-def unreachable(error: BaseException) -> bool:
-    """True when `error` (or the driver error SQLAlchemy wrapped in it) says the database is gone."""
+_SQLSTATE_DISK_FULL = "53100"
+# A full disk is logged at most this often: every write fails while it lasts.
+_FULL_LOG_SECONDS = 60.0
+_full_logged_at = -_FULL_LOG_SECONDS
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then the driver errors SQLAlchemy (or a driver) wrapped in it, innermost last."""
     seen: set[int] = set()
     candidate: BaseException | None = error
     while candidate is not None and id(candidate) not in seen:
         seen.add(id(candidate))
+        yield candidate
+        candidate = getattr(candidate, "orig", None) or candidate.__cause__
+
+
+def _storage_full(error: BaseException) -> bool:
+    """True when the database has no space left to write: SQLite's SQLITE_FULL (the disk, or
+    the file's page limit) or PostgreSQL's disk_full."""
+    return any(
+        getattr(candidate, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+        or getattr(candidate, "sqlstate", None) == _SQLSTATE_DISK_FULL
+        for candidate in _causes(error)
+    )
+
+
+def database_full(error: BaseException) -> ResourceExhausted:
+    """What a write meets while the database's storage is full (gRPC's own meaning of
+    RESOURCE_EXHAUSTED): nothing of it was written; reads go on. Logged for the operator."""
+    global _full_logged_at
+    now = time.monotonic()
+    if now - _full_logged_at >= _FULL_LOG_SECONDS:
+        _full_logged_at = now
+        # The driver's own error only: SQLAlchemy's would carry the statement.
+        driver = list(_causes(error))[-1]
+        log.error("the database has no space left: writes are refused until space is freed (%r)", driver)
+    return ResourceExhausted(
+        "the database has no space left; nothing was written: retry once space is freed",
+        reason="DATABASE_FULL",
+    )
+
+
+def unreachable(error: BaseException) -> bool:
+    """True when `error` (or the driver error SQLAlchemy wrapped in it) says the database is gone."""
+    for candidate in _causes(error):
         # A refused or reset connection, or asyncio's time-out on connect (TimeoutError is an OSError).
         if isinstance(candidate, (OSError, *_UNREACHABLE_DRIVER_ERRORS)):
             return True
@@ -112,7 +167,6 @@ def unreachable(error: BaseException) -> bool:
         state = getattr(candidate, "sqlstate", None)
         if isinstance(state, str) and state.startswith(_UNREACHABLE_SQLSTATE_PREFIXES):
             return True
-        candidate = getattr(candidate, "orig", None) or candidate.__cause__
     return False
 
 
@@ -139,10 +193,14 @@ def translate(error: BaseException) -> DomainError | None:
         if _sqlstate(error) == _SQLSTATE_UNIQUE or "UNIQUE" in text:
             return AlreadyExists("the record already exists")
         return None
+    if _storage_full(error):
+        return database_full(error)
     if unreachable(error):
         return database_unavailable()
-    if isinstance(error, OperationalError) or (
-        isinstance(error, DBAPIError) and _sqlstate(error) in _RETRYABLE_SQLSTATES
+    # A retryable SQLSTATE, wrapped by SQLAlchemy or not: a BEGIN cancelled in SQLAlchemy's
+    # asyncpg adapter surfaces as the adapter's own error.
+    if isinstance(error, OperationalError) or any(
+        getattr(candidate, "sqlstate", None) in _RETRYABLE_SQLSTATES for candidate in _causes(error)
     ):
         return database_unavailable("the database is busy or unreachable")
     if isinstance(error, DBAPIError) and error.connection_invalidated:

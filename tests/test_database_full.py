@@ -1,0 +1,132 @@
+"""The database's disk fills up under SQLite: a real file system of a few megabytes (a tmpfs,
+mounted for the test) that the writes fill.
+
+A write that finds no space is RESOURCE_EXHAUSTED DATABASE_FULL (gRPC's own meaning of the code:
+"the entire file system is out of space"), never UNKNOWN, INTERNAL or a misleading
+"unreachable"; nothing of it is written; reads and verifications go on from the same server; once
+space is freed, writes go through again by themselves, every acknowledged write is still there
+and the event log has no gap. PostgreSQL's disk_full (SQLSTATE 53100) maps the same way
+(tests/test_outage.py lists it with the other driver errors).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from agentpost.environments.v1 import environment_pb2, event_pb2, event_pb2_grpc, resource_pb2
+
+from tests.harness import auth, fails, failure_of
+from tests.servers import Backend, serving
+
+INBOX = resource_pb2.ScopedResource.Kind.INBOX
+SMALL = "4m"
+ROOMY = "64m"
+MOST_WRITES = 5_000
+
+
+def _mount(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["mount", *arguments], capture_output=True, text=True, check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A file system of a few megabytes, grown to `ROOMY` by `_free_space`; unmounted afterwards."""
+    directory = tmp_path / "small"
+    directory.mkdir()
+    try:
+        mounted = _mount("-t", "tmpfs", "-o", f"size={SMALL}", "tmpfs", str(directory))
+    except FileNotFoundError:
+        pytest.skip("filling a disk needs `mount`, which this machine lacks")
+    if mounted.returncode != 0:
+        pytest.skip(f"filling a disk needs a tmpfs mount, refused here: {mounted.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], capture_output=True, check=False)
+
+
+def _free_space(directory: Path) -> None:
+    resized = _mount("-o", f"remount,size={ROOMY}", str(directory))
+    assert resized.returncode == 0, resized.stderr
+
+
+async def test_a_full_disk_refuses_writes_as_database_full_and_loses_nothing(small_disk: Path) -> None:
+    backend = Backend("sqlite", f"sqlite+aiosqlite:///{small_disk / 'agentpost.db'}", None)
+    async with serving(backend) as harness:
+        org = await harness.new_org()
+        owner = auth(org.owner_secret)
+        acknowledged: list[str] = []
+        refusal = None
+        for index in range(MOST_WRITES):
+            resource_id = f"inbox-{index}-{'x' * 100}"
+            try:
+                await harness.resources.RegisterResource(
+                    resource_pb2.RegisterResourceRequest(
+                        kind=INBOX, resource_id=resource_id, display_name="y" * 200
+                    ),
+                    metadata=owner,
+                )
+            except grpc.aio.AioRpcError as error:
+                refusal = failure_of(error)
+                break
+            acknowledged.append(resource_id)
+        assert refusal is not None, f"{MOST_WRITES} writes did not fill {SMALL}"
+        assert (refusal.code, refusal.reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "DATABASE_FULL"), (
+            refusal
+        )
+        assert "no space left" in refusal.message
+        assert acknowledged, "the very first write found the disk full"
+
+        # While it is full: other writes are refused the same way, reads and verifications go on.
+        await fails(
+            harness.environments.CreateEnvironment(
+                environment_pb2.CreateEnvironmentRequest(name="While full"), metadata=owner
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "DATABASE_FULL",
+        )
+        assert (await harness.verify(org.owner_secret)).valid
+        last = await harness.resources.GetResource(
+            resource_pb2.GetResourceRequest(kind=INBOX, resource_id=acknowledged[-1]), metadata=owner
+        )
+        assert last.resource_id == acknowledged[-1]
+        listed = await harness.environments.ListEnvironments(
+            environment_pb2.ListEnvironmentsRequest(), metadata=owner
+        )
+        assert "while-full" not in {environment.slug for environment in listed.environments}
+
+        _free_space(small_disk)
+        call = harness.resources.RegisterResource(
+            resource_pb2.RegisterResourceRequest(kind=INBOX, resource_id="after-space-was-freed"),
+            metadata=owner,
+        )
+        await call
+        revision = int(dict(await call.trailing_metadata())["x-agentpost-revision"])
+
+        # Nothing acknowledged is lost, and no refused write left a revision behind.
+        registered: set[str] = set()
+        token = ""
+        while True:
+            page = await harness.resources.ListResources(
+                resource_pb2.ListResourcesRequest(kind=INBOX, page_size=500, page_token=token), metadata=owner
+            )
+            registered.update(resource.resource_id for resource in page.resources)
+            token = page.next_page_token
+            if not token:
+                break
+        assert registered == {*acknowledged, "after-space-was-freed"}
+        revisions: set[int] = set()
+        events = event_pb2_grpc.EventServiceStub(harness.channel)
+        while True:
+            page = await events.ListEvents(
+                event_pb2.ListEventsRequest(page_size=500, page_token=token), metadata=owner
+            )
+            revisions.update(event.revision for event in page.events)
+            token = page.next_page_token
+            if not token:
+                break
+        assert sorted(revisions) == list(range(1, revision + 1))
