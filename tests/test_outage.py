@@ -39,7 +39,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
-from service.domain.errors import ResourceExhausted, Unavailable
+from service.domain.errors import DomainError, ResourceExhausted, Unavailable
 from service.storage.database import PING_AFTER_IDLE_SECONDS, translated_errors
 from service.storage.errors import unreachable
 from tests import private_postgres
@@ -456,13 +456,18 @@ SERVICE_FAULTS = {
 }
 
 
-@pytest.mark.parametrize("error", UNREACHABLE.values(), ids=UNREACHABLE.keys())
-async def test_every_unreachable_database_error_is_database_unavailable(error: Exception) -> None:
-    with pytest.raises(Unavailable) as raised:
+async def _translated(error: Exception, kind: type[DomainError]) -> DomainError:
+    """The domain error of `kind` the driver error becomes, caused by it."""
+    with pytest.raises(kind) as raised:
         async with translated_errors():
             raise error
-    assert raised.value.reason == "DATABASE_UNAVAILABLE"
     assert raised.value.__cause__ is error
+    return raised.value
+
+
+@pytest.mark.parametrize("error", UNREACHABLE.values(), ids=UNREACHABLE.keys())
+async def test_every_unreachable_database_error_is_database_unavailable(error: Exception) -> None:
+    assert (await _translated(error, Unavailable)).reason == "DATABASE_UNAVAILABLE"
 
 
 def _adapted(error: Exception) -> Exception:
@@ -489,10 +494,8 @@ BUSY = {
 @pytest.mark.parametrize("error", BUSY.values(), ids=BUSY.keys())
 async def test_a_cancelled_statement_is_busy_not_unreachable(error: Exception) -> None:
     assert not unreachable(error)
-    with pytest.raises(Unavailable) as raised:
-        async with translated_errors():
-            raise error
-    assert (raised.value.reason, raised.value.message) == (
+    translated = await _translated(error, Unavailable)
+    assert (translated.reason, translated.message) == (
         "DATABASE_UNAVAILABLE",
         "the database is busy or unreachable; retry later",
     )
@@ -509,11 +512,7 @@ FULL = {
 
 @pytest.mark.parametrize("error", FULL.values(), ids=FULL.keys())
 async def test_a_database_without_space_is_database_full(error: Exception) -> None:
-    with pytest.raises(ResourceExhausted) as raised:
-        async with translated_errors():
-            raise error
-    assert raised.value.reason == "DATABASE_FULL"
-    assert raised.value.__cause__ is error
+    assert (await _translated(error, ResourceExhausted)).reason == "DATABASE_FULL"
 
 
 @pytest.mark.parametrize("error", SERVICE_FAULTS.values(), ids=SERVICE_FAULTS.keys())
