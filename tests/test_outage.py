@@ -434,6 +434,9 @@ UNREACHABLE = {
     ),
     "admin shutdown (57P01, raw)": asyncpg.exceptions.AdminShutdownError("terminating connection"),
     "idle session timeout (57P05, raw)": asyncpg.exceptions.IdleSessionTimeoutError("terminating connection"),
+    "idle in a transaction too long (25P03, raw)": asyncpg.exceptions.IdleInTransactionSessionTimeoutError(
+        "terminating connection due to idle-in-transaction timeout"
+    ),
     "too many connections (53300, raw)": asyncpg.exceptions.TooManyConnectionsError("too many clients"),
     "connection closed (raw)": asyncpg.exceptions.InterfaceError("connection is closed"),
     # What the next statement meets on a session the server ended while idle, before asyncpg has

@@ -69,9 +69,10 @@ _SQLSTATE_UNIQUE = "23505"
 _SQLSTATE_FOREIGN_KEY = "23503"
 _RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03", "57014"}
 # Class 08 (connection exception), 53300 (too many connections), 57P01..57P05 (admin shutdown,
-# crash shutdown, cannot connect now, database dropped, idle session timeout): the server is not
-# there to answer, or has ended the session.
-_UNREACHABLE_SQLSTATE_PREFIXES = ("08", "53300", "57P01", "57P02", "57P03", "57P04", "57P05")
+# crash shutdown, cannot connect now, database dropped, idle session timeout), 25P03 (a session
+# idle in a transaction past idle_in_transaction_session_timeout): the server is not there to
+# answer, or has ended the session.
+_UNREACHABLE_SQLSTATE_PREFIXES = ("08", "53300", "57P01", "57P02", "57P03", "57P04", "57P05", "25P03")
 # asyncpg raises these outside SQLAlchemy's wrapping while connecting, or once a connection died.
 _UNREACHABLE_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
