@@ -15,6 +15,8 @@ from agentpost.environments.v1 import (
     api_key_pb2_grpc,
     environment_pb2,
     environment_pb2_grpc,
+    event_pb2,
+    event_pb2_grpc,
     member_pb2,
     member_pb2_grpc,
     organization_pb2,
@@ -113,6 +115,30 @@ async def fails(call: Awaitable[Any], code: grpc.StatusCode, reason: str | None 
             )
         return failure
     raise AssertionError(f"expected {code} {reason or ''}, but the call succeeded: {result}")
+
+
+async def every_event(
+    stub: event_pb2_grpc.EventServiceStub,
+    metadata: tuple[tuple[str, str], ...],
+    page_size: int = 500,
+    *,
+    deadline: float | None = None,
+    filters: dict[str, object] | None = None,
+) -> list[event_pb2.Event]:
+    """Every event the caller may list, page by page, newest first (each page within `deadline`
+    seconds, if given)."""
+    events: list[event_pb2.Event] = []
+    token = ""
+    while True:
+        page = await stub.ListEvents(
+            event_pb2.ListEventsRequest(page_size=page_size, page_token=token, **(filters or {})),  # type: ignore[arg-type]
+            metadata=metadata,
+            timeout=deadline,
+        )
+        events.extend(page.events)
+        token = page.next_page_token
+        if not token:
+            return events
 
 
 async def create_organization(

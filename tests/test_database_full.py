@@ -17,9 +17,9 @@ from pathlib import Path
 
 import grpc
 import pytest
-from agentpost.environments.v1 import environment_pb2, event_pb2, event_pb2_grpc, resource_pb2
+from agentpost.environments.v1 import environment_pb2, event_pb2_grpc, resource_pb2
 
-from tests.harness import auth, fails, failure_of
+from tests.harness import auth, every_event, fails, failure_of
 from tests.servers import Backend, serving
 
 INBOX = resource_pb2.ScopedResource.Kind.INBOX
@@ -119,14 +119,5 @@ async def test_a_full_disk_refuses_writes_as_database_full_and_loses_nothing(sma
             if not token:
                 break
         assert registered == {*acknowledged, "after-space-was-freed"}
-        revisions: set[int] = set()
-        events = event_pb2_grpc.EventServiceStub(harness.channel)
-        while True:
-            page = await events.ListEvents(
-                event_pb2.ListEventsRequest(page_size=500, page_token=token), metadata=owner
-            )
-            revisions.update(event.revision for event in page.events)
-            token = page.next_page_token
-            if not token:
-                break
-        assert sorted(revisions) == list(range(1, revision + 1))
+        events = await every_event(event_pb2_grpc.EventServiceStub(harness.channel), owner)
+        assert sorted({event.revision for event in events}) == list(range(1, revision + 1))

@@ -22,7 +22,7 @@ from agentpost.environments.v1 import (
 )
 from google.protobuf import field_mask_pb2, timestamp_pb2
 
-from tests.harness import Harness, Org, auth, fails
+from tests.harness import Harness, Org, auth, every_event, fails
 
 Event = event_pb2.Event
 INBOX, LABEL = resource_pb2.ScopedResource.INBOX, resource_pb2.ScopedResource.LABEL
@@ -35,18 +35,7 @@ def events_stub(harness: Harness) -> event_pb2_grpc.EventServiceStub:
 
 async def all_events(harness: Harness, secret: str, page_size: int = 500, **filters: object) -> list[Event]:
     """Every event the key may list, page by page, newest first."""
-    stub = events_stub(harness)
-    events: list[Event] = []
-    token = ""
-    while True:
-        page = await stub.ListEvents(
-            event_pb2.ListEventsRequest(page_size=page_size, page_token=token, **filters),  # type: ignore[arg-type]
-            metadata=auth(secret),
-        )
-        events.extend(page.events)
-        token = page.next_page_token
-        if not token:
-            return events
+    return await every_event(events_stub(harness), auth(secret), page_size, filters=filters)
 
 
 def summary(events: list[Event]) -> list[tuple[str, str, str]]:

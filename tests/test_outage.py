@@ -44,7 +44,7 @@ from service.storage.database import PING_AFTER_IDLE_SECONDS, translated_errors
 from service.storage.errors import unreachable
 from tests import private_postgres
 from tests.bench.processes import ServerProcess, health_serving
-from tests.harness import OPERATOR_TOKEN, Harness, Org, auth, create_organization, failure_of
+from tests.harness import OPERATOR_TOKEN, Harness, Org, auth, create_organization, every_event, failure_of
 from tests.private_postgres import PrivatePostgres
 from tests.servers import PROJECT_ROOT, Backend, free_port
 
@@ -526,35 +526,33 @@ async def test_faults_of_the_service_are_not_called_unavailable(error: Exception
     assert raised.value is error
 
 
-async def _terminate_server_connections(pg: PrivatePostgres) -> int:
-    """Ends the pooled sessions of the cluster, as an idle-session killer or a proxy in between
-    would; returns how many it ended. The listening session is spared: its reconnect would read
-    through the pool and so retire the ended sessions before the call under test meets them."""
+async def _signal_sessions(pg: PrivatePostgres, signal: str, condition: str = "") -> int:
+    """Calls `signal` (pg_terminate_backend, pg_cancel_backend) on the cluster's client sessions
+    that match `condition`; returns on how many. The listening session is spared: its reconnect
+    would read through the pool and so retire the ended sessions before the call under test meets
+    them."""
     connection = await asyncpg.connect(pg.url.replace("postgresql+asyncpg://", "postgresql://"))
     try:
-        ended = await connection.fetchval(
-            "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        signalled = await connection.fetchval(
+            f"SELECT count(*) FROM (SELECT {signal}(pid) FROM pg_stat_activity"
             " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
-            " AND query NOT ILIKE 'LISTEN%') AS ended"
+            f" AND query NOT ILIKE 'LISTEN%' {condition}) AS signalled"
         )
     finally:
         await connection.close()
-    return int(ended)
+    return int(signalled)
+
+
+async def _terminate_server_connections(pg: PrivatePostgres) -> int:
+    """Ends the pooled sessions of the cluster, as an idle-session killer or a proxy in between
+    would; returns how many it ended."""
+    return await _signal_sessions(pg, "pg_terminate_backend")
 
 
 async def _cancel_running_statements(pg: PrivatePostgres) -> int:
     """Cancels the statements running on the cluster at this moment (as statement_timeout or an
     operator would); returns how many."""
-    connection = await asyncpg.connect(pg.url.replace("postgresql+asyncpg://", "postgresql://"))
-    try:
-        cancelled = await connection.fetchval(
-            "SELECT count(*) FROM (SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
-            " WHERE pid <> pg_backend_pid() AND backend_type = 'client backend' AND state = 'active'"
-            " AND query NOT ILIKE 'LISTEN%') AS cancelled"
-        )
-    finally:
-        await connection.close()
-    return int(cancelled)
+    return await _signal_sessions(pg, "pg_cancel_backend", "AND state = 'active'")
 
 
 # How the sessions are disturbed, and how long between two disturbances (seconds): ended at any
@@ -723,16 +721,5 @@ async def test_sessions_disturbed_at_any_moment_under_load_fail_only_as_unavaila
     # The last end may have come just before: the replica writes again by itself, at once.
     assert await _write_works(a, owner) or await _write_works(a, owner)
     assert await a.health() == SERVING
-    revisions: set[int] = set()
-    token = ""
-    while True:
-        page = await events.ListEvents(
-            event_pb2.ListEventsRequest(page_size=500, page_token=token),
-            metadata=auth(owner),
-            timeout=CALL_TIMEOUT,
-        )
-        revisions.update(event.revision for event in page.events)
-        token = page.next_page_token
-        if not token:
-            break
+    revisions = {event.revision for event in await every_event(events, auth(owner), deadline=CALL_TIMEOUT)}
     assert sorted(revisions) == list(range(1, max(revisions) + 1))

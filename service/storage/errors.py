@@ -71,19 +71,9 @@ _RETRYABLE_SQLSTATES = {"40001", "40P01", "55P03", "57014"}
 # Class 08 (connection exception), 53300 (too many connections), 57P01..57P05 (admin shutdown,
 # crash shutdown, cannot connect now, database dropped, idle session timeout), 25P03 (a session
 # idle in a transaction past idle_in_transaction_session_timeout): the server is not there to
-# answer, or has ended the session.
+# answer, or has ended the session. asyncpg's own exceptions carry their SQLSTATE too, so those
+# raised outside SQLAlchemy's wrapping (while connecting, once a connection died) match as well.
 _UNREACHABLE_SQLSTATE_PREFIXES = ("08", "53300", "57P01", "57P02", "57P03", "57P04", "57P05", "25P03")
-# asyncpg raises these outside SQLAlchemy's wrapping while connecting, or once a connection died.
-_UNREACHABLE_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    # Class 57 but for a cancelled statement (57014, retryable: the server is there).
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.DatabaseDroppedError,
-    asyncpg.exceptions.IdleSessionTimeoutError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.CannotConnectNowError,
-)
 _CLOSED_CONNECTION = re.compile(r"connection (is|was) closed|connection_lost", re.IGNORECASE)
 # A session the server ended while it sat idle in the pool: the server's FATAL error arrived
 # outside any operation, so asyncpg's protocol discards input until a sync that never comes
@@ -157,7 +147,7 @@ def unreachable(error: BaseException) -> bool:
     """True when `error` (or the driver error SQLAlchemy wrapped in it) says the database is gone."""
     for candidate in _causes(error):
         # A refused or reset connection, or asyncio's time-out on connect (TimeoutError is an OSError).
-        if isinstance(candidate, (OSError, *_UNREACHABLE_DRIVER_ERRORS)):
+        if isinstance(candidate, OSError):
             return True
         if isinstance(candidate, asyncpg.InterfaceError) and _CLOSED_CONNECTION.search(str(candidate)):
             return True
