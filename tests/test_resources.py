@@ -7,13 +7,16 @@ import asyncio
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 import pytest
 from agentpost.environments.v1 import environment_pb2
 from agentpost.environments.v1 import resource_pb2 as pb
+from sqlalchemy import update
 
+from service.storage.tables import EnvironmentRow
 from tests.harness import Harness, Org, auth, fails
 
 Code = grpc.StatusCode
@@ -331,6 +334,44 @@ async def test_page_tokens_are_bound_to_the_query(harness: Harness, org: Org) ->
         ),
         Code.INVALID_ARGUMENT,
     )
+
+
+async def test_a_registration_reads_its_environment_in_the_same_statement(harness: Harness, org: Org) -> None:
+    """A delete this replica has not heard of (its view still shows the environment active)
+    wins: the registration is refused and nothing is registered. The delete is written straight
+    to the database, without a revision, so no notification or poll can tell the replica."""
+    staging = await harness.new_environment(org, "Staging")
+    await register(harness, org.owner_secret, INBOX, "before", environment=staging.id)
+
+    async def mark_deleted(deleted: bool) -> None:
+        async with harness.app.engine.begin() as connection:
+            await connection.execute(
+                update(EnvironmentRow)
+                .where(EnvironmentRow.id == staging.id)
+                .values(delete_time=datetime.now(UTC) if deleted else None)
+            )
+
+    await mark_deleted(True)
+    shown = await harness.environments.GetEnvironment(
+        environment_pb2.GetEnvironmentRequest(id=staging.id), metadata=auth(org.owner_secret)
+    )
+    assert shown.state == environment_pb2.Environment.ACTIVE  # the replica's view is behind
+    await fails(
+        register(harness, org.owner_secret, INBOX, "during", environment=staging.id),
+        Code.FAILED_PRECONDITION,
+        "ENVIRONMENT_DELETED",
+    )
+    await mark_deleted(False)
+    await fails(
+        harness.resources.GetResource(
+            pb.GetResourceRequest(kind=INBOX, resource_id="during"),
+            metadata=auth(org.owner_secret, staging.id),
+        ),
+        Code.NOT_FOUND,
+        "RESOURCE_NOT_FOUND",
+    )
+    registered = await register(harness, org.owner_secret, INBOX, "during", environment=staging.id)
+    assert registered.environment_id == staging.id
 
 
 async def test_deleting_an_environment_hides_its_resources_until_undeleted(

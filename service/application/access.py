@@ -280,7 +280,7 @@ class AccessCache:
                 return True
             heard = self._heard.get(organization_id, 0)
             if (
-                heard != self._db.committing(organization_id)
+                not self._db.committing(organization_id, heard)
                 or self._applied.get(organization_id, 0) != heard - 1
             ):
                 return False

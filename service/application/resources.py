@@ -79,8 +79,13 @@ class Resources:
         )
 
         async def insert(uow: UnitOfWork) -> str:
-            await recheck_active(uow, principal.organization_id, environment.id)
-            await uow.resources.insert(resource)
+            # The insert re-reads the environment itself: a delete committed since the caller's
+            # view was read wins. Only then is it read again, to say how.
+            if not await uow.resources.insert_if_active(resource):
+                await recheck_active(uow, principal.organization_id, environment.id)
+                raise FailedPrecondition(  # pragma: no cover - the write's lock keeps it as read
+                    f"environment {environment.id} is not active", reason="ENVIRONMENT_DELETED"
+                )
             uow.record(Action.REGISTERED, resource)
             return _result_id(kind, resource_id)
 

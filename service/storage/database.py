@@ -155,10 +155,14 @@ async def _connected(engine: AsyncEngine) -> AsyncIterator[Statements]:
 
 
 @asynccontextmanager
-async def _in_transaction(engine: AsyncEngine) -> AsyncIterator[Statements]:
-    """A pooled connection in a transaction, committed when the block ends (PostgreSQL)."""
+async def _in_transaction(engine: AsyncEngine, ending: Callable[[], None]) -> AsyncIterator[Statements]:
+    """A pooled connection in a transaction, committed when the block ends (PostgreSQL);
+    `ending()` is called once the block is done, just before the commit or rollback."""
     async with engine.connect() as connection, connection.begin():
-        yield PostgresStatements(connection)
+        try:
+            yield PostgresStatements(connection)
+        finally:
+            ending()
 
 
 @asynccontextmanager
@@ -178,6 +182,67 @@ async def translated_errors() -> AsyncIterator[None]:
         raise meaning from error
 
 
+def _nothing() -> None:
+    """A transaction's end that lets no writer go (it was let go before, or none waits)."""
+
+
+class _WriteQueue:
+    """One organization's writers in this process (on SQLite, every writer), in turn.
+
+    A writer holds its turn from before it takes a connection until its work is done. On SQLite
+    it lets go after the commit (SQLite's one write lock is held until then). On PostgreSQL it
+    lets go as the COMMIT is sent: the next writer takes a connection and begins meanwhile, then
+    waits in its first statement for the revision row lock, which that commit releases. So its
+    revision still follows the committed one, and only the work around the lock overlaps.
+    Listeners hear each organization's writes in revision order: a writer whose commit came
+    back tells them once the one before it has.
+    """
+
+    __slots__ = ("__weakref__", "_last", "_lock")
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._last: asyncio.Future[None] | None = None
+
+    async def take(self) -> _Turn:
+        """Waits for this writer's turn."""
+        await self._lock.acquire()
+        before, self._last = self._last, asyncio.get_running_loop().create_future()
+        return _Turn(self, before, self._last)
+
+
+class _Turn:
+    """One writer's turn in its `_WriteQueue` (which it keeps alive while it lasts)."""
+
+    __slots__ = ("_before", "_holding", "_queue", "_told")
+
+    def __init__(
+        self, queue: _WriteQueue, before: asyncio.Future[None] | None, told: asyncio.Future[None]
+    ) -> None:
+        self._queue = queue
+        self._holding = True
+        self._before = before
+        self._told = told
+
+    def let_go(self) -> None:
+        """Lets the next writer in (once; later calls do nothing)."""
+        if self._holding:
+            self._holding = False
+            self._queue._lock.release()
+
+    async def after_the_one_before(self) -> None:
+        """Returns once the writer before this one has ended (told its listeners, or failed)."""
+        if self._before is not None and not self._before.done():
+            # Not `await`: a cancelled wait would cancel the future that the next writer awaits.
+            await asyncio.wait((self._before,))
+
+    def end(self) -> None:
+        """This writer is done: lets the next one in if it has not, and tells the one after."""
+        self.let_go()
+        if not self._told.done():
+            self._told.set_result(None)
+
+
 class Database:
     """Sessions for reads and for organization-scoped writes."""
 
@@ -189,13 +254,13 @@ class Database:
         self._notify = engine.dialect.name == "postgresql"
         # Where this process's writers queue (see _write_queue): SQLite's one lock for all, or
         # one per organization on PostgreSQL, dropped with the last writer waiting on it.
-        self._sqlite_writers = asyncio.Lock() if sqlite else None
-        self._organization_writers: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+        self._sqlite_writers = _WriteQueue() if sqlite else None
+        self._organization_writers: weakref.WeakValueDictionary[str, _WriteQueue] = (
             weakref.WeakValueDictionary()
         )
-        # The revision each organization's write in progress here raised, until its listeners
-        # have run (see `committing`).
-        self._committing: dict[str, int] = {}
+        # (organization, revision) of each write in progress here that raised a revision, until
+        # its listeners have run (see `committing`).
+        self._committing: set[tuple[str, int]] = set()
         # (reason, message) while the schema is not known to be the one this code needs (start-up
         # found it behind, or could not tell): every unit of work is refused with it.
         self.closed_because: tuple[str, str] | None = None
@@ -216,26 +281,28 @@ class Database:
     def _reading(self) -> contextlib.AbstractAsyncContextManager[Statements]:
         return self._inline.reading() if self._inline else _connected(self.engine)
 
-    def _writing(self) -> contextlib.AbstractAsyncContextManager[Statements]:
-        return self._inline.writing() if self._inline else _in_transaction(self.engine)
+    def _writing(self, ending: Callable[[], None]) -> contextlib.AbstractAsyncContextManager[Statements]:
+        """A write transaction; `ending()` lets the next writer of the queue go (see `write`)."""
+        return self._inline.writing() if self._inline else _in_transaction(self.engine, ending)
 
-    def _write_queue(self, organization_id: str | None) -> contextlib.AbstractAsyncContextManager[Any]:
+    def _write_queue(self, organization_id: str | None) -> _WriteQueue | None:
         """Where a writer waits its turn in this process, before taking a connection.
 
         SQLite lets one transaction write at a time, and a writer that finds the file locked
         sleeps in growing steps (up to 100 ms): under concurrent writes that, not the work, made
         the latency; one queue hands the lock over at once. On PostgreSQL, writers of one
         organization would wait for its revision row lock anyway; waiting in the database held a
-        pooled connection each and handed the lock over through PostgreSQL's lock queue. Writes of
+        pooled connection each and handed the lock over through PostgreSQL's lock queue; only the
+        next writer does, while the one before it commits (see `_WriteQueue`). Writes of
         different organizations (and creating one) run in parallel there."""
         if self._sqlite_writers is not None:
             return self._sqlite_writers
         if organization_id is None:
-            return contextlib.nullcontext()
-        lock = self._organization_writers.get(organization_id)
-        if lock is None:
-            lock = self._organization_writers[organization_id] = asyncio.Lock()
-        return lock
+            return None
+        queue = self._organization_writers.get(organization_id)
+        if queue is None:
+            queue = self._organization_writers[organization_id] = _WriteQueue()
+        return queue
 
     def on_commit(self, listener: CommitListener) -> None:
         """Calls `listener(organization_id, revision, events)` after each committed write."""
@@ -270,16 +337,19 @@ class Database:
         """
         if require_schema:
             self._require_schema()
+        queue = self._write_queue(organization_id)
+        turn = await queue.take() if queue is not None else None
+        raised: tuple[str, int] | None = None
         try:
             async with (
                 translated_errors(),
-                self._write_queue(organization_id),
-                self._writing() as connection,
+                self._writing(turn.let_go if turn is not None else _nothing) as connection,
             ):
                 revision = None
                 if organization_id is not None:
                     revision = await self._raise_revision(connection, organization_id)
-                    self._committing[organization_id] = revision
+                    raised = (organization_id, revision)
+                    self._committing.add(raised)
                 uow = UnitOfWork(connection, organization_id)
                 yield uow
                 owner = organization_id or _created_organization(uow.changes)
@@ -292,19 +362,23 @@ class Database:
                     events = await uow.events.append(
                         owner, revision, utcnow(), actor or Actor(), current_request_id.get(), uow.changes
                     )
+            if turn is not None:
+                turn.let_go()
+                await turn.after_the_one_before()
             committed_revision.set(revision)
             for listener in self._listeners:
                 listener(owner, revision, events)
         finally:
-            # Nothing awaited since the write queue let go: the next writer has not begun.
-            if organization_id is not None:
-                self._committing.pop(organization_id, None)
+            if turn is not None:
+                turn.end()
+            if raised is not None:
+                self._committing.discard(raised)
 
-    def committing(self, organization_id: str) -> int | None:
-        """The revision of the organization that a write in progress in this process raised, if
-        one is: it commits, then tells the listeners, with no wait in between. Writes of one
-        organization queue here (see `_write_queue`), so there is at most one."""
-        return self._committing.get(organization_id)
+    def committing(self, organization_id: str, revision: int) -> bool:
+        """Whether a write in progress in this process raised the organization to `revision`:
+        it commits, then tells the listeners (after the write before it, if that one has not
+        yet)."""
+        return (organization_id, revision) in self._committing
 
     async def _raise_revision(self, connection: Statements, organization_id: str) -> int:
         """Raises the organization's revision (taking its row lock) and, on PostgreSQL, queues

@@ -7,13 +7,13 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, delete, insert, or_, select, tuple_, update
+from sqlalchemy import Row, and_, bindparam, delete, exists, insert, or_, select, tuple_, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.domain.models import ResourceKind, ScopedResource
 from service.storage.prepared import prepared
 from service.storage.statements import Statements
-from service.storage.tables import RESOURCES, ResourceRow
+from service.storage.tables import ENVIRONMENTS, RESOURCES, ResourceRow
 
 ResourceKey = tuple[ResourceKind, str]
 
@@ -34,6 +34,25 @@ def to_resource(row: ResourceRow | Row[Any]) -> ScopedResource:
 # Built once: registering is the write other services make most, and GetResource reads the
 # database on every call (see tables.table_of).
 _INSERT = prepared(insert(RESOURCES))
+# A registration made only while its environment is not deleted, in one statement (one round
+# trip inside the organization's write, not two): it names what it inserted, nothing if the
+# environment was deleted or is gone.
+_ENVIRONMENT_ACTIVE = exists().where(
+    ENVIRONMENTS.c.organization_id == bindparam("organization_id"),
+    ENVIRONMENTS.c.id == bindparam("environment_id"),
+    ENVIRONMENTS.c.delete_time.is_(None),
+)
+_REGISTERED = [column.name for column in RESOURCES.c]
+_INSERT_INTO_ACTIVE = prepared(
+    insert(RESOURCES)
+    .from_select(
+        _REGISTERED,
+        select(*(bindparam(column.name, type_=column.type) for column in RESOURCES.c)).where(
+            _ENVIRONMENT_ACTIVE
+        ),
+    )
+    .returning(RESOURCES.c.resource_id)
+)
 # One registration: (kind, resource id) is unique in an organization.
 _THE_RESOURCE = (
     RESOURCES.c.organization_id == bindparam("organization_id"),
@@ -57,6 +76,18 @@ def _after(after: tuple[str, str] | None) -> ColumnElement[bool]:
     return or_(ResourceRow.kind > kind, and_(ResourceRow.kind == kind, ResourceRow.resource_id > resource_id))
 
 
+def _row(resource: ScopedResource) -> dict[str, Any]:
+    return {
+        "organization_id": resource.organization_id,
+        "kind": resource.kind.value,
+        "resource_id": resource.resource_id,
+        "environment_id": resource.environment_id,
+        "display_name": resource.display_name,
+        "create_time": resource.create_time,
+        "update_time": resource.update_time,
+    }
+
+
 class ResourceRepository:
     """Reads and writes registered resources."""
 
@@ -66,18 +97,13 @@ class ResourceRepository:
     async def insert(self, resource: ScopedResource) -> None:
         """Stores a new registration; one already registered under the same organization, kind and
         id (in any environment) raises AlreadyExists(RESOURCE_EXISTS)."""
-        await self._connection.execute(
-            _INSERT,
-            {
-                "organization_id": resource.organization_id,
-                "kind": resource.kind.value,
-                "resource_id": resource.resource_id,
-                "environment_id": resource.environment_id,
-                "display_name": resource.display_name,
-                "create_time": resource.create_time,
-                "update_time": resource.update_time,
-            },
-        )
+        await self._connection.execute(_INSERT, _row(resource))
+
+    async def insert_if_active(self, resource: ScopedResource) -> bool:
+        """`insert`, made only if the resource's environment exists and is not deleted (read in
+        the same statement); False when it was not made."""
+        inserted = await self._connection.execute(_INSERT_INTO_ACTIVE, _row(resource))
+        return inserted.first() is not None
 
     async def get(self, organization_id: str, kind: ResourceKind, resource_id: str) -> ScopedResource | None:
         """One registration of the organization, in whichever environment holds it."""

@@ -1,0 +1,68 @@
+"""One organization's writers in a process take turns, and overlap only where the database orders
+them: on PostgreSQL the next writer begins while the one before it commits, and waits in its
+first statement for the revision row lock. Listeners (this replica's cache) must still hear each
+organization's writes in revision order, with no revision missing."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from service.storage.database import _WriteQueue
+from tests.harness import Harness, Org
+
+WRITERS = 60
+
+
+async def test_listeners_hear_overlapping_writes_in_revision_order(harness: Harness, org: Org) -> None:
+    database = harness.app.database
+    heard: list[int] = []
+    database.on_commit(
+        lambda organization, revision, _events: heard.append(revision) if organization == org.id else None
+    )
+    committed: list[int] = []
+
+    async def write() -> None:
+        async with database.write(org.id) as uow:
+            await asyncio.sleep(random.random() / 1000)
+            assert uow.organization_id == org.id
+        committed.append(1)
+
+    async with harness.app.engine.connect():  # the pool is warm: writers overlap from the start
+        pass
+    first = harness.app.access.revision(org.id) or 0
+    await asyncio.gather(*(write() for _ in range(WRITERS)))
+    assert len(committed) == WRITERS
+    assert heard == sorted(heard), heard
+    assert heard[-WRITERS:] == list(range(heard[-WRITERS], heard[-WRITERS] + WRITERS)), heard
+    assert heard[-1] >= first + WRITERS
+
+
+async def test_a_writer_tells_its_listeners_only_after_the_one_before() -> None:
+    queue = _WriteQueue()
+    first = await queue.take()
+    first.let_go()  # as its COMMIT is sent
+    second = await asyncio.wait_for(queue.take(), 1.0)  # the next writer begins meanwhile
+    second.let_go()
+    waiting = asyncio.ensure_future(second.after_the_one_before())
+    await asyncio.sleep(0.02)
+    assert not waiting.done(), "the second writer went ahead of the first's listeners"
+    first.end()
+    await asyncio.wait_for(waiting, 1.0)
+
+    # A writer whose call is cancelled while it waits leaves the turn to the next one.
+    third = await asyncio.wait_for(queue.take(), 1.0)
+    third.let_go()
+    fourth = await asyncio.wait_for(queue.take(), 1.0)
+    fourth.let_go()
+    cancelled = asyncio.ensure_future(third.after_the_one_before())
+    await asyncio.sleep(0.01)
+    cancelled.cancel()
+    third.end()
+    second.end()
+    await asyncio.wait_for(fourth.after_the_one_before(), 1.0)
+    assert cancelled.cancelled()
+    fourth.end()
+    # let_go and end are safe to repeat; the queue is free again.
+    fourth.let_go()
+    await asyncio.wait_for(queue.take(), 1.0)
