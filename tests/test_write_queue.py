@@ -66,3 +66,26 @@ async def test_a_writer_tells_its_listeners_only_after_the_one_before() -> None:
     # let_go and end are safe to repeat; the queue is free again.
     fourth.let_go()
     await asyncio.wait_for(queue.take(), 1.0)
+
+
+async def test_the_next_writer_begins_early_only_while_the_pool_has_room(harness: Harness) -> None:
+    """A writer waiting for a row lock holds a pooled connection: it may take one only while the
+    pool has one to spare, so that a busy pool serves other organizations first."""
+    database = harness.app.database
+    pool = harness.app.engine.sync_engine.pool
+    queue = _WriteQueue()
+    turn = await queue.take()
+    database._ending(turn)()
+    assert not queue._lock.locked(), "the pool had room: the next writer should be let in"
+    turn.end()
+
+    turn = await queue.take()
+    held = [await harness.app.engine.connect() for _ in range(pool.size() - pool.checkedout())]  # type: ignore[attr-defined]
+    try:
+        database._ending(turn)()
+        assert queue._lock.locked(), "the pool is full: the next writer must wait for the commit"
+    finally:
+        for connection in held:
+            await connection.close()
+        turn.end()
+    assert not queue._lock.locked()

@@ -17,7 +17,7 @@ from sqlalchemy import String, bindparam, cast, event, func, literal, select, te
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import Pool, QueuePool
 
 from service.domain.calls import committed_revision, current_request_id
 from service.domain.clock import utcnow
@@ -191,9 +191,10 @@ class _WriteQueue:
 
     A writer holds its turn from before it takes a connection until its work is done. On SQLite
     it lets go after the commit (SQLite's one write lock is held until then). On PostgreSQL it
-    lets go as the COMMIT is sent: the next writer takes a connection and begins meanwhile, then
-    waits in its first statement for the revision row lock, which that commit releases. So its
-    revision still follows the committed one, and only the work around the lock overlaps.
+    lets go as the COMMIT is sent, if the pool has a connection to spare: the next writer takes
+    it and begins meanwhile, then waits in its first statement for the revision row lock, which
+    that commit releases. So its revision still follows the committed one, and only the work
+    around the lock overlaps.
     Listeners hear each organization's writes in revision order: a writer whose commit came
     back tells them once the one before it has.
     """
@@ -304,6 +305,21 @@ class Database:
             queue = self._organization_writers[organization_id] = _WriteQueue()
         return queue
 
+    def _ending(self, turn: _Turn | None) -> Callable[[], None]:
+        """What a PostgreSQL write calls as its COMMIT is sent: lets the organization's next
+        writer begin meanwhile, if the pool has a connection to spare for it. Otherwise the next
+        writer goes after the commit (as on SQLite), so that a busy pool's connections serve
+        other organizations rather than wait for a row lock."""
+        pool = self.engine.sync_engine.pool
+        if turn is None or not isinstance(pool, QueuePool):
+            return _nothing
+
+        def ending() -> None:
+            if pool.checkedout() < pool.size():
+                turn.let_go()
+
+        return ending
+
     def on_commit(self, listener: CommitListener) -> None:
         """Calls `listener(organization_id, revision, events)` after each committed write."""
         self._listeners.append(listener)
@@ -343,7 +359,7 @@ class Database:
         try:
             async with (
                 translated_errors(),
-                self._writing(turn.let_go if turn is not None else _nothing) as connection,
+                self._writing(self._ending(turn)) as connection,
             ):
                 revision = None
                 if organization_id is not None:
