@@ -118,6 +118,60 @@ async def test_the_log_records_actor_request_fields_and_resource_never_a_secret(
     assert "hash" not in json.loads(body)
 
 
+async def test_a_create_is_logged_once_with_the_revision_it_answered(harness: Harness, org: Org) -> None:
+    """Creates append their event with the revision (on PostgreSQL in the statement that raises
+    it); a retry with the same request_id is answered from the first and logs nothing more, and
+    a create that fails logs nothing."""
+    env = await harness.new_environment(org, "Inboxes")
+    header = f"req-{uuid.uuid4().hex[:8]}"
+    answered: dict[str, int] = {}
+    retried = str(uuid.uuid4())
+    for request_id in ("", retried, retried):
+        call = harness.environments.CreateEnvironment(
+            environment_pb2.CreateEnvironmentRequest(
+                name="Env retried" if request_id else "Env plain", request_id=request_id
+            ),
+            metadata=auth(org.owner_secret, request_id=header),
+        )
+        created = await call
+        answered.setdefault(created.id, await revision_of(call))
+        registered_call = harness.resources.RegisterResource(
+            resource_pb2.RegisterResourceRequest(
+                kind=resource_pb2.ScopedResource.INBOX,
+                resource_id="inbox-retried" if request_id else "inbox-plain",
+                request_id=request_id,
+            ),
+            metadata=auth(org.owner_secret, env.id, request_id=header),
+        )
+        registered = await registered_call
+        answered.setdefault(f"INBOX:{registered.resource_id}", await revision_of(registered_call))
+    await fails(
+        harness.resources.RegisterResource(
+            resource_pb2.RegisterResourceRequest(
+                kind=resource_pb2.ScopedResource.INBOX, resource_id="inbox-plain"
+            ),
+            metadata=auth(org.owner_secret, env.id),
+        ),
+        grpc.StatusCode.ALREADY_EXISTS,
+        "RESOURCE_EXISTS",
+    )
+
+    rows = await events_of(harness, org.id)
+    logged = [row for row in rows if row.resource_id in answered]
+    assert sorted(row.resource_id for row in logged) == sorted(answered)  # once each, the failure none
+    for row in logged:
+        assert row.revision == answered[row.resource_id] and row.sequence == 0
+        assert row.action in (Action.CREATED, Action.REGISTERED)
+        assert row.actor_api_key_id == org.owner_key_id and row.request_id == header
+        resource = json.loads(row.resource)
+        if row.resource_type == ResourceType.SCOPED_RESOURCE:
+            assert (row.environment_id, resource["environment_id"]) == (env.id, env.id)
+        else:
+            assert row.environment_id == row.resource_id == resource["id"]
+    # Revisions stay gapless: every revision of the organization has its events.
+    assert sorted({row.revision for row in rows}) == list(range(1, rows[-1].revision + 1))
+
+
 async def test_registering_resources_costs_verification_nothing(harness: Harness, org: Org) -> None:
     env = await harness.new_environment(org, "Inboxes")
     _, secret = await harness.new_key(org, ["inboxes:read", "inboxes:write"], [env.id])

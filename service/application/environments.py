@@ -11,7 +11,7 @@ from service.application.idempotency import create_or_replay
 from service.domain import validation
 from service.domain.clock import utcnow
 from service.domain.errors import AlreadyExists, FailedPrecondition, InvalidArgument, environment_not_found
-from service.domain.events import Action
+from service.domain.events import Action, Change
 from service.domain.models import Environment, check_etag
 from service.domain.pagination import Page
 from service.domain.principal import Principal
@@ -40,7 +40,6 @@ class Environments:
 
         async def insert(uow: UnitOfWork) -> str:
             await uow.environments.insert(env)
-            uow.record(Action.CREATED, env)
             return env.id
 
         async def load(uow: UnitOfWork, environment_id: str) -> Environment | None:
@@ -56,6 +55,7 @@ class Environments:
             insert=insert,
             load=load,
             gone=environment_not_found,
+            changes=[Change(Action.CREATED, env)],
         )
 
     @staticmethod

@@ -11,13 +11,13 @@ the same resource, read back through the caller's own environment context.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
 from service.domain.clock import utcnow
 from service.domain.errors import AlreadyExists, DomainError
-from service.domain.events import Actor
+from service.domain.events import Actor, Change
 from service.storage.database import Database
 from service.storage.unit_of_work import UnitOfWork
 
@@ -41,18 +41,26 @@ async def create_once(
     create: Callable[[UnitOfWork], Awaitable[str]],
     actor: Actor,
     scope: str | None = None,
+    created: Sequence[Change] = (),
 ) -> Outcome:
     """Runs `create` in one write transaction of the organization and remembers its result under
     the request id within `scope` (default: the organization); a retry in the same scope (even a
     concurrent one) gets the first result's id instead. Scopes are ids, so those of different
-    kinds (`org_...`, `key_...`, `operator`) never collide."""
+    kinds (`org_...`, `key_...`, `operator`) never collide.
+
+    `created` are the changes `create` makes, known beforehand, recorded here (`create` records
+    any others). Without a request id, nothing can turn the write into a replay, so they are
+    announced to the write and their events go with its revision (see `Database.write`)."""
     scope = scope or organization_id or "operator"
     try:
-        async with database.write(organization_id, actor) as uow:
+        async with database.write(
+            organization_id, actor, announced=created if request_id is None else ()
+        ) as uow:
             if request_id is not None:
                 earlier = await uow.request_ids.find(scope, operation, request_id)
                 if earlier is not None:
                     return Outcome(earlier, created=False)
+                uow.changes.extend(created)
             result_id = await create(uow)
             if request_id is not None:
                 await uow.request_ids.record(scope, operation, request_id, result_id, utcnow())
@@ -78,6 +86,7 @@ async def create_or_replay(
     load: Callable[[UnitOfWork, str], Awaitable[T | None]],
     gone: Callable[[str], DomainError],
     actor: Actor,
+    changes: Sequence[Change] = (),
 ) -> T:
     """`create_once` for resources that can be read back: `created` when this call made it, else
     what the first call made as it stands now (`gone` when it has since been removed)."""
@@ -88,6 +97,7 @@ async def create_or_replay(
         request_id=request_id,
         create=insert,
         actor=actor,
+        created=changes,
     )
     if outcome.created:
         return created

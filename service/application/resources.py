@@ -17,7 +17,7 @@ from service.application.idempotency import create_once
 from service.domain import validation
 from service.domain.clock import utcnow
 from service.domain.errors import Denied, FailedPrecondition, InvalidArgument, resource_not_found
-from service.domain.events import Action
+from service.domain.events import Action, Change
 from service.domain.models import ResourceKind, ScopedResource
 from service.domain.pagination import Page, PageRequest
 from service.domain.principal import Principal
@@ -86,7 +86,6 @@ class Resources:
                 raise FailedPrecondition(  # pragma: no cover - the write's lock keeps it as read
                     f"environment {environment.id} is not active", reason="ENVIRONMENT_DELETED"
                 )
-            uow.record(Action.REGISTERED, resource)
             return _result_id(kind, resource_id)
 
         outcome = await create_once(
@@ -96,6 +95,7 @@ class Resources:
             operation="RegisterResource",
             request_id=idempotency_key,
             create=insert,
+            created=[Change(Action.REGISTERED, resource)],
         )
         if outcome.created:
             return resource

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import String, bindparam, cast, event, func, literal, select, text, update
+from sqlalchemy import Select, String, bindparam, cast, event, func, insert, literal, select, text, update
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -25,12 +26,13 @@ from service.domain.errors import DomainError, Unavailable
 from service.domain.events import Actor, Change, Event
 from service.domain.models import Organization
 from service.storage.errors import translate
+from service.storage.events import EventRepository, event_row, new_events
 from service.storage.inline_sqlite import InlineSQLite
 from service.storage.notifications import REVISION_CHANNEL, OnConnected, OnRevision, listen_for_revisions
 from service.storage.postgres import PostgresStatements
 from service.storage.prepared import prepared
 from service.storage.statements import Statements
-from service.storage.tables import ORGANIZATIONS
+from service.storage.tables import EVENTS, ORGANIZATIONS
 from service.storage.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -49,13 +51,37 @@ _RAISE_REVISION = prepared(
 # PostgreSQL: the same UPDATE, and in the same statement the NOTIFY that tells other replicas
 # (`organization_id:revision`, delivered at commit, dropped on rollback): one round trip, not two.
 _RAISED = _RAISE_REVISION.returning(ORGANIZATIONS.c.id).cte("raised")
-_RAISE_REVISION_AND_NOTIFY = prepared(
-    select(
+
+
+def _raised_and_notified() -> Select[tuple[int, Any]]:
+    return select(
         _RAISED.c.revision,
         func.pg_notify(
             literal(REVISION_CHANNEL), _RAISED.c.id + literal(":") + cast(_RAISED.c.revision, String)
         ),
     )
+
+
+_RAISE_REVISION_AND_NOTIFY = prepared(_raised_and_notified())
+# PostgreSQL, for a write whose one change is known before it begins (a create): the statement
+# that raises the revision also appends that change's event (the values of `events.event_row`),
+# so the organization's revision row lock is held for one round trip fewer. The event's values
+# are named `event_<column>`; its organization and revision come from the raised row.
+_EVENT_WITH_RAISED = insert(EVENTS).from_select(
+    [column.name for column in EVENTS.c],
+    select(
+        *(
+            _RAISED.c.id
+            if column.name == "organization_id"
+            else _RAISED.c.revision
+            if column.name == "revision"
+            else bindparam(f"event_{column.name}", type_=column.type)
+            for column in EVENTS.c
+        )
+    ),
+)
+_RAISE_REVISION_APPEND_AND_NOTIFY = prepared(
+    _raised_and_notified().add_cte(_EVENT_WITH_RAISED.cte("appended"))
 )
 
 
@@ -338,7 +364,12 @@ class Database:
 
     @asynccontextmanager
     async def write(
-        self, organization_id: str | None, actor: Actor | None = None, *, require_schema: bool = True
+        self,
+        organization_id: str | None,
+        actor: Actor | None = None,
+        *,
+        require_schema: bool = True,
+        announced: Sequence[Change] = (),
     ) -> AsyncIterator[UnitOfWork]:
         """One transaction of one organization's writes, by `actor`.
 
@@ -349,7 +380,10 @@ class Database:
         revision is set in `committed_revision` for the call's answer and listeners (this
         replica's cache) get the events. `None` is for creating an organization: its revision
         is raised once its row exists. `require_schema=False` is for start-up work done once
-        the schema was found current.
+        the schema was found current. `announced` are changes known before the write begins (a
+        create's record): their events are appended with the revision, before the block runs
+        (on PostgreSQL in the same statement, see `_raise_revision`); the block records only
+        the others.
         """
         if require_schema:
             self._require_schema()
@@ -362,21 +396,31 @@ class Database:
                 self._writing(self._ending(turn)) as connection,
             ):
                 revision = None
+                events: list[Event] = []
                 if organization_id is not None:
-                    revision = await self._raise_revision(connection, organization_id)
+                    revision, events = await self._raise_revision(
+                        connection, organization_id, announced, actor or Actor()
+                    )
                     raised = (organization_id, revision)
                     self._committing.add(raised)
                 uow = UnitOfWork(connection, organization_id)
+                if revision is None:
+                    uow.changes.extend(announced)
                 yield uow
                 owner = organization_id or _created_organization(uow.changes)
                 if owner is None:
                     return
                 if revision is None:
-                    revision = await self._raise_revision(connection, owner)
-                events: list[Event] = []
+                    revision, _ = await self._raise_revision(connection, owner)
                 if uow.changes:
-                    events = await uow.events.append(
-                        owner, revision, utcnow(), actor or Actor(), current_request_id.get(), uow.changes
+                    events += await uow.events.append(
+                        owner,
+                        revision,
+                        utcnow(),
+                        actor or Actor(),
+                        current_request_id.get(),
+                        uow.changes,
+                        start=len(events),
                     )
             if turn is not None:
                 turn.let_go()
@@ -396,12 +440,35 @@ class Database:
         yet)."""
         return (organization_id, revision) in self._committing
 
-    async def _raise_revision(self, connection: Statements, organization_id: str) -> int:
+    async def _raise_revision(
+        self,
+        connection: Statements,
+        organization_id: str,
+        announced: Sequence[Change] = (),
+        actor: Actor | None = None,
+    ) -> tuple[int, list[Event]]:
         """Raises the organization's revision (taking its row lock) and, on PostgreSQL, queues
-        the NOTIFY of the new revision in the same statement."""
-        statement = _RAISE_REVISION_AND_NOTIFY if self._notify else _RAISE_REVISION
-        raised = await connection.scalar(statement, {"organization_id": organization_id})
-        return int(raised or 0)
+        the NOTIFY of the new revision in the same statement; then appends the events of the
+        `announced` changes, in that statement too when there is one on PostgreSQL. Returns the
+        revision and those events."""
+        if not announced:
+            statement = _RAISE_REVISION_AND_NOTIFY if self._notify else _RAISE_REVISION
+            raised = await connection.scalar(statement, {"organization_id": organization_id})
+            return int(raised or 0), []
+        now, request_id = utcnow(), current_request_id.get()
+        if not self._notify or len(announced) > 1:
+            revision, _ = await self._raise_revision(connection, organization_id)
+            events = await EventRepository(connection).append(
+                organization_id, revision, now, actor or Actor(), request_id, announced
+            )
+            return revision, events
+        (event,) = new_events(organization_id, 0, now, actor or Actor(), request_id, announced)
+        # Prefixed: the names of the organization's own columns must not name the event's values.
+        values = {f"event_{name}": value for name, value in event_row(event, announced[0], 0).items()}
+        values["organization_id"] = organization_id
+        raised = await connection.scalar(_RAISE_REVISION_APPEND_AND_NOTIFY, values)
+        revision = int(raised or 0)
+        return revision, [dataclasses.replace(event, revision=revision)]
 
     async def ping(self) -> None:
         """One round trip to the database; `Unavailable` when it does not answer."""

@@ -116,6 +116,58 @@ class EventQuery:
         return where
 
 
+def new_events(
+    organization_id: str,
+    revision: int,
+    now: datetime,
+    actor: Actor,
+    request_id: str,
+    changes: Sequence[Change],
+) -> list[Event]:
+    """The events that record `changes` under `revision`, each with a fresh id."""
+    return [
+        Event(
+            id=ids.new_id(ids.EVENT),
+            organization_id=organization_id,
+            revision=revision,
+            create_time=now,
+            actor=actor,
+            request_id=request_id,
+            action=change.action,
+            resource_type=resource_type_of(change.resource),
+            resource_id=resource_id_of(change.resource),
+            environment_id=environment_of(change.resource),
+            changed_fields=change.changed_fields,
+            resource=change.resource,
+            previous_environment_id=change.previous_environment_id,
+        )
+        for change in changes
+    ]
+
+
+def event_row(event: Event, change: Change, sequence: int) -> dict[str, Any]:
+    """The values of an event's row (never a secret: records hold none), by column name."""
+    actor = event.actor
+    return {
+        "id": event.id,
+        "organization_id": event.organization_id,
+        "revision": event.revision,
+        "sequence": sequence,
+        "create_time": event.create_time,
+        "actor_api_key_id": actor.api_key_id,
+        "actor_member_id": actor.member_id,
+        "actor_operator": actor.operator,
+        "request_id": event.request_id,
+        "action": event.action.value,
+        "resource_type": event.resource_type.value,
+        "resource_id": event.resource_id,
+        "environment_id": event.environment_id,
+        "changed_fields": json.dumps(list(event.changed_fields)),
+        "resource": json.dumps(encode(event.resource), separators=(",", ":")),
+        "previous_environment_id": change.previous_environment_id,
+    }
+
+
 class EventRepository:
     """Appends and reads an organization's events."""
 
@@ -130,48 +182,16 @@ class EventRepository:
         actor: Actor,
         request_id: str,
         changes: Sequence[Change],
+        start: int = 0,
     ) -> list[Event]:
-        """Stores one event per change, numbered `revision`, in one statement; returns them."""
-        events = [
-            Event(
-                id=ids.new_id(ids.EVENT),
-                organization_id=organization_id,
-                revision=revision,
-                create_time=now,
-                actor=actor,
-                request_id=request_id,
-                action=change.action,
-                resource_type=resource_type_of(change.resource),
-                resource_id=resource_id_of(change.resource),
-                environment_id=environment_of(change.resource),
-                changed_fields=change.changed_fields,
-                resource=change.resource,
-                previous_environment_id=change.previous_environment_id,
-            )
-            for change in changes
-        ]
+        """Stores one event per change, numbered `revision`, in one statement; returns them.
+        Their sequence numbers within the revision begin at `start`."""
+        events = new_events(organization_id, revision, now, actor, request_id, changes)
         await self._connection.execute(
             _INSERT,
             [
-                {
-                    "id": event.id,
-                    "organization_id": organization_id,
-                    "revision": revision,
-                    "sequence": sequence,
-                    "create_time": now,
-                    "actor_api_key_id": actor.api_key_id,
-                    "actor_member_id": actor.member_id,
-                    "actor_operator": actor.operator,
-                    "request_id": request_id,
-                    "action": event.action.value,
-                    "resource_type": event.resource_type.value,
-                    "resource_id": event.resource_id,
-                    "environment_id": event.environment_id,
-                    "changed_fields": json.dumps(list(event.changed_fields)),
-                    "resource": json.dumps(encode(event.resource), separators=(",", ":")),
-                    "previous_environment_id": change.previous_environment_id,
-                }
-                for sequence, (event, change) in enumerate(zip(events, changes, strict=True))
+                event_row(event, change, start + index)
+                for index, (event, change) in enumerate(zip(events, changes, strict=True))
             ],
         )
         return events
