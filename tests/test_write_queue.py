@@ -8,8 +8,13 @@ from __future__ import annotations
 import asyncio
 import random
 
+import grpc
+from agentpost.environments.v1 import environment_pb2, resource_pb2
+from sqlalchemy import select
+
 from service.storage.database import _WriteQueue
-from tests.harness import Harness, Org
+from service.storage.tables import ResourceRow
+from tests.harness import Harness, Org, auth, failure_of
 
 WRITERS = 60
 
@@ -89,3 +94,56 @@ async def test_the_next_writer_begins_early_only_while_the_pool_has_room(harness
             await connection.close()
         turn.end()
     assert not queue._lock.locked()
+
+
+async def test_a_delete_racing_registrations_is_ordered_by_revision(harness: Harness, org: Org) -> None:
+    """Registrations race a DeleteEnvironment of their environment on one replica, writes of one
+    organization overlapping as they do on PostgreSQL: every registration acknowledged has a
+    revision before the delete's, every one after it is refused ENVIRONMENT_DELETED, and no
+    registration outlives the delete in the database."""
+    env = await harness.new_environment(org, "Doomed")
+    answers: list[tuple[str, int | str]] = []
+
+    async def register(number: int) -> None:
+        await asyncio.sleep(random.random() / 50)
+        call = harness.resources.RegisterResource(
+            resource_pb2.RegisterResourceRequest(
+                kind=resource_pb2.ScopedResource.INBOX, resource_id=f"race-{number}"
+            ),
+            metadata=auth(org.owner_secret, env.id),
+        )
+        try:
+            await call
+        except grpc.aio.AioRpcError as error:
+            failure = failure_of(error)
+            assert (failure.code, failure.reason) == (
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "ENVIRONMENT_DELETED",
+            )
+            answers.append((f"race-{number}", failure.reason))
+            return
+        trailers = dict(await call.trailing_metadata() or ())
+        answers.append((f"race-{number}", int(trailers["x-agentpost-revision"])))
+
+    async def delete() -> int:
+        await asyncio.sleep(0.01)
+        call = harness.environments.DeleteEnvironment(
+            environment_pb2.DeleteEnvironmentRequest(id=env.id), metadata=auth(org.owner_secret)
+        )
+        await call
+        return int(dict(await call.trailing_metadata() or ())["x-agentpost-revision"])
+
+    deleted_at, *_ = await asyncio.gather(delete(), *(register(number) for number in range(80)))
+    assert isinstance(deleted_at, int)
+    registered = {name: revision for name, revision in answers if isinstance(revision, int)}
+    assert registered and len(registered) < 80, "the race did not overlap the delete; nothing was tested"
+    assert all(revision < deleted_at for revision in registered.values()), (deleted_at, registered)
+    async with harness.app.engine.connect() as connection:
+        stored = set(
+            await connection.scalars(
+                select(ResourceRow.resource_id).where(
+                    ResourceRow.organization_id == org.id, ResourceRow.environment_id == env.id
+                )
+            )
+        )
+    assert stored == set(registered)
