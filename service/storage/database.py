@@ -413,15 +413,11 @@ class Database:
                 if revision is None:
                     revision, _ = await self._raise_revision(connection, owner)
                 if uow.changes:
-                    events += await uow.events.append(
-                        owner,
-                        revision,
-                        utcnow(),
-                        actor or Actor(),
-                        current_request_id.get(),
-                        uow.changes,
-                        start=len(events),
+                    recorded = new_events(
+                        owner, revision, utcnow(), actor or Actor(), current_request_id.get(), uow.changes
                     )
+                    await uow.events.append(recorded, start=len(events))
+                    events += recorded
             if turn is not None:
                 turn.let_go()
                 await turn.after_the_one_before()
@@ -458,13 +454,12 @@ class Database:
         now, request_id = utcnow(), current_request_id.get()
         if not self._notify or len(announced) > 1:
             revision, _ = await self._raise_revision(connection, organization_id)
-            events = await EventRepository(connection).append(
-                organization_id, revision, now, actor or Actor(), request_id, announced
-            )
+            events = new_events(organization_id, revision, now, actor or Actor(), request_id, announced)
+            await EventRepository(connection).append(events)
             return revision, events
         (event,) = new_events(organization_id, 0, now, actor or Actor(), request_id, announced)
         # Prefixed: the names of the organization's own columns must not name the event's values.
-        values = {f"event_{name}": value for name, value in event_row(event, announced[0], 0).items()}
+        values = {f"event_{name}": value for name, value in event_row(event, 0).items()}
         values["organization_id"] = organization_id
         raised = await connection.scalar(_RAISE_REVISION_APPEND_AND_NOTIFY, values)
         revision = int(raised or 0)

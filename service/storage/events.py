@@ -145,7 +145,7 @@ def new_events(
     ]
 
 
-def event_row(event: Event, change: Change, sequence: int) -> dict[str, Any]:
+def event_row(event: Event, sequence: int) -> dict[str, Any]:
     """The values of an event's row (never a secret: records hold none), by column name."""
     actor = event.actor
     return {
@@ -164,7 +164,7 @@ def event_row(event: Event, change: Change, sequence: int) -> dict[str, Any]:
         "environment_id": event.environment_id,
         "changed_fields": json.dumps(list(event.changed_fields)),
         "resource": json.dumps(encode(event.resource), separators=(",", ":")),
-        "previous_environment_id": change.previous_environment_id,
+        "previous_environment_id": event.previous_environment_id,
     }
 
 
@@ -174,27 +174,12 @@ class EventRepository:
     def __init__(self, connection: Statements) -> None:
         self._connection = connection
 
-    async def append(
-        self,
-        organization_id: str,
-        revision: int,
-        now: datetime,
-        actor: Actor,
-        request_id: str,
-        changes: Sequence[Change],
-        start: int = 0,
-    ) -> list[Event]:
-        """Stores one event per change, numbered `revision`, in one statement; returns them.
-        Their sequence numbers within the revision begin at `start`."""
-        events = new_events(organization_id, revision, now, actor, request_id, changes)
+    async def append(self, events: Sequence[Event], start: int = 0) -> None:
+        """Stores events of one revision (see `new_events`) in one statement, their sequence
+        numbers within the revision beginning at `start`."""
         await self._connection.execute(
-            _INSERT,
-            [
-                event_row(event, change, start + index)
-                for index, (event, change) in enumerate(zip(events, changes, strict=True))
-            ],
+            _INSERT, [event_row(event, start + index) for index, event in enumerate(events)]
         )
-        return events
 
     async def after(
         self, organization_id: str, revision: int, *, up_to: int, limit: int = 10_000
