@@ -39,7 +39,8 @@ class Environments:
         env = Environment.new(principal.organization_id, name, slug, description, now)
 
         async def insert(uow: UnitOfWork) -> str:
-            await uow.environments.insert(env)
+            if env not in uow.stored_with_revision:
+                await uow.environments.insert(env)
             return env.id
 
         async def load(uow: UnitOfWork, environment_id: str) -> Environment | None:

@@ -23,8 +23,9 @@ from sqlalchemy.pool import Pool, QueuePool
 from service.domain.calls import committed_revision, current_request_id
 from service.domain.clock import utcnow
 from service.domain.errors import DomainError, Unavailable
-from service.domain.events import Actor, Change, Event
-from service.domain.models import Organization
+from service.domain.events import Action, Actor, Change, Event, Resource
+from service.domain.models import Environment, Organization
+from service.storage.environments import environment_row
 from service.storage.errors import translate
 from service.storage.events import EventRepository, event_row, new_events
 from service.storage.inline_sqlite import InlineSQLite
@@ -32,7 +33,7 @@ from service.storage.notifications import REVISION_CHANNEL, OnConnected, OnRevis
 from service.storage.postgres import PostgresStatements
 from service.storage.prepared import prepared
 from service.storage.statements import Statements
-from service.storage.tables import EVENTS, ORGANIZATIONS
+from service.storage.tables import ENVIRONMENTS, EVENTS, ORGANIZATIONS
 from service.storage.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,17 @@ _EVENT_WITH_RAISED = insert(EVENTS).from_select(
 )
 _RAISE_REVISION_APPEND_AND_NOTIFY = prepared(
     _raised_and_notified().add_cte(_EVENT_WITH_RAISED.cte("appended"))
+)
+# A created environment's row goes in that statement too (named `row_<column>`): its insert
+# reads nothing, so whenever it runs within the statement it finds what a later one would (a
+# taken slug is refused by the unique index whatever the snapshot).
+_ENVIRONMENT_ROW = insert(ENVIRONMENTS).values(
+    {column: bindparam(f"row_{column.name}", type_=column.type) for column in ENVIRONMENTS.c}
+)
+_RAISE_REVISION_CREATE_APPEND_AND_NOTIFY = prepared(
+    _raised_and_notified()
+    .add_cte(_EVENT_WITH_RAISED.cte("appended"))
+    .add_cte(_ENVIRONMENT_ROW.cte("created"))
 )
 
 
@@ -397,13 +409,13 @@ class Database:
             ):
                 revision = None
                 events: list[Event] = []
+                uow = UnitOfWork(connection, organization_id)
                 if organization_id is not None:
                     revision, events = await self._raise_revision(
-                        connection, organization_id, announced, actor or Actor()
+                        connection, organization_id, announced, actor or Actor(), uow.stored_with_revision
                     )
                     raised = (organization_id, revision)
                     self._committing.add(raised)
-                uow = UnitOfWork(connection, organization_id)
                 if revision is None:
                     uow.changes.extend(announced)
                 yield uow
@@ -442,11 +454,15 @@ class Database:
         organization_id: str,
         announced: Sequence[Change] = (),
         actor: Actor | None = None,
+        stored: list[Resource] | None = None,
     ) -> tuple[int, list[Event]]:
         """Raises the organization's revision (taking its row lock) and, on PostgreSQL, queues
         the NOTIFY of the new revision in the same statement; then appends the events of the
-        `announced` changes, in that statement too when there is one on PostgreSQL. Returns the
-        revision and those events."""
+        `announced` changes, in that statement too when there is one on PostgreSQL, where a
+        created environment is inserted by it as well (added to `stored`). Returns the revision
+        and those events."""
+        if stored is None:
+            stored = []
         if not announced:
             statement = _RAISE_REVISION_AND_NOTIFY if self._notify else _RAISE_REVISION
             raised = await connection.scalar(statement, {"organization_id": organization_id})
@@ -461,7 +477,13 @@ class Database:
         # Prefixed: the names of the organization's own columns must not name the event's values.
         values = {f"event_{name}": value for name, value in event_row(event, 0).items()}
         values["organization_id"] = organization_id
-        raised = await connection.scalar(_RAISE_REVISION_APPEND_AND_NOTIFY, values)
+        statement = _RAISE_REVISION_APPEND_AND_NOTIFY
+        (change,) = announced
+        if change.action is Action.CREATED and isinstance(change.resource, Environment):
+            statement = _RAISE_REVISION_CREATE_APPEND_AND_NOTIFY
+            values.update({f"row_{name}": value for name, value in environment_row(change.resource).items()})
+            stored.append(change.resource)
+        raised = await connection.scalar(statement, values)
         revision = int(raised or 0)
         return revision, [dataclasses.replace(event, revision=revision)]
 

@@ -33,6 +33,9 @@ class UnitOfWork:
         self._connection = connection
         self.organization_id = organization_id
         self.changes: list[Change] = []
+        # Records a create announced to its write, which stored them with the revision (see
+        # `Database.write`): the use case does not insert these again.
+        self.stored_with_revision: list[Resource] = []
 
     def record(
         self,
