@@ -233,6 +233,7 @@ class _WriteQueue:
     it and begins meanwhile, then waits in its first statement for the revision row lock, which
     that commit releases. So its revision still follows the committed one, and only the work
     around the lock overlaps.
+
     Listeners hear each organization's writes in revision order: a writer whose commit came
     back tells them once the one before it has.
     """
