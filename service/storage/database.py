@@ -23,11 +23,11 @@ from sqlalchemy.pool import Pool, QueuePool
 from service.domain.calls import committed_revision, current_request_id
 from service.domain.clock import utcnow
 from service.domain.errors import DomainError, Unavailable
-from service.domain.events import Action, Actor, Change, Event, Resource
+from service.domain.events import Action, Actor, Change, Event
 from service.domain.models import Environment, Organization
 from service.storage.environments import environment_row
 from service.storage.errors import translate
-from service.storage.events import EventRepository, event_row, new_events
+from service.storage.events import event_row, new_events
 from service.storage.inline_sqlite import InlineSQLite
 from service.storage.notifications import REVISION_CHANNEL, OnConnected, OnRevision, listen_for_revisions
 from service.storage.postgres import PostgresStatements
@@ -400,6 +400,7 @@ class Database:
         """
         if require_schema:
             self._require_schema()
+        actor = actor or Actor()
         queue = self._write_queue(organization_id)
         turn = await queue.take() if queue is not None else None
         raised: tuple[str, int] | None = None
@@ -412,9 +413,7 @@ class Database:
                 events: list[Event] = []
                 uow = UnitOfWork(connection, organization_id)
                 if organization_id is not None:
-                    revision, events = await self._raise_revision(
-                        connection, organization_id, announced, actor or Actor(), uow.stored_with_revision
-                    )
+                    revision, events = await self._raise_announcing(uow, organization_id, announced, actor)
                     raised = (organization_id, revision)
                     self._committing.add(raised)
                 if revision is None:
@@ -424,10 +423,10 @@ class Database:
                 if owner is None:
                     return
                 if revision is None:
-                    revision, _ = await self._raise_revision(connection, owner)
+                    revision = await self._raise_revision(connection, owner)
                 if uow.changes:
                     recorded = new_events(
-                        owner, revision, utcnow(), actor or Actor(), current_request_id.get(), uow.changes
+                        owner, revision, utcnow(), actor, current_request_id.get(), uow.changes
                     )
                     await uow.events.append(recorded, start=len(events))
                     events += recorded
@@ -449,43 +448,38 @@ class Database:
         yet)."""
         return (organization_id, revision) in self._committing
 
-    async def _raise_revision(
-        self,
-        connection: Statements,
-        organization_id: str,
-        announced: Sequence[Change] = (),
-        actor: Actor | None = None,
-        stored: list[Resource] | None = None,
-    ) -> tuple[int, list[Event]]:
+    async def _raise_revision(self, connection: Statements, organization_id: str) -> int:
         """Raises the organization's revision (taking its row lock) and, on PostgreSQL, queues
-        the NOTIFY of the new revision in the same statement; then appends the events of the
-        `announced` changes, in that statement too when there is one on PostgreSQL, where a
-        created environment is inserted by it as well (added to `stored`). Returns the revision
-        and those events."""
-        if stored is None:
-            stored = []
+        the NOTIFY of the new revision in the same statement."""
+        statement = _RAISE_REVISION_AND_NOTIFY if self._notify else _RAISE_REVISION
+        raised = await connection.scalar(statement, {"organization_id": organization_id})
+        return int(raised or 0)
+
+    async def _raise_announcing(
+        self, uow: UnitOfWork, organization_id: str, announced: Sequence[Change], actor: Actor
+    ) -> tuple[int, list[Event]]:
+        """`_raise_revision`, then the events of the `announced` changes. On PostgreSQL the event
+        of one change goes in the same statement, and a created environment's row with it (noted
+        in `uow.stored_with_revision`). Returns the revision and those events."""
         if not announced:
-            statement = _RAISE_REVISION_AND_NOTIFY if self._notify else _RAISE_REVISION
-            raised = await connection.scalar(statement, {"organization_id": organization_id})
-            return int(raised or 0), []
+            return await self._raise_revision(uow.statements, organization_id), []
         now, request_id = utcnow(), current_request_id.get()
         if not self._notify or len(announced) > 1:
-            revision, _ = await self._raise_revision(connection, organization_id)
-            events = new_events(organization_id, revision, now, actor or Actor(), request_id, announced)
-            await EventRepository(connection).append(events)
+            revision = await self._raise_revision(uow.statements, organization_id)
+            events = new_events(organization_id, revision, now, actor, request_id, announced)
+            await uow.events.append(events)
             return revision, events
-        (event,) = new_events(organization_id, 0, now, actor or Actor(), request_id, announced)
+        (change,) = announced
+        (event,) = new_events(organization_id, 0, now, actor, request_id, announced)
         # Prefixed: the names of the organization's own columns must not name the event's values.
         values = {f"event_{name}": value for name, value in event_row(event, 0).items()}
         values["organization_id"] = organization_id
         statement = _RAISE_REVISION_APPEND_AND_NOTIFY
-        (change,) = announced
         if change.action is Action.CREATED and isinstance(change.resource, Environment):
             statement = _RAISE_REVISION_CREATE_APPEND_AND_NOTIFY
             values.update({f"row_{name}": value for name, value in environment_row(change.resource).items()})
-            stored.append(change.resource)
-        raised = await connection.scalar(statement, values)
-        revision = int(raised or 0)
+            uow.stored_with_revision.append(change.resource)
+        revision = int(await uow.statements.scalar(statement, values) or 0)
         return revision, [dataclasses.replace(event, revision=revision)]
 
     async def ping(self) -> None:

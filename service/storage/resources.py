@@ -42,11 +42,10 @@ _ENVIRONMENT_ACTIVE = exists().where(
     ENVIRONMENTS.c.id == bindparam("environment_id"),
     ENVIRONMENTS.c.delete_time.is_(None),
 )
-_REGISTERED = [column.name for column in RESOURCES.c]
 _INSERT_INTO_ACTIVE = prepared(
     insert(RESOURCES)
     .from_select(
-        _REGISTERED,
+        [column.name for column in RESOURCES.c],
         select(*(bindparam(column.name, type_=column.type) for column in RESOURCES.c)).where(
             _ENVIRONMENT_ACTIVE
         ),
