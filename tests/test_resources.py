@@ -14,9 +14,9 @@ import grpc
 import pytest
 from agentpost.environments.v1 import environment_pb2
 from agentpost.environments.v1 import resource_pb2 as pb
-from sqlalchemy import update
+from sqlalchemy import func, select, text, update
 
-from service.storage.tables import EnvironmentRow
+from service.storage.tables import EnvironmentRow, EventRow, OrganizationRow, ResourceRow
 from tests.harness import Harness, Org, auth, fails
 
 Code = grpc.StatusCode
@@ -372,6 +372,71 @@ async def test_a_registration_reads_its_environment_in_the_same_statement(harnes
     )
     registered = await register(harness, org.owner_secret, INBOX, "during", environment=staging.id)
     assert registered.environment_id == staging.id
+
+
+async def test_a_delete_committed_while_a_registration_waits_for_the_lock_wins(
+    harness: Harness, org: Org
+) -> None:
+    """A registration that waits for the organization's write lock, while a delete it cannot
+    see holds it, reads the environment as the delete left it: refused, and nothing of it is
+    written (no registration, no event, no revision). On PostgreSQL the registration is one
+    statement whose snapshot predates the delete's commit; the lock is the organization's
+    revision row. On SQLite it is the file's write lock. The delete is written straight to the
+    database, so the replica's own view still shows the environment active."""
+    staging = await harness.new_environment(org, "Staging")
+    engine = harness.app.engine
+    postgres = engine.dialect.name == "postgresql"
+
+    async def revision() -> int:
+        async with engine.connect() as connection:
+            found = await connection.scalar(
+                select(OrganizationRow.revision).where(OrganizationRow.id == org.id)
+            )
+        return int(found or 0)
+
+    async def waiting_for_a_lock() -> bool:
+        if not postgres:
+            return True  # SQLite's writer waits in the service's own sleep: nothing to see
+        async with engine.connect() as connection:
+            waiting = await connection.scalar(
+                text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")
+            )
+        return bool(waiting)
+
+    before = await revision()
+    async with engine.connect() as holder:
+        transaction = await holder.begin()
+        if postgres:
+            await holder.execute(
+                select(OrganizationRow.id).where(OrganizationRow.id == org.id).with_for_update()
+            )
+        await holder.execute(
+            update(EnvironmentRow)
+            .where(EnvironmentRow.id == staging.id)
+            .values(delete_time=datetime.now(UTC))
+        )
+        call = asyncio.ensure_future(
+            register(harness, org.owner_secret, INBOX, "waiting", environment=staging.id)
+        )
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            if await waiting_for_a_lock():
+                break
+        else:
+            pytest.fail("the registration never waited for the lock")
+        await asyncio.sleep(0.1)
+        assert not call.done()
+        await transaction.commit()
+    await fails(call, Code.FAILED_PRECONDITION, "ENVIRONMENT_DELETED")
+    async with engine.connect() as connection:
+        registered = await connection.scalar(
+            select(func.count()).select_from(ResourceRow).where(ResourceRow.resource_id == "waiting")
+        )
+        logged = await connection.scalar(
+            select(func.count()).select_from(EventRow).where(EventRow.resource_id.like("%waiting%"))
+        )
+    assert (registered, logged) == (0, 0)
+    assert await revision() == before
 
 
 async def test_deleting_an_environment_hides_its_resources_until_undeleted(

@@ -81,6 +81,8 @@ class Resources:
         async def insert(uow: UnitOfWork) -> str:
             # The insert re-reads the environment itself: a delete committed since the caller's
             # view was read wins. Only then is it read again, to say how.
+            if resource in uow.stored_with_revision:
+                return _result_id(kind, resource_id)
             if not await uow.resources.insert_if_active(resource):
                 await recheck_active(uow, principal.organization_id, environment.id)
                 raise FailedPrecondition(  # pragma: no cover - the write's lock keeps it as read

@@ -14,26 +14,43 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import Select, String, bindparam, cast, event, func, insert, literal, select, text, update
+from sqlalchemy import (
+    Integer,
+    Select,
+    String,
+    bindparam,
+    cast,
+    event,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.sql.base import Executable
 
 from service.domain.calls import committed_revision, current_request_id
 from service.domain.clock import utcnow
 from service.domain.errors import DomainError, Unavailable
 from service.domain.events import Action, Actor, Change, Event
-from service.domain.models import Environment, Organization
+from service.domain.models import Environment, Organization, ScopedResource
 from service.storage.environments import environment_row
-from service.storage.errors import translate
+from service.storage.errors import has_sqlstate, translate
 from service.storage.events import event_row, new_events
 from service.storage.inline_sqlite import InlineSQLite
 from service.storage.notifications import REVISION_CHANNEL, OnConnected, OnRevision, listen_for_revisions
 from service.storage.postgres import PostgresStatements
 from service.storage.prepared import prepared
+from service.storage.resources import resource_row
 from service.storage.statements import Statements
-from service.storage.tables import ENVIRONMENTS, EVENTS, ORGANIZATIONS
+from service.storage.tables import ENVIRONMENTS, EVENTS, ORGANIZATIONS, RESOURCES
 from service.storage.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -84,17 +101,105 @@ _EVENT_WITH_RAISED = insert(EVENTS).from_select(
 _RAISE_REVISION_APPEND_AND_NOTIFY = prepared(
     _raised_and_notified().add_cte(_EVENT_WITH_RAISED.cte("appended"))
 )
-# A created environment's row goes in that statement too (named `row_<column>`): its insert
-# reads nothing, so whenever it runs within the statement it finds what a later one would (a
-# taken slug is refused by the unique index whatever the snapshot).
-_ENVIRONMENT_ROW = insert(ENVIRONMENTS).values(
-    {column: bindparam(f"row_{column.name}", type_=column.type) for column in ENVIRONMENTS.c}
-)
-_RAISE_REVISION_CREATE_APPEND_AND_NOTIFY = prepared(
+# A write whose one change is a created environment or a registered resource, and nothing else (a
+# create without a request id), is that statement with the record's row (named `row_<column>`)
+# added, committed on its own: no BEGIN, no COMMIT, one round trip (see `Database.write`).
+# An environment's insert reads nothing, so wherever it runs within the statement it finds what
+# a later one would (a taken slug is refused by the unique index whatever the snapshot).
+_ENVIRONMENT_CREATED = prepared(
     _raised_and_notified()
     .add_cte(_EVENT_WITH_RAISED.cte("appended"))
-    .add_cte(_ENVIRONMENT_ROW.cte("created"))
+    .add_cte(
+        insert(ENVIRONMENTS)
+        .values({column: bindparam(f"row_{column.name}", type_=column.type) for column in ENVIRONMENTS.c})
+        .cte("created")
+    )
 )
+# A registration goes in only while its environment is not deleted, read once the revision's row
+# lock is held: the environment is joined to the raised row (LATERAL, so it is read after the
+# UPDATE has its row) and locked FOR SHARE, which reads its latest committed version, not the
+# statement's snapshot: a delete committed while this statement waited for the lock is seen, and
+# none can commit before this one does. Every write of an environment holds the revision's lock
+# first, so this order takes no lock the other way round. When the row did not go in, the
+# statement divides by zero: nothing of it (revision, event, NOTIFY) is committed, and the write
+# is made again in a transaction, which says why (see `Database._write_alone`).
+_SQLSTATE_DIVISION_BY_ZERO = "22012"
+_ACTIVE_ENVIRONMENT = (
+    select(ENVIRONMENTS.c.id)
+    .where(
+        ENVIRONMENTS.c.organization_id == _RAISED.c.id,
+        ENVIRONMENTS.c.id == bindparam("row_environment_id"),
+        ENVIRONMENTS.c.delete_time.is_(None),
+    )
+    .with_for_update(read=True)
+    .lateral("active")
+)
+_REGISTERED = (
+    insert(RESOURCES)
+    .from_select(
+        [column.name for column in RESOURCES.c],
+        select(
+            *(
+                _RAISED.c.id
+                if column.name == "organization_id"
+                else _ACTIVE_ENVIRONMENT.c.id
+                if column.name == "environment_id"
+                else bindparam(f"row_{column.name}", type_=column.type)
+                for column in RESOURCES.c
+            )
+        ).select_from(_RAISED.join(_ACTIVE_ENVIRONMENT, true())),
+    )
+    .returning(RESOURCES.c.resource_id)
+    .cte("registered")
+)
+_RESOURCE_REGISTERED = prepared(
+    _raised_and_notified()
+    .add_columns(literal(1, Integer) // select(func.count()).select_from(_REGISTERED).scalar_subquery())
+    .add_cte(_EVENT_WITH_RAISED.cte("appended"))
+    .add_cte(_REGISTERED)
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Alone:
+    """A write made in one statement: the statement and the values of its record's row."""
+
+    statement: Select[Any]
+    row: dict[str, Any]
+
+
+def _alone(change: Change) -> _Alone | None:
+    """How a write whose only change is `change` is made in one statement, if it can be."""
+    record = change.resource
+    if change.action is Action.CREATED and isinstance(record, Environment):
+        return _Alone(_ENVIRONMENT_CREATED, environment_row(record))
+    if change.action is Action.REGISTERED and isinstance(record, ScopedResource):
+        return _Alone(_RESOURCE_REGISTERED, resource_row(record))
+    return None
+
+
+@dataclasses.dataclass
+class _Written:
+    """What a write raised: its organization, revision and events (None until raised)."""
+
+    organization_id: str | None = None
+    revision: int = 0
+    events: list[Event] = dataclasses.field(default_factory=list)
+    committing: bool = False
+
+
+class _Committed:
+    """The statements of a write made in one statement, after it: there is nothing left to run
+    in it, and running something would write outside it."""
+
+    @property
+    def dialect(self) -> Dialect:
+        raise RuntimeError("this write was made in one statement")
+
+    async def execute(self, statement: Executable, parameters: Any = None) -> Any:
+        raise RuntimeError("this write was made in one statement; its block must not run statements")
+
+    scalar = scalars = execute
 
 
 def _created_organization(changes: list[Change]) -> str | None:
@@ -301,6 +406,9 @@ class Database:
         # (organization, revision) of each write in progress here that raised a revision, until
         # its listeners have run (see `committing`).
         self._committing: set[tuple[str, int]] = set()
+        # Organizations with a write in one statement in flight here, its revision not known
+        # yet (see `_write_alone`): at most one each, as it holds the organization's turn.
+        self._alone_in_flight: set[str] = set()
         # (reason, message) while the schema is not known to be the one this code needs (start-up
         # found it behind, or could not tell): every unit of work is refused with it.
         self.closed_because: tuple[str, str] | None = None
@@ -393,60 +501,119 @@ class Database:
         revision is set in `committed_revision` for the call's answer and listeners (this
         replica's cache) get the events. `None` is for creating an organization: its revision
         is raised once its row exists. `require_schema=False` is for start-up work done once
-        the schema was found current. `announced` are changes known before the write begins (a
-        create's record): their events are appended with the revision, before the block runs
-        (on PostgreSQL in the same statement, see `_raise_revision`); the block records only
-        the others.
+        the schema was found current.
+
+        `announced` are changes known before the write begins (a create's record): their
+        events are appended with the revision, before the block runs (on PostgreSQL in the same
+        statement); the block records only the others. On PostgreSQL a write whose one announced
+        change is a created environment or a registered resource is made whole, record included,
+        in one statement before the block runs (see `_write_alone`): the record is then in
+        `uow.stored_with_revision`, and the block must not run statements.
         """
         if require_schema:
             self._require_schema()
         actor = actor or Actor()
         queue = self._write_queue(organization_id)
         turn = await queue.take() if queue is not None else None
-        raised: tuple[str, int] | None = None
+        written = _Written()
         try:
-            async with (
-                translated_errors(),
-                self._writing(self._ending(turn)) as connection,
+            alone = _alone(announced[0]) if self._notify and len(announced) == 1 else None
+            if (
+                organization_id is not None
+                and alone is not None
+                and await self._write_alone(organization_id, actor, announced[0], alone, written)
             ):
-                revision = None
-                events: list[Event] = []
-                uow = UnitOfWork(connection, organization_id)
-                if organization_id is not None:
-                    revision, events = await self._raise_announcing(uow, organization_id, announced, actor)
-                    raised = (organization_id, revision)
-                    self._committing.add(raised)
-                if revision is None:
-                    uow.changes.extend(announced)
+                uow = UnitOfWork(_Committed(), organization_id)
+                uow.stored_with_revision.append(announced[0].resource)
                 yield uow
-                owner = organization_id or _created_organization(uow.changes)
-                if owner is None:
-                    return
-                if revision is None:
-                    revision = await self._raise_revision(connection, owner)
                 if uow.changes:
-                    recorded = new_events(
-                        owner, revision, utcnow(), actor, current_request_id.get(), uow.changes
-                    )
-                    await uow.events.append(recorded, start=len(events))
-                    events += recorded
+                    raise RuntimeError("a write made in one statement recorded more changes")
+            else:
+                async with self._transaction(organization_id, actor, announced, turn, written) as uow:
+                    yield uow
+            if written.organization_id is None:
+                return
             if turn is not None:
                 turn.let_go()
                 await turn.after_the_one_before()
-            committed_revision.set(revision)
+            committed_revision.set(written.revision)
             for listener in self._listeners:
-                listener(owner, revision, events)
+                listener(written.organization_id, written.revision, written.events)
         finally:
             if turn is not None:
                 turn.end()
-            if raised is not None:
-                self._committing.discard(raised)
+            if written.committing:
+                self._committing.discard((written.organization_id, written.revision))
+
+    def _raised(self, written: _Written, organization_id: str, revision: int, events: list[Event]) -> None:
+        """Notes the revision a write raised the organization to: it is committing (see
+        `committing`) until its listeners have run."""
+        written.organization_id, written.revision, written.events = organization_id, revision, events
+        written.committing = True
+        self._committing.add((organization_id, revision))
+
+    @asynccontextmanager
+    async def _transaction(
+        self,
+        organization_id: str | None,
+        actor: Actor,
+        announced: Sequence[Change],
+        turn: _Turn | None,
+        written: _Written,
+    ) -> AsyncIterator[UnitOfWork]:
+        """The write's transaction (see `write`), committed when the block ends; fills `written`."""
+        async with translated_errors(), self._writing(self._ending(turn)) as connection:
+            uow = UnitOfWork(connection, organization_id)
+            if organization_id is not None:
+                self._raised(
+                    written,
+                    organization_id,
+                    *await self._raise_announcing(uow, organization_id, announced, actor),
+                )
+            else:
+                uow.changes.extend(announced)
+            yield uow
+            owner = organization_id or _created_organization(uow.changes)
+            if owner is None:
+                return
+            if organization_id is None:
+                self._raised(written, owner, await self._raise_revision(connection, owner), [])
+            if uow.changes:
+                recorded = new_events(
+                    owner, written.revision, utcnow(), actor, current_request_id.get(), uow.changes
+                )
+                await uow.events.append(recorded, start=len(written.events))
+                written.events += recorded
+
+    async def _write_alone(
+        self, organization_id: str, actor: Actor, change: Change, alone: _Alone, written: _Written
+    ) -> bool:
+        """Makes the write of `change` in one statement, committed on its own (PostgreSQL): the
+        revision, its event, the record's row and the NOTIFY. The organization's turn then lasts
+        one round trip. False when it stored nothing because the resource's environment is no
+        longer active; the write is then made in a transaction, which says so."""
+        (event,) = new_events(organization_id, 0, utcnow(), actor, current_request_id.get(), [change])
+        values = self._announcing(organization_id, event)
+        values.update({f"row_{name}": value for name, value in alone.row.items()})
+        self._alone_in_flight.add(organization_id)
+        try:
+            async with translated_errors(), _connected(self.engine) as connection:
+                revision = int(await connection.scalar(alone.statement, values) or 0)
+            self._raised(written, organization_id, revision, [dataclasses.replace(event, revision=revision)])
+            return True
+        except Exception as error:
+            if has_sqlstate(error, _SQLSTATE_DIVISION_BY_ZERO):
+                return False
+            raise
+        finally:
+            self._alone_in_flight.discard(organization_id)
 
     def committing(self, organization_id: str, revision: int) -> bool:
         """Whether a write in progress in this process raised the organization to `revision`:
         it commits, then tells the listeners (after the write before it, if that one has not
-        yet)."""
-        return (organization_id, revision) in self._committing
+        yet). A write in one statement commits before it knows its revision: while one is in
+        flight, any revision of its organization may be its own."""
+        return (organization_id, revision) in self._committing or organization_id in self._alone_in_flight
 
     async def _raise_revision(self, connection: Statements, organization_id: str) -> int:
         """Raises the organization's revision (taking its row lock) and, on PostgreSQL, queues
@@ -455,12 +622,20 @@ class Database:
         raised = await connection.scalar(statement, {"organization_id": organization_id})
         return int(raised or 0)
 
+    @staticmethod
+    def _announcing(organization_id: str, event: Event) -> dict[str, Any]:
+        """The values of a statement that raises the organization's revision and appends
+        `event` under it (its revision is the raised one)."""
+        # Prefixed: the names of the organization's own columns must not name the event's values.
+        values = {f"event_{name}": value for name, value in event_row(event, 0).items()}
+        values["organization_id"] = organization_id
+        return values
+
     async def _raise_announcing(
         self, uow: UnitOfWork, organization_id: str, announced: Sequence[Change], actor: Actor
     ) -> tuple[int, list[Event]]:
-        """`_raise_revision`, then the events of the `announced` changes. On PostgreSQL the event
-        of one change goes in the same statement, and a created environment's row with it (noted
-        in `uow.stored_with_revision`). Returns the revision and those events."""
+        """`_raise_revision`, then the events of the `announced` changes; on PostgreSQL the event
+        of one change goes in the same statement. Returns the revision and those events."""
         if not announced:
             return await self._raise_revision(uow.statements, organization_id), []
         now, request_id = utcnow(), current_request_id.get()
@@ -469,17 +644,9 @@ class Database:
             events = new_events(organization_id, revision, now, actor, request_id, announced)
             await uow.events.append(events)
             return revision, events
-        (change,) = announced
         (event,) = new_events(organization_id, 0, now, actor, request_id, announced)
-        # Prefixed: the names of the organization's own columns must not name the event's values.
-        values = {f"event_{name}": value for name, value in event_row(event, 0).items()}
-        values["organization_id"] = organization_id
         statement = _RAISE_REVISION_APPEND_AND_NOTIFY
-        if change.action is Action.CREATED and isinstance(change.resource, Environment):
-            statement = _RAISE_REVISION_CREATE_APPEND_AND_NOTIFY
-            values.update({f"row_{name}": value for name, value in environment_row(change.resource).items()})
-            uow.stored_with_revision.append(change.resource)
-        revision = int(await uow.statements.scalar(statement, values) or 0)
+        revision = int(await uow.statements.scalar(statement, self._announcing(organization_id, event)) or 0)
         return revision, [dataclasses.replace(event, revision=revision)]
 
     async def ping(self) -> None:

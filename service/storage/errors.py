@@ -117,13 +117,16 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
         candidate = getattr(candidate, "orig", None) or candidate.__cause__
 
 
+def has_sqlstate(error: BaseException, state: str) -> bool:
+    """Whether `error`, or a driver error wrapped in it, carries PostgreSQL's SQLSTATE `state`."""
+    return any(getattr(candidate, "sqlstate", None) == state for candidate in _causes(error))
+
+
 def _storage_full(error: BaseException) -> bool:
     """True when the database has no space left to write: SQLite's SQLITE_FULL (the disk, or
     the file's page limit) or PostgreSQL's disk_full."""
-    return any(
-        getattr(candidate, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
-        or getattr(candidate, "sqlstate", None) == _SQLSTATE_DISK_FULL
-        for candidate in _causes(error)
+    return has_sqlstate(error, _SQLSTATE_DISK_FULL) or any(
+        getattr(candidate, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL for candidate in _causes(error)
     )
 
 

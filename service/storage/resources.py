@@ -75,7 +75,8 @@ def _after(after: tuple[str, str] | None) -> ColumnElement[bool]:
     return or_(ResourceRow.kind > kind, and_(ResourceRow.kind == kind, ResourceRow.resource_id > resource_id))
 
 
-def _row(resource: ScopedResource) -> dict[str, Any]:
+def resource_row(resource: ScopedResource) -> dict[str, Any]:
+    """The row of a registration, for Core inserts."""
     return {
         "organization_id": resource.organization_id,
         "kind": resource.kind.value,
@@ -96,12 +97,12 @@ class ResourceRepository:
     async def insert(self, resource: ScopedResource) -> None:
         """Stores a new registration; one already registered under the same organization, kind and
         id (in any environment) raises AlreadyExists(RESOURCE_EXISTS)."""
-        await self._connection.execute(_INSERT, _row(resource))
+        await self._connection.execute(_INSERT, resource_row(resource))
 
     async def insert_if_active(self, resource: ScopedResource) -> bool:
         """`insert`, made only if the resource's environment exists and is not deleted (read in
         the same statement); False when it was not made."""
-        inserted = await self._connection.execute(_INSERT_INTO_ACTIVE, _row(resource))
+        inserted = await self._connection.execute(_INSERT_INTO_ACTIVE, resource_row(resource))
         return inserted.first() is not None
 
     async def get(self, organization_id: str, kind: ResourceKind, resource_id: str) -> ScopedResource | None:
