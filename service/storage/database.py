@@ -34,7 +34,11 @@ from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import Pool, QueuePool
+from sqlalchemy.schema import Table
 from sqlalchemy.sql.base import Executable
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import FromClause
 
 from service.domain.calls import committed_revision, current_request_id
 from service.domain.clock import utcnow
@@ -81,22 +85,31 @@ def _raised_and_notified() -> Select[tuple[int, Any]]:
 
 
 _RAISE_REVISION_AND_NOTIFY = prepared(_raised_and_notified())
+
+
+def _insert_selecting(
+    table: Table, taken: dict[str, ColumnElement[Any]], prefix: str, source: FromClause | None = None
+) -> Insert:
+    """INSERT INTO `table` ... SELECT: the values of the columns named in `taken` are those
+    expressions (read from `source`, or from what they name), the others bound parameters named
+    `<prefix><column>`."""
+    values = select(
+        *(
+            taken.get(column.name, bindparam(f"{prefix}{column.name}", type_=column.type))
+            for column in table.c
+        )
+    )
+    return insert(table).from_select(
+        [column.name for column in table.c], values if source is None else values.select_from(source)
+    )
+
+
 # PostgreSQL, for a write whose one change is known before it begins (a create): the statement
 # that raises the revision also appends that change's event (the values of `events.event_row`),
 # so the organization's revision row lock is held for one round trip fewer. The event's values
 # are named `event_<column>`; its organization and revision come from the raised row.
-_EVENT_WITH_RAISED = insert(EVENTS).from_select(
-    [column.name for column in EVENTS.c],
-    select(
-        *(
-            _RAISED.c.id
-            if column.name == "organization_id"
-            else _RAISED.c.revision
-            if column.name == "revision"
-            else bindparam(f"event_{column.name}", type_=column.type)
-            for column in EVENTS.c
-        )
-    ),
+_EVENT_WITH_RAISED = _insert_selecting(
+    EVENTS, {"organization_id": _RAISED.c.id, "revision": _RAISED.c.revision}, "event_"
 )
 _RAISE_REVISION_APPEND_AND_NOTIFY = prepared(
     _raised_and_notified().add_cte(_EVENT_WITH_RAISED.cte("appended"))
@@ -109,11 +122,7 @@ _RAISE_REVISION_APPEND_AND_NOTIFY = prepared(
 _ENVIRONMENT_CREATED = prepared(
     _raised_and_notified()
     .add_cte(_EVENT_WITH_RAISED.cte("appended"))
-    .add_cte(
-        insert(ENVIRONMENTS)
-        .values({column: bindparam(f"row_{column.name}", type_=column.type) for column in ENVIRONMENTS.c})
-        .cte("created")
-    )
+    .add_cte(_insert_selecting(ENVIRONMENTS, {}, "row_").cte("created"))
 )
 # A registration goes in only while its environment is not deleted, read once the revision's row
 # lock is held: the environment is joined to the raised row (LATERAL, so it is read after the
@@ -135,19 +144,11 @@ _ACTIVE_ENVIRONMENT = (
     .lateral("active")
 )
 _REGISTERED = (
-    insert(RESOURCES)
-    .from_select(
-        [column.name for column in RESOURCES.c],
-        select(
-            *(
-                _RAISED.c.id
-                if column.name == "organization_id"
-                else _ACTIVE_ENVIRONMENT.c.id
-                if column.name == "environment_id"
-                else bindparam(f"row_{column.name}", type_=column.type)
-                for column in RESOURCES.c
-            )
-        ).select_from(_RAISED.join(_ACTIVE_ENVIRONMENT, true())),
+    _insert_selecting(
+        RESOURCES,
+        {"organization_id": _RAISED.c.id, "environment_id": _ACTIVE_ENVIRONMENT.c.id},
+        "row_",
+        _RAISED.join(_ACTIVE_ENVIRONMENT, true()),
     )
     .returning(RESOURCES.c.resource_id)
     .cte("registered")
