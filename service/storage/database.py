@@ -5,6 +5,7 @@ it raises first: that row lock orders concurrent writes of one organization, and
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
@@ -186,7 +187,8 @@ class _Written:
     organization_id: str | None = None
     revision: int = 0
     events: list[Event] = dataclasses.field(default_factory=list)
-    committing: bool = False
+    # (organization, revision) while it counts in `Database._committing`.
+    committing: tuple[str, int] | None = None
 
 
 class _Committed:
@@ -405,8 +407,9 @@ class Database:
             weakref.WeakValueDictionary()
         )
         # (organization, revision) of each write in progress here that raised a revision, until
-        # its listeners have run (see `committing`).
-        self._committing: set[tuple[str, int]] = set()
+        # its listeners have run (see `committing`). Counted: a writer let in while the one before it commits raises the same revision
+        # again if that commit fails, and the failed one's end must not strike it off.
+        self._committing: collections.Counter[tuple[str, int]] = collections.Counter()
         # Organizations with a write in one statement in flight here, its revision not known
         # yet (see `_write_alone`): at most one each, as it holds the organization's turn.
         self._alone_in_flight: set[str] = set()
@@ -543,15 +546,17 @@ class Database:
         finally:
             if turn is not None:
                 turn.end()
-            if written.committing:
-                self._committing.discard((written.organization_id, written.revision))
+            if written.committing is not None:
+                self._committing[written.committing] -= 1
+                if self._committing[written.committing] <= 0:
+                    del self._committing[written.committing]
 
     def _raised(self, written: _Written, organization_id: str, revision: int, events: list[Event]) -> None:
         """Notes the revision a write raised the organization to: it is committing (see
         `committing`) until its listeners have run."""
         written.organization_id, written.revision, written.events = organization_id, revision, events
-        written.committing = True
-        self._committing.add((organization_id, revision))
+        written.committing = (organization_id, revision)
+        self._committing[written.committing] += 1
 
     @asynccontextmanager
     async def _transaction(
