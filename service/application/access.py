@@ -89,7 +89,7 @@ class CacheStats:
     log_reads: int = 0
 
 
-@dataclass
+@dataclass(slots=True)  # one per cached key
 class _KeyEntry:
     key: ApiKey
     stored_hash: str

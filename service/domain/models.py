@@ -20,6 +20,8 @@ def etag_of(resource_id: str, version: int) -> str:
 class Versioned:
     """A resource whose every change bumps its version (and so its etag) and its update time."""
 
+    __slots__ = ()  # a subclass declared with slots (ApiKey) then has no instance dict at all
+
     id: str
     version: int
 
@@ -201,7 +203,7 @@ class EnvironmentMembership:
     update_time: datetime
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: the key cache holds up to a million of these
 class ApiKey(Versioned):
     """An API key's record; the secret's digest lives only in storage."""
 

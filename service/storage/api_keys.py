@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from sqlalchemy import Row, bindparam, delete, insert, or_, select, update
@@ -56,14 +57,19 @@ def key_environment_rows(key: ApiKey) -> list[dict[str, Any]]:
 
 
 def to_api_key(row: ApiKeyRow | Row[Any], environment_ids: list[str]) -> ApiKey:
-    """The domain record of a row and its environments."""
+    """The domain record of a row and its environments.
+
+    The ids and scopes that many keys share (their organization, owner, environments, scope
+    names) are interned: the key cache holds one copy of each, not one per key (about 300 bytes
+    a cached key)."""
+    owner = row.owner_member_id
     return ApiKey(
         id=row.id,
-        organization_id=row.organization_id,
+        organization_id=sys.intern(row.organization_id),
         name=row.name,
-        scopes=tuple(row.scopes),
-        environment_ids=tuple(sorted(environment_ids)),
-        owner_member_id=row.owner_member_id,
+        scopes=tuple(sys.intern(scope) for scope in row.scopes),
+        environment_ids=tuple(sorted(sys.intern(env_id) for env_id in environment_ids)),
+        owner_member_id=None if owner is None else sys.intern(owner),
         mode=KeyMode(row.mode),
         prefix=row.prefix,
         create_time=row.create_time,
