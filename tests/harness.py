@@ -27,6 +27,9 @@ from google.protobuf import field_mask_pb2, timestamp_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2_grpc
 from grpc_status import rpc_status
+from sqlalchemy import select
+
+from service.storage.tables import EventRow
 
 if TYPE_CHECKING:
     from service.app.server import Application
@@ -297,3 +300,14 @@ class Harness:
             api_key_pb2.UpdateApiKeyRequest(api_key=key, update_mask=mask(*paths)), metadata=auth(secret)
         )
         return updated
+
+
+async def stored_events(harness: Harness, organization_id: str) -> list[EventRow]:
+    """The organization's events as stored, in commit order (revision, then sequence)."""
+    async with harness.app.engine.connect() as connection:
+        rows = await connection.execute(
+            select(EventRow)
+            .where(EventRow.organization_id == organization_id)
+            .order_by(EventRow.revision, EventRow.sequence)
+        )
+        return list(rows)  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.servers import free_port
@@ -101,3 +102,15 @@ class PrivatePostgres:
             with contextlib.suppress(RuntimeError):
                 self.stop()
         shutil.rmtree(self._root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def running() -> Iterator[PrivatePostgres]:
+    """A new cluster, started; stopped and deleted when the block ends."""
+    pg = PrivatePostgres()
+    try:
+        pg.create()
+        pg.start()
+        yield pg
+    finally:
+        pg.destroy()

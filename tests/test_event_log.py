@@ -27,11 +27,9 @@ from agentpost.environments.v1 import (
     resource_pb2,
 )
 from google.protobuf import field_mask_pb2
-from sqlalchemy import select
 
 from service.domain.events import Action, ResourceType
-from service.storage.tables import EventRow
-from tests.harness import Harness, Org, auth, fails
+from tests.harness import Harness, Org, auth, fails, stored_events
 from tests.servers import Backend, start_server
 from tests.test_verify_api_key import counted_sql
 
@@ -42,17 +40,6 @@ async def revision_of(call: Any) -> int:
     """The revision a finished write answered in its trailing metadata."""
     trailers = dict(await call.trailing_metadata() or ())
     return int(trailers[REVISION])
-
-
-async def events_of(harness: Harness, organization_id: str) -> list[EventRow]:
-    """The organization's events as stored, in commit order."""
-    async with harness.app.engine.connect() as connection:
-        rows = await connection.execute(
-            select(EventRow)
-            .where(EventRow.organization_id == organization_id)
-            .order_by(EventRow.revision, EventRow.sequence)
-        )
-        return list(rows)  # type: ignore[arg-type]
 
 
 async def test_every_write_answers_its_revision_gapless(harness: Harness, org: Org) -> None:
@@ -94,7 +81,7 @@ async def test_the_log_records_actor_request_fields_and_resource_never_a_secret(
         key_pb.CreateApiKeyRequest(name="worker", scopes=["inboxes:read"], environment_ids=[env.id]),
         metadata=auth(org.owner_secret),
     )
-    rows = await events_of(harness, org.id)
+    rows = await stored_events(harness, org.id)
     first = rows[:4]
     assert [(row.revision, row.action, row.resource_type) for row in first] == [
         (1, "CREATED", "ORGANIZATION"),
@@ -156,7 +143,7 @@ async def test_a_create_is_logged_once_with_the_revision_it_answered(harness: Ha
         "RESOURCE_EXISTS",
     )
 
-    rows = await events_of(harness, org.id)
+    rows = await stored_events(harness, org.id)
     logged = [row for row in rows if row.resource_id in answered]
     assert sorted(row.resource_id for row in logged) == sorted(answered)  # once each, the failure none
     for row in logged:

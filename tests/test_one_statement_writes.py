@@ -35,14 +35,13 @@ from agentpost.environments.v1 import (
     api_key_pb2,
     environment_pb2,
     event_pb2_grpc,
-    member_pb2,
     resource_pb2,
 )
 from sqlalchemy import select
 
-from service.storage.tables import EnvironmentRow, EventRow, OrganizationRow, ResourceRow
+from service.storage.tables import EnvironmentRow, OrganizationRow, ResourceRow
 from tests import private_postgres
-from tests.harness import Harness, Org, auth, every_event, fails, failure_of, mask
+from tests.harness import Harness, Org, auth, every_event, fails, failure_of, mask, stored_events
 from tests.private_postgres import PrivatePostgres
 from tests.servers import Backend, postgres_dsn, serving
 from tests.watching import Watcher
@@ -106,17 +105,6 @@ def create_call(
         metadata=auth(secret),
         timeout=timeout,
     )
-
-
-async def stored_events(harness: Harness, organization_id: str) -> list[Any]:
-    """The organization's events as stored, in log order."""
-    async with harness.app.engine.connect() as connection:
-        rows = await connection.execute(
-            select(EventRow)
-            .where(EventRow.organization_id == organization_id)
-            .order_by(EventRow.revision, EventRow.sequence)
-        )
-        return list(rows)
 
 
 async def stored_revision(harness: Harness, organization_id: str) -> int:
@@ -195,6 +183,20 @@ async def view_matches_database(harness: Harness, org: Org, seconds: float = 5.0
 # -- clashes ---------------------------------------------------------------------------------
 
 
+async def one_winner(harness: Harness, org: Org, make_calls: Callable[[], list[Any]], lost: str) -> int:
+    """Makes the calls at once: exactly one succeeds, with the revision right after the
+    organization's before them, and every other fails as `lost` ("CODE REASON"). Returns the
+    winner's revision."""
+    before = await stored_revision(harness, org.id)
+    calls = make_calls()
+    outcomes = await asyncio.gather(*(outcome(call) for call in calls))
+    codes = collections.Counter(code for code, _ in outcomes)
+    assert codes == {"OK": 1, lost: len(calls) - 1}, codes
+    (won,) = [revision for code, revision in outcomes if code == "OK"]
+    assert won == before + 1
+    return won
+
+
 async def test_racing_registrations_of_one_id_commit_one_event_and_one_revision(
     harness: Harness, org: Org
 ) -> None:
@@ -202,13 +204,12 @@ async def test_racing_registrations_of_one_id_commit_one_event_and_one_revision(
     revision, the seven others are ALREADY_EXISTS RESOURCE_EXISTS and leave nothing behind: the
     log holds one REGISTERED event for it, at the revision the winner answered, and the next
     write takes the revision right after."""
-    before = await stored_revision(harness, org.id)
-    calls = [register_call(harness, org.owner_secret, "same.example", kind=DOMAIN) for _ in range(8)]
-    outcomes = await asyncio.gather(*(outcome(call) for call in calls))
-    codes = collections.Counter(code for code, _ in outcomes)
-    assert codes == {"OK": 1, "ALREADY_EXISTS RESOURCE_EXISTS": 7}, codes
-    (won,) = [revision for code, revision in outcomes if code == "OK"]
-    assert won == before + 1
+    won = await one_winner(
+        harness,
+        org,
+        lambda: [register_call(harness, org.owner_secret, "same.example", kind=DOMAIN) for _ in range(8)],
+        "ALREADY_EXISTS RESOURCE_EXISTS",
+    )
 
     events = await stored_events(harness, org.id)
     registered = [event for event in events if event.resource_id == "DOMAIN:same.example"]
@@ -225,13 +226,12 @@ async def test_racing_creates_of_one_slug_commit_one_event_and_one_revision(
 ) -> None:
     """Eight CreateEnvironment of one slug at once: one wins, seven are ALREADY_EXISTS SLUG_TAKEN;
     one environment and one CREATED event hold the slug, and the losers consumed no revision."""
-    before = await stored_revision(harness, org.id)
-    calls = [create_call(harness, org.owner_secret, f"Race {index}", slug="raced") for index in range(8)]
-    outcomes = await asyncio.gather(*(outcome(call) for call in calls))
-    codes = collections.Counter(code for code, _ in outcomes)
-    assert codes == {"OK": 1, "ALREADY_EXISTS SLUG_TAKEN": 7}, codes
-    (won,) = [revision for code, revision in outcomes if code == "OK"]
-    assert won == before + 1
+    won = await one_winner(
+        harness,
+        org,
+        lambda: [create_call(harness, org.owner_secret, f"Race {index}", slug="raced") for index in range(8)],
+        "ALREADY_EXISTS SLUG_TAKEN",
+    )
 
     environments = await stored_environments(harness, org.id)
     assert len(environments) == 2  # the default one and the winner
@@ -275,6 +275,28 @@ async def test_registrations_with_and_without_request_ids_race_to_one_winner(
 # -- deletes and undeletes -------------------------------------------------------------------
 
 
+async def flap(harness: Harness, org: Org, environment_id: str, intervals: list[tuple[int, int]]) -> None:
+    """Deletes and undeletes the environment CYCLES times, noting each deleted interval as the
+    revisions [delete, undelete) the two calls answered."""
+    for _ in range(CYCLES):
+        await asyncio.sleep(0.01)
+        delete = harness.environments.DeleteEnvironment(
+            environment_pb2.DeleteEnvironmentRequest(id=environment_id), metadata=auth(org.owner_secret)
+        )
+        await delete
+        await asyncio.sleep(0.01)
+        undelete = harness.environments.UndeleteEnvironment(
+            environment_pb2.UndeleteEnvironmentRequest(id=environment_id), metadata=auth(org.owner_secret)
+        )
+        await undelete
+        intervals.append((await revision_of(delete), await revision_of(undelete)))
+
+
+def deleted_at(intervals: list[tuple[int, int]], revision: int) -> bool:
+    """Whether `revision` lies in one of the deleted intervals."""
+    return any(start <= revision < end for start, end in intervals)
+
+
 async def test_registrations_racing_deletes_and_undeletes_never_land_in_a_deleted_interval(
     harness: Harness, org: Org
 ) -> None:
@@ -287,26 +309,12 @@ async def test_registrations_racing_deletes_and_undeletes_never_land_in_a_delete
     intervals: list[tuple[int, int]] = []
     chance = random.Random(7)
 
-    async def flap() -> None:
-        for _ in range(CYCLES):
-            await asyncio.sleep(0.01)
-            delete = harness.environments.DeleteEnvironment(
-                environment_pb2.DeleteEnvironmentRequest(id=env.id), metadata=auth(org.owner_secret)
-            )
-            await delete
-            await asyncio.sleep(0.01)
-            undelete = harness.environments.UndeleteEnvironment(
-                environment_pb2.UndeleteEnvironmentRequest(id=env.id), metadata=auth(org.owner_secret)
-            )
-            await undelete
-            intervals.append((await revision_of(delete), await revision_of(undelete)))
-
     async def registration(index: int) -> tuple[str, str, int | None]:
         await asyncio.sleep(chance.uniform(0.0, CYCLES * 0.03))
         code, revision = await outcome(register_call(harness, org.owner_secret, f"flap-{index}", env.id))
         return f"INBOX:flap-{index}", code, revision
 
-    flapping = asyncio.ensure_future(flap())
+    flapping = asyncio.ensure_future(flap(harness, org, env.id, intervals))
     answers = await asyncio.gather(*(registration(index) for index in range(200)))
     await flapping
     codes = collections.Counter(code for _, code, _ in answers)
@@ -316,17 +324,16 @@ async def test_registrations_racing_deletes_and_undeletes_never_land_in_a_delete
     )
     acknowledged = {name: revision for name, code, revision in answers if code == "OK"}
 
-    def deleted_at(revision: int) -> bool:
-        return any(start <= revision < end for start, end in intervals)
-
     inside = {
-        name: revision for name, revision in acknowledged.items() if revision is None or deleted_at(revision)
+        name: revision
+        for name, revision in acknowledged.items()
+        if revision is None or deleted_at(intervals, revision)
     }
     assert not inside, (intervals, inside)
     events = await stored_events(harness, org.id)
     logged = {event.resource_id: event.revision for event in events if event.action == "REGISTERED"}
     assert logged == acknowledged
-    assert not [revision for revision in logged.values() if deleted_at(revision)], intervals
+    assert not [revision for revision in logged.values() if deleted_at(intervals, revision)], intervals
     stored = await stored_resources(harness, org.id)
     assert stored == dict.fromkeys(acknowledged, env.id)
     assert_gapless(events)
@@ -344,20 +351,6 @@ async def test_registrations_that_give_up_while_racing_deletes_stay_out_of_delet
     intervals: list[tuple[int, int]] = []
     chance = random.Random(13)
 
-    async def flap() -> None:
-        for _ in range(CYCLES):
-            await asyncio.sleep(0.01)
-            delete = harness.environments.DeleteEnvironment(
-                environment_pb2.DeleteEnvironmentRequest(id=env.id), metadata=auth(org.owner_secret)
-            )
-            await delete
-            await asyncio.sleep(0.01)
-            undelete = harness.environments.UndeleteEnvironment(
-                environment_pb2.UndeleteEnvironmentRequest(id=env.id), metadata=auth(org.owner_secret)
-            )
-            await undelete
-            intervals.append((await revision_of(delete), await revision_of(undelete)))
-
     async def registration(index: int) -> tuple[str, str, int | None]:
         await asyncio.sleep(chance.uniform(0.0, CYCLES * 0.03))
         deadline = 5.0 if index % 5 == 0 else chance.uniform(0.0005, 0.006)
@@ -365,7 +358,7 @@ async def test_registrations_that_give_up_while_racing_deletes_stay_out_of_delet
         code, revision = await outcome(call)
         return f"INBOX:hasty-{index}", code, revision
 
-    flapping = asyncio.ensure_future(flap())
+    flapping = asyncio.ensure_future(flap(harness, org, env.id, intervals))
     answers = await asyncio.gather(*(registration(index) for index in range(200)))
     await flapping
     codes = collections.Counter(code for _, code, _ in answers)
@@ -380,12 +373,11 @@ async def test_registrations_that_give_up_while_racing_deletes_stay_out_of_delet
     last = register_call(harness, org.owner_secret, "hasty-last", env.id, timeout=10)
     await last
 
-    def deleted_at(revision: int) -> bool:
-        return any(start <= revision < end for start, end in intervals)
-
     events = await stored_events(harness, org.id)
     logged = {event.resource_id: event.revision for event in events if event.action == "REGISTERED"}
-    assert not {name: revision for name, revision in logged.items() if deleted_at(revision)}, intervals
+    assert not {name: revision for name, revision in logged.items() if deleted_at(intervals, revision)}, (
+        intervals
+    )
     acknowledged = {name: revision for name, code, revision in answers if code == "OK"}
     assert acknowledged.items() <= logged.items()
     assert await stored_resources(harness, org.id) == dict.fromkeys(logged, env.id)
@@ -487,12 +479,7 @@ async def test_a_one_statement_write_records_its_caller_and_environment(harness:
     answered."""
     env = await harness.new_environment(org, "Team")
     member = await harness.new_member(org, "MEMBER")
-    await harness.members.AddEnvironmentMember(
-        member_pb2.AddEnvironmentMemberRequest(
-            environment_id=env.id, member_id=member.id, role=member_pb2.EnvironmentMember.MEMBER
-        ),
-        metadata=auth(org.owner_secret),
-    )
+    await harness.add_environment_member(org.owner_secret, env.id, member.id)
     key, secret = await harness.new_key(org, ["inboxes:write", "inboxes:read"], [env.id], member.id)
     header = f"req-{uuid.uuid4().hex[:8]}"
     call = harness.resources.RegisterResource(
@@ -671,13 +658,8 @@ def cluster(backend: Backend) -> Iterator[PrivatePostgres]:
     reason = private_postgres.available()
     if reason is not None:
         pytest.skip(reason)
-    pg = PrivatePostgres()
-    try:
-        pg.create()
-        pg.start()
+    with private_postgres.running() as pg:
         yield pg
-    finally:
-        pg.destroy()
 
 
 @pytest.fixture

@@ -71,10 +71,7 @@ def cluster(tmp_path: Path) -> Iterator[PrivatePostgres]:
     reason = private_postgres.available()
     if reason is not None:
         pytest.skip(reason)
-    pg = PrivatePostgres()
-    try:
-        pg.create()
-        pg.start()
+    with private_postgres.running() as pg:
         completed = subprocess.run(
             [sys.executable, "-m", "service", "migrate"],
             cwd=PROJECT_ROOT,
@@ -85,8 +82,6 @@ def cluster(tmp_path: Path) -> Iterator[PrivatePostgres]:
         )
         assert completed.returncode == 0, completed.stdout + completed.stderr
         yield pg
-    finally:
-        pg.destroy()
 
 
 def _environment(pg: PrivatePostgres, settings: dict[str, str]) -> dict[str, str]:
