@@ -431,7 +431,9 @@ class AccessCache:
                 return None
             key, stored_hash = found
         self.remember(digest)
-        entry = _KeyEntry(key=key, stored_hash=stored_hash, loaded_at=started)
+        # The read matched on the digest, so the stored one is equal: keep one string, not two.
+        same = self._hasher.same(stored_hash, digest)
+        entry = _KeyEntry(key=key, stored_hash=digest if same else stored_hash, loaded_at=started)
         self._keys[digest] = entry
         self._digests[key.id] = digest
         while len(self._keys) > self._max_keys:
