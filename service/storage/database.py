@@ -23,7 +23,6 @@ from sqlalchemy import (
     cast,
     event,
     func,
-    insert,
     literal,
     select,
     text,
@@ -35,11 +34,7 @@ from sqlalchemy.engine.interfaces import Dialect
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import Pool, QueuePool
-from sqlalchemy.schema import Table
 from sqlalchemy.sql.base import Executable
-from sqlalchemy.sql.dml import Insert
-from sqlalchemy.sql.elements import ColumnElement
-from sqlalchemy.sql.selectable import FromClause
 
 from service.domain.calls import committed_revision, current_request_id
 from service.domain.clock import utcnow
@@ -53,9 +48,9 @@ from service.storage.inline_sqlite import InlineSQLite
 from service.storage.notifications import REVISION_CHANNEL, OnConnected, OnRevision, listen_for_revisions
 from service.storage.postgres import PostgresStatements
 from service.storage.prepared import prepared
-from service.storage.resources import resource_row
+from service.storage.resources import active_environment, resource_row
 from service.storage.statements import Statements
-from service.storage.tables import ENVIRONMENTS, EVENTS, ORGANIZATIONS, RESOURCES
+from service.storage.tables import ENVIRONMENTS, EVENTS, ORGANIZATIONS, RESOURCES, insert_selecting
 from service.storage.unit_of_work import UnitOfWork
 
 log = logging.getLogger(__name__)
@@ -88,28 +83,11 @@ def _raised_and_notified() -> Select[tuple[int, Any]]:
 _RAISE_REVISION_AND_NOTIFY = prepared(_raised_and_notified())
 
 
-def _insert_selecting(
-    table: Table, taken: dict[str, ColumnElement[Any]], prefix: str, source: FromClause | None = None
-) -> Insert:
-    """INSERT INTO `table` ... SELECT: the values of the columns named in `taken` are those
-    expressions (read from `source`, or from what they name), the others bound parameters named
-    `<prefix><column>`."""
-    values = select(
-        *(
-            taken.get(column.name, bindparam(f"{prefix}{column.name}", type_=column.type))
-            for column in table.c
-        )
-    )
-    return insert(table).from_select(
-        [column.name for column in table.c], values if source is None else values.select_from(source)
-    )
-
-
 # PostgreSQL, for a write whose one change is known before it begins (a create): the statement
 # that raises the revision also appends that change's event (the values of `events.event_row`),
 # so the organization's revision row lock is held for one round trip fewer. The event's values
 # are named `event_<column>`; its organization and revision come from the raised row.
-_EVENT_WITH_RAISED = _insert_selecting(
+_EVENT_WITH_RAISED = insert_selecting(
     EVENTS, {"organization_id": _RAISED.c.id, "revision": _RAISED.c.revision}, "event_"
 )
 _RAISE_REVISION_APPEND_AND_NOTIFY = prepared(
@@ -123,7 +101,7 @@ _RAISE_REVISION_APPEND_AND_NOTIFY = prepared(
 _ENVIRONMENT_CREATED = prepared(
     _raised_and_notified()
     .add_cte(_EVENT_WITH_RAISED.cte("appended"))
-    .add_cte(_insert_selecting(ENVIRONMENTS, {}, "row_").cte("created"))
+    .add_cte(insert_selecting(ENVIRONMENTS, prefix="row_").cte("created"))
 )
 # A registration goes in only while its environment is not deleted, read once the revision's row
 # lock is held: the environment is joined to the raised row (LATERAL, so it is read after the
@@ -135,17 +113,12 @@ _ENVIRONMENT_CREATED = prepared(
 # is made again in a transaction, which says why (see `Database._write_alone`).
 _SQLSTATE_DIVISION_BY_ZERO = "22012"
 _ACTIVE_ENVIRONMENT = (
-    select(ENVIRONMENTS.c.id)
-    .where(
-        ENVIRONMENTS.c.organization_id == _RAISED.c.id,
-        ENVIRONMENTS.c.id == bindparam("row_environment_id"),
-        ENVIRONMENTS.c.delete_time.is_(None),
-    )
+    active_environment(_RAISED.c.id, bindparam("row_environment_id"))
     .with_for_update(read=True)
     .lateral("active")
 )
 _REGISTERED = (
-    _insert_selecting(
+    insert_selecting(
         RESOURCES,
         {"organization_id": _RAISED.c.id, "environment_id": _ACTIVE_ENVIRONMENT.c.id},
         "row_",
@@ -407,8 +380,9 @@ class Database:
             weakref.WeakValueDictionary()
         )
         # (organization, revision) of each write in progress here that raised a revision, until
-        # its listeners have run (see `committing`). Counted: a writer let in while the one before it commits raises the same revision
-        # again if that commit fails, and the failed one's end must not strike it off.
+        # its listeners have run (see `committing`). Counted: a writer let in while the one
+        # before it commits raises the same revision again if that commit fails, and the failed
+        # one's end must not strike it off.
         self._committing: collections.Counter[tuple[str, int]] = collections.Counter()
         # Organizations with a write in one statement in flight here, its revision not known
         # yet (see `_write_alone`): at most one each, as it holds the organization's turn.

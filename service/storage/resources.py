@@ -7,13 +7,13 @@ from collections.abc import Collection
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, bindparam, delete, exists, insert, or_, select, tuple_, update
+from sqlalchemy import Row, Select, and_, bindparam, delete, insert, or_, select, tuple_, update
 from sqlalchemy.sql.elements import ColumnElement
 
 from service.domain.models import ResourceKind, ScopedResource
 from service.storage.prepared import prepared
 from service.storage.statements import Statements
-from service.storage.tables import ENVIRONMENTS, RESOURCES, ResourceRow
+from service.storage.tables import ENVIRONMENTS, RESOURCES, ResourceRow, insert_selecting
 
 ResourceKey = tuple[ResourceKind, str]
 
@@ -34,23 +34,27 @@ def to_resource(row: ResourceRow | Row[Any]) -> ScopedResource:
 # Built once: registering is the write other services make most, and GetResource reads the
 # database on every call (see tables.table_of).
 _INSERT = prepared(insert(RESOURCES))
+
+
+def active_environment(
+    organization_id: ColumnElement[str], environment_id: ColumnElement[str]
+) -> Select[Any]:
+    """The environment a registration may go into: the organization's, and not deleted."""
+    return select(ENVIRONMENTS.c.id).where(
+        ENVIRONMENTS.c.organization_id == organization_id,
+        ENVIRONMENTS.c.id == environment_id,
+        ENVIRONMENTS.c.delete_time.is_(None),
+    )
+
+
 # A registration made only while its environment is not deleted, in one statement (one round
 # trip inside the organization's write, not two): it names what it inserted, nothing if the
 # environment was deleted or is gone.
-_ENVIRONMENT_ACTIVE = exists().where(
-    ENVIRONMENTS.c.organization_id == bindparam("organization_id"),
-    ENVIRONMENTS.c.id == bindparam("environment_id"),
-    ENVIRONMENTS.c.delete_time.is_(None),
-)
 _INSERT_INTO_ACTIVE = prepared(
-    insert(RESOURCES)
-    .from_select(
-        [column.name for column in RESOURCES.c],
-        select(*(bindparam(column.name, type_=column.type) for column in RESOURCES.c)).where(
-            _ENVIRONMENT_ACTIVE
-        ),
-    )
-    .returning(RESOURCES.c.resource_id)
+    insert_selecting(
+        RESOURCES,
+        where=active_environment(bindparam("organization_id"), bindparam("environment_id")).exists(),
+    ).returning(RESOURCES.c.resource_id)
 )
 # One registration: (kind, resource id) is unique in an organization.
 _THE_RESOURCE = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -21,8 +22,14 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    bindparam,
+    insert,
+    select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import FromClause
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -241,3 +248,27 @@ API_KEYS = table_of(ApiKeyRow)
 API_KEY_ENVIRONMENTS = table_of(ApiKeyEnvironmentRow)
 MEMBERS = table_of(MemberRow)
 ENVIRONMENT_MEMBERS = table_of(EnvironmentMemberRow)
+
+
+def insert_selecting(
+    table: Table,
+    taken: Mapping[str, ColumnElement[Any]] | None = None,
+    prefix: str = "",
+    source: FromClause | None = None,
+    where: ColumnElement[bool] | None = None,
+) -> Insert:
+    """INSERT INTO `table` ... SELECT: the values of the columns named in `taken` are those
+    expressions (read from `source`, or from what they name), the others bound parameters named
+    `<prefix><column>`; a row is inserted only where `where` holds."""
+    taken = taken or {}
+    values = select(
+        *(
+            taken.get(column.name, bindparam(f"{prefix}{column.name}", type_=column.type))
+            for column in table.c
+        )
+    )
+    if source is not None:
+        values = values.select_from(source)
+    if where is not None:
+        values = values.where(where)
+    return insert(table).from_select([column.name for column in table.c], values)
