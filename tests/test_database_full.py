@@ -11,6 +11,7 @@ and the event log has no gap. PostgreSQL's disk_full (SQLSTATE 53100) maps the s
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import grpc
 import pytest
 from agentpost.environments.v1 import environment_pb2, event_pb2_grpc, resource_pb2
 
-from tests.harness import auth, every_event, fails, failure_of
+from tests.harness import Harness, auth, every_event, fails, failure_of
 from tests.servers import Backend, serving
 
 INBOX = resource_pb2.ScopedResource.Kind.INBOX
@@ -52,6 +53,20 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def _free_space(directory: Path) -> None:
     resized = _mount("-o", f"remount,size={ROOMY}", str(directory))
     assert resized.returncode == 0, resized.stderr
+
+
+async def _registered_inboxes(harness: Harness, owner: tuple[tuple[str, str], ...]) -> set[str]:
+    """Every registered inbox's id, page by page."""
+    registered: set[str] = set()
+    token = ""
+    while True:
+        page = await harness.resources.ListResources(
+            resource_pb2.ListResourcesRequest(kind=INBOX, page_size=500, page_token=token), metadata=owner
+        )
+        registered.update(resource.resource_id for resource in page.resources)
+        token = page.next_page_token
+        if not token:
+            return registered
 
 
 async def test_a_full_disk_refuses_writes_as_database_full_and_loses_nothing(small_disk: Path) -> None:
@@ -108,16 +123,49 @@ async def test_a_full_disk_refuses_writes_as_database_full_and_loses_nothing(sma
         revision = int(dict(await call.trailing_metadata())["x-agentpost-revision"])
 
         # Nothing acknowledged is lost, and no refused write left a revision behind.
-        registered: set[str] = set()
-        token = ""
-        while True:
-            page = await harness.resources.ListResources(
-                resource_pb2.ListResourcesRequest(kind=INBOX, page_size=500, page_token=token), metadata=owner
-            )
-            registered.update(resource.resource_id for resource in page.resources)
-            token = page.next_page_token
-            if not token:
-                break
+        registered = await _registered_inboxes(harness, owner)
         assert registered == {*acknowledged, "after-space-was-freed"}
         events = await every_event(event_pb2_grpc.EventServiceStub(harness.channel), owner)
         assert sorted({event.revision for event in events}) == list(range(1, revision + 1))
+
+
+async def test_writers_sharing_commits_on_a_full_disk_are_refused_whole(small_disk: Path) -> None:
+    """The same with sixteen writers at a time, who share commits (tests/test_group_commit.py):
+    a commit that finds no space refuses every writer of it as DATABASE_FULL, none of them is
+    stored, and every acknowledged write is."""
+    backend = Backend("sqlite", f"sqlite+aiosqlite:///{small_disk / 'agentpost.db'}", None)
+    async with serving(backend) as harness:
+        org = await harness.new_org()
+        owner = auth(org.owner_secret)
+
+        async def register(resource_id: str) -> str:
+            try:
+                await harness.resources.RegisterResource(
+                    resource_pb2.RegisterResourceRequest(
+                        kind=INBOX, resource_id=resource_id, display_name="y" * 200
+                    ),
+                    metadata=owner,
+                )
+            except grpc.aio.AioRpcError as error:
+                failure = failure_of(error)
+                return f"{failure.code.name} {failure.reason}"
+            return "OK"
+
+        answers: dict[str, str] = {}
+        for batch in range(MOST_WRITES // 16):
+            names = [f"inbox-{batch}-{index}-{'x' * 100}" for index in range(16)]
+            answers.update(zip(names, await asyncio.gather(*(register(name) for name in names)), strict=True))
+            if set(answers.values()) != {"OK"}:
+                break
+        refused = {name for name, code in answers.items() if code != "OK"}
+        assert refused, f"{len(answers)} writes did not fill {SMALL}"
+        assert {answers[name] for name in refused} == {"RESOURCE_EXHAUSTED DATABASE_FULL"}
+        acknowledged = set(answers) - refused
+
+        _free_space(small_disk)
+        assert await register("after-space-was-freed") == "OK"
+        registered = await _registered_inboxes(harness, owner)
+        assert registered == {*acknowledged, "after-space-was-freed"}
+        events = await every_event(event_pb2_grpc.EventServiceStub(harness.channel), owner)
+        revisions = sorted({event.revision for event in events})
+        assert revisions == list(range(1, revisions[-1] + 1))

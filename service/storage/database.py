@@ -319,15 +319,20 @@ class _WriteQueue:
     back tells them once the one before it has.
     """
 
-    __slots__ = ("__weakref__", "_last", "_lock")
+    __slots__ = ("__weakref__", "_last", "_lock", "waiting")
 
     def __init__(self) -> None:
         self._lock = asyncio.Lock()
         self._last: asyncio.Future[None] | None = None
+        self.waiting = 0  # writers waiting for their turn (on SQLite, they share a commit)
 
     async def take(self) -> _Turn:
         """Waits for this writer's turn."""
-        await self._lock.acquire()
+        self.waiting += 1
+        try:
+            await self._lock.acquire()
+        finally:
+            self.waiting -= 1
         before, self._last = self._last, asyncio.get_running_loop().create_future()
         return _Turn(self, before, self._last)
 
@@ -407,9 +412,11 @@ class Database:
     def _reading(self) -> contextlib.AbstractAsyncContextManager[Statements]:
         return self._inline.reading() if self._inline else _connected(self.engine)
 
-    def _writing(self, ending: Callable[[], None]) -> contextlib.AbstractAsyncContextManager[Statements]:
-        """A write transaction; `ending()` lets the next writer of the queue go (see `write`)."""
-        return self._inline.writing() if self._inline else _in_transaction(self.engine, ending)
+    def _writing(self, turn: _Turn | None) -> contextlib.AbstractAsyncContextManager[Statements]:
+        """A write transaction of the writer holding `turn` (see `write`)."""
+        if self._inline is not None and self._sqlite_writers is not None and turn is not None:
+            return self._inline.writing(self._sqlite_writers, turn)
+        return _in_transaction(self.engine, self._ending(turn))
 
     def _write_queue(self, organization_id: str | None) -> _WriteQueue | None:
         """Where a writer waits its turn in this process, before taking a connection.
@@ -542,7 +549,7 @@ class Database:
         written: _Written,
     ) -> AsyncIterator[UnitOfWork]:
         """The write's transaction (see `write`), committed when the block ends; fills `written`."""
-        async with translated_errors(), self._writing(self._ending(turn)) as connection:
+        async with translated_errors(), self._writing(turn) as connection:
             uow = UnitOfWork(connection, organization_id)
             if organization_id is not None:
                 self._raised(

@@ -23,6 +23,17 @@ It serves `Database.write()` and `Database.read()` on SQLite, the revision poll 
   thousand pages, checkpoints it into the database file, runs on a worker thread (SQLite
   releases the GIL for all of that), so a slow disk or a checkpoint does not hold up other calls.
 
+Writers of this process take turns (`Database.write`), and those that queue while one writes
+share its commit (group commit): a writer that ends its work while others wait for their turn
+leaves its transaction open, lets the next one in, and waits for the commit. Each later writer
+runs in a savepoint of that transaction, so a refusal undoes its own work only. The commit comes
+once the writers that were waiting have had their turn. Every commit costs a sync of the WAL
+(`synchronous=FULL`), the hand-off to the commit thread and back, and a turn of the loop for the
+next writer; a group pays them once (with 32 callers, a RegisterResource took less than half the
+server CPU it took with a commit each). No writer is answered before the commit that holds its
+work returns, and if that commit fails, every writer of the group fails with it (UNAVAILABLE, or
+DATABASE_FULL on a full disk): none was acknowledged.
+
 Reads need none of it: in WAL mode a reader never waits for a writer, and `sqlite3` begins no
 transaction for a SELECT, so each reads the last committed state. A read holds the loop for as
 long as SQLite takes to answer it, which for the indexed reads the service makes is far less than
@@ -39,7 +50,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, CursorResult, Engine, ScalarResult, create_engine, event
 from sqlalchemy.engine import URL
@@ -49,6 +60,7 @@ from sqlalchemy.pool import QueuePool
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.util.typing import TupleAny
 
+from service.domain.errors import Unavailable
 from service.storage import prepared
 from service.storage.statements import Statements
 
@@ -198,6 +210,76 @@ def _as_dbapi_error(statement: str) -> Iterator[None]:
         raise _wrapped(statement, error) from error
 
 
+class Turn(Protocol):
+    """A writer's turn in this process's queue of writers (see `Database.write`)."""
+
+    def let_go(self) -> None:
+        """Lets the next writer in."""
+
+    async def after_the_one_before(self) -> None:
+        """Returns once the writer before this one has ended."""
+
+    def end(self) -> None:
+        """This writer is done."""
+
+
+class WriterQueue(Protocol):
+    """This process's writers, in turn."""
+
+    @property
+    def waiting(self) -> int:
+        """How many writers wait for their turn."""
+
+    async def take(self) -> Turn:
+        """Waits for a turn."""
+
+
+_SAVEPOINT = "SAVEPOINT agentpost_write"
+_RELEASE = "RELEASE agentpost_write"
+_ROLLBACK_TO = "ROLLBACK TO agentpost_write"
+
+
+class _Group:
+    """Writers sharing one open transaction and its commit; the first one opened it."""
+
+    __slots__ = ("connection", "ended", "error", "statements", "waiters")
+
+    def __init__(self, connection: Connection, statements: InlineStatements) -> None:
+        self.connection = connection
+        self.statements = statements
+        self.ended = False
+        self.error: BaseException | None = None
+        self.waiters: list[asyncio.Future[None]] = []
+
+    def end(self, error: BaseException | None = None) -> None:
+        """The group's transaction committed (or failed with `error`): its writers go on."""
+        self.ended, self.error = True, error
+        for waiter in self.waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def committed(self) -> None:
+        """Waits for the group's commit, even if the caller is cancelled meanwhile (as
+        `_to_the_end`); raises what made it fail."""
+        loop = asyncio.get_running_loop()
+        cancelled = False
+        while not self.ended:
+            waiter = loop.create_future()
+            self.waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled:
+            raise asyncio.CancelledError
+        if isinstance(self.error, sqlite3.Error):
+            raise _wrapped("COMMIT", self.error)
+        if self.error is not None:
+            raise Unavailable(
+                "the write could not be committed; it was not made", reason="DATABASE_UNAVAILABLE"
+            ) from self.error
+
+
 class InlineSQLite:
     """The engines reads and writes run on: one connection for this process's writers (they
     queue for SQLite's one write lock anyway) and a pool for readers, which never waits: a read
@@ -206,6 +288,9 @@ class InlineSQLite:
     def __init__(self, url: URL, pragmas: Pragmas) -> None:
         self.reader = self._engine(url, pragmas, pool_size=4, busy_timeout_ms=BUSY_TIMEOUT_MS)
         self.writer = self._engine(url, pragmas, pool_size=1, busy_timeout_ms=0)
+        # The transaction that writers waiting for their turn join, until its commit is made.
+        self._open: _Group | None = None
+        self._committers: set[asyncio.Task[None]] = set()
 
     @staticmethod
     def _engine(url: URL, pragmas: Pragmas, *, pool_size: int, busy_timeout_ms: int) -> Engine:
@@ -229,10 +314,20 @@ class InlineSQLite:
             yield InlineStatements(connection)
 
     @asynccontextmanager
-    async def writing(self) -> AsyncIterator[Statements]:
-        """A transaction holding SQLite's write lock, committed on a worker thread when the block
-        ends, rolled back if it raises (or is cancelled before the commit)."""
-        with self.writer.connect() as connection:
+    async def writing(self, queue: WriterQueue, turn: Turn) -> AsyncIterator[Statements]:
+        """A transaction holding SQLite's write lock, for the writer holding `turn` in `queue`.
+
+        Committed on a worker thread when the block ends, or rolled back if it raises (or is
+        cancelled before the commit). While other writers wait in the queue, the commit is left
+        to them (see the module's docstring): this writer lets the next one in and waits for it."""
+        group = self._open
+        if group is not None:
+            async with self._joining(group, turn) as statements:
+                yield statements
+            return
+        connection: Connection | None = self.writer.connect()
+        assert connection is not None
+        try:
             statements = InlineStatements(connection)
             driver = statements.driver
             await _begin_immediate(driver)
@@ -242,10 +337,82 @@ class InlineSQLite:
                 with _as_dbapi_error("ROLLBACK"):
                     driver.rollback()
                 raise
+            if queue.waiting:
+                group = self._open = _Group(connection, statements)
+                connection = None  # the group's now: its commit closes it
+                self._commit_after_those_waiting(group, queue)
+                turn.let_go()
+                await group.committed()
+                return
             with _as_dbapi_error("COMMIT"):
                 await _to_the_end(driver.commit)
             # SQLAlchemy's own bookkeeping: its transaction ends (the driver's commit is a no-op now).
             connection.commit()
+        finally:
+            if connection is not None:
+                connection.close()
+
+    @asynccontextmanager
+    async def _joining(self, group: _Group, turn: Turn) -> AsyncIterator[Statements]:
+        """The block in a savepoint of the group's open transaction; then waits for its commit."""
+        driver = group.statements.driver
+        try:
+            with _as_dbapi_error(_SAVEPOINT):
+                driver.execute(_SAVEPOINT)
+            try:
+                yield group.statements
+            except BaseException:
+                with _as_dbapi_error(_ROLLBACK_TO):
+                    driver.execute(_ROLLBACK_TO)
+                    driver.execute(_RELEASE)
+                raise
+            with _as_dbapi_error(_RELEASE):
+                driver.execute(_RELEASE)
+        except BaseException as error:
+            if not driver.in_transaction:  # SQLite undid the whole transaction (a full disk, ...)
+                self._end(group, error)
+            raise
+        turn.let_go()
+        await group.committed()
+
+    def _end(self, group: _Group, error: BaseException | None) -> None:
+        """Closes the group's transaction (rolled back unless committed) and lets its writers go."""
+        if self._open is group:
+            self._open = None
+        group.connection.close()
+        group.end(error)
+
+    def _commit_after_those_waiting(self, group: _Group, queue: WriterQueue) -> None:
+        """Queues the group's commit behind the writers waiting now: each joins the group first."""
+        task = asyncio.ensure_future(self._commit_in_turn(group, queue))
+        self._committers.add(task)
+        task.add_done_callback(self._committers.discard)
+
+    async def _commit_in_turn(self, group: _Group, queue: WriterQueue) -> None:
+        try:
+            turn = await queue.take()
+        except BaseException as error:  # cancelled while waiting: the server is stopping
+            if not group.ended:
+                self._end(group, error)
+            raise
+        try:
+            if group.ended:  # failed meanwhile
+                return
+            self._open = None
+            try:
+                await _to_the_end(group.statements.driver.commit)
+                group.connection.commit()
+            except BaseException as error:  # its writers raise it (this task has no caller)
+                self._end(group, error)
+                if not isinstance(error, Exception):
+                    raise
+                return
+            self._end(group, None)
+            turn.let_go()
+            # Listeners hear writes in turn: the next writer's wait for this turn covers the group's.
+            await turn.after_the_one_before()
+        finally:
+            turn.end()
 
     def dispose(self) -> None:
         """Closes every pooled connection."""
