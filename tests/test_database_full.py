@@ -20,7 +20,7 @@ import grpc
 import pytest
 from agentpost.environments.v1 import environment_pb2, event_pb2_grpc, resource_pb2
 
-from tests.harness import Harness, auth, every_event, fails, failure_of
+from tests.harness import Failure, Harness, auth, every_event, fails, failure_of
 from tests.servers import Backend, serving
 
 INBOX = resource_pb2.ScopedResource.Kind.INBOX
@@ -55,6 +55,20 @@ def _free_space(directory: Path) -> None:
     assert resized.returncode == 0, resized.stderr
 
 
+async def _register_large(
+    harness: Harness, owner: tuple[tuple[str, str], ...], resource_id: str
+) -> Failure | None:
+    """Registers an inbox with a long display name; the refusal, if refused."""
+    try:
+        await harness.resources.RegisterResource(
+            resource_pb2.RegisterResourceRequest(kind=INBOX, resource_id=resource_id, display_name="y" * 200),
+            metadata=owner,
+        )
+    except grpc.aio.AioRpcError as error:
+        return failure_of(error)
+    return None
+
+
 async def _registered_inboxes(harness: Harness, owner: tuple[tuple[str, str], ...]) -> set[str]:
     """Every registered inbox's id, page by page."""
     registered: set[str] = set()
@@ -78,15 +92,8 @@ async def test_a_full_disk_refuses_writes_as_database_full_and_loses_nothing(sma
         refusal = None
         for index in range(MOST_WRITES):
             resource_id = f"inbox-{index}-{'x' * 100}"
-            try:
-                await harness.resources.RegisterResource(
-                    resource_pb2.RegisterResourceRequest(
-                        kind=INBOX, resource_id=resource_id, display_name="y" * 200
-                    ),
-                    metadata=owner,
-                )
-            except grpc.aio.AioRpcError as error:
-                refusal = failure_of(error)
+            refusal = await _register_large(harness, owner, resource_id)
+            if refusal is not None:
                 break
             acknowledged.append(resource_id)
         assert refusal is not None, f"{MOST_WRITES} writes did not fill {SMALL}"
@@ -139,17 +146,8 @@ async def test_writers_sharing_commits_on_a_full_disk_are_refused_whole(small_di
         owner = auth(org.owner_secret)
 
         async def register(resource_id: str) -> str:
-            try:
-                await harness.resources.RegisterResource(
-                    resource_pb2.RegisterResourceRequest(
-                        kind=INBOX, resource_id=resource_id, display_name="y" * 200
-                    ),
-                    metadata=owner,
-                )
-            except grpc.aio.AioRpcError as error:
-                failure = failure_of(error)
-                return f"{failure.code.name} {failure.reason}"
-            return "OK"
+            refusal = await _register_large(harness, owner, resource_id)
+            return "OK" if refusal is None else f"{refusal.code.name} {refusal.reason}"
 
         answers: dict[str, str] = {}
         for batch in range(MOST_WRITES // 16):
