@@ -37,3 +37,20 @@ async def test_the_works_own_failure_reaches_the_caller() -> None:
 
     with pytest.raises(OSError, match="disk full"):
         await _to_the_end(commit)
+
+
+async def test_a_cancelled_caller_learns_the_works_failure_rather_than_its_cancellation() -> None:
+    """A group's committer tells its writers whether the commit was made: a CancelledError from
+    the wait means it was."""
+    started = threading.Event()
+
+    def commit() -> None:
+        started.set()
+        time.sleep(0.1)
+        raise OSError("disk I/O error")
+
+    waiting = asyncio.ensure_future(_to_the_end(commit))
+    await asyncio.to_thread(started.wait, 5)
+    waiting.cancel()
+    with pytest.raises(OSError, match="disk I/O error"):
+        await waiting

@@ -57,10 +57,13 @@ def create_call(
     slug: str = "",
     request_id: str = "",
     timeout: float | None = None,
+    description: str = "",
 ) -> Any:
     """A CreateEnvironment call (not yet awaited) as `secret`."""
     return harness.environments.CreateEnvironment(
-        environment_pb2.CreateEnvironmentRequest(name=name, slug=slug, request_id=request_id),
+        environment_pb2.CreateEnvironmentRequest(
+            name=name, slug=slug, request_id=request_id, description=description
+        ),
         metadata=auth(secret),
         timeout=timeout,
     )

@@ -516,11 +516,13 @@ class Database:
             else:
                 async with self._transaction(organization_id, actor, announced, turn, written) as uow:
                     yield uow
-            if written.organization_id is None:
-                return
             if turn is not None:
                 turn.let_go()
+                # Even a write that tells no listener: the next writer's wait for it covers those
+                # before it (on SQLite, writers of a group wake together).
                 await turn.after_the_one_before()
+            if written.organization_id is None:
+                return
             committed_revision.set(written.revision)
             for listener in self._listeners:
                 listener(written.organization_id, written.revision, written.events)

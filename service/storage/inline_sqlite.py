@@ -128,8 +128,9 @@ def _submit(commit: _Commit) -> None:
 
 async def _to_the_end(work: Callable[[], None]) -> None:
     """Runs `work` on the commit thread and waits for it to end even if the caller is cancelled
-    meanwhile (the cancellation is raised once it has ended): a commit must not be left running
-    on a connection that is handed to the next writer."""
+    meanwhile: a commit must not be left running on a connection that is handed to the next
+    writer. The cancellation is raised once the work has ended, and only if it succeeded (its
+    own error comes first), so a group's committer can tell its writers which it was."""
     commit = _Commit(work)
     _submit(commit)
     cancelled = False
@@ -140,10 +141,10 @@ async def _to_the_end(work: Callable[[], None]) -> None:
             cancelled = True
             if not commit.ended:  # the waiter was cancelled with the caller: wait on a new one
                 commit.waiter = asyncio.get_running_loop().create_future()
-    if cancelled:
-        raise asyncio.CancelledError
     if commit.error is not None:
         raise commit.error
+    if cancelled:
+        raise asyncio.CancelledError
 
 
 class InlineStatements:
@@ -401,12 +402,13 @@ class InlineSQLite:
             self._open = None
             try:
                 await _to_the_end(group.statements.driver.commit)
-                group.connection.commit()
-            except BaseException as error:  # its writers raise it (this task has no caller)
+            except asyncio.CancelledError:  # raised once the commit ended, and it succeeded
+                self._end(group, None)
+                raise
+            except Exception as error:  # its writers raise it (this task has no caller)
                 self._end(group, error)
-                if not isinstance(error, Exception):
-                    raise
                 return
+            group.connection.commit()
             self._end(group, None)
             turn.let_go()
             # Listeners hear writes in turn: the next writer's wait for this turn covers the group's.
