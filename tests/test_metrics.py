@@ -357,3 +357,33 @@ async def test_own_commits_are_applied_without_reading_the_log(metered: Harness)
     reads = value(after, "agentpost_event_log_reads_total") - value(before, "agentpost_event_log_reads_total")
     assert reads <= 1
     assert metered.app.access.stats().revision_lag == 0
+
+
+async def test_commits_and_the_writes_they_held_are_counted(metered: Harness) -> None:
+    """Forty registrations at once: each is a committed write. On SQLite, writers that queued
+    shared commits, so there are fewer commits than writes; on PostgreSQL each is its own."""
+    org = await metered.new_org()
+    _, before = await scrape(metered)
+    calls = [
+        metered.resources.RegisterResource(
+            resource_pb2.RegisterResourceRequest(
+                kind=resource_pb2.ScopedResource.INBOX, resource_id=f"c-{n}"
+            ),
+            metadata=auth(org.owner_secret),
+        )
+        for n in range(40)
+    ]
+    await asyncio.gather(*calls)
+    _, after = await scrape(metered)
+    writes = value(after, "agentpost_database_committed_writes_total") - value(
+        before, "agentpost_database_committed_writes_total"
+    )
+    commits = value(after, "agentpost_database_commits_total") - value(
+        before, "agentpost_database_commits_total"
+    )
+    # Other writes may commit meanwhile (a flush of keys' last use), never fewer.
+    assert writes >= 40, writes
+    if metered.backend == "sqlite":
+        assert 1 <= commits < writes, (commits, writes)
+    else:
+        assert commits == writes

@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.pool import Pool
 
 from service.application.access import CacheStats
+from service.storage.database import CommitCounts
 from service.transport.metrics import CallMetrics
 
 log = logging.getLogger(__name__)
@@ -34,15 +35,20 @@ log = logging.getLogger(__name__)
 
 class StateCollector(Collector):
     """The access cache's sizes, key hits and misses and revision lag, the open event streams,
-    and the database pool's connections, read at scrape time. Reading from the scrape thread is safe: each value is one read of a
+    the database's commits and the pool's connections, read at scrape time. Reading from the scrape thread is safe: each value is one read of a
     counter or a container's length, which the interpreter does atomically."""
 
     def __init__(
-        self, cache_stats: Callable[[], CacheStats], pool: Pool, subscribers: Callable[[], int]
+        self,
+        cache_stats: Callable[[], CacheStats],
+        pool: Pool,
+        subscribers: Callable[[], int],
+        commits: Callable[[], CommitCounts],
     ) -> None:
         self._cache_stats = cache_stats
         self._pool = pool
         self._subscribers = subscribers
+        self._commits = commits
 
     def collect(self) -> Iterator[Metric]:
         """Yields the current values."""
@@ -88,6 +94,18 @@ class StateCollector(Collector):
             "Open WatchEvents streams on this process.",
             value=self._subscribers(),
         )
+        commits = self._commits()
+        yield CounterMetricFamily(
+            "agentpost_database_commits",
+            "Write transactions this process committed. On SQLite, writers that queue while one "
+            "writes share its commit: compare with agentpost_database_committed_writes_total.",
+            value=commits.commits,
+        )
+        yield CounterMetricFamily(
+            "agentpost_database_committed_writes",
+            "Writes (one call's transaction each) those commits held.",
+            value=commits.writes,
+        )
         yield from self._pool_metrics()
 
     def _pool_metrics(self) -> Iterator[Metric]:
@@ -125,7 +143,12 @@ class MetricsEndpoint:
     """The call metrics, the state collector and the standard process series, served over HTTP."""
 
     def __init__(
-        self, address: str, cache_stats: Callable[[], CacheStats], pool: Pool, subscribers: Callable[[], int]
+        self,
+        address: str,
+        cache_stats: Callable[[], CacheStats],
+        pool: Pool,
+        subscribers: Callable[[], int],
+        commits: Callable[[], CommitCounts],
     ) -> None:
         self.address = address
         # `*_created` gauges (one per series, the time it first appeared) double the exposition
@@ -133,7 +156,7 @@ class MetricsEndpoint:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self.calls = CallMetrics(self.registry)
-        self.registry.register(StateCollector(cache_stats, pool, subscribers))
+        self.registry.register(StateCollector(cache_stats, pool, subscribers, commits))
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             # The default collectors are registered globally; the same objects serve here too.
             self.registry.register(standard)

@@ -234,6 +234,7 @@ class Application:
                 self.access.stats,
                 self.database.read_pool,
                 lambda: self.event_hub.subscribers,
+                self.database.commit_counts,
             )
             if settings.metrics_address
             else None

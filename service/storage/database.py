@@ -135,6 +135,15 @@ _RESOURCE_REGISTERED = prepared(
 )
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CommitCounts:
+    """Write transactions committed by this process, and the writes they held (more than one
+    each where SQLite's writers share a commit)."""
+
+    commits: int
+    writes: int
+
+
 @dataclasses.dataclass(frozen=True)
 class _Alone:
     """A write made in one statement: the statement and the values of its record's row."""
@@ -392,6 +401,7 @@ class Database:
         # Organizations with a write in one statement in flight here, its revision not known
         # yet (see `_write_alone`): at most one each, as it holds the organization's turn.
         self._alone_in_flight: set[str] = set()
+        self._committed_writes = 0
         # (reason, message) while the schema is not known to be the one this code needs (start-up
         # found it behind, or could not tell): every unit of work is refused with it.
         self.closed_because: tuple[str, str] | None = None
@@ -451,6 +461,11 @@ class Database:
                 turn.let_go()
 
         return ending
+
+    def commit_counts(self) -> CommitCounts:
+        """How many write transactions this process committed, and the writes they held."""
+        writes = self._committed_writes
+        return CommitCounts(self._inline.commits if self._inline is not None else writes, writes)
 
     def on_commit(self, listener: CommitListener) -> None:
         """Calls `listener(organization_id, revision, events)` after each committed write."""
@@ -516,6 +531,7 @@ class Database:
             else:
                 async with self._transaction(organization_id, actor, announced, turn, written) as uow:
                     yield uow
+            self._committed_writes += 1
             if turn is not None:
                 turn.let_go()
                 # Even a write that tells no listener: the next writer's wait for it covers those

@@ -292,6 +292,7 @@ class InlineSQLite:
         # The transaction that writers waiting for their turn join, until its commit is made.
         self._open: _Group | None = None
         self._committers: set[asyncio.Task[None]] = set()
+        self.commits = 0  # made, each holding one writer's work or a group's
 
     @staticmethod
     def _engine(url: URL, pragmas: Pragmas, *, pool_size: int, busy_timeout_ms: int) -> Engine:
@@ -347,6 +348,7 @@ class InlineSQLite:
                 return
             with _as_dbapi_error("COMMIT"):
                 await _to_the_end(driver.commit)
+            self.commits += 1
             # SQLAlchemy's own bookkeeping: its transaction ends (the driver's commit is a no-op now).
             connection.commit()
         finally:
@@ -403,11 +405,13 @@ class InlineSQLite:
             try:
                 await _to_the_end(group.statements.driver.commit)
             except asyncio.CancelledError:  # raised once the commit ended, and it succeeded
+                self.commits += 1
                 self._end(group, None)
                 raise
             except Exception as error:  # its writers raise it (this task has no caller)
                 self._end(group, error)
                 return
+            self.commits += 1
             group.connection.commit()
             self._end(group, None)
             turn.let_go()
