@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import pytest
 from agentpost.environments.v1 import environment_pb2, resource_pb2
+from sqlalchemy import text
 
 from service.storage import inline_sqlite
 from tests.harness import Harness, Org, auth, fails, stored_events
@@ -38,6 +39,7 @@ from tests.writes import (
     register_call,
     stored_environments,
     stored_resources,
+    stored_revision,
 )
 
 WRITERS = 40
@@ -193,3 +195,43 @@ async def test_a_failed_group_commit_fails_each_of_its_writers_and_keeps_none(
     )
     assert created.state == environment_pb2.Environment.State.ACTIVE
     assert_gapless(await stored_events(harness, org.id))
+
+
+async def test_a_writer_whose_work_cannot_be_undone_alone_fails_its_whole_group(
+    harness: Harness, org: Org
+) -> None:
+    """A refused writer's work is undone by rolling back to its savepoint. Where that fails (here
+    the writer released its savepoint itself), its work cannot be told from the others', so
+    nothing of the group may commit: every writer of it fails, and the revision stays."""
+    database = harness.app.database
+    before = await stored_revision(harness, org.id)
+    holding, go_on = asyncio.Event(), asyncio.Event()
+
+    async def first() -> None:
+        async with database.write(org.id):
+            holding.set()
+            await go_on.wait()
+
+    async def second() -> None:
+        async with database.write(org.id):
+            pass
+
+    async def saboteur() -> None:
+        async with database.write(org.id) as uow:
+            await uow.statements.execute(text("RELEASE agentpost_write"))
+            raise RuntimeError("refused after its savepoint was gone")
+
+    writers = [asyncio.ensure_future(first())]
+    await holding.wait()
+    writers += [asyncio.ensure_future(second()), asyncio.ensure_future(saboteur())]
+    await asyncio.sleep(0.05)  # both reach the queue, behind the first
+    assert database._sqlite_writers is not None
+    assert database._sqlite_writers.waiting == 2
+    go_on.set()
+    outcomes = await asyncio.gather(*writers, return_exceptions=True)
+    assert [type(outcome).__name__ for outcome in outcomes] == ["Unavailable", "Unavailable", "RuntimeError"]
+    assert await stored_revision(harness, org.id) == before
+    assert_gapless(await stored_events(harness, org.id))
+    # The writer connection is whole again.
+    code, revision = await outcome(register_call(harness, org.owner_secret, "after-the-sabotage"))
+    assert (code, revision) == ("OK", before + 1)

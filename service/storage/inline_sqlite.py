@@ -365,9 +365,11 @@ class InlineSQLite:
             try:
                 yield group.statements
             except BaseException:
-                with _as_dbapi_error(_ROLLBACK_TO):
+                try:
                     driver.execute(_ROLLBACK_TO)
                     driver.execute(_RELEASE)
+                except sqlite3.Error as undoing:  # its work could not be undone alone: none commits
+                    self._end(group, undoing)
                 raise
             with _as_dbapi_error(_RELEASE):
                 driver.execute(_RELEASE)
@@ -380,6 +382,8 @@ class InlineSQLite:
 
     def _end(self, group: _Group, error: BaseException | None) -> None:
         """Closes the group's transaction (rolled back unless committed) and lets its writers go."""
+        if group.ended:
+            return
         if self._open is group:
             self._open = None
         group.connection.close()
@@ -395,8 +399,7 @@ class InlineSQLite:
         try:
             turn = await queue.take()
         except BaseException as error:  # cancelled while waiting: the server is stopping
-            if not group.ended:
-                self._end(group, error)
+            self._end(group, error)
             raise
         try:
             if group.ended:  # failed meanwhile
