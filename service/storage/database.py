@@ -169,8 +169,11 @@ class _Written:
     organization_id: str | None = None
     revision: int = 0
     events: list[Event] = dataclasses.field(default_factory=list)
-    # (organization, revision) while it counts in `Database._committing`.
-    committing: tuple[str, int] | None = None
+
+    @property
+    def raised(self) -> tuple[str, int] | None:
+        """(organization, revision) once raised: it counts in `Database._committing` till the end."""
+        return None if self.organization_id is None else (self.organization_id, self.revision)
 
 
 class _Committed:
@@ -545,17 +548,17 @@ class Database:
         finally:
             if turn is not None:
                 turn.end()
-            if written.committing is not None:
-                self._committing[written.committing] -= 1
-                if self._committing[written.committing] <= 0:
-                    del self._committing[written.committing]
+            raised = written.raised
+            if raised is not None:
+                self._committing[raised] -= 1
+                if self._committing[raised] <= 0:
+                    del self._committing[raised]
 
     def _raised(self, written: _Written, organization_id: str, revision: int, events: list[Event]) -> None:
         """Notes the revision a write raised the organization to: it is committing (see
         `committing`) until its listeners have run."""
         written.organization_id, written.revision, written.events = organization_id, revision, events
-        written.committing = (organization_id, revision)
-        self._committing[written.committing] += 1
+        self._committing[organization_id, revision] += 1
 
     @asynccontextmanager
     async def _transaction(

@@ -73,17 +73,53 @@ _FIRST_PAUSE_SECONDS = 0.001
 _LONGEST_PAUSE_SECONDS = 0.02
 
 
-class _Commit:
-    """One piece of work for the commit thread, and what its caller waits on."""
+class _Ending:
+    """Something that ends once, told on the loop's thread, which any number of callers wait for
+    to the end even if they are cancelled meanwhile: a commit must not be left running on a
+    connection handed to the next writer, nor a writer of a group go before the group's commit."""
 
-    __slots__ = ("_loop", "ended", "error", "waiter", "work")
+    __slots__ = ("_waiters", "ended", "error")
+
+    def __init__(self) -> None:
+        self.ended = False
+        self.error: BaseException | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def end(self, error: BaseException | None = None) -> None:
+        """It ended (with `error`, if it failed); its waiters go on. Only the first end counts."""
+        if self.ended:
+            return
+        self.ended, self.error = True, error
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def waited(self) -> BaseException | None:
+        """Returns its error once it has ended. A caller cancelled meanwhile gets the
+        cancellation then, but only if it ended without error (its error comes first)."""
+        loop = asyncio.get_running_loop()
+        cancelled = False
+        while not self.ended:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                cancelled = True
+        if cancelled and self.error is None:
+            raise asyncio.CancelledError
+        return self.error
+
+
+class _Commit:
+    """One piece of work for the commit thread, and its ending, which its caller waits for."""
+
+    __slots__ = ("_loop", "ending", "work")
 
     def __init__(self, work: Callable[[], None]) -> None:
         self.work = work
         self._loop = asyncio.get_running_loop()
-        self.waiter: asyncio.Future[None] = self._loop.create_future()
-        self.ended = False
-        self.error: BaseException | None = None
+        self.ending = _Ending()
 
     def run(self) -> None:
         """Runs the work (on the commit thread) and tells the caller's loop it ended."""
@@ -93,13 +129,7 @@ class _Commit:
         except BaseException as caught:  # handed to the caller, whatever it is
             error = caught
         with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
-            self._loop.call_soon_threadsafe(self._end, error)
-
-    def _end(self, error: BaseException | None) -> None:
-        self.ended = True
-        self.error = error
-        if not self.waiter.done():
-            self.waiter.set_result(None)
+            self._loop.call_soon_threadsafe(self.ending.end, error)
 
 
 # Commits run one at a time on one thread of their own (each process has one writer connection;
@@ -128,23 +158,13 @@ def _submit(commit: _Commit) -> None:
 
 async def _to_the_end(work: Callable[[], None]) -> None:
     """Runs `work` on the commit thread and waits for it to end even if the caller is cancelled
-    meanwhile: a commit must not be left running on a connection that is handed to the next
-    writer. The cancellation is raised once the work has ended, and only if it succeeded (its
-    own error comes first), so a group's committer can tell its writers which it was."""
+    meanwhile (see `_Ending`): so a group's committer can tell its writers whether the commit
+    was made."""
     commit = _Commit(work)
     _submit(commit)
-    cancelled = False
-    while not commit.ended:
-        try:
-            await commit.waiter
-        except asyncio.CancelledError:
-            cancelled = True
-            if not commit.ended:  # the waiter was cancelled with the caller: wait on a new one
-                commit.waiter = asyncio.get_running_loop().create_future()
-    if commit.error is not None:
-        raise commit.error
-    if cancelled:
-        raise asyncio.CancelledError
+    error = await commit.ending.waited()
+    if error is not None:
+        raise error
 
 
 class InlineStatements:
@@ -243,42 +263,22 @@ _ROLLBACK_TO = "ROLLBACK TO agentpost_write"
 class _Group:
     """Writers sharing one open transaction and its commit; the first one opened it."""
 
-    __slots__ = ("connection", "ended", "error", "statements", "waiters")
+    __slots__ = ("connection", "ending", "statements")
 
     def __init__(self, connection: Connection, statements: InlineStatements) -> None:
         self.connection = connection
         self.statements = statements
-        self.ended = False
-        self.error: BaseException | None = None
-        self.waiters: list[asyncio.Future[None]] = []
-
-    def end(self, error: BaseException | None = None) -> None:
-        """The group's transaction committed (or failed with `error`): its writers go on."""
-        self.ended, self.error = True, error
-        for waiter in self.waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+        self.ending = _Ending()  # the group's transaction committed, or failed
 
     async def committed(self) -> None:
-        """Waits for the group's commit, even if the caller is cancelled meanwhile (as
-        `_to_the_end`); raises what made it fail."""
-        loop = asyncio.get_running_loop()
-        cancelled = False
-        while not self.ended:
-            waiter = loop.create_future()
-            self.waiters.append(waiter)
-            try:
-                await waiter
-            except asyncio.CancelledError:
-                cancelled = True
-        if cancelled:
-            raise asyncio.CancelledError
-        if isinstance(self.error, sqlite3.Error):
-            raise _wrapped("COMMIT", self.error)
-        if self.error is not None:
+        """Waits for the group's commit (see `_Ending`); raises what made it fail."""
+        error = await self.ending.waited()
+        if isinstance(error, sqlite3.Error):
+            raise _wrapped("COMMIT", error)
+        if error is not None:
             raise Unavailable(
                 "the write could not be committed; it was not made", reason="DATABASE_UNAVAILABLE"
-            ) from self.error
+            ) from error
 
 
 class InlineSQLite:
@@ -382,12 +382,12 @@ class InlineSQLite:
 
     def _end(self, group: _Group, error: BaseException | None) -> None:
         """Closes the group's transaction (rolled back unless committed) and lets its writers go."""
-        if group.ended:
+        if group.ending.ended:
             return
         if self._open is group:
             self._open = None
         group.connection.close()
-        group.end(error)
+        group.ending.end(error)
 
     def _commit_after_those_waiting(self, group: _Group, queue: WriterQueue) -> None:
         """Queues the group's commit behind the writers waiting now: each joins the group first."""
@@ -402,7 +402,7 @@ class InlineSQLite:
             self._end(group, error)
             raise
         try:
-            if group.ended:  # failed meanwhile
+            if group.ending.ended:  # failed meanwhile
                 return
             self._open = None
             try:
