@@ -44,7 +44,6 @@ from service.domain.keys import SecretHasher
 from service.domain.pagination import Pager, PageTokens
 from service.storage import migrate
 from service.storage.database import Database, build_engine
-from service.storage.server_secrets import page_token_key
 from service.transport.call_log import CallLogInterceptor
 from service.transport.interceptor import AuthInterceptor
 from service.transport.servicers.api_keys import ApiKeyServicer
@@ -420,9 +419,7 @@ class Application:
             if before is None or before[0] != "DATABASE_NOT_MIGRATED":
                 log.error("%s: run `migrate` (or serve with `--migrate`); NOT_SERVING until then", problem)
             return False
-        if not self.dependencies.pager.tokens.has_key:
-            # No pepper: every server on this database signs with the key stored in it.
-            self.dependencies.pager.tokens.use_key(await page_token_key(self.database))
+        await self.dependencies.use_stored_page_token_key()
         self.database.closed_because = None
         self._schema_ready = True
         if before is not None:

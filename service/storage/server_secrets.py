@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import secrets
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -12,11 +10,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from service.storage.statements import Statements
 from service.storage.tables import ServerSecretRow
 
-if TYPE_CHECKING:  # the database module builds units of work, which hold this repository
-    from service.storage.database import Database
-
 PAGE_TOKEN_KEY = "page-token-key"
-_KEY_BYTES = 32
 
 
 class ServerSecretRepository:
@@ -39,11 +33,3 @@ class ServerSecretRepository:
         )
         assert stored is not None  # inserted above, or by the writer that won
         return stored
-
-
-async def page_token_key(database: Database) -> bytes:
-    """The database's random key for signing page tokens, made on first use. Called at start-up
-    once the schema is known to be current, before calls are let through."""
-    async with database.write(None, require_schema=False) as uow:
-        stored = await uow.server_secrets.get_or_create(PAGE_TOKEN_KEY, secrets.token_hex(_KEY_BYTES))
-    return bytes.fromhex(stored)
