@@ -340,11 +340,20 @@ class AccessCache:
         if latest > self._applied.get(organization_id, latest):
             self._apply(organization_id, latest, ())
 
-    async def reach(self, organization_id: str, revision: int) -> None:
+    async def reach(self, organization_id: str, revision: int) -> bool:
         """Waits, within a bounded time, until this view reflects at least `revision` of the
-        organization (a caller's freshness demand); reads through to the log to get there."""
+        organization (a caller's freshness demand); reads through to the log to get there.
+
+        False when the view no longer follows the organization: it was too far behind to catch
+        up event by event and was dropped, so what the caller holds of it is stale and must be
+        loaded afresh (which reflects every revision committed before the load)."""
         deadline = time.monotonic() + MIN_REVISION_WAIT_SECONDS
-        while (self._applied.get(organization_id) or 0) < revision and time.monotonic() < deadline:
+        while True:
+            applied = self._applied.get(organization_id)
+            if applied is None:
+                return False
+            if applied >= revision or time.monotonic() >= deadline:
+                return True
             await self.catch_up(organization_id)
             if (self._applied.get(organization_id) or 0) < revision:
                 await asyncio.sleep(0.01)
@@ -482,7 +491,10 @@ class AccessCache:
         if snapshot is None:  # pragma: no cover - keys always belong to an organization
             return Authentication(None, Denial.NOT_FOUND)
         if min_revision > (self._applied.get(organization_id) or 0):
-            await self.reach(organization_id, min_revision)
+            if not await self.reach(organization_id, min_revision):
+                # Dropped meanwhile, key entry and all: loaded afresh, the answer reflects every
+                # revision committed before the load, so the demand needs no second wait.
+                return await self.authenticate(secret, now, known_only=known_only)
             snapshot = self._snapshots.get(organization_id, snapshot)
         self._require_fresh(entry, organization_id)
         key = entry.key

@@ -394,7 +394,13 @@ class ApiKeys:
     # -- verify -------------------------------------------------------------------------------
 
     async def verify(
-        self, secret: str, environment: str, required_scopes: Sequence[str], min_revision: int = 0
+        self,
+        secret: str,
+        environment: str,
+        required_scopes: Sequence[str],
+        min_revision: int = 0,
+        *,
+        header_min_revision: int = 0,
     ) -> Verification:
         """Who the secret is and whether it may act in `environment` (id or slug; empty: the key's
         only environment, else the default one if usable) with every required scope. Checks run
@@ -402,10 +408,12 @@ class ApiKeys:
         its checksum alone, a warm key without a database round trip. An unknown key and a key of
         another organization look the same; an environment of another organization is
         ENVIRONMENT_NOT_FOUND. Unknown required scopes are INVALID_ARGUMENT (never holdable).
-        `min_revision` asks for an answer reflecting at least that revision of the organization."""
+        `min_revision` asks for an answer reflecting at least that revision of the organization;
+        with a (validated) `x-agentpost-min-revision` header too, the higher counts."""
         required = scopes.validate("required_scopes", required_scopes, required=False)
         if min_revision < 0:
-            raise InvalidArgument.field("min_revision", "must not be negative")
+            raise InvalidArgument.field("min_revision", "must not be negative", reason="INVALID_MIN_REVISION")
+        min_revision = max(min_revision, header_min_revision)
         if not secret:
             return Verification.denied(Denial.MALFORMED)
         outcome = await self._deps.access.authenticate(secret, min_revision=min_revision)

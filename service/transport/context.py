@@ -23,6 +23,9 @@ def principal() -> Principal:
     return value
 
 
+# A VerifyApiKey caller's `x-agentpost-min-revision` (0: none), read by the interceptor.
+current_min_revision: ContextVar[int] = ContextVar("current_min_revision", default=0)
+
 current_credential: ContextVar[str | None] = ContextVar("current_credential", default=None)
 
 

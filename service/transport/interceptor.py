@@ -46,6 +46,8 @@ REQUEST_ID_HEADER = "x-request-id"
 REVISION_HEADER = "x-agentpost-revision"
 # Asked by a caller that needs an answer reflecting at least this revision of its organization.
 MIN_REVISION_HEADER = "x-agentpost-min-revision"
+MAX_REVISION = 2**63 - 1
+_MAX_REVISION_DIGITS = len(str(MAX_REVISION))
 _MAX_REQUEST_ID = 128
 
 
@@ -118,14 +120,28 @@ def _request_id(metadata: dict[str, str]) -> str:
     return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
 
 
-def _min_revision(metadata: dict[str, str]) -> int:
-    """The revision of the caller's organization the answer must reflect (0: any)."""
-    given = metadata.get(MIN_REVISION_HEADER, "")
+def _min_revision(metadata: dict[str, str], raw: Sequence[tuple[str, str | bytes]]) -> int:
+    """The revision of the caller's organization the answer must reflect (0: any). Decimal ASCII
+    digits, at most the largest revision (a signed 64-bit integer); sent at most once, since a
+    repeated demand would be read as only one of its values."""
+    given = metadata.get(MIN_REVISION_HEADER)
+    if given is None:
+        return 0
+    if sum(1 for key, _ in raw if key == MIN_REVISION_HEADER) > 1:
+        raise InvalidArgument.field(
+            MIN_REVISION_HEADER, "must be sent at most once", reason="INVALID_MIN_REVISION"
+        )
     if not given:
         return 0
-    if not given.isdigit() or len(given) > 18:
+    if (
+        not (given.isascii() and given.isdigit())
+        or len(given) > _MAX_REVISION_DIGITS
+        or int(given) > MAX_REVISION
+    ):
         raise InvalidArgument.field(
-            MIN_REVISION_HEADER, "must be a revision: a non-negative integer", reason="INVALID_MIN_REVISION"
+            MIN_REVISION_HEADER,
+            f"must be a revision: an integer from 0 to {MAX_REVISION}",
+            reason="INVALID_MIN_REVISION",
         )
     return int(given)
 
@@ -168,6 +184,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return None
         if rule.level is Level.VERIFIER:
             self._verifier_tokens.require(raw)
+            # VerifyApiKey takes the demand from its request too, and honours the higher.
+            call_context.current_min_revision.set(_min_revision(metadata, raw))
             return None
         token = _bearer(metadata, raw)
         if rule.level is Level.OPERATOR:
@@ -179,7 +197,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 raise Unauthenticated("the operator token is wrong", reason="OPERATOR_TOKEN_INVALID")
             return None
         outcome = await self._access.authenticate(
-            token, min_revision=_min_revision(metadata), known_only=known_only
+            token, min_revision=_min_revision(metadata, raw), known_only=known_only
         )
         if outcome.principal is None:
             assert outcome.denial is not None

@@ -111,7 +111,11 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
         self, request: api_key_pb2.VerifyApiKeyRequest, _context: grpc.aio.ServicerContext
     ) -> api_key_pb2.VerifyApiKeyResponse:
         verification = await self._keys.verify(
-            request.secret, request.environment, list(request.required_scopes), request.min_revision
+            request.secret,
+            request.environment,
+            list(request.required_scopes),
+            request.min_revision,
+            header_min_revision=context.current_min_revision.get(),
         )
         if self._on_verification is not None:
             self._on_verification(verification.denial.value if verification.denial is not None else "VALID")
