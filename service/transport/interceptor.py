@@ -115,7 +115,9 @@ _request_numbers = itertools.count(1)
 
 def _request_id(metadata: dict[str, str]) -> str:
     given = metadata.get(REQUEST_ID_HEADER, "")
-    if given and len(given) <= _MAX_REQUEST_ID and given.isprintable():
+    # Printable ASCII only: it is echoed in trailing metadata, where gRPC refuses anything else
+    # (the answer, even a committed write's, would become INTERNAL), and written in log lines.
+    if given and len(given) <= _MAX_REQUEST_ID and given.isascii() and given.isprintable():
         return given
     return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
 
@@ -279,8 +281,27 @@ async def _admitted(
     if acting is not None:
         authorize(state.rule, acting, enums.requested_kind(request) if state.rule.resource_access else None)
         if state.rule.level is Level.CONTEXT:
-            acting = acting.in_context(state.environment)
+            acting = acting.in_context(_environment_reference(state))
     return acting
+
+
+def _environment_reference(call: _Call) -> str | None:
+    """The environment `x-agentpost-environment` names (None: not sent). Sent more than once or
+    empty, it names none unambiguously, and a context-scoped call must not guess which one."""
+    reference = call.environment
+    if reference is None:
+        return None
+    if sum(1 for key, _ in call.raw if key == ENVIRONMENT_HEADER) > 1:
+        raise InvalidArgument.field(
+            ENVIRONMENT_HEADER, "must be sent at most once", reason="INVALID_ENVIRONMENT_HEADER"
+        )
+    if not reference:
+        raise InvalidArgument.field(
+            ENVIRONMENT_HEADER,
+            "must name an environment (id or slug); leave it out to act in the key's own or the default one",
+            reason="INVALID_ENVIRONMENT_HEADER",
+        )
+    return reference
 
 
 def _guarded_stream(

@@ -32,7 +32,9 @@ class ResourceServiceStub:
     Register/Get/List/Deregister act in the caller's environment context: the
     `x-agentpost-environment` metadata (id or slug), else the key's only environment, else the
     organization's default environment if the key may use it, else FAILED_PRECONDITION with reason
-    ENVIRONMENT_REQUIRED. A resource of another environment is NOT_FOUND. Each kind needs its scope:
+    ENVIRONMENT_REQUIRED. The header sent twice, or sent empty, names no environment unambiguously:
+    INVALID_ARGUMENT with reason INVALID_ENVIRONMENT_HEADER. A resource of another environment is
+    NOT_FOUND. Each kind needs its scope:
     INBOX `inboxes`, MESSAGE `messages`, THREAD `threads`, DRAFT `drafts`, DOMAIN `domains`,
     WEBHOOK_ENDPOINT `webhooks`, LABEL `labels`; `:read` to see, `:write` to change.
     """
@@ -81,7 +83,9 @@ class ResourceServiceServicer:
     Register/Get/List/Deregister act in the caller's environment context: the
     `x-agentpost-environment` metadata (id or slug), else the key's only environment, else the
     organization's default environment if the key may use it, else FAILED_PRECONDITION with reason
-    ENVIRONMENT_REQUIRED. A resource of another environment is NOT_FOUND. Each kind needs its scope:
+    ENVIRONMENT_REQUIRED. The header sent twice, or sent empty, names no environment unambiguously:
+    INVALID_ARGUMENT with reason INVALID_ENVIRONMENT_HEADER. A resource of another environment is
+    NOT_FOUND. Each kind needs its scope:
     INBOX `inboxes`, MESSAGE `messages`, THREAD `threads`, DRAFT `drafts`, DOMAIN `domains`,
     WEBHOOK_ENDPOINT `webhooks`, LABEL `labels`; `:read` to see, `:write` to change.
     """
@@ -181,7 +185,9 @@ class ResourceService:
     Register/Get/List/Deregister act in the caller's environment context: the
     `x-agentpost-environment` metadata (id or slug), else the key's only environment, else the
     organization's default environment if the key may use it, else FAILED_PRECONDITION with reason
-    ENVIRONMENT_REQUIRED. A resource of another environment is NOT_FOUND. Each kind needs its scope:
+    ENVIRONMENT_REQUIRED. The header sent twice, or sent empty, names no environment unambiguously:
+    INVALID_ARGUMENT with reason INVALID_ENVIRONMENT_HEADER. A resource of another environment is
+    NOT_FOUND. Each kind needs its scope:
     INBOX `inboxes`, MESSAGE `messages`, THREAD `threads`, DRAFT `drafts`, DOMAIN `domains`,
     WEBHOOK_ENDPOINT `webhooks`, LABEL `labels`; `:read` to see, `:write` to change.
     """
