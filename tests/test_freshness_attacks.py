@@ -28,18 +28,15 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import grpc
-import h2.config
-import h2.connection
-import h2.events
 import pytest
 from agentpost.environments.v1 import api_key_pb2, environment_pb2
 
 from service.domain import keys
 from service.domain.models import KeyMode
 from tests.harness import Harness, Org, auth, corrupt, fails, failure_of
+from tests.plain_http2 import RawAnswer, raw_call
 from tests.servers import Backend, serving
 from tests.writes import register_call, revision_of, stored_revision
 
@@ -143,72 +140,25 @@ async def test_accepted_forms_answer_the_current_view(harness: Harness, org: Org
     assert await list_with(harness, fresh(org.owner_secret, value)) == ("OK", [org.default_environment.id])
 
 
-@dataclass
-class RawAnswer:
-    """What a gRPC call made over plain HTTP/2 was answered: its status code and message."""
-
-    status: int | None
-    message: str
-    reset: bool
-
-
-async def raw_call(port: int, method: str, secret: str, header_value: bytes) -> RawAnswer:
-    """A unary gRPC call over plain HTTP/2 (no gRPC client), with an empty request message and
-    the bytes of `header_value` as `x-agentpost-min-revision`: bytes a conforming gRPC client
-    refuses to send, but that reach the server from any other HTTP/2 client."""
-    connection = h2.connection.H2Connection(
-        h2.config.H2Configuration(client_side=True, validate_outbound_headers=False)
-    )
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    headers: dict[bytes, bytes] = {}
-    try:
-        connection.initiate_connection()
-        connection.send_headers(
-            1,
-            [
-                (b":method", b"POST"),
-                (b":scheme", b"http"),
-                (b":path", method.encode()),
-                (b":authority", f"127.0.0.1:{port}".encode()),
-                (b"content-type", b"application/grpc"),
-                (b"te", b"trailers"),
-                (b"authorization", f"Bearer {secret}".encode()),
-                (MIN_REVISION.encode(), header_value),
-            ],
-        )
-        connection.send_data(1, b"\x00\x00\x00\x00\x00", end_stream=True)  # an empty message
-        async with asyncio.timeout(HANG):
-            while True:
-                writer.write(connection.data_to_send())
-                await writer.drain()
-                received = await reader.read(65536)
-                if not received:
-                    return RawAnswer(None, "", True)
-                for event in connection.receive_data(received):
-                    if isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
-                        return RawAnswer(None, "", True)
-                    if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
-                        headers.update((bytes(name), bytes(value)) for name, value in event.headers)
-                    if isinstance(event, h2.events.StreamEnded):
-                        status = int(headers[b"grpc-status"]) if b"grpc-status" in headers else None
-                        message = headers.get(b"grpc-message", b"").decode(errors="replace")
-                        return RawAnswer(status, message, False)
-    finally:
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
 LIST_ENVIRONMENTS = "/agentpost.environments.v1.EnvironmentService/ListEnvironments"
+
+
+async def with_min_revision(port: int, secret: str, value: bytes) -> RawAnswer:
+    """ListEnvironments over plain HTTP/2 with exactly `value` as `x-agentpost-min-revision`."""
+    return await raw_call(
+        port,
+        LIST_ENVIRONMENTS,
+        [(b"authorization", f"Bearer {secret}".encode()), (MIN_REVISION.encode(), value)],
+    )
 
 
 async def test_raw_http2_call_answers_as_the_grpc_client_does(harness: Harness, org: Org) -> None:
     """The plain HTTP/2 call used below is faithful: a well-formed demand answers OK (0), an
     ASCII malformed one INVALID_ARGUMENT (3) naming the header, as through a gRPC client (whose
     ErrorInfo reason, INVALID_MIN_REVISION, the malformed-header tests above check)."""
-    ok = await raw_call(harness.app.port, LIST_ENVIRONMENTS, org.owner_secret, b"1")
+    ok = await with_min_revision(harness.app.port, org.owner_secret, b"1")
     assert (ok.status, ok.reset) == (0, False)
-    refused = await raw_call(harness.app.port, LIST_ENVIRONMENTS, org.owner_secret, b"abc")
+    refused = await with_min_revision(harness.app.port, org.owner_secret, b"abc")
     assert (refused.status, refused.reset) == (3, False)
     assert refused.message.startswith(f"{MIN_REVISION}: ")
 
@@ -232,11 +182,12 @@ async def test_non_ascii_digits_in_the_header_are_invalid_argument(
     other non-integer: INVALID_ARGUMENT naming the header. Never INTERNAL (SPEC §2: never
     UNKNOWN/INTERNAL for anything a client sent), and never read as a revision: the header's
     revision is ASCII digits, as every revision the service answers."""
-    answer = await raw_call(harness.app.port, LIST_ENVIRONMENTS, org.owner_secret, value.encode())
+    answer = await with_min_revision(harness.app.port, org.owner_secret, value.encode())
     assert (answer.status, answer.reset) == (3, False), (
         f"{value!r}: grpc-status {answer.status} {answer.message!r} (13 is INTERNAL, 0 is OK)"
     )
     assert answer.message.startswith(f"{MIN_REVISION}: ")
+    assert answer.reason == "INVALID_MIN_REVISION"
 
 
 async def test_repeated_header_hides_no_malformed_value(harness: Harness, org: Org) -> None:
@@ -629,6 +580,22 @@ async def test_read_your_revokes_and_creates_across_replicas(
         assert not stale, stale
 
 
+# More events than a replica catches up from the log (the README: over 5,000, it loads afresh).
+FAR_BEHIND_EVENTS = 5_001
+
+
+async def put_far_ahead(harness: Harness, org: Org) -> None:
+    """Commits FAR_BEHIND_EVENTS registrations on `harness`, 64 at a time, which a replica
+    that does not hear of them falls behind by."""
+    gate = asyncio.Semaphore(64)
+
+    async def register(index: int) -> None:
+        async with gate:
+            await register_call(harness, org.owner_secret, f"far-{index}", timeout=3 * HANG)
+
+    await asyncio.gather(*(register(index) for index in range(FAR_BEHIND_EVENTS)))
+
+
 async def test_read_your_revoke_after_falling_far_behind(
     harness: Harness, backend: Backend, org: Org
 ) -> None:
@@ -640,13 +607,7 @@ async def test_read_your_revoke_after_falling_far_behind(
         key, secret = await harness.new_key(org, ["inboxes:read"])
         await warm(other, org.owner_secret)
         assert (await other.api_keys.VerifyApiKey(api_key_pb2.VerifyApiKeyRequest(secret=secret))).valid
-        gate = asyncio.Semaphore(64)
-
-        async def register(index: int) -> None:
-            async with gate:
-                await register_call(harness, org.owner_secret, f"far-{index}", timeout=3 * HANG)
-
-        await asyncio.gather(*(register(index) for index in range(5_001)))
+        await put_far_ahead(harness, org)
         revoke = harness.api_keys.RevokeApiKey(
             api_key_pb2.RevokeApiKeyRequest(id=key.id), metadata=auth(org.owner_secret)
         )
@@ -671,13 +632,7 @@ async def test_read_your_create_after_falling_far_behind(
     an environment created on A is found on B by GetEnvironment with the create's revision."""
     async with replica(backend, refresh_seconds=120.0) as other:
         await warm(other, org.owner_secret)
-        gate = asyncio.Semaphore(64)
-
-        async def register(index: int) -> None:
-            async with gate:
-                await register_call(harness, org.owner_secret, f"far-{index}", timeout=3 * HANG)
-
-        await asyncio.gather(*(register(index) for index in range(5_001)))
+        await put_far_ahead(harness, org)
         create = harness.environments.CreateEnvironment(
             environment_pb2.CreateEnvironmentRequest(name="Far behind"), metadata=auth(org.owner_secret)
         )
