@@ -9,7 +9,9 @@ caller's access at the moment it is shown (a key whose reach shrank stops seeing
 - a member's access to an environment: `members:read` and that environment within reach;
 - an API key: `api_keys:read` and the key within reach (an organization-level caller reaches
   every key; any other caller only keys limited to environments all within its reach);
-- a registered resource: its kind's `:read` scope and its environment within reach.
+- a registered resource: its kind's `:read` scope and its environment active and within reach;
+  one of a deleted environment only to an organization-level caller with `environments:read`,
+  the only caller that can read it now (as an orphan) until it is reassigned.
 
 A reassignment never reveals its other side. A caller reaching the resource's new environment
 sees the event as recorded (it names only the new environment). A caller reaching only the
@@ -54,16 +56,28 @@ def visible(principal: Principal, event: Event) -> Event | None:
         return event if principal.organization_level else None
     if isinstance(event.resource, ApiKey):
         return event if principal.reaches_key(event.resource) else None
-    reach = principal.visible_environment_ids
-    if event.environment_id in reach:
+    if not isinstance(event.resource, ScopedResource):
+        return event if event.environment_id in principal.visible_environment_ids else None
+    if _reads_resources_of(principal, event.environment_id):
         return event
-    if (
-        event.action is Action.REASSIGNED
-        and isinstance(event.resource, ScopedResource)
-        and event.previous_environment_id in reach
-    ):
+    if event.action is Action.REASSIGNED and _reads_resources_of(principal, event.previous_environment_id):
         return _leaving(event)
     return None
+
+
+def _reads_resources_of(principal: Principal, environment_id: str | None) -> bool:
+    """Whether the caller could read the registered resources of the environment now: an active
+    one within reach (in its context), or a deleted one as an organization-level caller with
+    `environments:read` (ListOrphanedResources). Deleting an environment hides its resources."""
+    if environment_id is None:
+        return False
+    if environment_id in principal.allowed_environment_ids:
+        return True
+    return (
+        principal.organization_level
+        and principal.has_scope("environments:read")
+        and environment_id in principal.visible_environment_ids
+    )
 
 
 def _leaving(event: Event) -> Event:

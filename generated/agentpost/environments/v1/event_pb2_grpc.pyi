@@ -34,9 +34,10 @@ class EventServiceStub:
     deliver an event only when the caller could read the resource it describes, judged with the
     caller's access at the moment of delivery: the environment within the key's reach and the
     resource type's `:read` scope (ENVIRONMENT `environments`, MEMBER and ENVIRONMENT_MEMBER
-    `members`, API_KEY `api_keys`, SCOPED_RESOURCE its kind's scope). The organization, its members
-    and organization-wide keys (or keys of several environments not all within reach) need an
-    organization-level caller. A REASSIGNED resource is seen by a caller reaching its new
+    `members`, API_KEY `api_keys`, SCOPED_RESOURCE its kind's scope). A SCOPED_RESOURCE of a deleted
+    environment is seen only by an organization-level caller with `environments:read` (the one that
+    can still read it, as an orphan). The organization, its members and organization-wide keys (or
+    keys of several environments not all within reach) need an organization-level caller. A REASSIGNED resource is seen by a caller reaching its new
     environment as it stands there; a caller reaching only the environment it left sees it leave:
     `environment_id` is the environment it left and the resource's own `environment_id` is empty,
     so the other side of a reassignment is never revealed.
@@ -77,9 +78,10 @@ class EventServiceAsyncStub(EventServiceStub):
     deliver an event only when the caller could read the resource it describes, judged with the
     caller's access at the moment of delivery: the environment within the key's reach and the
     resource type's `:read` scope (ENVIRONMENT `environments`, MEMBER and ENVIRONMENT_MEMBER
-    `members`, API_KEY `api_keys`, SCOPED_RESOURCE its kind's scope). The organization, its members
-    and organization-wide keys (or keys of several environments not all within reach) need an
-    organization-level caller. A REASSIGNED resource is seen by a caller reaching its new
+    `members`, API_KEY `api_keys`, SCOPED_RESOURCE its kind's scope). A SCOPED_RESOURCE of a deleted
+    environment is seen only by an organization-level caller with `environments:read` (the one that
+    can still read it, as an orphan). The organization, its members and organization-wide keys (or
+    keys of several environments not all within reach) need an organization-level caller. A REASSIGNED resource is seen by a caller reaching its new
     environment as it stands there; a caller reaching only the environment it left sees it leave:
     `environment_id` is the environment it left and the resource's own `environment_id` is empty,
     so the other side of a reassignment is never revealed.
@@ -116,9 +118,10 @@ class EventServiceServicer(metaclass=_abc_1.ABCMeta):
     deliver an event only when the caller could read the resource it describes, judged with the
     caller's access at the moment of delivery: the environment within the key's reach and the
     resource type's `:read` scope (ENVIRONMENT `environments`, MEMBER and ENVIRONMENT_MEMBER
-    `members`, API_KEY `api_keys`, SCOPED_RESOURCE its kind's scope). The organization, its members
-    and organization-wide keys (or keys of several environments not all within reach) need an
-    organization-level caller. A REASSIGNED resource is seen by a caller reaching its new
+    `members`, API_KEY `api_keys`, SCOPED_RESOURCE its kind's scope). A SCOPED_RESOURCE of a deleted
+    environment is seen only by an organization-level caller with `environments:read` (the one that
+    can still read it, as an orphan). The organization, its members and organization-wide keys (or
+    keys of several environments not all within reach) need an organization-level caller. A REASSIGNED resource is seen by a caller reaching its new
     environment as it stands there; a caller reaching only the environment it left sees it leave:
     `environment_id` is the environment it left and the resource's own `environment_id` is empty,
     so the other side of a reassignment is never revealed.
