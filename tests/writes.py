@@ -41,10 +41,13 @@ def register_call(
     request_id: str = "",
     kind: resource_pb2.ScopedResource.Kind = INBOX,
     timeout: float | None = None,
+    display_name: str = "",
 ) -> Any:
     """A RegisterResource call (not yet awaited) as `secret` in `environment`."""
     return harness.resources.RegisterResource(
-        resource_pb2.RegisterResourceRequest(kind=kind, resource_id=resource_id, request_id=request_id),
+        resource_pb2.RegisterResourceRequest(
+            kind=kind, resource_id=resource_id, request_id=request_id, display_name=display_name
+        ),
         metadata=auth(secret, environment),
         timeout=timeout,
     )

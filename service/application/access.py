@@ -106,7 +106,9 @@ def _task_stack(task: asyncio.Task[Any]) -> str:
 
 
 class _SingleFlight:
-    """Concurrent requests for the same load share one: the first runs it, the others await it."""
+    """Concurrent requests for the same load share one: it runs in a task of its own, which the
+    first caller starts and every caller awaits. A caller that gives up (its deadline passed) is
+    cancelled alone: the load goes on for the others, who get its result, not the cancellation."""
 
     def __init__(self) -> None:
         self._running: dict[Hashable, asyncio.Future[Any]] = {}
@@ -114,27 +116,19 @@ class _SingleFlight:
     async def run(self, key: Hashable, load: Callable[[], Awaitable[T]]) -> T:
         """The result of `load`, run once for all callers that ask while it runs."""
         running = self._running.get(key)
-        if running is not None:
-            result: T = await asyncio.shield(running)
-            return result
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._running[key] = future
-        try:
-            value = await load()
-        except BaseException as error:
-            future.set_exception(error)
-            # Nobody may be waiting: mark the exception retrieved so it is not reported as lost.
-            future.exception()
-            raise
-        else:
-            future.set_result(value)
-            return value
-        finally:
-            del self._running[key]
+        if running is None:
+            running = asyncio.ensure_future(load())
+            self._running[key] = running
+            running.add_done_callback(lambda done: self._finished(key, done))
+        result: T = await asyncio.shield(running)
+        return result
 
-    def pending(self, key: Hashable) -> asyncio.Future[Any] | None:
-        """The load running for `key`, if any."""
-        return self._running.get(key)
+    def _finished(self, key: Hashable, done: asyncio.Future[Any]) -> None:
+        if self._running.get(key) is done:
+            del self._running[key]
+        if not done.cancelled():
+            # Every caller may have given up: mark the outcome retrieved so it is not reported lost.
+            done.exception()
 
 
 class AccessCache:

@@ -44,6 +44,7 @@ from service.domain.clock import utcnow
 from service.domain.errors import (
     AlreadyExists,
     Denied,
+    DomainError,
     FailedPrecondition,
     InvalidArgument,
     api_key_not_found,
@@ -159,16 +160,26 @@ class ApiKeys:
         name = validation.name("name", name)
         granted = scopes.validate("scopes", scope_names, required=True)
         idempotency_key = validation.request_id(request_id)
-        _check_expiry("expire_time", expire_time, now)
         env_ids = _environment_ids("environment_ids", environment_ids)
-        _require_held(principal, granted)
-        if not env_ids:
-            principal.require_organization_level()
-        for env_id in env_ids:
-            principal.usable_environment(env_id)
-        for env_id in env_ids:
-            principal.require_administer(env_id)
-        owner = _owner_of_new_key(principal, owner_member_id)
+        try:
+            _check_expiry("expire_time", expire_time, now)
+            _require_held(principal, granted)
+            if not env_ids:
+                principal.require_organization_level()
+            for env_id in env_ids:
+                principal.usable_environment(env_id)
+            for env_id in env_ids:
+                principal.require_administer(env_id)
+            owner = _owner_of_new_key(principal, owner_member_id)
+        except DomainError:
+            # What made the first request pass may have changed since (its environment deleted,
+            # its expiry passed): a retry still learns which key it made.
+            if idempotency_key is not None:
+                async with self._deps.database.read() as uow:
+                    earlier = await uow.request_ids.find(principal.key.id, CREATE, idempotency_key)
+                if earlier is not None:
+                    raise _duplicate_key(earlier.result_id) from None
+            raise
         secret = keys.generate(mode or KeyMode.LIVE)
         key = ApiKey.new(
             principal.organization_id,
@@ -203,13 +214,9 @@ class ApiKeys:
             request_id=idempotency_key,
             create=insert,
             scope=principal.key.id,
+            refuse=_duplicate_key,
         )
-        if not outcome.created:
-            raise AlreadyExists(
-                "a key was already created with this request_id; its secret cannot be shown again",
-                reason="DUPLICATE_REQUEST",
-                metadata={"keyId": outcome.result_id},
-            )
+        assert outcome.created  # a retry is refused
         return NewKey(key, secret.secret)
 
     # -- read ---------------------------------------------------------------------------------
@@ -521,3 +528,12 @@ def _environment_ids(field: str, given: Sequence[str]) -> tuple[str, ...]:
 def _check_expiry(field: str, expire_time: datetime | None, now: datetime) -> None:
     if expire_time is not None and expire_time <= now:
         raise InvalidArgument.field(field, "must lie in the future")
+
+
+def _duplicate_key(key_id: str) -> AlreadyExists:
+    """A CreateApiKey retry: it names the first key, whose secret cannot be shown again."""
+    return AlreadyExists(
+        "a key was already created with this request_id; its secret cannot be shown again",
+        reason="DUPLICATE_REQUEST",
+        metadata={"keyId": key_id},
+    )

@@ -57,6 +57,7 @@ class Environments:
             load=load,
             gone=environment_not_found,
             changes=[Change(Action.CREATED, env)],
+            asked=(name, slug, description),
         )
 
     @staticmethod

@@ -127,6 +127,7 @@ class Members:
             insert=insert,
             load=load,
             gone=member_not_found,
+            asked=(email, display_name, role.value),
         )
 
     async def get(self, principal: Principal, member_id: str) -> Member:

@@ -71,9 +71,9 @@ class Organizations:
             operation=CREATE,
             request_id=idempotency_key,
             create=insert_all,
+            refuse=_duplicate,
         )
-        if not outcome.created:
-            raise _duplicate(outcome.result_id)
+        assert outcome.created  # a retry is refused
         return CreatedOrganization(organization, environment, owner, key, secret.secret)
 
     async def any_exists(self) -> bool:

@@ -98,6 +98,7 @@ class Resources:
             request_id=idempotency_key,
             create=insert,
             created=[Change(Action.REGISTERED, resource)],
+            asked=(kind.value, resource_id),
         )
         if outcome.created:
             return resource

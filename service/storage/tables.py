@@ -185,6 +185,8 @@ class RequestIdRow(Base):
     request_id: Mapped[str] = mapped_column(String(36))
     result_id: Mapped[str] = mapped_column(String(200))
     create_time: Mapped[datetime] = mapped_column(UtcDateTime())
+    # A digest of what the request asked for (None: recorded before it was kept, or not compared).
+    fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class ServerSecretRow(Base):
