@@ -79,7 +79,7 @@ async def create_once(
     any others). Without a request id, nothing can turn the write into a replay, so they are
     announced to the write and their events go with its revision (see `Database.write`)."""
     scope = scope or organization_id or "operator"
-    digest = None if asked is None else fingerprint(asked)
+    digest = None if asked is None or request_id is None else fingerprint(asked)
     try:
         async with database.write(
             organization_id, actor, announced=created if request_id is None else ()
