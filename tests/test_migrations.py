@@ -5,18 +5,20 @@ here, not in production on the first write that needs it."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import update
+from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 
 from service.app.server import Application
+from service.domain import validation
 from service.storage import migrate
-from service.storage.tables import REQUEST_IDS, Base
+from service.storage.tables import MEMBERS, ORGANIZATIONS, REQUEST_IDS, Base
 from tests.empty_database import empty_database
 from tests.harness import Harness, Org, fails
 from tests.servers import Backend
@@ -66,3 +68,42 @@ async def test_request_ids_recorded_before_fingerprints_are_replayed_as_the_same
         grpc.StatusCode.INVALID_ARGUMENT,
         "REQUEST_ID_REUSED",
     )
+
+
+async def test_upgrading_rekeys_stored_emails_caselessly(backend: Backend, tmp_path: Path) -> None:
+    """Members stored while email keys were lower-cased get their caseless key from migration
+    0006 (`Straße` lower-cased is `straße`, caselessly `strasse`), so an address stored before the
+    upgrade and its upper-case spelling after it are one email; an ASCII key stays as it was.
+    Downgrading puts the lower-cased keys back."""
+    async with empty_database(backend, tmp_path) as database:
+        app = Application(database.settings())
+        try:
+            await migrate.upgrade(app.engine, "0005")
+            now = datetime.now(UTC)
+            async with app.engine.begin() as connection:
+                await connection.execute(insert(ORGANIZATIONS).values(id="org_m", name="M", create_time=now))
+                for member_id, email in (("mem_1", "Straße@example.com"), ("mem_2", "Ada@example.com")):
+                    await connection.execute(
+                        insert(MEMBERS).values(
+                            id=member_id,
+                            organization_id="org_m",
+                            email=email,
+                            email_key=email.lower(),
+                            role="MEMBER",
+                            create_time=now,
+                            update_time=now,
+                        )
+                    )
+            await migrate.upgrade(app.engine)
+            assert await _email_keys(app) == {"mem_1": "strasse@example.com", "mem_2": "ada@example.com"}
+            assert validation.email_key("STRASSE@EXAMPLE.COM") == "strasse@example.com"
+            await migrate.downgrade(app.engine, "0005")
+            assert await _email_keys(app) == {"mem_1": "straße@example.com", "mem_2": "ada@example.com"}
+        finally:
+            await app.engine.dispose()
+
+
+async def _email_keys(app: Application) -> dict[str, str]:
+    async with app.engine.connect() as connection:
+        rows = await connection.execute(select(MEMBERS.c.id, MEMBERS.c.email_key))
+        return {member_id: key for member_id, key in rows}

@@ -102,6 +102,14 @@ def email(field: str, value: str) -> str:
     return value
 
 
+def email_key(address: str) -> str:
+    """What two addresses are compared on, case-insensitively: Unicode's compatibility caseless
+    form, so that an address and its own upper case (`straße` and `STRASSE`, `οδος` and `ΟΔΟΣ`,
+    the `ﬁ` ligature and `FI`) and its look-alike spellings (full-width letters, a decomposed
+    accent) are one address. Lower-casing alone is only right for ASCII."""
+    return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", address).casefold())
+
+
 def resource_id(field: str, value: str) -> str:
     """A registered resource's id: 1 to 128 of `[A-Za-z0-9_.:-]`."""
     if not RESOURCE_ID_PATTERN.fullmatch(value):

@@ -6,6 +6,7 @@ from typing import Any
 
 from sqlalchemy import Row, delete, func, insert, select, update
 
+from service.domain import validation
 from service.domain.models import EnvironmentMembership, EnvRole, Member, OrgRole
 from service.storage.statements import Statements
 from service.storage.tables import ENVIRONMENT_MEMBERS, MEMBERS, EnvironmentMemberRow, MemberRow
@@ -50,7 +51,7 @@ class MemberRepository:
                 "id": member.id,
                 "organization_id": member.organization_id,
                 "email": member.email,
-                "email_key": member.email.lower(),
+                "email_key": validation.email_key(member.email),
                 "display_name": member.display_name,
                 "role": member.role.value,
                 "create_time": member.create_time,

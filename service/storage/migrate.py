@@ -35,6 +35,16 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
         await connection.run_sync(run)
 
 
+async def downgrade(engine: AsyncEngine, revision: str) -> None:
+    """Takes the schema back to `revision` (an operator's way back from a failed upgrade)."""
+
+    def run(connection: Connection) -> None:
+        command.downgrade(_config(connection), revision)
+
+    async with translated_errors(), engine.begin() as connection:
+        await connection.run_sync(run)
+
+
 def head() -> str:
     """The newest schema revision this code knows."""
     revision = ScriptDirectory.from_config(_config()).get_current_head()

@@ -93,7 +93,8 @@ class EnvironmentRow(Base):
 
 
 class MemberRow(Base):
-    """A member; `email_key` is the lower-cased email that uniqueness is decided on."""
+    """A member; `email_key` is the caseless form of the email that uniqueness is decided on
+    (`validation.email_key`; case folding can lengthen an address, hence its longer column)."""
 
     __tablename__ = "members"
     __table_args__ = (UniqueConstraint("organization_id", "email_key"),)
@@ -101,7 +102,7 @@ class MemberRow(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"), index=True)
     email: Mapped[str] = mapped_column(String(254))
-    email_key: Mapped[str] = mapped_column(String(254))
+    email_key: Mapped[str] = mapped_column(String(1024))
     display_name: Mapped[str] = mapped_column(String(100), default="")
     role: Mapped[str] = mapped_column(String(10))
     create_time: Mapped[datetime] = mapped_column(UtcDateTime())
