@@ -39,7 +39,10 @@ _NANOS_PER_SECOND = 1_000_000_000
 
 def to_timedelta(field: str, value: duration_pb2.Duration) -> timedelta:
     """A request's Duration as a timedelta; INVALID_ARGUMENT outside the range Duration defines
-    (seconds within ±315,576,000,000, |nanos| below a second, both of the same sign)."""
+    (seconds within ±315,576,000,000, |nanos| below a second, both of the same sign).
+
+    A timedelta holds microseconds: nanoseconds round away from zero, so a value past a bound by
+    a nanosecond (-1 ns, 7 days + 1 ns) is still past it when the use case checks its range."""
     seconds, nanos = value.seconds, value.nanos
     if (
         abs(seconds) > _MAX_DURATION_SECONDS
@@ -48,7 +51,8 @@ def to_timedelta(field: str, value: duration_pb2.Duration) -> timedelta:
         or (seconds < 0 and nanos > 0)
     ):
         raise InvalidArgument.field(field, "is not a valid duration")
-    return value.ToTimedelta()
+    micros = -(-abs(nanos) // 1000)
+    return timedelta(seconds=seconds, microseconds=micros if nanos >= 0 else -micros)
 
 
 def to_datetime(field: str, value: timestamp_pb2.Timestamp) -> datetime:
