@@ -773,3 +773,58 @@ async def test_verify_of_a_dead_foreign_key_naming_this_environment(harness: Har
     dead = await harness.verify(their_secret, org.default_environment.id, "inboxes:read")
     assert dead.denial_reason == Reason.REVOKED
     assert dead.principal == pb.Principal(organization_id=other.id, api_key_id=theirs.id)
+
+
+async def test_a_key_that_expires_never_gives_a_key_a_longer_life(harness: Harness, org: Org) -> None:
+    """A key handed out for an hour, with `api_keys:write` and every scope, must not leave a
+    lasting key behind: creating a key that never expires or expires after it, clearing or
+    extending its own expiry, or extending another key's past its own are PERMISSION_DENIED
+    EXPIRY_ESCALATION and change nothing. Within its own life it may still do all of these."""
+    now = datetime.now(UTC)
+    hour = now + timedelta(hours=1)
+    temporary = await harness.api_keys.CreateApiKey(
+        pb.CreateApiKeyRequest(name="for an hour", scopes=ALL, expire_time=stamp(hour)),
+        metadata=auth(org.owner_secret),
+    )
+    secret = temporary.secret
+
+    def create(expire_time: datetime | None) -> Any:
+        request = pb.CreateApiKeyRequest(name="minted", scopes=["inboxes:read"])
+        if expire_time is not None:
+            request.expire_time.CopyFrom(stamp(expire_time))
+        return harness.api_keys.CreateApiKey(request, metadata=auth(secret))
+
+    def extend(key_id: str, expire_time: datetime | None) -> Any:
+        key = pb.ApiKey(id=key_id)
+        if expire_time is not None:
+            key.expire_time.CopyFrom(stamp(expire_time))
+        return harness.api_keys.UpdateApiKey(
+            pb.UpdateApiKeyRequest(api_key=key, update_mask=mask("expire_time")), metadata=auth(secret)
+        )
+
+    for refused in (create(None), create(hour + timedelta(seconds=1)), extend(temporary.api_key.id, None)):
+        await fails(refused, Code.PERMISSION_DENIED, "EXPIRY_ESCALATION")
+    await fails(
+        extend(temporary.api_key.id, now + timedelta(days=1)), Code.PERMISSION_DENIED, "EXPIRY_ESCALATION"
+    )
+    minted = await create(now + timedelta(minutes=30))
+    await fails(extend(minted.api_key.id, None), Code.PERMISSION_DENIED, "EXPIRY_ESCALATION")
+    await fails(
+        extend(minted.api_key.id, hour + timedelta(minutes=1)), Code.PERMISSION_DENIED, "EXPIRY_ESCALATION"
+    )
+    assert (await extend(minted.api_key.id, hour)).expire_time == stamp(hour)
+    shorter = now + timedelta(minutes=45)
+    assert (await extend(temporary.api_key.id, shorter)).expire_time == stamp(shorter)
+    stored = await harness.api_keys.GetApiKey(
+        pb.GetApiKeyRequest(id=temporary.api_key.id), metadata=auth(org.owner_secret)
+    )
+    assert stored.expire_time == stamp(shorter)
+    listed = await harness.api_keys.ListApiKeys(
+        pb.ListApiKeysRequest(page_size=500), metadata=auth(org.owner_secret)
+    )
+    assert [key.name for key in listed.api_keys].count("minted") == 1
+    # The organization's owner key, which never expires, still may.
+    forever = await harness.api_keys.CreateApiKey(
+        pb.CreateApiKeyRequest(name="forever", scopes=["inboxes:read"]), metadata=auth(org.owner_secret)
+    )
+    assert not forever.api_key.HasField("expire_time")

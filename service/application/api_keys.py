@@ -23,6 +23,9 @@ No escalation, the rules every mutation obeys:
 - Extending or clearing a key's expiry (which can revive an expired key) hands back access like a
   roll does, so it needs every scope the key has once updated (`SCOPE_ESCALATION`); shortening it
   needs nothing more than any other narrowing.
+- A key that expires never makes a key that outlives it: a key it creates, or whose expiry it
+  extends or clears (its own included), must expire no later than it does (`EXPIRY_ESCALATION`).
+  A key handed out for an hour cannot leave a lasting one behind.
 - Request ids of CreateApiKey are scoped to the calling key: the same id sent by another key is
   an independent request, and a replay never names a key created by someone else.
 - A VerifyApiKey denial names the key and its organization, for the caller's logs, but nothing the
@@ -164,6 +167,7 @@ class ApiKeys:
         try:
             _check_expiry("expire_time", expire_time, now)
             _require_held(principal, granted)
+            _require_outlived_by_caller(principal, expire_time)
             if not env_ids:
                 principal.require_organization_level()
             for env_id in env_ids:
@@ -310,6 +314,7 @@ class ApiKeys:
             lives_longer = _lives_longer(current.expire_time, updated.expire_time)
             if lives_longer:
                 _require_held(principal, updated.scopes)
+                _require_outlived_by_caller(principal, updated.expire_time)
             if (lives_longer or _reaches_further(current, updated)) and role is None:
                 raise _owner_removed()  # a key that acts as no one is not handed more
             await repository.save(updated)
@@ -446,6 +451,16 @@ def _require_held(principal: Principal, wanted: Iterable[str]) -> None:
         raise Denied(
             f"a key can only grant scopes it holds; the caller lacks {', '.join(missing)}",
             reason="SCOPE_ESCALATION",
+        )
+
+
+def _require_outlived_by_caller(principal: Principal, expire_time: datetime | None) -> None:
+    """A key that expires hands out no key life past its own (None: never expires)."""
+    limit = principal.key.expire_time
+    if limit is not None and (expire_time is None or expire_time > limit):
+        raise Denied(
+            f"a key that expires at {limit.isoformat()} cannot give a key a longer life",
+            reason="EXPIRY_ESCALATION",
         )
 
 
