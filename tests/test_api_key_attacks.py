@@ -778,8 +778,9 @@ async def test_verify_of_a_dead_foreign_key_naming_this_environment(harness: Har
 async def test_a_key_that_expires_never_gives_a_key_a_longer_life(harness: Harness, org: Org) -> None:
     """A key handed out for an hour, with `api_keys:write` and every scope, must not leave a
     lasting key behind: creating a key that never expires or expires after it, clearing or
-    extending its own expiry, or extending another key's past its own are PERMISSION_DENIED
-    EXPIRY_ESCALATION and change nothing. Within its own life it may still do all of these."""
+    extending its own expiry, extending another key's past its own, or rolling a key that lives
+    longer (whose successor's secret it would get) are PERMISSION_DENIED EXPIRY_ESCALATION and
+    change nothing. Within its own life it may still do all of these, and roll itself."""
     now = datetime.now(UTC)
     hour = now + timedelta(hours=1)
     temporary = await harness.api_keys.CreateApiKey(
@@ -823,6 +824,18 @@ async def test_a_key_that_expires_never_gives_a_key_a_longer_life(harness: Harne
         pb.ListApiKeysRequest(page_size=500), metadata=auth(org.owner_secret)
     )
     assert [key.name for key in listed.api_keys].count("minted") == 1
+    roll = harness.api_keys.RollApiKey(pb.RollApiKeyRequest(id=org.owner_key_id), metadata=auth(secret))
+    await fails(roll, Code.PERMISSION_DENIED, "EXPIRY_ESCALATION")
+    # `minted` expires at the hour, now after the caller, which shortened its own life.
+    await fails(
+        harness.api_keys.RollApiKey(pb.RollApiKeyRequest(id=minted.api_key.id), metadata=auth(secret)),
+        Code.PERMISSION_DENIED,
+        "EXPIRY_ESCALATION",
+    )
+    itself = await harness.api_keys.RollApiKey(
+        pb.RollApiKeyRequest(id=temporary.api_key.id), metadata=auth(secret)
+    )
+    assert itself.api_key.expire_time == stamp(shorter)
     # The organization's owner key, which never expires, still may.
     forever = await harness.api_keys.CreateApiKey(
         pb.CreateApiKeyRequest(name="forever", scopes=["inboxes:read"]), metadata=auth(org.owner_secret)

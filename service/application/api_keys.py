@@ -23,8 +23,9 @@ No escalation, the rules every mutation obeys:
 - Extending or clearing a key's expiry (which can revive an expired key) hands back access like a
   roll does, so it needs every scope the key has once updated (`SCOPE_ESCALATION`); shortening it
   needs nothing more than any other narrowing.
-- A key that expires never makes a key that outlives it: a key it creates, or whose expiry it
-  extends or clears (its own included), must expire no later than it does (`EXPIRY_ESCALATION`).
+- A key that expires never makes a key that outlives it: a key it creates, rolls (the successor's
+  secret is handed to it), or whose expiry it extends or clears (its own included), must expire
+  no later than it does (`EXPIRY_ESCALATION`).
   A key handed out for an hour cannot leave a lasting one behind.
 - Request ids of CreateApiKey are scoped to the calling key: the same id sent by another key is
   an independent request, and a replay never names a key created by someone else.
@@ -359,6 +360,8 @@ class ApiKeys:
             if state is KeyState.EXPIRED:
                 raise FailedPrecondition("an expired key cannot be rolled", reason="API_KEY_EXPIRED")
             _require_held(principal, current.scopes)
+            # The successor's secret goes to the caller: a key that expires gets no lasting one.
+            _require_outlived_by_caller(principal, current.expire_time)
             caller_owner = principal.key.owner_member_id
             if (
                 caller_owner is not None

@@ -43,8 +43,8 @@ class ApiKeyServiceStub:
     reaches; any other key id is NOT_FOUND with reason API_KEY_NOT_FOUND, as for a random id. A
     member-owned caller changes keys only in environments its member administers, and below
     organization level creates and rolls only keys owned by its own member (OWNER_ESCALATION). A
-    key that expires gives no key a life past its own: a key it creates, or whose expiry it extends
-    or clears, must expire no later than it does (else PERMISSION_DENIED EXPIRY_ESCALATION).
+    key that expires gives no key a life past its own: a key it creates or rolls, or whose expiry it
+    extends or clears, must expire no later than it does (else PERMISSION_DENIED EXPIRY_ESCALATION).
 
     A key never acts above its owner: a key acts with its owner member's organization role, and as
     OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
@@ -117,8 +117,8 @@ class ApiKeyServiceServicer:
     reaches; any other key id is NOT_FOUND with reason API_KEY_NOT_FOUND, as for a random id. A
     member-owned caller changes keys only in environments its member administers, and below
     organization level creates and rolls only keys owned by its own member (OWNER_ESCALATION). A
-    key that expires gives no key a life past its own: a key it creates, or whose expiry it extends
-    or clears, must expire no later than it does (else PERMISSION_DENIED EXPIRY_ESCALATION).
+    key that expires gives no key a life past its own: a key it creates or rolls, or whose expiry it
+    extends or clears, must expire no later than it does (else PERMISSION_DENIED EXPIRY_ESCALATION).
 
     A key never acts above its owner: a key acts with its owner member's organization role, and as
     OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
@@ -254,8 +254,8 @@ class ApiKeyService:
     reaches; any other key id is NOT_FOUND with reason API_KEY_NOT_FOUND, as for a random id. A
     member-owned caller changes keys only in environments its member administers, and below
     organization level creates and rolls only keys owned by its own member (OWNER_ESCALATION). A
-    key that expires gives no key a life past its own: a key it creates, or whose expiry it extends
-    or clears, must expire no later than it does (else PERMISSION_DENIED EXPIRY_ESCALATION).
+    key that expires gives no key a life past its own: a key it creates or rolls, or whose expiry it
+    extends or clears, must expire no later than it does (else PERMISSION_DENIED EXPIRY_ESCALATION).
 
     A key never acts above its owner: a key acts with its owner member's organization role, and as
     OWNER when no member owns it. Creating, rolling or widening a key (adding scopes or
