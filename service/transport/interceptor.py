@@ -91,13 +91,19 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any] | None) -> Callable[[
     return decode
 
 
+def _repeated(raw: Sequence[tuple[str, str | bytes]], name: str) -> bool:
+    """Whether the request metadata holds more than one `name` entry (the dict of it keeps the
+    last): which one a proxy or library in between would have used is anyone's guess."""
+    return sum(1 for key, _ in raw if key == name) > 1
+
+
 def _bearer(metadata: dict[str, str], raw: Sequence[tuple[str, str | bytes]]) -> str:
     value = metadata.get("authorization")
     if value is None:
         raise Unauthenticated("send `authorization: Bearer <API key>`", reason="CREDENTIALS_MISSING")
     # `metadata` keeps only the last of repeated keys; which credential a proxy or library in
     # between would have used is anyone's guess, so more than one is refused outright.
-    if sum(1 for key, _ in raw if key == "authorization") > 1:
+    if _repeated(raw, "authorization"):
         raise Unauthenticated("send exactly one authorization metadata entry", reason="CREDENTIALS_MALFORMED")
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -129,7 +135,7 @@ def _min_revision(metadata: dict[str, str], raw: Sequence[tuple[str, str | bytes
     given = metadata.get(MIN_REVISION_HEADER)
     if given is None:
         return 0
-    if sum(1 for key, _ in raw if key == MIN_REVISION_HEADER) > 1:
+    if _repeated(raw, MIN_REVISION_HEADER):
         raise InvalidArgument.field(
             MIN_REVISION_HEADER, "must be sent at most once", reason="INVALID_MIN_REVISION"
         )
@@ -291,7 +297,7 @@ def _environment_reference(call: _Call) -> str | None:
     reference = call.environment
     if reference is None:
         return None
-    if sum(1 for key, _ in call.raw if key == ENVIRONMENT_HEADER) > 1:
+    if _repeated(call.raw, ENVIRONMENT_HEADER):
         raise InvalidArgument.field(
             ENVIRONMENT_HEADER, "must be sent at most once", reason="INVALID_ENVIRONMENT_HEADER"
         )
