@@ -186,8 +186,8 @@ async def _current(
 
 async def recheck_active(uow: UnitOfWork, organization_id: str, environment_id: str) -> None:
     """Re-reads the environment inside a write transaction: a delete committed since the caller's
-    snapshot was read must win, so nothing is granted in, added to or moved into a deleted
-    environment (FAILED_PRECONDITION ENVIRONMENT_DELETED)."""
+    snapshot was read must win, so nothing is granted in, added to, moved into or removed from a
+    deleted environment (FAILED_PRECONDITION ENVIRONMENT_DELETED)."""
     deleted = await uow.environments.is_deleted(organization_id, environment_id)
     if deleted is None:  # pragma: no cover - environments are never removed
         raise environment_not_found(environment_id)

@@ -146,6 +146,9 @@ class Resources:
         resource_id = validation.resource_id("resource_id", resource_id)
         environment = principal.context_environment
         async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
+            # Read again under the write's lock: a delete committed since the caller's view was
+            # read wins, and the resources of a deleted environment stay until reassigned.
+            await recheck_active(uow, principal.organization_id, environment.id)
             removed = await uow.resources.delete(principal.organization_id, environment.id, kind, resource_id)
             if removed is None:
                 raise resource_not_found(kind, resource_id)
