@@ -16,6 +16,9 @@ import pytest
 from tests.harness import Harness, Org
 from tests.servers import Backend, scratch_schema, serving
 
+# The private PostgreSQL cluster and server processes of the outage tests, as fixtures.
+pytest_plugins = ("tests.outages",)
+
 POSTGRES_URL_VARIABLE = "AGENTPOST_TEST_POSTGRES_URL"
 BACKENDS = ["sqlite", "postgres"]
 

@@ -12,49 +12,42 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Awaitable, Callable
 
 import asyncpg  # type: ignore[import-untyped]
 import grpc
 import pytest
 from agentpost.environments.v1 import (
     api_key_pb2,
-    api_key_pb2_grpc,
     environment_pb2,
-    environment_pb2_grpc,
     event_pb2,
     event_pb2_grpc,
     organization_pb2,
-    organization_pb2_grpc,
     resource_pb2,
     resource_pb2_grpc,
 )
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from service.domain.errors import DomainError, ResourceExhausted, Unavailable
 from service.storage.database import PING_AFTER_IDLE_SECONDS, translated_errors
 from service.storage.errors import unreachable
-from tests import private_postgres
-from tests.bench.processes import ServerProcess, health_serving
-from tests.harness import OPERATOR_TOKEN, Harness, Org, auth, create_organization, every_event, failure_of
+from tests.harness import Harness, Org, auth, create_organization, every_event, failure_of
+from tests.outages import (
+    CALL_TIMEOUT,
+    REFRESH_SECONDS,
+    Replica,
+    start_database,
+    stop_database,
+    until,
+)
 from tests.private_postgres import PrivatePostgres
-from tests.servers import PROJECT_ROOT, Backend, free_port
 
-REFRESH_SECONDS = 0.2
-DATABASE_TIMEOUT_SECONDS = 2.0
-# Every call carries a deadline well above the database time-out: an outage must answer, not hang.
-CALL_TIMEOUT = 15.0
 REVOCATION_BOUND_SECONDS = 3.0
 RECOVERY_BOUND_SECONDS = 60.0
-POLL_SECONDS = 0.05
 WARM_VERIFIES = 50
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -63,133 +56,6 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 # Named [postgres] so that, under CI=true, a skip fails the run like every PostgreSQL test.
 on_postgres = pytest.mark.parametrize("database", ["postgres"])
-
-
-@pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[PrivatePostgres]:
-    """A running private PostgreSQL cluster with the schema migrated, deleted afterwards."""
-    reason = private_postgres.available()
-    if reason is not None:
-        pytest.skip(reason)
-    with private_postgres.running() as pg:
-        completed = subprocess.run(
-            [sys.executable, "-m", "service", "migrate"],
-            cwd=PROJECT_ROOT,
-            env=_environment(pg, {}),
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert completed.returncode == 0, completed.stdout + completed.stderr
-        yield pg
-
-
-def _environment(pg: PrivatePostgres, settings: dict[str, str]) -> dict[str, str]:
-    """The environment of a server process on the private cluster, with the given settings."""
-    return Backend("postgres", pg.url, None).environment(settings)
-
-
-@dataclass
-class Replica:
-    """A server process and stubs on a channel to it."""
-
-    process: ServerProcess
-    channel: grpc.aio.Channel
-
-    @property
-    def organizations(self) -> organization_pb2_grpc.OrganizationServiceStub:
-        """OrganizationService on this replica."""
-        return organization_pb2_grpc.OrganizationServiceStub(self.channel)
-
-    @property
-    def environments(self) -> environment_pb2_grpc.EnvironmentServiceStub:
-        """EnvironmentService on this replica."""
-        return environment_pb2_grpc.EnvironmentServiceStub(self.channel)
-
-    @property
-    def api_keys(self) -> api_key_pb2_grpc.ApiKeyServiceStub:
-        """ApiKeyService on this replica."""
-        return api_key_pb2_grpc.ApiKeyServiceStub(self.channel)
-
-    async def health(self) -> int:
-        """The server's overall health status."""
-        response = await health_pb2_grpc.HealthStub(self.channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=CALL_TIMEOUT
-        )
-        return int(response.status)
-
-    async def verify(self, secret: str) -> api_key_pb2.VerifyApiKeyResponse:
-        """VerifyApiKey for the secret, in any environment it may use."""
-        response: api_key_pb2.VerifyApiKeyResponse = await self.api_keys.VerifyApiKey(
-            api_key_pb2.VerifyApiKeyRequest(secret=secret), timeout=CALL_TIMEOUT
-        )
-        return response
-
-
-@pytest.fixture
-async def replicas(
-    cluster: PrivatePostgres, tmp_path: Path
-) -> AsyncIterator[Callable[..., Awaitable[Replica]]]:
-    """Starts server processes on the private cluster; all are stopped at the end."""
-    started: list[Replica] = []
-
-    async def start(name: str, **settings: str) -> Replica:
-        port = free_port()
-        values = {
-            "AGENTPOST_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-            "AGENTPOST_OPERATOR_TOKEN": OPERATOR_TOKEN,
-            "AGENTPOST_CACHE_REFRESH_SECONDS": str(REFRESH_SECONDS),
-            "AGENTPOST_DATABASE_TIMEOUT_SECONDS": str(DATABASE_TIMEOUT_SECONDS),
-            "AGENTPOST_SHUTDOWN_GRACE_SECONDS": "1",
-            **settings,
-        }
-        log_path = tmp_path / f"{name}.log"
-        with log_path.open("wb") as log:
-            process = await asyncio.to_thread(
-                subprocess.Popen,
-                [sys.executable, "-m", "service", "serve"],
-                cwd=PROJECT_ROOT,
-                env=_environment(cluster, values),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        server = ServerProcess(name, process, port, log_path)
-        replica = Replica(server, grpc.aio.insecure_channel(server.address))
-        started.append(replica)
-        await server.wait_ready(health_serving)
-        return replica
-
-    try:
-        yield start
-    finally:
-        for replica in started:
-            await replica.channel.close()
-            replica.process.stop()
-
-
-async def stop_database(pg: PrivatePostgres, mode: str = "immediate") -> float:
-    """Stops the cluster, by default as a crash would (every connection dropped at once; `fast`
-    terminates sessions with AdminShutdown first); returns when the stop began: the server may
-    refuse connections before `pg_ctl` returns."""
-    began = time.monotonic()
-    await asyncio.to_thread(pg.stop, mode)
-    return began
-
-
-async def start_database(pg: PrivatePostgres) -> float:
-    """Starts the cluster again; returns when it accepts connections."""
-    await asyncio.to_thread(pg.start)
-    return time.monotonic()
-
-
-async def until(condition: Callable[[], Awaitable[bool]], bound: float, what: str) -> float:
-    """Waits until `condition()` holds, at most `bound` seconds; returns how long it took."""
-    started = time.monotonic()
-    while not await condition():
-        assert time.monotonic() - started < bound, f"{what}: not within {bound:.0f} s"
-        await asyncio.sleep(POLL_SECONDS)
-    return time.monotonic() - started
 
 
 class Codes:

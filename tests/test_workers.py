@@ -131,7 +131,7 @@ class Served:
             return await self.process.wait()
 
 
-async def _serve(
+async def serve_workers(
     backend: Backend, tmp_path: Path, *flags: str, port: int | None = None, drain: float = 0.0
 ) -> Served:
     port = port or _free_port()
@@ -223,7 +223,7 @@ async def _watch(channel: grpc.aio.Channel, first: asyncio.Event) -> list[int]:
     return statuses
 
 
-def _gone(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
     """True once the process has exited (a zombie not yet reaped counts as gone)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -235,7 +235,7 @@ def _gone(pid: int) -> bool:
 async def test_both_workers_serve_the_port_follow_revocations_and_drain_on_sigterm(
     backend: Backend, tmp_path: Path
 ) -> None:
-    served = await _serve(backend, tmp_path, "--migrate", drain=0.5)
+    served = await serve_workers(backend, tmp_path, "--migrate", drain=0.5)
     channels: dict[int, grpc.aio.Channel] = {}
     try:
         await served.until_serving()
@@ -276,7 +276,7 @@ async def test_both_workers_serve_the_port_follow_revocations_and_drain_on_sigte
         log = served.log()
         for pid in workers:
             assert re.search(rf"^worker \d/2 pid {pid} .* stopped$", log, re.MULTILINE), log
-            assert _gone(pid)
+            assert process_gone(pid)
         assert "all 2 workers stopped" in log
     finally:
         for channel in channels.values():
@@ -286,7 +286,7 @@ async def test_both_workers_serve_the_port_follow_revocations_and_drain_on_sigte
 
 async def test_migrations_and_bootstrap_run_once_for_all_workers(backend: Backend, tmp_path: Path) -> None:
     async with _fresh_database(backend, tmp_path) as fresh:
-        served = await _serve(fresh, tmp_path, "--migrate", "--bootstrap-if-empty")
+        served = await serve_workers(fresh, tmp_path, "--migrate", "--bootstrap-if-empty")
         channels: dict[int, grpc.aio.Channel] = {}
         try:
             await served.until_serving()
@@ -312,7 +312,7 @@ async def test_migrations_and_bootstrap_run_once_for_all_workers(backend: Backen
 async def test_a_worker_that_dies_stops_the_others_and_fails_the_supervisor(
     backend: Backend, tmp_path: Path
 ) -> None:
-    served = await _serve(backend, tmp_path, "--migrate")
+    served = await serve_workers(backend, tmp_path, "--migrate")
     try:
         await served.until_serving()
         killed, survivor = sorted(served.worker_pids())
@@ -323,18 +323,18 @@ async def test_a_worker_that_dies_stops_the_others_and_fails_the_supervisor(
         log = served.log()
         assert re.search(rf"worker \d \(pid {killed}\) exited with status -9; stopping the others", log), log
         assert re.search(rf"^worker \d/2 pid {survivor} .* stopped$", log, re.MULTILINE), log
-        assert _gone(survivor)
+        assert process_gone(survivor)
     finally:
         await served.stop(signal.SIGKILL)
 
 
 async def test_workers_drain_and_exit_when_the_supervisor_is_killed(backend: Backend, tmp_path: Path) -> None:
-    served = await _serve(backend, tmp_path, "--migrate")
+    served = await serve_workers(backend, tmp_path, "--migrate")
     await served.until_serving()
     workers = served.worker_pids()
     await served.stop(signal.SIGKILL)
     deadline = time.monotonic() + 30
-    while not all(_gone(pid) for pid in workers):
+    while not all(process_gone(pid) for pid in workers):
         assert time.monotonic() < deadline, f"workers still running 30 s on:\n{served.log()}"
         await asyncio.sleep(0.1)
     log = served.log()
@@ -354,7 +354,7 @@ async def test_a_port_held_by_another_process_fails_the_start(backend: Backend, 
             holder.bind(("127.0.0.1", 0))
             holder.listen()
             port = int(holder.getsockname()[1])
-            served = await _serve(backend, tmp_path, "--migrate", port=port)
+            served = await serve_workers(backend, tmp_path, "--migrate", port=port)
             async with asyncio.timeout(START_SECONDS):
                 status = await served.process.wait()
             log = served.log()
