@@ -27,6 +27,10 @@ _INVALID = "the page token is invalid, or belongs to another query or caller"
 # A cursor is the sort key of a page's last item: at most a kind and an id, each a stored value.
 _MAX_CURSOR_PARTS = 4
 _MAX_CURSOR_PART_LENGTH = 200
+# A token carries at most _MAX_CURSOR_PARTS parts of _MAX_CURSOR_PART_LENGTH characters, escaped
+# twice over in JSON (up to 24 characters for one astral character) and then in base64: under
+# this many characters.
+_MAX_TOKEN_LENGTH = 65_536
 MIN_KEY_BYTES = 32
 
 
@@ -73,7 +77,9 @@ class PageTokens:
         if not token:
             return None
         try:
-            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+            if len(token) > _MAX_TOKEN_LENGTH:  # longer than any token this service makes
+                raise ValueError("length")
+            raw = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True)
             outer = json.loads(raw)
             body = str(outer["b"]).encode()
             if not hmac.compare_digest(self._sign(body), str(outer["s"])):
@@ -82,7 +88,8 @@ class PageTokens:
             if inner["q"] != self._fingerprint(query):
                 raise ValueError("query")
             return _cursor(inner["a"])
-        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        # RecursionError: JSON nested deeper than the parser goes, read before the signature.
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, RecursionError):
             raise InvalidArgument.field("page_token", _INVALID, reason="INVALID_PAGE_TOKEN") from None
 
 
