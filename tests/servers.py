@@ -3,9 +3,11 @@ ephemeral port, the environment of a server process, and throwaway PostgreSQL sc
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -62,6 +64,19 @@ def process_environment(variables: Mapping[str, str]) -> dict[str, str]:
     environment = {name: value for name, value in os.environ.items() if not name.startswith("AGENTPOST_")}
     environment.update(variables)
     return environment
+
+
+async def service_process(
+    *arguments: str,
+    env: dict[str, str],
+    cwd: Path = PROJECT_ROOT,
+    stdout: int = asyncio.subprocess.PIPE,
+    stderr: int = asyncio.subprocess.PIPE,
+) -> asyncio.subprocess.Process:
+    """`python -m service ARGUMENTS` as a process of its own, with exactly `env`."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "service", *arguments, env=env, cwd=cwd, stdout=stdout, stderr=stderr
+    )
 
 
 def free_port() -> int:

@@ -10,14 +10,13 @@ import re
 import shlex
 import signal
 import socket
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from tests.empty_database import empty_database
-from tests.servers import PROJECT_ROOT, Backend
+from tests.servers import PROJECT_ROOT, Backend, service_process
 
 SECRET = re.compile(r"ap_sk_live_[0-9A-Za-z]{38}")
 
@@ -35,10 +34,7 @@ def _clean_environment(**settings: str) -> dict[str, str]:
 
 
 async def _run(*arguments: str, env: dict[str, str], cwd: Path = PROJECT_ROOT) -> tuple[int, str, str]:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
+    process = await service_process(
         *arguments,
         env=env,
         cwd=cwd,
@@ -209,10 +205,7 @@ async def _shell(command: str, env: dict[str, str]) -> tuple[int, str]:
 
 
 async def _serve(env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
+    return await service_process(
         "serve",
         "--migrate",
         "--bootstrap-if-empty",

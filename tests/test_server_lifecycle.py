@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.app.server import Application
 from service.domain.policy import POLICY, Level, Rule
 from tests.harness import OPERATOR_TOKEN, auth, create_organization
-from tests.servers import Backend, free_port
+from tests.servers import Backend, free_port, service_process
 
 SECRET = re.compile(r"ap_sk_live_[0-9A-Za-z]{38}")
 
@@ -47,10 +47,7 @@ def _backend_environment(backend: Backend, port: int, drain: float, grace: float
 
 async def _serve(env: dict[str, str], *flags: str) -> asyncio.subprocess.Process:
     """`serve --migrate` with `flags`, in a process of its own."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "service",
+    return await service_process(
         "serve",
         "--migrate",
         *flags,

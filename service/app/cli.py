@@ -25,7 +25,9 @@ from service.app import logs, seeding, workers
 from service.app.config import DEFAULT_DATABASE_URL, Settings, environment_variable
 from service.app.server import Application, BindError
 from service.application.organizations import CreatedOrganization, Organizations
-from service.domain.errors import DomainError
+from service.domain import validation
+from service.domain.errors import DomainError, InvalidArgument
+from service.storage.migrate import SchemaUnknown
 
 log = logging.getLogger("service")
 
@@ -318,10 +320,22 @@ async def _migrate(settings: Settings) -> int:
 
 
 async def _bootstrap_command(settings: Settings, name: str | None, owner_email: str | None) -> int:
+    # Checked as CreateOrganization checks them, before anything is created or migrated; given
+    # empty, a value is refused rather than defaulted (left out, it is defaulted).
+    try:
+        validation.name("--name", DEFAULT_ORGANIZATION_NAME if name is None else name)
+        validation.email("--owner-email", DEFAULT_OWNER_EMAIL if owner_email is None else owner_email)
+    except InvalidArgument as error:
+        log.error("bootstrap: %s", error.message)
+        return 2
     app = Application(settings)
     try:
         await app.migrate()
-        created = await _bootstrap(app, name or DEFAULT_ORGANIZATION_NAME, owner_email or DEFAULT_OWNER_EMAIL)
+        created = await _bootstrap(
+            app,
+            DEFAULT_ORGANIZATION_NAME if name is None else name,
+            DEFAULT_OWNER_EMAIL if owner_email is None else owner_email,
+        )
     finally:
         await app.database.dispose()
     _print_owner_key(
@@ -379,6 +393,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_bootstrap_command(settings, args.name, args.owner_email))
     except DomainError as error:
         log.error("%s failed: %s (%s)", args.command, error.message, error.reason)
+        return 1
+    except SchemaUnknown as error:
+        log.error("%s failed: %s", args.command, error)
         return 1
 
 

@@ -33,10 +33,20 @@ def _readable_pem(path: str) -> str:
     return path
 
 
+def host_and_port(address: str) -> tuple[str, int]:
+    """`host:port` (or `[v6]:port`) as (host, port): a ValueError unless the port is 0 to 65535 in
+    ASCII digits (gRPC would take 70000 for 4464 and a missing port for 443)."""
+    host, separator, port = address.rpartition(":")
+    if not separator or not (port.isascii() and port.isdigit()) or int(port) > 65_535:
+        raise ValueError(f"must be host:port with a port from 0 to 65535, not {address[:100]!r}")
+    return host.strip("[]"), int(port)
+
+
 class Settings(BaseSettings):
     """Every setting of the server. Each field's description is its `--help` text."""
 
-    model_config = SettingsConfigDict(env_prefix="AGENTPOST_", extra="ignore")
+    # No setting is infinite: an endless drain, time-out or staleness would be a hang, not a bound.
+    model_config = SettingsConfigDict(env_prefix="AGENTPOST_", extra="ignore", allow_inf_nan=False)
 
     database_url: str = Field(
         DEFAULT_DATABASE_URL,
@@ -74,6 +84,7 @@ class Settings(BaseSettings):
     workers: int = Field(
         1,
         ge=1,
+        le=256,
         description="serve: how many processes share the listen address (SO_REUSEPORT), each a full "
         "server whose cache follows the event log",
     )
@@ -133,7 +144,10 @@ class Settings(BaseSettings):
         "RESOURCE_EXHAUSTED (the consumer watches again from the revision it reached)",
     )
     event_retention_days: float = Field(
-        90.0, gt=0, description="how long events are kept; older ones are pruned in small batches"
+        90.0,
+        gt=0,
+        le=36_500,
+        description="how long events are kept (at most 100 years); older ones are pruned in small batches",
     )
     event_prune_interval_seconds: float = Field(
         300.0, gt=0, description="how often events older than the retention are looked for and pruned"
@@ -145,6 +159,28 @@ class Settings(BaseSettings):
         if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("use DEBUG, INFO, WARNING or ERROR")
         return value.upper()
+
+    @field_validator("listen_address")
+    @classmethod
+    def _listen_address(cls, value: str) -> str:
+        if not value.startswith("unix:"):
+            host_and_port(value)
+        return value
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address(cls, value: str | None) -> str | None:
+        if value is not None:
+            host_and_port(value)
+        return value
+
+    @field_validator("operator_token")
+    @classmethod
+    def _operator_token(cls, value: str | None) -> str | None:
+        # As a client's bearer token is read (stripped): a token from a file keeps no newline,
+        # and a blank one is no token.
+        stripped = None if value is None else value.strip()
+        return stripped or None
 
     @field_validator("database_url")
     @classmethod
@@ -164,6 +200,8 @@ class Settings(BaseSettings):
             path = url.database or ""
             if path and path != ":memory:" and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
                 raise ValueError(f"the folder of the SQLite file {path!r} does not exist")
+            if path and os.path.isdir(path):
+                raise ValueError(f"{path!r} is a folder, not an SQLite file")
         return value
 
     @field_validator("tls_cert_file", "tls_key_file", "tls_client_ca_file")

@@ -26,6 +26,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy.pool import Pool
 
+from service.app.config import host_and_port
 from service.application.access import CacheStats
 from service.storage.database import CommitCounts
 from service.transport.metrics import CallMetrics
@@ -133,10 +134,8 @@ class StateCollector(Collector):
 
 def parse_address(address: str) -> tuple[str, int]:
     """`host:port` (or `[v6]:port`) as (host, port); port 0 picks any free port."""
-    host, separator, port = address.rpartition(":")
-    if not separator or not port.isdigit():
-        raise ValueError(f"metrics address must be host:port, not {address!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - an empty host means every interface
+    host, port = host_and_port(address)
+    return host or "0.0.0.0", port  # noqa: S104 - an empty host means every interface
 
 
 class MetricsEndpoint:

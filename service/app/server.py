@@ -412,12 +412,9 @@ class Application:
                 log.warning("cannot read the schema revision (%s); NOT_SERVING until it can", error.message)
             return False
         if problem is not None:
-            self.database.closed_because = (
-                "DATABASE_NOT_MIGRATED",
-                f"{problem}; the operator must run `migrate` first",
-            )
+            self.database.closed_because = ("DATABASE_NOT_MIGRATED", problem)
             if before is None or before[0] != "DATABASE_NOT_MIGRATED":
-                log.error("%s: run `migrate` (or serve with `--migrate`); NOT_SERVING until then", problem)
+                log.error("%s; NOT_SERVING until then", problem)
             return False
         await self.dependencies.use_stored_page_token_key()
         self.database.closed_because = None

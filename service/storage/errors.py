@@ -169,6 +169,22 @@ def database_unavailable(what: str = "the database is unreachable") -> Unavailab
     return Unavailable(f"{what}; retry later", reason="DATABASE_UNAVAILABLE")
 
 
+# What the database URL or schema setting names does not exist on the PostgreSQL server: no retry
+# helps, the operator must fix the setting (or create what it names).
+_SQLSTATE_NOT_THERE = {
+    "3D000": "the database the database URL names does not exist",
+    "3F000": "the schema the database schema setting names does not exist",
+}
+
+
+def _not_there(error: BaseException) -> Unavailable | None:
+    for candidate in _causes(error):
+        what = _SQLSTATE_NOT_THERE.get(getattr(candidate, "sqlstate", None) or "")
+        if what is not None:
+            return Unavailable(f"{what}: create it or fix the setting", reason="DATABASE_UNAVAILABLE")
+    return None
+
+
 def translate(error: BaseException) -> DomainError | None:
     """The domain error a driver error means, or None for a fault of the service itself."""
     if isinstance(error, DomainError):
@@ -189,6 +205,9 @@ def translate(error: BaseException) -> DomainError | None:
         return None
     if _storage_full(error):
         return database_full(error)
+    missing = _not_there(error)
+    if missing is not None:
+        return missing
     if unreachable(error):
         return database_unavailable()
     # A retryable SQLSTATE, wrapped by SQLAlchemy or not: a BEGIN cancelled in SQLAlchemy's

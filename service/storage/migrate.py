@@ -6,7 +6,9 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -14,6 +16,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.storage.database import translated_errors
 
 _SCRIPTS = Path(__file__).parent / "migrations"
+
+
+class SchemaUnknown(Exception):
+    """The database is at a schema revision this code has no migration of."""
+
+
 _VERSION_TABLE = "alembic_version"
 
 
@@ -26,9 +34,13 @@ def _config(connection: Connection | None = None) -> Config:
 
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
-    """Brings the schema up to `revision` (the newest by default)."""
+    """Brings the schema up to `revision` (the newest by default). A database at a revision this
+    code does not know (a newer release migrated it) is `SchemaUnknown`, not touched."""
 
     def run(connection: Connection) -> None:
+        current = MigrationContext.configure(connection).get_current_revision()
+        if current is not None and not known(current):
+            raise SchemaUnknown(unknown_revision(current))
         command.upgrade(_config(connection), revision)
 
     async with translated_errors(), engine.begin() as connection:
@@ -68,5 +80,26 @@ async def pending(engine: AsyncEngine) -> str | None:
     newest = head()
     if revision == newest:
         return None
+    if revision is not None and not known(revision):
+        return unknown_revision(revision)
     found = "has no schema" if revision is None else f"is at schema revision {revision}"
-    return f"the database {found}; this server needs revision {newest}"
+    return f"the database {found}; this server needs revision {newest}: {_MIGRATE}"
+
+
+_MIGRATE = "run `migrate` (or serve with `--migrate`)"
+
+
+def known(revision: str) -> bool:
+    """Whether this code has a migration of that revision."""
+    try:
+        return ScriptDirectory.from_config(_config()).get_revision(revision) is not None
+    except CommandError:
+        return False
+
+
+def unknown_revision(revision: str) -> str:
+    """What to tell an operator whose database a newer release migrated: `migrate` cannot help."""
+    return (
+        f"the database is at schema revision {revision}, which this server does not know (a newer "
+        f"release migrated it; this one knows up to {head()}): run that release or a newer one"
+    )
