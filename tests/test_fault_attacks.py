@@ -20,7 +20,7 @@ import sqlite3
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -99,38 +99,44 @@ def _create(channel: grpc.aio.Channel, secret: str, name: str, request_id: str =
     )
 
 
-async def _inboxes(channel: grpc.aio.Channel, secret: str) -> list[str]:
-    """Every registered inbox id the caller may list, with repeats if any."""
-    stub = resource_pb2_grpc.ResourceServiceStub(channel)
+async def _every_page(
+    fetch: Callable[[str], Awaitable[Any]], items: Callable[[Any], Iterable[str]]
+) -> list[str]:
+    """What `items` takes from every page `fetch(page_token)` answers, with repeats if any."""
     found: list[str] = []
     token = ""
     while True:
-        page = await stub.ListResources(
-            resource_pb2.ListResourcesRequest(kind=INBOX, page_size=500, page_token=token),
-            metadata=auth(secret),
-            timeout=CALL_TIMEOUT,
-        )
-        found.extend(resource.resource_id for resource in page.resources)
+        page = await fetch(token)
+        found.extend(items(page))
         token = page.next_page_token
         if not token:
             return found
 
 
+async def _inboxes(channel: grpc.aio.Channel, secret: str) -> list[str]:
+    """Every registered inbox id the caller may list, with repeats if any."""
+    stub = resource_pb2_grpc.ResourceServiceStub(channel)
+    return await _every_page(
+        lambda token: stub.ListResources(
+            resource_pb2.ListResourcesRequest(kind=INBOX, page_size=500, page_token=token),
+            metadata=auth(secret),
+            timeout=CALL_TIMEOUT,
+        ),
+        lambda page: (resource.resource_id for resource in page.resources),
+    )
+
+
 async def _environment_names(channel: grpc.aio.Channel, secret: str) -> list[str]:
     """The names of every environment the caller may list, with repeats if any."""
     stub = environment_pb2_grpc.EnvironmentServiceStub(channel)
-    names: list[str] = []
-    token = ""
-    while True:
-        page = await stub.ListEnvironments(
+    return await _every_page(
+        lambda token: stub.ListEnvironments(
             environment_pb2.ListEnvironmentsRequest(page_size=500, page_token=token),
             metadata=auth(secret),
             timeout=CALL_TIMEOUT,
-        )
-        names.extend(environment.name for environment in page.environments)
-        token = page.next_page_token
-        if not token:
-            return names
+        ),
+        lambda page: (environment.name for environment in page.environments),
+    )
 
 
 def _crash(pg: PrivatePostgres) -> None:
