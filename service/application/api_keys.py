@@ -42,7 +42,7 @@ from typing import Final
 
 from service.application.dependencies import Dependencies
 from service.application.environments import recheck_active
-from service.application.idempotency import create_once
+from service.application.idempotency import create_once, find_earlier
 from service.domain import keys, scopes, validation
 from service.domain.clock import utcnow
 from service.domain.errors import (
@@ -180,8 +180,7 @@ class ApiKeys:
             # What made the first request pass may have changed since (its environment deleted,
             # its expiry passed): a retry still learns which key it made.
             if idempotency_key is not None:
-                async with self._deps.database.read() as uow:
-                    earlier = await uow.request_ids.find(principal.key.id, CREATE, idempotency_key)
+                earlier = await find_earlier(self._deps.database, principal.key.id, CREATE, idempotency_key)
                 if earlier is not None:
                     raise _duplicate_key(earlier.result_id) from None
             raise

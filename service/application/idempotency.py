@@ -52,6 +52,12 @@ def _replay(earlier: Earlier, asked: str | None, refuse: Callable[[str], DomainE
     return Outcome(earlier.result_id, created=False)
 
 
+async def find_earlier(database: Database, scope: str, operation: str, request_id: str) -> Earlier | None:
+    """What an earlier request with this id made within `scope`, read outside any write."""
+    async with database.read() as uow:
+        return await uow.request_ids.find(scope, operation, request_id)
+
+
 async def create_once(
     database: Database,
     *,
@@ -80,6 +86,7 @@ async def create_once(
     announced to the write and their events go with its revision (see `Database.write`)."""
     scope = scope or organization_id or "operator"
     digest = None if asked is None or request_id is None else fingerprint(asked)
+    replayed = False  # a refusal `_replay` raised goes to the caller as is
     try:
         async with database.write(
             organization_id, actor, announced=created if request_id is None else ()
@@ -87,6 +94,7 @@ async def create_once(
             if request_id is not None:
                 earlier = await uow.request_ids.find(scope, operation, request_id)
                 if earlier is not None:
+                    replayed = True
                     return _replay(earlier, digest, refuse)
                 uow.changes.extend(created)
             result_id = await create(uow)
@@ -94,12 +102,10 @@ async def create_once(
                 await uow.request_ids.record(scope, operation, request_id, result_id, utcnow(), digest)
             return Outcome(result_id, created=True)
     except AlreadyExists as error:
-        # Storage's refusal of a second record of the id (a concurrent retry committed first); a
-        # `refuse` error carries the first result in its metadata and goes to the caller as is.
-        if request_id is None or error.reason != "DUPLICATE_REQUEST" or error.metadata:
+        # Storage's refusal of a second record of the id: a concurrent retry committed first.
+        if replayed or request_id is None or error.reason != "DUPLICATE_REQUEST":
             raise
-        async with database.read() as uow:
-            earlier = await uow.request_ids.find(scope, operation, request_id)
+        earlier = await find_earlier(database, scope, operation, request_id)
         if earlier is None:  # pragma: no cover - the winner committed before we failed
             raise
         return _replay(earlier, digest, refuse)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
@@ -16,13 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.storage.database import translated_errors
 
 _SCRIPTS = Path(__file__).parent / "migrations"
+_VERSION_TABLE = "alembic_version"
 
 
 class SchemaUnknown(Exception):
     """The database is at a schema revision this code has no migration of."""
-
-
-_VERSION_TABLE = "alembic_version"
 
 
 def _config(connection: Connection | None = None) -> Config:
@@ -43,18 +42,18 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> None:
             raise SchemaUnknown(unknown_revision(current))
         command.upgrade(_config(connection), revision)
 
-    async with translated_errors(), engine.begin() as connection:
-        await connection.run_sync(run)
+    await _in_transaction(engine, run)
 
 
 async def downgrade(engine: AsyncEngine, revision: str) -> None:
     """Takes the schema back to `revision` (an operator's way back from a failed upgrade)."""
+    await _in_transaction(engine, lambda connection: command.downgrade(_config(connection), revision))
 
-    def run(connection: Connection) -> None:
-        command.downgrade(_config(connection), revision)
 
+async def _in_transaction(engine: AsyncEngine, step: Callable[[Connection], None]) -> None:
+    """Runs Alembic's `step` on one connection of `engine`, in one transaction."""
     async with translated_errors(), engine.begin() as connection:
-        await connection.run_sync(run)
+        await connection.run_sync(step)
 
 
 def head() -> str:
