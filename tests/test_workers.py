@@ -96,6 +96,14 @@ class Served:
                 assert self.process.returncode is None, self.log()
                 await asyncio.sleep(0.1)
 
+    async def until_printed(self, pattern: re.Pattern[str]) -> str:
+        """Waits for `pattern` on the supervisor's standard output; returns that output."""
+        async with asyncio.timeout(START_SECONDS):
+            while not pattern.search(self.stdout.read_text()):
+                assert self.process.returncode is None, self.log()
+                await asyncio.sleep(0.05)
+        return self.stdout.read_text()
+
     def channel(self) -> grpc.aio.Channel:
         """A channel with a connection of its own, so the kernel may hand it to either worker."""
         return grpc.aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
@@ -290,8 +298,10 @@ async def test_migrations_and_bootstrap_run_once_for_all_workers(backend: Backen
         channels: dict[int, grpc.aio.Channel] = {}
         try:
             await served.until_serving()
-            secrets = SECRET.findall(served.stdout.read_text())
-            assert len(set(secrets)) == 1, served.stdout.read_text()
+            # The supervisor prints the owner key right after it logs that every worker serves.
+            printed = await served.until_printed(SECRET)
+            secrets = SECRET.findall(printed)
+            assert len(set(secrets)) == 1, printed
             channels = await _one_channel_per_worker(served)
             assert len(channels) == 2
             for channel in channels.values():
