@@ -4,10 +4,10 @@ the calls many tests make on the way to what they check."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from agentpost.environments.v1 import (
@@ -30,6 +30,8 @@ from grpc_status import rpc_status
 from sqlalchemy import select
 
 from service.storage.tables import EventRow
+
+T = TypeVar("T")
 
 if TYPE_CHECKING:
     from service.app.server import Application
@@ -120,6 +122,19 @@ async def fails(call: Awaitable[Any], code: grpc.StatusCode, reason: str | None 
     raise AssertionError(f"expected {code} {reason or ''}, but the call succeeded: {result}")
 
 
+async def every_page(fetch: Callable[[str], Awaitable[Any]], items: Callable[[Any], Iterable[T]]) -> list[T]:
+    """What `items` takes from every page `fetch(page_token)` answers, in order, with repeats if
+    any."""
+    found: list[T] = []
+    token = ""
+    while True:
+        page = await fetch(token)
+        found.extend(items(page))
+        token = page.next_page_token
+        if not token:
+            return found
+
+
 async def every_event(
     stub: event_pb2_grpc.EventServiceStub,
     metadata: tuple[tuple[str, str], ...],
@@ -130,18 +145,14 @@ async def every_event(
 ) -> list[event_pb2.Event]:
     """Every event the caller may list, page by page, newest first (each page within `deadline`
     seconds, if given)."""
-    events: list[event_pb2.Event] = []
-    token = ""
-    while True:
-        page = await stub.ListEvents(
+    return await every_page(
+        lambda token: stub.ListEvents(
             event_pb2.ListEventsRequest(page_size=page_size, page_token=token, **(filters or {})),  # type: ignore[arg-type]
             metadata=metadata,
             timeout=deadline,
-        )
-        events.extend(page.events)
-        token = page.next_page_token
-        if not token:
-            return events
+        ),
+        lambda page: page.events,
+    )
 
 
 async def create_organization(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ class RawAnswer:
     reason: str
     headers: dict[bytes, bytes]
     reset: bool
+    # The answer's message, without its gRPC length prefix (empty when none came).
+    data: bytes = b""
 
     @property
     def request_id(self) -> bytes | None:
@@ -55,17 +58,28 @@ def _framed(message: bytes) -> bytes:
 
 
 async def raw_call(
-    port: int, method: str, headers: Sequence[tuple[bytes, bytes]], message: bytes = b""
+    port: int,
+    method: str,
+    headers: Sequence[tuple[bytes, bytes]],
+    message: bytes = b"",
+    *,
+    source: str | None = None,
+    target: str = "127.0.0.1",
 ) -> RawAnswer:
     """A unary (or, answered at once, server-streaming) gRPC call over plain HTTP/2 with exactly
-    `headers` as its metadata: bytes no conforming gRPC client would send."""
+    `headers` as its metadata: bytes no conforming gRPC client would send. From the local address
+    `source` when given, to `target` (an IPv6 address too)."""
     connection = h2.connection.H2Connection(
         h2.config.H2Configuration(
             client_side=True, validate_outbound_headers=False, normalize_outbound_headers=False
         )
     )
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    family = socket.AF_INET6 if ":" in target else socket.AF_INET
+    reader, writer = await asyncio.open_connection(
+        target, port, local_addr=None if source is None else (source, 0), family=family
+    )
     received_headers: dict[bytes, bytes] = {}
+    data = b""
     try:
         connection.initiate_connection()
         connection.send_headers(
@@ -74,7 +88,7 @@ async def raw_call(
                 (b":method", b"POST"),
                 (b":scheme", b"http"),
                 (b":path", method.encode()),
-                (b":authority", f"127.0.0.1:{port}".encode()),
+                (b":authority", f"{target}:{port}".encode()),
                 (b"content-type", b"application/grpc"),
                 (b"te", b"trailers"),
                 *headers,
@@ -93,6 +107,9 @@ async def raw_call(
                         return RawAnswer(None, "", "", received_headers, True)
                     if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
                         received_headers.update((bytes(name), bytes(value)) for name, value in event.headers)
+                    if isinstance(event, h2.events.DataReceived):
+                        data += event.data or b""
+                        connection.acknowledge_received_data(event.flow_controlled_length, 1)
                     if isinstance(event, h2.events.StreamEnded):
                         status = received_headers.get(b"grpc-status")
                         return RawAnswer(
@@ -101,6 +118,7 @@ async def raw_call(
                             _reason_of(received_headers.get(b"grpc-status-details-bin")),
                             received_headers,
                             False,
+                            data[5:],
                         )
     finally:
         writer.close()

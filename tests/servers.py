@@ -131,3 +131,15 @@ async def scratch_schema(url: str, prefix: str) -> AsyncIterator[str]:
         yield schema
     finally:
         await _execute(url, f'DROP SCHEMA "{schema}" CASCADE')
+
+
+@contextlib.asynccontextmanager
+async def scratch_database(url: str, prefix: str, options: str = "") -> AsyncIterator[str]:
+    """A new database named `prefix_<random>` (created with `options`) on the PostgreSQL server
+    at `url`, and the SQLAlchemy URL of it; dropped at the end, whoever is still connected."""
+    database = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    await _execute(url, f'CREATE DATABASE "{database}" {options}')
+    try:
+        yield make_url(url).set(database=database).render_as_string(hide_password=False)
+    finally:
+        await _execute(url, f'DROP DATABASE "{database}" WITH (FORCE)')

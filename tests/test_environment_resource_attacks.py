@@ -28,8 +28,8 @@ from agentpost.environments.v1 import api_key_pb2, environment_pb2, resource_pb2
 from sqlalchemy import update
 
 from service.storage.tables import EnvironmentRow, EventRow
-from tests.harness import Harness, Org, auth, fails, mask, stored_events
-from tests.servers import Backend, serving
+from tests.harness import Harness, Org, auth, every_page, fails, mask, stored_events
+from tests.servers import Backend, scratch_database, serving
 from tests.writes import (
     outcome,
     register_call,
@@ -692,3 +692,34 @@ async def test_display_names_follow_the_name_rules(harness: Harness, org: Org) -
     assert set(await stored_resources(harness, org.id)) == {
         f"INBOX:ok-{index}" for index in range(len(accepted))
     }
+
+
+async def test_resource_ids_are_listed_bytewise_whatever_the_databases_collation(backend: Backend) -> None:
+    """ListResources orders ids as SQLite does (bytewise), also on a PostgreSQL database created
+    with a linguistic collation (ICU en-US), which would interleave upper and lower case and
+    weigh `-`, `.` and `_` apart from their bytes; paging follows the same order."""
+    ids = ["a-1", "A-2", "a_3", "B", "b", ".c", "Z", "z9", "a.0", "A:b", "_x", "0"]
+    if backend.name == "sqlite":
+        async with serving(backend) as server:
+            org = await server.new_org()
+            assert await _listed_in_pages(server, org, ids) == sorted(ids)
+        return
+    linguistic = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+    async with (
+        scratch_database(backend.url, "agentpost_icu", linguistic) as url,
+        serving(Backend("postgresql", url, None)) as server,
+    ):
+        org = await server.new_org()
+        assert await _listed_in_pages(server, org, ids) == sorted(ids)
+
+
+async def _listed_in_pages(server: Harness, org: Org, ids: list[str]) -> list[str]:
+    for resource_id in ids:
+        await register_call(server, org.owner_secret, resource_id)
+    return await every_page(
+        lambda token: server.resources.ListResources(
+            resource_pb2.ListResourcesRequest(kind=INBOX, page_size=5, page_token=token),
+            metadata=auth(org.owner_secret),
+        ),
+        lambda page: [item.resource_id for item in page.resources],
+    )

@@ -471,8 +471,9 @@ class IsolationMachine(RuleBasedStateMachine):
             auth(org.owner_secret),
         )
         assert outcome[0] == "ok", outcome
+        if member.admin != admin:  # the role it already has changes nothing and logs nothing
+            org.log.append(LoggedEvent("UPDATED", "MEMBER", member.id))
         member.admin = admin
-        org.log.append(LoggedEvent("UPDATED", "MEMBER", member.id))
 
     @rule(data=st.data())
     def delete_member(self, data: st.DataObject) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 import grpc
 from agentpost.environments.v1 import environment_pb2, environment_pb2_grpc
 
-from service.app.server import MAX_MESSAGE_BYTES, MAX_METADATA_BYTES
+from service.app.server import MAX_MESSAGE_BYTES
+from service.transport.interceptor import MAX_METADATA_BYTES
 from tests.harness import Failure, Harness, Org, auth, fails, failure_of
 
 ATTEMPTS = 20

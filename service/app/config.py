@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 from typing import Literal
 
@@ -31,6 +32,53 @@ def _readable_pem(path: str) -> str:
     if b"-----BEGIN " not in content:
         raise ValueError(f"{path} is not a PEM file")
     return path
+
+
+def _named(setting: str) -> str:
+    """A setting as an operator sets it: its variable and its flag."""
+    return f"{environment_variable(setting)} (--{setting.replace('_', '-')})"
+
+
+def _no_passphrase() -> bytes:
+    return b""
+
+
+def _usable_tls_files(cert: str, key: str, client_ca: str | None) -> None:
+    """A ValueError naming the setting when the PEM files cannot serve TLS together: no
+    certificate, no private key, a key behind a passphrase, a key that is not the certificate's,
+    a client CA file without a certificate. gRPC would say so only when it binds the port, after
+    migrating, in lines of its own that name no setting (or at the first handshake)."""
+    if b"-----BEGIN CERTIFICATE-----" not in Path(cert).read_bytes():
+        raise ValueError(f"{_named('tls_cert_file')} holds no certificate")
+    key_pem = Path(key).read_bytes()
+    if b"ENCRYPTED" in key_pem:
+        raise ValueError(
+            f"{_named('tls_key_file')} holds a key protected by a passphrase; the server needs it unencrypted"
+        )
+    if b"PRIVATE KEY-----" not in key_pem:
+        raise ValueError(f"{_named('tls_key_file')} holds no private key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except ssl.SSLError as error:
+        if "KEY_VALUES_MISMATCH" in str(error):
+            raise ValueError(
+                f"the key in {_named('tls_key_file')} does not belong to the certificate in "
+                f"{_named('tls_cert_file')}"
+            ) from None
+        raise ValueError(
+            f"{_named('tls_cert_file')} and {_named('tls_key_file')} cannot serve TLS: {error.reason or error}"
+        ) from None
+    if client_ca is None:
+        return
+    if b"-----BEGIN CERTIFICATE-----" not in Path(client_ca).read_bytes():
+        raise ValueError(f"{_named('tls_client_ca_file')} holds no certificate")
+    try:
+        context.load_verify_locations(cafile=client_ca)
+    except ssl.SSLError as error:
+        raise ValueError(
+            f"{_named('tls_client_ca_file')} holds no usable certificate: {error.reason or error}"
+        ) from None
 
 
 def host_and_port(address: str) -> tuple[str, int]:
@@ -217,7 +265,8 @@ class Settings(BaseSettings):
         text = value
         if value.startswith("@"):
             try:
-                text = Path(value[1:]).read_text()
+                # utf-8-sig: a byte order mark (as some editors write) is not part of the first token.
+                text = Path(value[1:]).read_text(encoding="utf-8-sig")
             except OSError as error:
                 raise ValueError(f"cannot read {value[1:]}: {error.strerror or error}") from None
         tokens = [token.strip() for token in text.replace("\n", ",").split(",") if token.strip()]
@@ -238,6 +287,8 @@ class Settings(BaseSettings):
                 f"{environment_variable('tls_client_ca_file')} needs {environment_variable('tls_cert_file')} "
                 f"and {environment_variable('tls_key_file')}"
             )
+        if self.tls_cert_file is not None and self.tls_key_file is not None:
+            _usable_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
         return self
 
     @property

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import IO, Any, Literal
 
 from service.domain.calls import current_request_id
+from service.domain.redaction import printable, redacted
 from service.transport.context import current_method
 
 LogFormat = Literal["text", "json"]
@@ -57,9 +58,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _Cleaned(logging.Filter):
+    """Every message, this service's and its libraries' (OpenTelemetry quotes the trace headers it
+    cannot parse), is written without secrets and, in text, on one line: a caller's value cannot
+    forge a line or send terminal escapes."""
+
+    def __init__(self, one_line: bool) -> None:
+        super().__init__()
+        self._one_line = one_line
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = redacted(record.getMessage())
+        record.msg, record.args = printable(message) if self._one_line else message, None
+        return True
+
+
 def handler(log_format: LogFormat, stream: IO[str] | None = None) -> logging.Handler:
     """A handler writing to `stream` (stderr by default) in the given format."""
     made = logging.StreamHandler(stream)
+    made.addFilter(_Cleaned(one_line=log_format != "json"))
     if log_format == "json":
         made.setFormatter(JsonFormatter())
     else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -138,6 +139,22 @@ def parse_address(address: str) -> tuple[str, int]:
     return host or "0.0.0.0", port  # noqa: S104 - an empty host means every interface
 
 
+def _answering_head(app: Any) -> Any:
+    """The WSGI app, with HEAD answered as GET without its body (RFC 9110 allows a HEAD
+    response no body; prometheus-client's app refuses HEAD with a 405 that has one)."""
+
+    def answer(environ: dict[str, Any], start_response: Any) -> Any:
+        if environ.get("REQUEST_METHOD") != "HEAD":
+            return app(environ, start_response)
+        body = app({**environ, "REQUEST_METHOD": "GET"}, start_response)
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+        return []
+
+    return answer
+
+
 class MetricsEndpoint:
     """The call metrics, the state collector and the standard process series, served over HTTP."""
 
@@ -167,6 +184,7 @@ class MetricsEndpoint:
         """Starts serving; returns the bound port. Raises OSError when the address is taken."""
         host, port = parse_address(self.address)
         self._server, self._thread = start_http_server(port, host, registry=self.registry)
+        self._server.set_app(_answering_head(self._server.get_app()))
         self.port = int(self._server.server_address[1])
         log.info("metrics on http://%s:%d/metrics", host, self.port)
         return self.port

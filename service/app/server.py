@@ -45,7 +45,7 @@ from service.domain.pagination import Pager, PageTokens
 from service.storage import migrate
 from service.storage.database import Database, build_engine
 from service.transport.call_log import CallLogInterceptor
-from service.transport.interceptor import AuthInterceptor
+from service.transport.interceptor import MAX_METADATA_BYTES, AuthInterceptor
 from service.transport.servicers.api_keys import ApiKeyServicer
 from service.transport.servicers.environments import EnvironmentServicer
 from service.transport.servicers.events import EventServicer
@@ -63,7 +63,6 @@ log = logging.getLogger(__name__)
 SQLITE_REFRESH_SECONDS = 0.05
 NOTIFIED_REFRESH_SECONDS = 1.0
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
-MAX_METADATA_BYTES = 16 * 1024
 SERVER_OPTIONS = [
     # Requests are small; 4 MiB bounds memory per call while leaving room for large pages.
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 ENDPOINT_VARIABLE = "OTEL_EXPORTER_OTLP_ENDPOINT"
 SERVICE_NAME = "agentpost-environments"
+QUIET_LOGGERS = ("opentelemetry.trace.span", "opentelemetry.baggage.propagation")
 
 
 class Tracing:
@@ -40,6 +41,10 @@ class Tracing:
         """The interceptors to place first, before every other."""
         from service.transport.tracing import TracingInterceptor
 
+        # A trace header the propagators cannot parse is ignored; they would log a warning with
+        # the caller's raw value for every such call, before the call has a request id.
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
         return [TracingInterceptor(self.provider.get_tracer(__name__))]
 
     def instrument(self, engine: Engine) -> None:

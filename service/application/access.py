@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from itertools import groupby
 from typing import Any, TypeVar
 
+from service.application.key_directory import PASS_SECONDS, KeyDirectory
 from service.domain import keys
 from service.domain.clock import utcnow
 from service.domain.events import Event
@@ -154,13 +155,16 @@ class AccessCache:
         self._keys: OrderedDict[str, _KeyEntry] = OrderedDict()
         self._digests: dict[str, str] = {}  # key id -> digest of the cached entry
         self._seen_key_versions: OrderedDict[str, int] = OrderedDict()
-        # Digests of every key this process has loaded, kept across invalidations (bounded like the
-        # keys): a throttled caller's credential is looked up only if it is one of them.
-        self._known_digests: OrderedDict[str, None] = OrderedDict()
+        # Every key's digest, in brief (those loaded or made here included, kept across
+        # invalidations): a throttled caller's credential is looked up only if it is one of them.
+        self.directory = KeyDirectory(database)
         self._snapshots: dict[str, OrgSnapshot] = {}
         self._snapshot_loaded_at: dict[str, float] = {}
         # The revision of each followed organization whose events are all applied here.
         self._applied: dict[str, int] = {}
+        # Per organization, this replica's own commits shown before the revisions below them
+        # were applied (another replica committed in between): revision -> its events.
+        self._ahead: dict[str, dict[int, list[Event]]] = {}
         # The newest revision of each organization this replica committed or heard of.
         self._heard: dict[str, int] = {}
         self._loads = _SingleFlight()
@@ -212,9 +216,12 @@ class AccessCache:
             return
         # Another process committed in between: show this write at once (re-applying an event is
         # harmless), and read the ones missed from the log, which applies this one again after.
+        # Kept until the log reaches it: a catch-up already reading may stop short of it, and the
+        # older events it applies would otherwise undo this write here until the next catch-up.
         snapshot = self._snapshots.get(organization_id)
         if snapshot is not None:
             self._snapshots[organization_id] = snapshot.applying(events, snapshot.revision)
+            self._ahead.setdefault(organization_id, {})[revision] = events
         self._schedule_catch_up(organization_id)
 
     def _heard_of(self, organization_id: str, revision: int) -> None:
@@ -233,7 +240,17 @@ class AccessCache:
         """Applies one revision's events in order to the snapshot; keys were applied already."""
         snapshot = self._snapshots.get(organization_id)
         if snapshot is not None:
-            self._snapshots[organization_id] = snapshot.applying(events, revision)
+            snapshot = snapshot.applying(events, revision)
+            ahead = self._ahead.get(organization_id)
+            if ahead:
+                for own in sorted(ahead):
+                    if own <= revision:
+                        del ahead[own]
+                    else:  # this replica's own later write stays shown
+                        snapshot = snapshot.applying(ahead[own], revision)
+                if not ahead:
+                    del self._ahead[organization_id]
+            self._snapshots[organization_id] = snapshot
         self._applied[organization_id] = revision
         for listener in self._applied_listeners:
             listener(organization_id, revision, events)
@@ -357,6 +374,7 @@ class AccessCache:
         self._snapshots.pop(organization_id, None)
         self._snapshot_loaded_at.pop(organization_id, None)
         self._applied.pop(organization_id, None)
+        self._ahead.pop(organization_id, None)
         for key_id, digest in list(self._digests.items()):
             entry = self._keys.get(digest)
             if entry is None or entry.key.organization_id == organization_id:
@@ -398,6 +416,7 @@ class AccessCache:
         self._snapshots[organization_id] = snapshot
         self._snapshot_loaded_at[organization_id] = started
         self._applied[organization_id] = revision
+        self._ahead.pop(organization_id, None)  # a load shows every commit made before it
         if self._heard.get(organization_id, 0) > revision:
             # A commit was applied to nothing while this load ran: read it from the log.
             self._schedule_catch_up(organization_id)
@@ -447,10 +466,7 @@ class AccessCache:
     def remember(self, digest: str) -> None:
         """Notes the digest of a key that exists (loaded, or made by this process), so that it is
         looked up even for a throttled caller (`known_only`)."""
-        self._known_digests[digest] = None
-        self._known_digests.move_to_end(digest)
-        while len(self._known_digests) > self._max_keys:
-            self._known_digests.popitem(last=False)
+        self.directory.add(digest)
 
     async def authenticate(
         self, secret: str, now: datetime | None = None, *, min_revision: int = 0, known_only: bool = False
@@ -467,7 +483,7 @@ class AccessCache:
         if entry is None:
             if keys.parse(secret) is None:
                 return Authentication(None, Denial.MALFORMED)
-            if known_only and digest not in self._known_digests:
+            if known_only and not await self.directory.knows(digest, time.monotonic()):
                 return Authentication(None, Denial.NOT_FOUND)
             entry = await self._loaded_entry(digest)
         if entry is None or not self._hasher.same(entry.stored_hash, digest):
@@ -627,6 +643,7 @@ class AccessCache:
         self._tasks = [
             asyncio.create_task(self._every(self.refresh_interval, "refresh", self.refresh)),
             asyncio.create_task(self._every(LAST_USED_FLUSH_SECONDS / 3, "flush", self.flush_last_used)),
+            asyncio.create_task(self._every(PASS_SECONDS, "key directory", self.directory.run_pass)),
         ]
         if self._db.notifies:
             self._tasks.append(

@@ -54,7 +54,7 @@ from service.domain.errors import (
     api_key_not_found,
     member_not_found,
 )
-from service.domain.events import Action
+from service.domain.events import Action, changed_fields
 from service.domain.models import ApiKey, Environment, KeyMode, KeyState, OrgRole, check_etag
 from service.domain.pagination import Page
 from service.domain.principal import Denial, Principal, acting_role
@@ -311,6 +311,9 @@ class ApiKeys:
                 environment_ids=new_env_ids if new_env_ids is not None else current.environment_ids,
                 expire_time=changes.expire_time if "expire_time" in fields else current.expire_time,
             )
+            if not changed_fields(current, updated):
+                # Nothing changes, so neither do the etag and update_time (as for environments).
+                return current
             lives_longer = _lives_longer(current.expire_time, updated.expire_time)
             if lives_longer:
                 _require_held(principal, updated.scopes)

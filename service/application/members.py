@@ -41,7 +41,7 @@ from service.domain.errors import (
     environment_member_not_found,
     member_not_found,
 )
-from service.domain.events import Action
+from service.domain.events import Action, changed_fields
 from service.domain.models import Environment, EnvironmentMembership, EnvRole, Member, OrgRole, check_etag
 from service.domain.pagination import Page
 from service.domain.principal import Principal
@@ -184,6 +184,9 @@ class Members:
                 display_name=new_display_name if new_display_name is not None else current.display_name,
                 role=new_role or current.role,
             )
+            if not changed_fields(current, updated):
+                # Nothing changes, so neither do the etag and update_time (as for environments).
+                return current
             await repository.save(updated)
             uow.record_update(current, updated)
         return updated
@@ -267,9 +270,11 @@ class Members:
             current = await repository.get_membership(principal.organization_id, environment_id, member_id)
             if current is None:
                 raise environment_member_not_found(environment_id, member_id)
+            if role is current.role:
+                return current  # nothing changes, update_time included
             updated = replace(current, role=role, update_time=utcnow())
             await repository.save_membership(principal.organization_id, updated)
-            uow.record(Action.UPDATED, updated, ("role",) if role is not current.role else ())
+            uow.record(Action.UPDATED, updated, ("role",))
         return updated
 
     async def remove_environment_member(

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from service.domain.redaction import redacted
+
 
 @dataclass(frozen=True)
 class FieldViolation:
@@ -27,11 +29,13 @@ class DomainError(Exception):
         metadata: Mapping[str, str] | None = None,
         violations: Sequence[FieldViolation] = (),
     ) -> None:
+        # A caller's value quoted in a message is answered and logged: never a secret.
+        message = redacted(message)
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
         self.metadata = dict(metadata or {})
-        self.violations = tuple(violations)
+        self.violations = tuple(FieldViolation(v.field, redacted(v.description)) for v in violations)
 
 
 class InvalidArgument(DomainError):

@@ -23,3 +23,10 @@ def new_id(prefix: str) -> str:
     """
     millis = time.time_ns() // 1_000_000
     return f"{prefix}_{ULID.from_bytes(millis.to_bytes(6, 'big') + secrets.token_bytes(10))}"
+
+
+def first_id_at(prefix: str, seconds: float) -> str:
+    """The smallest id of the given type made at `seconds` since the epoch: every id made in
+    that millisecond or later sorts after it, every one made before sorts before it."""
+    millis = max(0, int(seconds * 1000))
+    return f"{prefix}_{ULID.from_bytes(millis.to_bytes(6, 'big') + bytes(10))}"

@@ -37,7 +37,7 @@ def validate(field: str, scopes: Iterable[str], *, required: bool) -> tuple[str,
     unknown = [scope for scope in given if scope not in _KNOWN]
     if unknown:
         raise InvalidArgument(
-            f"unknown scopes: {', '.join(sorted(set(unknown)))[:500]}",
+            f"unknown scopes: {', '.join(repr(scope[:100]) for scope in sorted(set(unknown))[:20])}",
             reason="UNKNOWN_SCOPE",
             violations=[FieldViolation(field, f"unknown scope {scope[:100]!r}") for scope in unknown[:20]],
         )

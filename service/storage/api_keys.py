@@ -97,6 +97,17 @@ class ApiKeyRepository:
     async def _environment_ids(self, key_id: str) -> list[str]:
         return list(await self._connection.scalars(_ENVIRONMENTS_OF, {"api_key_id": key_id}))
 
+    async def digests_after(self, after_id: str, limit: int) -> list[tuple[str, str]]:
+        """Up to `limit` (id, secret digest) pairs of unrevoked keys whose id sorts after
+        `after_id`, in id order (the primary key's)."""
+        rows = await self._connection.execute(
+            select(API_KEYS.c.id, API_KEYS.c.secret_hash)
+            .where(API_KEYS.c.id > after_id, API_KEYS.c.revoke_time.is_(None))
+            .order_by(API_KEYS.c.id)
+            .limit(limit)
+        )
+        return [(row.id, row.secret_hash) for row in rows]
+
     async def find_by_hash(self, secret_hash: str) -> tuple[ApiKey, str] | None:
         """The key whose secret has this digest, and the stored digest (to compare in constant time).
         Core statements built once: this is every VerifyApiKey cache miss."""

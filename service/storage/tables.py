@@ -168,7 +168,12 @@ class ResourceRow(Base):
 
     organization_id: Mapped[str] = mapped_column(ForeignKey("organizations.id"))
     kind: Mapped[str] = mapped_column(String(20))
-    resource_id: Mapped[str] = mapped_column(String(128))
+    # Ordered bytewise on every database, as SQLite orders text: ListResources pages in the same
+    # order whatever collation a PostgreSQL database was created with (en-US would interleave
+    # `A` and `a` and weigh `-` and `_` last).
+    resource_id: Mapped[str] = mapped_column(
+        String(128).with_variant(String(128, collation="C"), "postgresql")
+    )
     environment_id: Mapped[str] = mapped_column(ForeignKey("environments.id"))
     display_name: Mapped[str] = mapped_column(String(200), default="")
     create_time: Mapped[datetime] = mapped_column(UtcDateTime())

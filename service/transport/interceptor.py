@@ -32,6 +32,7 @@ from service.domain.calls import committed_revision, reached_revision
 from service.domain.errors import Denied, DomainError, InvalidArgument, ResourceExhausted, Unauthenticated
 from service.domain.policy import POLICY, Level, Rule, authorize
 from service.domain.principal import Principal, unauthenticated
+from service.domain.redaction import SECRET_PREFIX
 from service.transport import context as call_context
 from service.transport import enums
 from service.transport.errors import abort, internal_status, to_status
@@ -49,6 +50,11 @@ MIN_REVISION_HEADER = "x-agentpost-min-revision"
 MAX_REVISION = 2**63 - 1
 _MAX_REVISION_DIGITS = len(str(MAX_REVISION))
 _MAX_REQUEST_ID = 128
+# A request's metadata, counted as HTTP/2 counts a header list (name, value and 32 bytes an
+# entry). The server advertises it (grpc.max_metadata_size) and gRPC clients keep to it; other
+# HTTP/2 clients are held to it here, before anything is read from the metadata.
+MAX_METADATA_BYTES = 16 * 1024
+_ENTRY_OVERHEAD = 32
 
 
 @dataclass(slots=True)
@@ -123,7 +129,14 @@ def _request_id(metadata: dict[str, str]) -> str:
     given = metadata.get(REQUEST_ID_HEADER, "")
     # Printable ASCII only: it is echoed in trailing metadata, where gRPC refuses anything else
     # (the answer, even a committed write's, would become INTERNAL), and written in log lines.
-    if given and len(given) <= _MAX_REQUEST_ID and given.isascii() and given.isprintable():
+    # Nor a secret: a request id is logged and echoed by design.
+    if (
+        given
+        and len(given) <= _MAX_REQUEST_ID
+        and given.isascii()
+        and given.isprintable()
+        and SECRET_PREFIX not in given
+    ):
         return given
     return f"{_REQUEST_ID_PREFIX}-{next(_request_numbers):x}"
 
@@ -277,6 +290,11 @@ async def _admitted(
     context for context-scoped methods); raises the domain error that refuses it."""
     if state is None:  # pragma: no cover - intercept_service always sets it
         raise Denied("the call was not authenticated", reason="METHOD_NOT_ALLOWED")
+    raw = state.raw
+    if sum(len(key) + len(value) for key, value in raw) + _ENTRY_OVERHEAD * len(raw) > MAX_METADATA_BYTES:
+        raise ResourceExhausted(
+            f"the request metadata is larger than {MAX_METADATA_BYTES} bytes", reason="METADATA_TOO_LARGE"
+        )
     principal = await authenticate(state, peer)
     assert state.rule is not None
     if isinstance(request, _Undecodable):

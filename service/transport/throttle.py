@@ -4,8 +4,8 @@ Each peer address gets a fixed one-minute window that opens with its first refus
 Past `limit` refusals in that window, its further refusals are answered `RESOURCE_EXHAUSTED`
 `TOO_MANY_AUTH_FAILURES` with a `RetryInfo` saying when the window ends. Valid credentials are
 never refused by the throttle. While a peer is throttled, the credentials it sends are looked up
-only if this process has seen them before (see `AccessCache.authenticate(known_only=...)`), so a
-flood of made-up secrets costs no database reads.
+only if a key with that digest exists (see `AccessCache.authenticate(known_only=...)` and
+`application/key_directory.py`), so a flood of made-up secrets causes no lookups.
 
 State is per process and bounded: at most `max_peers` windows are kept, oldest first out, and
 expired windows go first. Log lines name the peer address and the reason, never a credential:

@@ -30,6 +30,9 @@ SERVER_ERROR_CODES = frozenset(
     {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
 )
 
+OTHER_METHOD = "_OTHER"
+MAX_ORIGINAL_METHOD = 128
+
 _span: ContextVar[Span | None] = ContextVar("call_span", default=None)
 
 
@@ -86,10 +89,23 @@ class TracingInterceptor(UnaryWrappingInterceptor):
         otel_context.attach(trace.set_span_in_context(span, parent))
 
     def unimplemented(self) -> None:
-        """Ends the span of a call that nothing serves."""
+        """Ends the span of a call that nothing serves, named `_OTHER` as OpenTelemetry's RPC
+        conventions name methods a server does not know: any caller can make up method paths,
+        and span names must not grow with them. The path it asked for is kept, cut short, in
+        `rpc.method_original`."""
         span = _span.get()
-        if span is not None:
-            finish(span, "UNIMPLEMENTED", None)
+        if span is None:
+            return
+        original = str(getattr(span, "name", ""))
+        span.update_name(OTHER_METHOD)
+        span.set_attributes(
+            {
+                "rpc.service": OTHER_METHOD,
+                "rpc.method": OTHER_METHOD,
+                "rpc.method_original": original[:MAX_ORIGINAL_METHOD],
+            }
+        )
+        finish(span, "UNIMPLEMENTED", None)
 
     def streaming(self) -> None:
         """A stream's span covers its set-up (authentication) only: streams are not wrapped."""

@@ -159,6 +159,7 @@ class ApiKeyServiceServicer:
         or clearing the expiry (which revives an expired key) hands access back as a roll does: it
         needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
         with at least the key's role. A revoked key cannot be changed. Needs `api_keys:write`.
+        Values equal to the current ones change nothing: the key is returned with the same etag.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

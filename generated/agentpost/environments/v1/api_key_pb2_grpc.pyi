@@ -75,6 +75,7 @@ class ApiKeyServiceStub:
     or clearing the expiry (which revives an expired key) hands access back as a roll does: it
     needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
     with at least the key's role. A revoked key cannot be changed. Needs `api_keys:write`.
+    Values equal to the current ones change nothing: the key is returned with the same etag.
     """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.RevokeApiKeyRequest, _api_key_pb2.ApiKey]
     """Revokes a key at once. Needs `api_keys:write` and the caller acting with at least the key's
@@ -138,6 +139,7 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     or clearing the expiry (which revives an expired key) hands access back as a roll does: it
     needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
     with at least the key's role. A revoked key cannot be changed. Needs `api_keys:write`.
+    Values equal to the current ones change nothing: the key is returned with the same etag.
     """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_api_key_pb2.RevokeApiKeyRequest, _api_key_pb2.ApiKey]  # type: ignore[assignment]
     """Revokes a key at once. Needs `api_keys:write` and the caller acting with at least the key's
@@ -222,6 +224,7 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         or clearing the expiry (which revives an expired key) hands access back as a roll does: it
         needs every scope the key has once updated (else SCOPE_ESCALATION), and the caller acting
         with at least the key's role. A revoked key cannot be changed. Needs `api_keys:write`.
+        Values equal to the current ones change nothing: the key is returned with the same etag.
         """
 
     @_abc_1.abstractmethod

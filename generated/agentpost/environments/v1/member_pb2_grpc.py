@@ -132,7 +132,8 @@ class MembershipServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateMember(self, request, context):
-        """Changes `display_name` and/or `role`, as `update_mask` says (email is immutable).
+        """Changes `display_name` and/or `role`, as `update_mask` says (email is immutable). Values
+        equal to the current ones change nothing: the member is returned with the same etag.
         Organization-level, needs
         `members:write`. Demoting the last OWNER is FAILED_PRECONDITION with reason LAST_OWNER.
         """
@@ -168,7 +169,8 @@ class MembershipServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateEnvironmentMember(self, request, context):
-        """Changes a member's role in an environment. Same rules as AddEnvironmentMember.
+        """Changes a member's role in an environment. Same rules as AddEnvironmentMember. The same
+        role changes nothing (update_time stays).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

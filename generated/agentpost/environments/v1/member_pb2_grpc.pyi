@@ -51,7 +51,8 @@ class MembershipServiceStub:
     ListMembers: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListMembersRequest, _member_pb2.ListMembersResponse]
     """Lists the organization's members, ordered by id. Organization-level, needs `members:read`."""
     UpdateMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.Member]
-    """Changes `display_name` and/or `role`, as `update_mask` says (email is immutable).
+    """Changes `display_name` and/or `role`, as `update_mask` says (email is immutable). Values
+    equal to the current ones change nothing: the member is returned with the same etag.
     Organization-level, needs
     `members:write`. Demoting the last OWNER is FAILED_PRECONDITION with reason LAST_OWNER.
     """
@@ -70,7 +71,9 @@ class MembershipServiceStub:
     ListEnvironmentMembers: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListEnvironmentMembersRequest, _member_pb2.ListEnvironmentMembersResponse]
     """Lists an environment's members, ordered by member id. Needs `members:read`."""
     UpdateEnvironmentMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.UpdateEnvironmentMemberRequest, _member_pb2.EnvironmentMember]
-    """Changes a member's role in an environment. Same rules as AddEnvironmentMember."""
+    """Changes a member's role in an environment. Same rules as AddEnvironmentMember. The same
+    role changes nothing (update_time stays).
+    """
     RemoveEnvironmentMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.RemoveEnvironmentMemberRequest, _empty_pb2.Empty]
     """Takes an environment away from a member. Same rules as AddEnvironmentMember."""
     ListMemberEnvironments: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListMemberEnvironmentsRequest, _member_pb2.ListMemberEnvironmentsResponse]
@@ -100,7 +103,8 @@ class MembershipServiceAsyncStub(MembershipServiceStub):
     ListMembers: _aio.UnaryUnaryMultiCallable[_member_pb2.ListMembersRequest, _member_pb2.ListMembersResponse]  # type: ignore[assignment]
     """Lists the organization's members, ordered by id. Organization-level, needs `members:read`."""
     UpdateMember: _aio.UnaryUnaryMultiCallable[_member_pb2.UpdateMemberRequest, _member_pb2.Member]  # type: ignore[assignment]
-    """Changes `display_name` and/or `role`, as `update_mask` says (email is immutable).
+    """Changes `display_name` and/or `role`, as `update_mask` says (email is immutable). Values
+    equal to the current ones change nothing: the member is returned with the same etag.
     Organization-level, needs
     `members:write`. Demoting the last OWNER is FAILED_PRECONDITION with reason LAST_OWNER.
     """
@@ -119,7 +123,9 @@ class MembershipServiceAsyncStub(MembershipServiceStub):
     ListEnvironmentMembers: _aio.UnaryUnaryMultiCallable[_member_pb2.ListEnvironmentMembersRequest, _member_pb2.ListEnvironmentMembersResponse]  # type: ignore[assignment]
     """Lists an environment's members, ordered by member id. Needs `members:read`."""
     UpdateEnvironmentMember: _aio.UnaryUnaryMultiCallable[_member_pb2.UpdateEnvironmentMemberRequest, _member_pb2.EnvironmentMember]  # type: ignore[assignment]
-    """Changes a member's role in an environment. Same rules as AddEnvironmentMember."""
+    """Changes a member's role in an environment. Same rules as AddEnvironmentMember. The same
+    role changes nothing (update_time stays).
+    """
     RemoveEnvironmentMember: _aio.UnaryUnaryMultiCallable[_member_pb2.RemoveEnvironmentMemberRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Takes an environment away from a member. Same rules as AddEnvironmentMember."""
     ListMemberEnvironments: _aio.UnaryUnaryMultiCallable[_member_pb2.ListMemberEnvironmentsRequest, _member_pb2.ListMemberEnvironmentsResponse]  # type: ignore[assignment]
@@ -170,7 +176,8 @@ class MembershipServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.UpdateMemberRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.Member, _abc.Awaitable[_member_pb2.Member]]:
-        """Changes `display_name` and/or `role`, as `update_mask` says (email is immutable).
+        """Changes `display_name` and/or `role`, as `update_mask` says (email is immutable). Values
+        equal to the current ones change nothing: the member is returned with the same etag.
         Organization-level, needs
         `members:write`. Demoting the last OWNER is FAILED_PRECONDITION with reason LAST_OWNER.
         """
@@ -213,7 +220,9 @@ class MembershipServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.UpdateEnvironmentMemberRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.EnvironmentMember, _abc.Awaitable[_member_pb2.EnvironmentMember]]:
-        """Changes a member's role in an environment. Same rules as AddEnvironmentMember."""
+        """Changes a member's role in an environment. Same rules as AddEnvironmentMember. The same
+        role changes nothing (update_time stays).
+        """
 
     @_abc_1.abstractmethod
     def RemoveEnvironmentMember(

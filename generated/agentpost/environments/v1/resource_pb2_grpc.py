@@ -109,7 +109,8 @@ class ResourceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListResources(self, request, context):
-        """Lists resources of the environment context, ordered by kind name then id. With no kind, every
+        """Lists resources of the environment context, ordered by kind name then id (ids compared
+        bytewise, on every database). With no kind, every
         kind whose `:read` scope the key holds (none: PERMISSION_DENIED with reason SCOPE_MISSING).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

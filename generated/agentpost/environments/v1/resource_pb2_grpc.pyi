@@ -54,7 +54,8 @@ class ResourceServiceStub:
     GetResource: _grpc.UnaryUnaryMultiCallable[_resource_pb2.GetResourceRequest, _resource_pb2.ScopedResource]
     """Returns one resource of the environment context."""
     ListResources: _grpc.UnaryUnaryMultiCallable[_resource_pb2.ListResourcesRequest, _resource_pb2.ListResourcesResponse]
-    """Lists resources of the environment context, ordered by kind name then id. With no kind, every
+    """Lists resources of the environment context, ordered by kind name then id (ids compared
+    bytewise, on every database). With no kind, every
     kind whose `:read` scope the key holds (none: PERMISSION_DENIED with reason SCOPE_MISSING).
     """
     DeregisterResource: _grpc.UnaryUnaryMultiCallable[_resource_pb2.DeregisterResourceRequest, _empty_pb2.Empty]
@@ -91,7 +92,8 @@ class ResourceServiceAsyncStub(ResourceServiceStub):
     GetResource: _aio.UnaryUnaryMultiCallable[_resource_pb2.GetResourceRequest, _resource_pb2.ScopedResource]  # type: ignore[assignment]
     """Returns one resource of the environment context."""
     ListResources: _aio.UnaryUnaryMultiCallable[_resource_pb2.ListResourcesRequest, _resource_pb2.ListResourcesResponse]  # type: ignore[assignment]
-    """Lists resources of the environment context, ordered by kind name then id. With no kind, every
+    """Lists resources of the environment context, ordered by kind name then id (ids compared
+    bytewise, on every database). With no kind, every
     kind whose `:read` scope the key holds (none: PERMISSION_DENIED with reason SCOPE_MISSING).
     """
     DeregisterResource: _aio.UnaryUnaryMultiCallable[_resource_pb2.DeregisterResourceRequest, _empty_pb2.Empty]  # type: ignore[assignment]
@@ -143,7 +145,8 @@ class ResourceServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _resource_pb2.ListResourcesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_resource_pb2.ListResourcesResponse, _abc.Awaitable[_resource_pb2.ListResourcesResponse]]:
-        """Lists resources of the environment context, ordered by kind name then id. With no kind, every
+        """Lists resources of the environment context, ordered by kind name then id (ids compared
+        bytewise, on every database). With no kind, every
         kind whose `:read` scope the key holds (none: PERMISSION_DENIED with reason SCOPE_MISSING).
         """
 
