@@ -227,6 +227,17 @@ class OrgModel:
         """An organization-wide key whose owner, if any, is an ADMIN (or no member owns it)."""
         return not key.env_ids and (key.owner is None or self.members[key.owner].admin)
 
+    def reads_resources_of(self, key: Key, env_id: str) -> bool:
+        """Whether the key may read the environment's registered resources now: an active
+        environment within reach; a deleted one only as an organization-level key with
+        environments:read (the orphans' reader). Deleting an environment hides its resources."""
+        env = self.envs.get(env_id)
+        if env is None or env_id not in self.reach(key):
+            return False
+        if not env.deleted:
+            return True
+        return self.organization_level(key) and "environments:read" in key.scopes
+
     def shown(self, key: Key, event: LoggedEvent) -> EventSummary | None:
         """The event as the key may see it now: (action, type, resource id, environment, the
         registered resource's environment), or None."""
@@ -247,9 +258,9 @@ class OrgModel:
             return as_is if "api_keys:read" in key.scopes and within else None
         if f"{KINDS[cast(Any, event.kind)]}:read" not in key.scopes:
             return None
-        if event.environment_id in reach:
+        if self.reads_resources_of(key, event.environment_id):
             return (*as_is[:4], event.environment_id)
-        if event.previous_environment_id in reach:
+        if self.reads_resources_of(key, event.previous_environment_id):
             return (event.action, kind, event.resource_id, event.previous_environment_id, "")
         return None
 

@@ -4,12 +4,15 @@ here, not in production on the first write that needs it."""
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
+from agentpost.environments.v1 import event_pb2, event_pb2_grpc
+from agentpost.environments.v1 import member_pb2 as mem_pb
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import insert, select, update
@@ -18,9 +21,9 @@ from sqlalchemy.engine import Connection
 from service.app.server import Application
 from service.domain import validation
 from service.storage import migrate
-from service.storage.tables import MEMBERS, ORGANIZATIONS, REQUEST_IDS, Base
+from service.storage.tables import EVENTS, MEMBERS, ORGANIZATIONS, REQUEST_IDS, Base
 from tests.empty_database import empty_database
-from tests.harness import Harness, Org, fails
+from tests.harness import Harness, Org, auth, every_event, fails
 from tests.servers import Backend
 from tests.writes import create_call
 
@@ -107,3 +110,55 @@ async def _email_keys(app: Application) -> dict[str, str]:
     async with app.engine.connect() as connection:
         rows = await connection.execute(select(MEMBERS.c.id, MEMBERS.c.email_key))
         return {member_id: key for member_id, key in rows}
+
+
+async def test_access_events_recorded_before_versions_are_listed_and_the_grant_is_version_one(
+    harness: Harness, org: Org
+) -> None:
+    """Events recorded before migration 0008 hold a member's access without a version. They are
+    still listed (each grant as version 1, as the migration starts existing grants), never refused
+    as malformed; the stored grant's etag, read after that, is the one its next update needs."""
+    env = await harness.new_environment(org, "Versions")
+    member = await harness.new_member(org, "MEMBER")
+    added = await harness.members.AddEnvironmentMember(
+        mem_pb.AddEnvironmentMemberRequest(
+            environment_id=env.id, member_id=member.id, role=mem_pb.EnvironmentMember.MEMBER
+        ),
+        metadata=auth(org.owner_secret),
+    )
+    pair = f"{env.id}/{member.id}"
+    async with harness.app.engine.begin() as connection:
+        rows = (
+            await connection.execute(
+                select(EVENTS.c.id, EVENTS.c.resource).where(
+                    EVENTS.c.organization_id == org.id, EVENTS.c.resource_id == pair
+                )
+            )
+        ).all()
+        assert len(rows) == 1
+        for event_id, resource in rows:
+            recorded = json.loads(resource)
+            assert recorded.pop("version") == 1
+            await connection.execute(
+                update(EVENTS).where(EVENTS.c.id == event_id).values(resource=json.dumps(recorded))
+            )
+    events = await every_event(
+        event_pb2_grpc.EventServiceStub(harness.channel),
+        auth(org.owner_secret),
+        filters={"resource_type": event_pb2.Event.ENVIRONMENT_MEMBER},
+    )
+    assert [(event.action, event.environment_member) for event in events if event.resource_id == pair] == [
+        (event_pb2.Event.ADDED, added)
+    ]
+    promoted = await harness.members.UpdateEnvironmentMember(
+        mem_pb.UpdateEnvironmentMemberRequest(
+            environment_member=mem_pb.EnvironmentMember(
+                environment_id=env.id,
+                member_id=member.id,
+                role=mem_pb.EnvironmentMember.ADMIN,
+                etag=added.etag,
+            )
+        ),
+        metadata=auth(org.owner_secret),
+    )
+    assert promoted.role == mem_pb.EnvironmentMember.ADMIN and promoted.etag != added.etag

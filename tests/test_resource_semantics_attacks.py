@@ -272,10 +272,13 @@ def update_access(
     member_id: str,
     role: mem_pb.EnvironmentMember.Role,
     paths: tuple[str, ...] | None = None,
+    etag: str = "",
 ) -> Any:
     """An UpdateEnvironmentMember call (not yet awaited); `paths` None sends no mask at all."""
     request = mem_pb.UpdateEnvironmentMemberRequest(
-        environment_member=mem_pb.EnvironmentMember(environment_id=env_id, member_id=member_id, role=role)
+        environment_member=mem_pb.EnvironmentMember(
+            environment_id=env_id, member_id=member_id, role=role, etag=etag
+        )
     )
     if paths is not None:
         request.update_mask.CopyFrom(mask(*paths))
@@ -306,16 +309,18 @@ def revoke_key(harness: Harness, secret: str, key_id: str, etag: str = "") -> An
     )
 
 
-def roll_key(harness: Harness, secret: str, key_id: str, ttl_seconds: int = 0) -> Any:
+def roll_key(harness: Harness, secret: str, key_id: str, ttl_seconds: int = 0, etag: str = "") -> Any:
     return harness.api_keys.RollApiKey(
-        key_pb.RollApiKeyRequest(id=key_id, previous_key_ttl=duration_pb2.Duration(seconds=ttl_seconds)),
+        key_pb.RollApiKeyRequest(
+            id=key_id, previous_key_ttl=duration_pb2.Duration(seconds=ttl_seconds), etag=etag
+        ),
         metadata=auth(secret),
     )
 
 
-def remove_access(harness: Harness, secret: str, env_id: str, member_id: str) -> Any:
+def remove_access(harness: Harness, secret: str, env_id: str, member_id: str, etag: str = "") -> Any:
     return harness.members.RemoveEnvironmentMember(
-        mem_pb.RemoveEnvironmentMemberRequest(environment_id=env_id, member_id=member_id),
+        mem_pb.RemoveEnvironmentMemberRequest(environment_id=env_id, member_id=member_id, etag=etag),
         metadata=auth(secret),
     )
 
@@ -554,7 +559,9 @@ async def test_each_environment_member_write_answers_what_list_and_its_event_sho
     for before, after in itertools.pairwise(versions):
         assert when(after.update_time) > when(before.update_time)
         assert after.create_time == added.create_time
-    await written(remove_access(harness, secret, env.id, member.id))
+    assert all(version.etag for version in versions)
+    assert len({version.etag for version in versions}) == len(versions)
+    await written(remove_access(harness, secret, env.id, member.id, versions[-1].etag))
     assert await access_of(harness, org, env.id, member.id) is None
     assert [event.action for event in reversed(await events_of(harness, org, pair))] == [
         *actions,
@@ -675,10 +682,71 @@ async def test_a_roll_makes_the_previous_keys_etag_stale_and_etags_do_not_cross(
     assert (await revoke_key(harness, secret, key.id, previous.etag)).state == key_pb.ApiKey.REVOKED
 
 
+async def test_access_removed_and_granted_again_refuses_the_etag_read_before(
+    harness: Harness, org: Org
+) -> None:
+    """A member's access read, removed and granted again with the same role is not the grant that
+    was read (ABA): its etag is new, and the etag read before is ABORTED on Update and Remove of
+    the new grant, which nothing changes. An update to the same role keeps the etag; the current
+    etag works on both RPCs."""
+    env = await new_env(harness, org)
+    member = await harness.new_member(org, "MEMBER")
+    secret = org.owner_secret
+    first = await add_access(harness, secret, env.id, member.id)
+    await remove_access(harness, secret, env.id, member.id, first.etag)
+    again = await add_access(harness, secret, env.id, member.id)
+    assert again.role == first.role and again.etag != first.etag
+    async with leaves_no_trace(harness, org):
+        await refused(
+            update_access(
+                harness, secret, env.id, member.id, mem_pb.EnvironmentMember.ADMIN, ("role",), first.etag
+            ),
+            *ETAG_MISMATCH,
+        )
+        await refused(remove_access(harness, secret, env.id, member.id, first.etag), *ETAG_MISMATCH)
+    assert await access_of(harness, org, env.id, member.id) == again
+    same, revision = await written(
+        update_access(harness, secret, env.id, member.id, again.role, ("role",), again.etag)
+    )
+    assert same == again and revision == await stored_revision(harness, org.id)
+    promoted = await update_access(
+        harness, secret, env.id, member.id, mem_pb.EnvironmentMember.ADMIN, ("role",), again.etag
+    )
+    assert promoted.etag not in {first.etag, again.etag}
+    async with leaves_no_trace(harness, org):
+        await refused(remove_access(harness, secret, env.id, member.id, again.etag), *ETAG_MISMATCH)
+    await remove_access(harness, secret, env.id, member.id, promoted.etag)
+    assert await access_of(harness, org, env.id, member.id) is None
+
+
+async def test_a_roll_holding_a_stale_etag_rolls_nothing(harness: Harness, org: Org) -> None:
+    """RollApiKey with the etag read before the key was renamed is ABORTED ETAG_MISMATCH: no new
+    key, no secret, no revision and no event; with the current etag it rolls, and the etag of the
+    key before that roll is then stale for a second roll."""
+    key, _ = await harness.new_key(org, ["inboxes:read"])
+    secret = org.owner_secret
+    renamed = await update_key(
+        harness, secret, key_pb.ApiKey(id=key.id, name="renamed", etag=key.etag), ("name",)
+    )
+    before = await harness.api_keys.ListApiKeys(
+        key_pb.ListApiKeysRequest(page_size=500), metadata=auth(secret)
+    )
+    async with leaves_no_trace(harness, org):
+        await refused(roll_key(harness, secret, key.id, 3600, key.etag), *ETAG_MISMATCH)
+    after = await harness.api_keys.ListApiKeys(
+        key_pb.ListApiKeysRequest(page_size=500), metadata=auth(secret)
+    )
+    assert [item.id for item in after.api_keys] == [item.id for item in before.api_keys]
+    rolled = await roll_key(harness, secret, key.id, 3600, renamed.etag)
+    assert rolled.previous_api_key.id == key.id and rolled.api_key.name == "renamed"
+    async with leaves_no_trace(harness, org):
+        await refused(roll_key(harness, secret, key.id, 3600, renamed.etag), *ETAG_MISMATCH)
+
+
 async def test_an_etag_of_another_resource_is_stale_everywhere(harness: Harness, org: Org) -> None:
-    """An etag belongs to one resource: another environment's, a member's or a key's current etag
-    sent to any Update, Delete, Undelete or Revoke of another resource is ABORTED
-    ETAG_MISMATCH, and nothing changes anywhere."""
+    """An etag belongs to one resource: another environment's, a member's, a member's access or a
+    key's current etag sent to any Update, Delete, Undelete, Remove, Revoke or Roll of another
+    resource is ABORTED ETAG_MISMATCH, and nothing changes anywhere."""
     env = await new_env(harness, org, "Target")
     other_env = await new_env(harness, org, "Other")
     gone = await new_deleted_env(harness, org)
@@ -687,6 +755,10 @@ async def test_an_etag_of_another_resource_is_stale_everywhere(harness: Harness,
     key, _ = await harness.new_key(org, ["inboxes:read"])
     other_key, _ = await harness.new_key(org, ["inboxes:read"])
     secret = org.owner_secret
+    access = await add_access(harness, secret, env.id, member.id)
+    # The same member in another environment, another member in the same one.
+    other_access = await add_access(harness, secret, other_env.id, member.id)
+    neighbour = await add_access(harness, secret, env.id, other_member.id)
     foreign = (other_env.etag, gone.etag, member.etag, key.etag)
     async with leaves_no_trace(harness, org):
         for etag in foreign:
@@ -716,10 +788,21 @@ async def test_an_etag_of_another_resource_is_stale_everywhere(harness: Harness,
                 *ETAG_MISMATCH,
             )
             await refused(revoke_key(harness, secret, key.id, etag), *ETAG_MISMATCH)
+            await refused(roll_key(harness, secret, key.id, 60, etag), *ETAG_MISMATCH)
+        for etag in (other_access.etag, neighbour.etag, member.etag, env.etag, key.etag):
+            await refused(
+                update_access(
+                    harness, secret, env.id, member.id, mem_pb.EnvironmentMember.ADMIN, ("role",), etag
+                ),
+                *ETAG_MISMATCH,
+            )
+            await refused(remove_access(harness, secret, env.id, member.id, etag), *ETAG_MISMATCH)
+        await refused(roll_key(harness, secret, key.id, 60, access.etag), *ETAG_MISMATCH)
     assert await get_env(harness, org, env.id) == env
     assert await get_env(harness, org, gone.id) == gone
     assert await get_member(harness, org, member.id) == member
     assert await get_key(harness, org, key.id) == key
+    assert await access_of(harness, org, env.id, member.id) == access
 
 
 # Tags the service never issued, some built from the right one. The README calls etags opaque:
@@ -741,8 +824,9 @@ MALFORMED_ETAGS: dict[str, Callable[[str], str]] = {
 
 @pytest.mark.parametrize("variant", list(MALFORMED_ETAGS))
 async def test_malformed_etags_are_stale_and_change_nothing(harness: Harness, org: Org, variant: str) -> None:
-    """Each of the seven RPCs that take an etag (UpdateEnvironment, DeleteEnvironment,
-    UndeleteEnvironment, UpdateMember, DeleteMember, UpdateApiKey, RevokeApiKey), sent a tag the
+    """Each of the ten RPCs that take an etag (UpdateEnvironment, DeleteEnvironment,
+    UndeleteEnvironment, UpdateMember, DeleteMember, UpdateEnvironmentMember,
+    RemoveEnvironmentMember, UpdateApiKey, RevokeApiKey, RollApiKey), sent a tag the
     service never issued: ABORTED ETAG_MISMATCH (a stale tag, as the proto comments say;
     never INVALID_ARGUMENT, INTERNAL or success), no revision, no event, nothing changed."""
     tag = MALFORMED_ETAGS[variant]
@@ -751,6 +835,7 @@ async def test_malformed_etags_are_stale_and_change_nothing(harness: Harness, or
     member = await harness.new_member(org, "MEMBER")
     key, _ = await harness.new_key(org, ["inboxes:read"])
     secret = org.owner_secret
+    access = await add_access(harness, secret, env.id, member.id)
     async with leaves_no_trace(harness, org):
         await refused(
             update_env(
@@ -775,10 +860,25 @@ async def test_malformed_etags_are_stale_and_change_nothing(harness: Harness, or
             *ETAG_MISMATCH,
         )
         await refused(revoke_key(harness, secret, key.id, tag(key.etag)), *ETAG_MISMATCH)
+        await refused(roll_key(harness, secret, key.id, 60, tag(key.etag)), *ETAG_MISMATCH)
+        await refused(
+            update_access(
+                harness,
+                secret,
+                env.id,
+                member.id,
+                mem_pb.EnvironmentMember.ADMIN,
+                ("role",),
+                tag(access.etag),
+            ),
+            *ETAG_MISMATCH,
+        )
+        await refused(remove_access(harness, secret, env.id, member.id, tag(access.etag)), *ETAG_MISMATCH)
     assert await get_env(harness, org, env.id) == env
     assert await get_env(harness, org, gone.id) == gone
     assert await get_member(harness, org, member.id) == member
     assert await get_key(harness, org, key.id) == key
+    assert await access_of(harness, org, env.id, member.id) == access
 
 
 async def test_an_environment_update_to_its_current_values_changes_nothing(
@@ -974,6 +1074,28 @@ async def test_two_writes_holding_one_etag_exactly_one_wins(harness: Harness, or
         expected_name = "renamed" if renamed == "OK" else key.name
         assert (rolled.previous_api_key.name, rolled.api_key.name) == (expected_name, expected_name)
         assert await get_key(harness, org, key.id) == rolled.previous_api_key
+
+        # A roll holding the same etag as an update: exactly one of them commits.
+        key, _ = await harness.new_key(org, ["inboxes:read"])
+        outcomes = await _race(
+            update_key(harness, secret, key_pb.ApiKey(id=key.id, name="renamed", etag=key.etag), ("name",)),
+            roll_key(harness, secret, key.id, 3600, key.etag),
+        )
+        index, answer = _one_winner(outcomes, stale)
+        stored = await get_key(harness, org, key.id)
+        assert stored == (answer if index == 0 else answer.previous_api_key)
+
+        # An update and a removal of a member's access holding one etag: exactly one commits.
+        env = await new_env(harness, org)
+        access = await add_access(harness, secret, env.id, member.id)
+        outcomes = await _race(
+            update_access(
+                harness, secret, env.id, member.id, mem_pb.EnvironmentMember.ADMIN, ("role",), access.etag
+            ),
+            remove_access(harness, secret, env.id, member.id, access.etag),
+        )
+        index, answer = _one_winner(outcomes, stale, "NOT_FOUND ENVIRONMENT_MEMBER_NOT_FOUND")
+        assert await access_of(harness, org, env.id, member.id) == (answer if index == 0 else None)
 
 
 async def test_a_create_retry_answers_the_resource_as_it_now_stands(harness: Harness, org: Org) -> None:

@@ -341,13 +341,16 @@ class ApiKeys:
             uow.record_update(current, revoked, Action.REVOKED)
         return revoked
 
-    async def roll(self, principal: Principal, key_id: str, previous_key_ttl: timedelta | None) -> RolledKey:
+    async def roll(
+        self, principal: Principal, key_id: str, previous_key_ttl: timedelta | None, etag: str = ""
+    ) -> RolledKey:
         """A new key with the same name, scopes, environments, owner, mode and original
         `expire_time`; the previous key then expires at min(its expire_time, now + ttl) (unset or
         0: now), at most 7 days on. Rolling hands out a secret with the key's access, so the
         caller must hold all the key's scopes, act with at least the key's role (a key no member
         owns acts as OWNER) and, if member-owned below organization level, own it through the
-        same member. Both writes happen in one transaction."""
+        same member. A stale etag is ABORTED ETAG_MISMATCH. Both writes happen in one
+        transaction."""
         ttl = previous_key_ttl or timedelta(0)
         if ttl < timedelta(0) or ttl > MAX_PREVIOUS_KEY_TTL:
             raise InvalidArgument.field("previous_key_ttl", "must be between 0 and 7 days")
@@ -355,6 +358,7 @@ class ApiKeys:
         async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             repository = uow.api_keys
             current = await self._changeable(repository, principal, key_id)
+            check_etag(etag, current.etag)
             now = utcnow()
             state = current.state(now)
             if state is KeyState.REVOKED:

@@ -27,8 +27,6 @@ Rules the contract leaves open, decided here:
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 from service.application.dependencies import Dependencies
 from service.application.environments import recheck_active
 from service.application.idempotency import create_or_replay
@@ -256,8 +254,10 @@ class Members:
         member_id: str,
         role: EnvRole | None,
         mask: validation.UpdateMask,
+        etag: str,
     ) -> EnvironmentMembership:
-        """Changes a member's role in an environment; the mask is `role` (or empty, meaning role)."""
+        """Changes a member's role in an environment; the mask is `role` (or empty, meaning role).
+        A stale etag is ABORTED ETAG_MISMATCH, checked before the role is compared."""
         validation.update_fields(mask, ("role",))
         validation.required_id("environment_member.environment_id", environment_id)
         validation.required_id("environment_member.member_id", member_id)
@@ -270,27 +270,30 @@ class Members:
             current = await repository.get_membership(principal.organization_id, environment_id, member_id)
             if current is None:
                 raise environment_member_not_found(environment_id, member_id)
+            check_etag(etag, current.etag)
             if role is current.role:
                 return current  # nothing changes, update_time included
-            updated = replace(current, role=role, update_time=utcnow())
+            updated = current.revised(utcnow(), role=role)
             await repository.save_membership(principal.organization_id, updated)
             uow.record(Action.UPDATED, updated, ("role",))
         return updated
 
     async def remove_environment_member(
-        self, principal: Principal, environment_id: str, member_id: str
+        self, principal: Principal, environment_id: str, member_id: str, etag: str
     ) -> None:
-        """Takes an environment away from a member; keys it owns lose it on their next call."""
+        """Takes an environment away from a member; keys it owns lose it on their next call. A
+        stale etag is ABORTED ETAG_MISMATCH."""
         validation.required_id("environment_id", environment_id)
         validation.required_id("member_id", member_id)
         self._administered_environment(principal, environment_id)
         async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             await recheck_active(uow, principal.organization_id, environment_id)
-            removed = await uow.members.delete_membership(
-                principal.organization_id, environment_id, member_id
-            )
+            repository = uow.members
+            removed = await repository.get_membership(principal.organization_id, environment_id, member_id)
             if removed is None:
                 raise environment_member_not_found(environment_id, member_id)
+            check_etag(etag, removed.etag)
+            await repository.delete_membership(principal.organization_id, environment_id, member_id)
             uow.record(Action.REMOVED, removed)
 
     def list_member_environments(

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -181,6 +181,8 @@ def decode(resource_type: ResourceType, data: Mapping[str, Any]) -> Resource:
     enums = _ENUM_FIELDS.get(cls, {})
     values: dict[str, Any] = {}
     for field in fields(cls):
+        if field.name not in data and field.default is not MISSING:
+            continue  # a field added after the event was recorded (its default)
         value = data[field.name]
         if value is not None and field.name.endswith("_time"):
             value = datetime.fromisoformat(value)

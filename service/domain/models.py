@@ -193,14 +193,22 @@ class Member(Versioned):
 
 
 @dataclass(frozen=True)
-class EnvironmentMembership:
-    """A member's access to one environment."""
+class EnvironmentMembership(Versioned):
+    """A member's access to one environment. Its etag names the grant, not only the pair: access
+    removed and granted again starts at version 1 with a new create_time, and an etag read
+    before the removal does not match the new grant."""
 
     environment_id: str
     member_id: str
     role: EnvRole
     create_time: datetime
     update_time: datetime
+    version: int = 1  # events recorded before versions were kept hold none
+
+    @property
+    def id(self) -> str:  # type: ignore[override]
+        """The grant: the pair and when it was made."""
+        return f"{self.environment_id}/{self.member_id}@{self.create_time.isoformat()}"
 
 
 @dataclass(frozen=True, slots=True)  # slots: the key cache holds up to a million of these

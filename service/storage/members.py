@@ -34,6 +34,7 @@ def to_membership(row: EnvironmentMemberRow | Row[Any]) -> EnvironmentMembership
         role=EnvRole(row.role),
         create_time=row.create_time,
         update_time=row.update_time,
+        version=row.version,
     )
 
 
@@ -167,6 +168,7 @@ class MemberRepository:
                 "role": membership.role.value,
                 "create_time": membership.create_time,
                 "update_time": membership.update_time,
+                "version": membership.version,
             },
         )
 
@@ -179,23 +181,21 @@ class MemberRepository:
                 ENVIRONMENT_MEMBERS.c.member_id == membership.member_id,
                 ENVIRONMENT_MEMBERS.c.organization_id == organization_id,
             )
-            .values(role=membership.role.value, update_time=membership.update_time)
+            .values(
+                role=membership.role.value, update_time=membership.update_time, version=membership.version
+            )
         )
 
-    async def delete_membership(
-        self, organization_id: str, environment_id: str, member_id: str
-    ) -> EnvironmentMembership | None:
-        """Removes a member's access to an environment and returns it; None when it had none."""
-        removed = await self.get_membership(organization_id, environment_id, member_id)
-        if removed is not None:
-            await self._connection.execute(
-                delete(EnvironmentMemberRow).where(
-                    EnvironmentMemberRow.organization_id == organization_id,
-                    EnvironmentMemberRow.environment_id == environment_id,
-                    EnvironmentMemberRow.member_id == member_id,
-                )
+    async def delete_membership(self, organization_id: str, environment_id: str, member_id: str) -> None:
+        """Removes a member's access to an environment (read it first: nothing says whether it was
+        there)."""
+        await self._connection.execute(
+            delete(EnvironmentMemberRow).where(
+                EnvironmentMemberRow.organization_id == organization_id,
+                EnvironmentMemberRow.environment_id == environment_id,
+                EnvironmentMemberRow.member_id == member_id,
             )
-        return removed
+        )
 
     async def memberships_page(
         self, organization_id: str, environment_id: str, after: str, limit: int

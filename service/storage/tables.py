@@ -122,6 +122,7 @@ class EnvironmentMemberRow(Base):
     role: Mapped[str] = mapped_column(String(10))
     create_time: Mapped[datetime] = mapped_column(UtcDateTime())
     update_time: Mapped[datetime] = mapped_column(UtcDateTime())
+    version: Mapped[int] = mapped_column(Integer, default=1)
 
 
 class ApiKeyRow(Base):

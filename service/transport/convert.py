@@ -135,6 +135,7 @@ def environment_member(record: EnvironmentMembership) -> member_pb2.EnvironmentM
         role=record.role.value,
         create_time=timestamp(record.create_time),
         update_time=timestamp(record.update_time),
+        etag=record.etag,
     )
 
 

@@ -99,7 +99,7 @@ class ApiKeyServicer(api_key_pb2_grpc.ApiKeyServiceServicer):
             if request.HasField("previous_key_ttl")
             else None
         )
-        rolled = await self._keys.roll(context.principal(), request.id, ttl)
+        rolled = await self._keys.roll(context.principal(), request.id, ttl, request.etag)
         now = utcnow()
         return api_key_pb2.RollApiKeyResponse(
             api_key=self._wire(rolled.key, now),

@@ -93,6 +93,7 @@ class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):
             given.member_id,
             enums.env_role("environment_member.role", given.role),
             convert.update_mask(request.update_mask, given),
+            given.etag,
         )
         return convert.environment_member(membership)
 
@@ -100,7 +101,7 @@ class MembershipServicer(member_pb2_grpc.MembershipServiceServicer):
         self, request: member_pb2.RemoveEnvironmentMemberRequest, _context: grpc.aio.ServicerContext
     ) -> empty_pb2.Empty:
         await self._members.remove_environment_member(
-            context.principal(), request.environment_id, request.member_id
+            context.principal(), request.environment_id, request.member_id, request.etag
         )
         return empty_pb2.Empty()
 

@@ -134,12 +134,14 @@ class RevokeApiKeyRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class RollApiKeyRequest(_message.Message):
-    __slots__ = ("id", "previous_key_ttl")
+    __slots__ = ("id", "previous_key_ttl", "etag")
     ID_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_KEY_TTL_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
     id: str
     previous_key_ttl: _duration_pb2.Duration
-    def __init__(self, id: _Optional[str] = ..., previous_key_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    etag: str
+    def __init__(self, id: _Optional[str] = ..., previous_key_ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class RollApiKeyResponse(_message.Message):
     __slots__ = ("api_key", "secret", "previous_api_key")

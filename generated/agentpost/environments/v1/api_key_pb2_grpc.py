@@ -177,7 +177,7 @@ class ApiKeyServiceServicer:
         """Issues a new key with the same access; the previous one keeps working for
         `previous_key_ttl`, then is EXPIRED. Needs `api_keys:write` and, since it hands out a secret,
         every scope of the key and the caller acting with at least the key's role (OWNER_ESCALATION).
-        A revoked or expired key cannot be rolled.
+        A revoked or expired key cannot be rolled. Takes the key's etag.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -85,7 +85,7 @@ class ApiKeyServiceStub:
     """Issues a new key with the same access; the previous one keeps working for
     `previous_key_ttl`, then is EXPIRED. Needs `api_keys:write` and, since it hands out a secret,
     every scope of the key and the caller acting with at least the key's role (OWNER_ESCALATION).
-    A revoked or expired key cannot be rolled.
+    A revoked or expired key cannot be rolled. Takes the key's etag.
     """
     VerifyApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.VerifyApiKeyRequest, _api_key_pb2.VerifyApiKeyResponse]
     """Answers "who is this key, and may it act here?" for other backends. Needs no
@@ -149,7 +149,7 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     """Issues a new key with the same access; the previous one keeps working for
     `previous_key_ttl`, then is EXPIRED. Needs `api_keys:write` and, since it hands out a secret,
     every scope of the key and the caller acting with at least the key's role (OWNER_ESCALATION).
-    A revoked or expired key cannot be rolled.
+    A revoked or expired key cannot be rolled. Takes the key's etag.
     """
     VerifyApiKey: _aio.UnaryUnaryMultiCallable[_api_key_pb2.VerifyApiKeyRequest, _api_key_pb2.VerifyApiKeyResponse]  # type: ignore[assignment]
     """Answers "who is this key, and may it act here?" for other backends. Needs no
@@ -246,7 +246,7 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         """Issues a new key with the same access; the previous one keeps working for
         `previous_key_ttl`, then is EXPIRED. Needs `api_keys:write` and, since it hands out a secret,
         every scope of the key and the caller acting with at least the key's role (OWNER_ESCALATION).
-        A revoked or expired key cannot be rolled.
+        A revoked or expired key cannot be rolled. Takes the key's etag.
         """
 
     @_abc_1.abstractmethod

@@ -45,7 +45,7 @@ class Member(_message.Message):
     def __init__(self, id: _Optional[str] = ..., organization_id: _Optional[str] = ..., email: _Optional[str] = ..., display_name: _Optional[str] = ..., role: _Optional[_Union[Member.Role, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class EnvironmentMember(_message.Message):
-    __slots__ = ("environment_id", "member_id", "role", "create_time", "update_time")
+    __slots__ = ("environment_id", "member_id", "role", "create_time", "update_time", "etag")
     class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         ROLE_UNSPECIFIED: _ClassVar[EnvironmentMember.Role]
@@ -59,12 +59,14 @@ class EnvironmentMember(_message.Message):
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
     environment_id: str
     member_id: str
     role: EnvironmentMember.Role
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, environment_id: _Optional[str] = ..., member_id: _Optional[str] = ..., role: _Optional[_Union[EnvironmentMember.Role, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    etag: str
+    def __init__(self, environment_id: _Optional[str] = ..., member_id: _Optional[str] = ..., role: _Optional[_Union[EnvironmentMember.Role, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class CreateMemberRequest(_message.Message):
     __slots__ = ("email", "display_name", "role", "request_id")
@@ -153,12 +155,14 @@ class UpdateEnvironmentMemberRequest(_message.Message):
     def __init__(self, environment_member: _Optional[_Union[EnvironmentMember, _Mapping]] = ..., update_mask: _Optional[_Union[_field_mask_pb2.FieldMask, _Mapping]] = ...) -> None: ...
 
 class RemoveEnvironmentMemberRequest(_message.Message):
-    __slots__ = ("environment_id", "member_id")
+    __slots__ = ("environment_id", "member_id", "etag")
     ENVIRONMENT_ID_FIELD_NUMBER: _ClassVar[int]
     MEMBER_ID_FIELD_NUMBER: _ClassVar[int]
+    ETAG_FIELD_NUMBER: _ClassVar[int]
     environment_id: str
     member_id: str
-    def __init__(self, environment_id: _Optional[str] = ..., member_id: _Optional[str] = ...) -> None: ...
+    etag: str
+    def __init__(self, environment_id: _Optional[str] = ..., member_id: _Optional[str] = ..., etag: _Optional[str] = ...) -> None: ...
 
 class ListMemberEnvironmentsRequest(_message.Message):
     __slots__ = ("member_id", "page_size", "page_token")

@@ -170,14 +170,15 @@ class MembershipServiceServicer:
 
     def UpdateEnvironmentMember(self, request, context):
         """Changes a member's role in an environment. Same rules as AddEnvironmentMember. The same
-        role changes nothing (update_time stays).
+        role changes nothing (update_time and etag stay).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RemoveEnvironmentMember(self, request, context):
-        """Takes an environment away from a member. Same rules as AddEnvironmentMember.
+        """Takes an environment away from a member. Same rules as AddEnvironmentMember; takes the
+        access's etag.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -72,10 +72,12 @@ class MembershipServiceStub:
     """Lists an environment's members, ordered by member id. Needs `members:read`."""
     UpdateEnvironmentMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.UpdateEnvironmentMemberRequest, _member_pb2.EnvironmentMember]
     """Changes a member's role in an environment. Same rules as AddEnvironmentMember. The same
-    role changes nothing (update_time stays).
+    role changes nothing (update_time and etag stay).
     """
     RemoveEnvironmentMember: _grpc.UnaryUnaryMultiCallable[_member_pb2.RemoveEnvironmentMemberRequest, _empty_pb2.Empty]
-    """Takes an environment away from a member. Same rules as AddEnvironmentMember."""
+    """Takes an environment away from a member. Same rules as AddEnvironmentMember; takes the
+    access's etag.
+    """
     ListMemberEnvironments: _grpc.UnaryUnaryMultiCallable[_member_pb2.ListMemberEnvironmentsRequest, _member_pb2.ListMemberEnvironmentsResponse]
     """Lists the active environments a member can reach, within the caller's reach. Needs
     `members:read`.
@@ -124,10 +126,12 @@ class MembershipServiceAsyncStub(MembershipServiceStub):
     """Lists an environment's members, ordered by member id. Needs `members:read`."""
     UpdateEnvironmentMember: _aio.UnaryUnaryMultiCallable[_member_pb2.UpdateEnvironmentMemberRequest, _member_pb2.EnvironmentMember]  # type: ignore[assignment]
     """Changes a member's role in an environment. Same rules as AddEnvironmentMember. The same
-    role changes nothing (update_time stays).
+    role changes nothing (update_time and etag stay).
     """
     RemoveEnvironmentMember: _aio.UnaryUnaryMultiCallable[_member_pb2.RemoveEnvironmentMemberRequest, _empty_pb2.Empty]  # type: ignore[assignment]
-    """Takes an environment away from a member. Same rules as AddEnvironmentMember."""
+    """Takes an environment away from a member. Same rules as AddEnvironmentMember; takes the
+    access's etag.
+    """
     ListMemberEnvironments: _aio.UnaryUnaryMultiCallable[_member_pb2.ListMemberEnvironmentsRequest, _member_pb2.ListMemberEnvironmentsResponse]  # type: ignore[assignment]
     """Lists the active environments a member can reach, within the caller's reach. Needs
     `members:read`.
@@ -221,7 +225,7 @@ class MembershipServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_member_pb2.EnvironmentMember, _abc.Awaitable[_member_pb2.EnvironmentMember]]:
         """Changes a member's role in an environment. Same rules as AddEnvironmentMember. The same
-        role changes nothing (update_time stays).
+        role changes nothing (update_time and etag stay).
         """
 
     @_abc_1.abstractmethod
@@ -230,7 +234,9 @@ class MembershipServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _member_pb2.RemoveEnvironmentMemberRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
-        """Takes an environment away from a member. Same rules as AddEnvironmentMember."""
+        """Takes an environment away from a member. Same rules as AddEnvironmentMember; takes the
+        access's etag.
+        """
 
     @_abc_1.abstractmethod
     def ListMemberEnvironments(
