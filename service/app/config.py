@@ -43,7 +43,7 @@ def _no_passphrase() -> bytes:
     return b""
 
 
-def _usable_tls_files(cert: str, key: str, client_ca: str | None) -> None:
+def usable_tls_files(cert: str, key: str, client_ca: str | None) -> None:
     """A ValueError naming the setting when the PEM files cannot serve TLS together: no
     certificate, no private key, a key behind a passphrase, a key that is not the certificate's,
     a client CA file without a certificate. gRPC would say so only when it binds the port, after
@@ -79,6 +79,30 @@ def _usable_tls_files(cert: str, key: str, client_ca: str | None) -> None:
         raise ValueError(
             f"{_named('tls_client_ca_file')} holds no usable certificate: {error.reason or error}"
         ) from None
+
+
+def token_list(text: str) -> tuple[str, ...]:
+    """Verifier tokens as an operator writes them: separated by commas or lines, blanks around
+    them ignored; a ValueError when there is none."""
+    tokens = tuple(token.strip() for token in text.replace("\n", ",").split(",") if token.strip())
+    if not tokens:
+        raise ValueError("names no token")
+    return tokens
+
+
+def read_token_file(path: Path) -> tuple[str, ...]:
+    """The verifier tokens a file holds; a ValueError saying why when it cannot be read or holds
+    none."""
+    try:
+        # utf-8-sig: a byte order mark (as some editors write) is not part of the first token.
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
+        raise ValueError(f"cannot read {path}: {reason or error}") from None
+    try:
+        return token_list(text)
+    except ValueError:
+        raise ValueError(f"{path} names no token") from None
 
 
 def host_and_port(address: str) -> tuple[str, int]:
@@ -262,17 +286,10 @@ class Settings(BaseSettings):
     def _tokens(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        text = value
         if value.startswith("@"):
-            try:
-                # utf-8-sig: a byte order mark (as some editors write) is not part of the first token.
-                text = Path(value[1:]).read_text(encoding="utf-8-sig")
-            except OSError as error:
-                raise ValueError(f"cannot read {value[1:]}: {error.strerror or error}") from None
-        tokens = [token.strip() for token in text.replace("\n", ",").split(",") if token.strip()]
-        if not tokens:
-            raise ValueError("names no token")
-        return ",".join(tokens)
+            read_token_file(Path(value[1:]))  # read again at start, and whenever it changes
+            return value
+        return ",".join(token_list(value))
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
@@ -288,10 +305,20 @@ class Settings(BaseSettings):
                 f"and {environment_variable('tls_key_file')}"
             )
         if self.tls_cert_file is not None and self.tls_key_file is not None:
-            _usable_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+            usable_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
         return self
 
     @property
+    def verifier_token_file(self) -> Path | None:
+        """The file the verifier tokens are read from (`@FILE`), if they are."""
+        tokens = self.verifier_tokens
+        return Path(tokens[1:]) if tokens is not None and tokens.startswith("@") else None
+
+    @property
     def verifier_token_list(self) -> tuple[str, ...]:
-        """The tokens VerifyApiKey callers must present; empty when VerifyApiKey is open."""
+        """The tokens VerifyApiKey callers must present now (read from the file, if they are in
+        one); empty when VerifyApiKey is open."""
+        source = self.verifier_token_file
+        if source is not None:
+            return read_token_file(source)
         return tuple(self.verifier_tokens.split(",")) if self.verifier_tokens else ()

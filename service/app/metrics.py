@@ -28,6 +28,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.pool import Pool
 
 from service.app.config import host_and_port
+from service.app.credentials import ServerTls
 from service.application.access import CacheStats
 from service.storage.database import CommitCounts
 from service.transport.metrics import CallMetrics
@@ -46,11 +47,13 @@ class StateCollector(Collector):
         pool: Pool,
         subscribers: Callable[[], int],
         commits: Callable[[], CommitCounts],
+        tls: ServerTls | None = None,
     ) -> None:
         self._cache_stats = cache_stats
         self._pool = pool
         self._subscribers = subscribers
         self._commits = commits
+        self._tls = tls
 
     def collect(self) -> Iterator[Metric]:
         """Yields the current values."""
@@ -109,6 +112,27 @@ class StateCollector(Collector):
             value=commits.writes,
         )
         yield from self._pool_metrics()
+        yield from self._tls_metrics()
+
+    def _tls_metrics(self) -> Iterator[Metric]:
+        if self._tls is None:
+            return
+        expiry = self._tls.expiry_timestamp()
+        if expiry is not None:
+            yield GaugeMetricFamily(
+                "agentpost_tls_certificate_expiry_timestamp_seconds",
+                "When the TLS certificate served to new connections expires (Unix time).",
+                value=expiry,
+            )
+        reloads = CounterMetricFamily(
+            "agentpost_tls_reloads",
+            "Changes of the TLS files taken up (loaded) or refused as unusable (the previous "
+            "certificate kept serving).",
+            labels=["outcome"],
+        )
+        for outcome, count in self._tls.reloads.items():
+            reloads.add_metric([outcome], count)
+        yield reloads
 
     def _pool_metrics(self) -> Iterator[Metric]:
         # Queue pools (PostgreSQL, SQLite files) count their connections; other pool classes
@@ -165,6 +189,7 @@ class MetricsEndpoint:
         pool: Pool,
         subscribers: Callable[[], int],
         commits: Callable[[], CommitCounts],
+        tls: ServerTls | None = None,
     ) -> None:
         self.address = address
         # `*_created` gauges (one per series, the time it first appeared) double the exposition
@@ -172,7 +197,7 @@ class MetricsEndpoint:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = CollectorRegistry(auto_describe=True)
         self.calls = CallMetrics(self.registry)
-        self.registry.register(StateCollector(cache_stats, pool, subscribers, commits))
+        self.registry.register(StateCollector(cache_stats, pool, subscribers, commits, tls))
         for standard in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
             # The default collectors are registered globally; the same objects serve here too.
             self.registry.register(standard)

@@ -28,6 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.app import logs, tracing
 from service.app.config import Settings
+from service.app.credentials import ServerTls, TokenFile
 from service.app.metrics import MetricsEndpoint
 from service.application.access import AccessCache
 from service.application.api_keys import ApiKeys
@@ -226,6 +227,11 @@ class Application:
         # Observability before authentication, so refused calls are seen too. Tracing outermost:
         # its span is current in everything after it. Then metrics, whose clock starts before
         # authentication, then the call's method for log lines (and the access log).
+        self.tls = (
+            ServerTls(settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file)
+            if settings.tls_cert_file is not None and settings.tls_key_file is not None
+            else None
+        )
         self.metrics = (
             MetricsEndpoint(
                 settings.metrics_address,
@@ -233,6 +239,7 @@ class Application:
                 self.database.read_pool,
                 lambda: self.event_hub.subscribers,
                 self.database.commit_counts,
+                self.tls,
             )
             if settings.metrics_address
             else None
@@ -256,7 +263,12 @@ class Application:
                 AuthInterceptor(
                     self.access,
                     settings.operator_token,
-                    VerifierTokens(settings.verifier_token_list),
+                    VerifierTokens(
+                        settings.verifier_token_list,
+                        None
+                        if settings.verifier_token_file is None
+                        else TokenFile(settings.verifier_token_file),
+                    ),
                     self.throttle,
                 ),
             ],
@@ -314,22 +326,14 @@ class Application:
         return await migrate.pending(self.engine)
 
     def _credentials(self) -> grpc.ServerCredentials | None:
-        """TLS credentials from the configured PEM files (mTLS with a client CA); None: plaintext."""
-        settings = self.settings
-        if settings.tls_cert_file is None or settings.tls_key_file is None:
+        """TLS credentials from the configured PEM files (mTLS with a client CA), taking up new
+        files as they are written (see `credentials`); None: plaintext."""
+        if self.tls is None:
             return None
         try:
-            with open(settings.tls_cert_file, "rb") as cert, open(settings.tls_key_file, "rb") as key:
-                pair = (key.read(), cert.read())
-            client_ca = None
-            if settings.tls_client_ca_file is not None:
-                with open(settings.tls_client_ca_file, "rb") as ca:
-                    client_ca = ca.read()
-        except OSError as error:  # checked with the settings, but it may have gone since
-            raise BindError(f"cannot read {error.filename}: {error.strerror}") from error
-        return grpc.ssl_server_credentials(
-            [pair], root_certificates=client_ca, require_client_auth=client_ca is not None
-        )
+            return self.tls.credentials()
+        except ValueError as error:  # checked with the settings, but they may have changed since
+            raise BindError(str(error)) from error
 
     async def start(self) -> int:
         """Binds and starts serving; every service is SERVING once the schema is current and the

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from service.domain.errors import Unauthenticated
 
@@ -19,10 +19,15 @@ def _digest(token: str) -> bytes:
 
 
 class VerifierTokens:
-    """The configured tokens; with none, every caller may verify (local use)."""
+    """The configured tokens; with none, every caller may verify (local use). `newer`, when
+    given, is asked before each check for tokens that replace these (None: no change); it must
+    be cheap while nothing changed."""
 
-    def __init__(self, tokens: Iterable[str]) -> None:
+    def __init__(
+        self, tokens: Iterable[str], newer: Callable[[], Iterable[str] | None] | None = None
+    ) -> None:
         self._digests = tuple(_digest(token) for token in tokens)
+        self._newer = newer
 
     @property
     def required(self) -> bool:
@@ -32,6 +37,10 @@ class VerifierTokens:
     def require(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
         """Raises `Unauthenticated` `VERIFIER_TOKEN_REQUIRED` unless the call's one
         `authorization: Bearer <token>` names a configured token (or none are configured)."""
+        if self._newer is not None:
+            replacing = self._newer()
+            if replacing is not None:
+                self._digests = tuple(_digest(token) for token in replacing) or self._digests
         if not self._digests:
             return
         values = [value for key, value in metadata if key == "authorization"]

@@ -1,0 +1,317 @@
+"""Credentials rotated while the server runs (README, "Rotating credentials"): new TLS files, a new
+client CA and a new verifier-token file are taken up without a restart; files that cannot be
+used leave the previous credentials in place, with a warning; a certificate's expiry is logged
+and exported. Real servers, real handshakes: the certificate a new connection gets is read from
+the handshake itself."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import logging
+import os
+import socket
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from agentpost.environments.v1 import api_key_pb2
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app.server import Application
+from tests.certificates import Authority, Pem
+from tests.harness import Harness, fails
+from tests.own_database import own_database
+from tests.servers import Backend, start_server
+
+Code = grpc.StatusCode
+# Longer than the server's look at the files (once a second), with room for a loaded machine.
+TAKEN_UP_WITHIN = 10.0
+CREDENTIALS = "service.app.credentials"  # the logger that tells of rotations
+
+
+def _replace(target: Path, content: bytes) -> None:
+    """Writes `content` as `target` the way rotation tools do: a new file renamed over it."""
+    fresh = target.with_name(target.name + ".new")
+    fresh.write_bytes(content)
+    os.replace(fresh, target)
+
+
+def _install(source: Pem, target: Pem) -> None:
+    """Puts `source`'s certificate and key in `target`'s files (key first, then certificate)."""
+    _replace(target.key, source.key.read_bytes())
+    _replace(target.cert, source.cert.read_bytes())
+
+
+def _served_subject(port: int, ca: Authority, client: Pem | None = None) -> str:
+    """The common name of the certificate a new TLS connection gets (HTTP/2, as gRPC speaks)."""
+    context = ssl.create_default_context(cafile=str(ca.cert_file))
+    context.set_alpn_protocols(["h2"])
+    if client is not None:
+        context.load_cert_chain(str(client.cert), str(client.key))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as connection,
+    ):
+        certificate = connection.getpeercert(binary_form=True)
+    assert certificate is not None
+    names = x509.load_der_x509_certificate(certificate).subject.get_attributes_for_oid(
+        x509.NameOID.COMMON_NAME
+    )
+    return str(names[0].value)
+
+
+async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + TAKEN_UP_WITHIN
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"not within {TAKEN_UP_WITHIN} s: {what}"
+        await asyncio.sleep(0.1)
+
+
+async def _subject_becomes(port: int, ca: Authority, subject: str, client: Pem | None = None) -> None:
+    async def check() -> bool:
+        return await asyncio.to_thread(_served_subject, port, ca, client) == subject
+
+    await _eventually(check, f"new connections get {subject}")
+
+
+async def _healthy(port: int, credentials: grpc.ChannelCredentials) -> grpc.StatusCode:
+    """The code of a health check over a new channel with these credentials."""
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+    return Code.OK
+
+
+def _channel_credentials(ca: Authority, client: Pem | None = None) -> grpc.ChannelCredentials:
+    if client is None:
+        return grpc.ssl_channel_credentials(root_certificates=ca.pem)
+    cert, key = client.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca.pem, private_key=key, certificate_chain=cert)
+
+
+def _metrics(app: Application) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    assert app.metrics is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics.port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@contextlib.asynccontextmanager
+async def _server(backend: Backend, folder: Path, **settings: object) -> AsyncIterator[Application]:
+    app, channel = await start_server(
+        own_database(backend, folder), metrics_address="127.0.0.1:0", **settings
+    )
+    await channel.close()  # plaintext; each test makes the channels it needs
+    try:
+        yield app
+    finally:
+        await app.stop(grace=0)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    return tmp_path
+
+
+async def test_new_connections_get_rotated_files_and_open_ones_keep_working(
+    backend: Backend, folder: Path
+) -> None:
+    """The served files are replaced by another certificate and key: within seconds every new
+    connection gets the new certificate, a channel opened before keeps serving calls, and the
+    exported expiry is the new certificate's."""
+    ca = Authority(folder, "rotation")
+    first = ca.issue("first", server=True)
+    second = ca.issue(
+        "second", server=True, not_after=datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3)
+    )
+    served = Pem(folder / "served.pem", folder / "served-key.pem")
+    _install(first, served)
+    async with _server(backend, folder, tls_cert_file=str(served.cert), tls_key_file=str(served.key)) as app:
+        assert await asyncio.to_thread(_served_subject, app.port, ca) == "first"
+        async with grpc.aio.secure_channel(f"127.0.0.1:{app.port}", _channel_credentials(ca)) as before:
+            health = health_pb2_grpc.HealthStub(before)
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            _install(second, served)
+            await _subject_becomes(app.port, ca, "second")
+            answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        assert await _healthy(app.port, _channel_credentials(ca)) == Code.OK
+        samples = await asyncio.to_thread(_metrics, app)
+        expiry = x509.load_pem_x509_certificate(second.cert.read_bytes()).not_valid_after_utc.timestamp()
+        assert samples[("agentpost_tls_certificate_expiry_timestamp_seconds", frozenset())] == expiry
+        assert samples[("agentpost_tls_reloads_total", frozenset({("outcome", "loaded")}))] >= 1
+
+
+@pytest.mark.parametrize(
+    "broken",
+    ["a certificate without its key", "a file that is not PEM", "a deleted certificate", "an empty key file"],
+)
+async def test_files_that_cannot_be_used_leave_the_previous_certificate_serving(
+    backend: Backend, folder: Path, broken: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The files are changed into something that cannot serve TLS: new connections keep getting
+    the previous certificate (the handshake succeeds), one warning says why, and the refusal is
+    counted; once usable files are written, they are taken up."""
+    ca = Authority(folder, "broken")
+    first = ca.issue("first", server=True)
+    second = ca.issue("second", server=True)
+    served = Pem(folder / "served.pem", folder / "served-key.pem")
+    _install(first, served)
+    async with _server(backend, folder, tls_cert_file=str(served.cert), tls_key_file=str(served.key)) as app:
+        with caplog.at_level(logging.WARNING, logger=CREDENTIALS):
+            if broken == "a certificate without its key":
+                _replace(served.cert, second.cert.read_bytes())
+            elif broken == "a file that is not PEM":
+                _replace(served.cert, b"not a certificate\n")
+            elif broken == "a deleted certificate":
+                served.cert.unlink()
+            else:
+                _replace(served.key, b"")
+
+            async def refused() -> bool:
+                samples = await asyncio.to_thread(_metrics, app)
+                await asyncio.to_thread(_served_subject, app.port, ca)  # a handshake: a look at the files
+                return samples[("agentpost_tls_reloads_total", frozenset({("outcome", "refused")}))] >= 1
+
+            await _eventually(refused, "the unusable files refused")
+            assert await asyncio.to_thread(_served_subject, app.port, ca) == "first"
+            assert await _healthy(app.port, _channel_credentials(ca)) == Code.OK
+        warnings = [
+            record.getMessage()
+            for record in caplog.records
+            if record.name == CREDENTIALS and "cannot be used" in record.getMessage()
+        ]
+        assert len(warnings) == 1, warnings
+        assert "still serving the previous ones" in warnings[0]
+        _install(second, served)
+        await _subject_becomes(app.port, ca, "second")
+
+
+async def test_a_rotated_client_ca_is_taken_up(backend: Backend, folder: Path) -> None:
+    """mTLS with a client CA that is then replaced by another: new connections with a client
+    certificate of the new CA are served, and those of the old CA refused, without a restart."""
+    old_ca = Authority(folder, "old-clients")
+    new_ca = Authority(folder, "new-clients")
+    server_ca = Authority(folder, "servers")
+    served = server_ca.issue("server", server=True)
+    old_client = old_ca.issue("backend-old", server=False)
+    new_client = new_ca.issue("backend-new", server=False)
+    client_ca = folder / "client-ca.pem"
+    _replace(client_ca, old_ca.pem)
+    async with _server(
+        backend,
+        folder,
+        tls_cert_file=str(served.cert),
+        tls_key_file=str(served.key),
+        tls_client_ca_file=str(client_ca),
+    ) as app:
+        assert await _healthy(app.port, _channel_credentials(server_ca, old_client)) == Code.OK
+        assert await _healthy(app.port, _channel_credentials(server_ca, new_client)) == Code.UNAVAILABLE
+        _replace(client_ca, new_ca.pem)
+
+        async def taken_up() -> bool:
+            return await _healthy(app.port, _channel_credentials(server_ca, new_client)) == Code.OK
+
+        await _eventually(taken_up, "the new client CA")
+        assert await _healthy(app.port, _channel_credentials(server_ca, old_client)) == Code.UNAVAILABLE
+        assert await _healthy(app.port, _channel_credentials(server_ca)) == Code.UNAVAILABLE
+
+
+@pytest.mark.parametrize("days", [-1, 3])
+async def test_an_expired_or_expiring_certificate_is_served_with_a_warning(
+    backend: Backend, folder: Path, days: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A certificate that expired (or expires in 3 days) still serves, as operators expect of a
+    TLS server, but the start logs a warning with its expiry, which the metrics export."""
+    ca = Authority(folder, "expiry")
+    now = datetime.datetime.now(datetime.UTC)
+    leaf = ca.issue(
+        "short-lived",
+        server=True,
+        not_before=now - datetime.timedelta(days=30),
+        not_after=now + datetime.timedelta(days=days),
+    )
+    with caplog.at_level(logging.INFO, logger=CREDENTIALS):
+        async with _server(backend, folder, tls_cert_file=str(leaf.cert), tls_key_file=str(leaf.key)) as app:
+            samples = await asyncio.to_thread(_metrics, app)
+            exported = samples[("agentpost_tls_certificate_expiry_timestamp_seconds", frozenset())]
+            assert (
+                exported
+                == x509.load_pem_x509_certificate(leaf.cert.read_bytes()).not_valid_after_utc.timestamp()
+            )
+    warnings = [
+        record.getMessage()
+        for record in caplog.records
+        if record.name == CREDENTIALS and record.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 1, warnings
+    assert ("expired at" if days < 0 else "expires at") in warnings[0]
+    assert "CN=short-lived" in warnings[0]
+
+
+async def test_a_rewritten_verifier_token_file_is_taken_up(
+    backend: Backend, folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`AGENTPOST_VERIFIER_TOKENS=@FILE`, then the file is rewritten with another token: the new
+    token is accepted and the old one refused, without a restart. A rewrite into a file that names
+    no token, or its removal, keeps the tokens read before (VerifyApiKey never becomes open)."""
+    tokens = folder / "verifier-tokens"
+    _replace(tokens, b"old-token\n")
+    async with contextlib.AsyncExitStack() as stack:
+        app, channel = await start_server(own_database(backend, folder), verifier_tokens=f"@{tokens}")
+        stack.push_async_callback(app.stop, 0)
+        stack.push_async_callback(channel.close)
+        harness = Harness(app, channel, backend.name)
+        org = await harness.new_org()
+        request = api_key_pb2.VerifyApiKeyRequest(secret=org.owner_secret, environment="default")
+
+        async def verified(token: str) -> bool:
+            try:
+                answer = await harness.api_keys.VerifyApiKey(
+                    request, metadata=(("authorization", f"Bearer {token}"),)
+                )
+            except grpc.aio.AioRpcError as error:
+                assert (error.code(), error.details() is not None) == (Code.UNAUTHENTICATED, True)
+                return False
+            assert answer.valid
+            return True
+
+        assert await verified("old-token")
+        assert not await verified("new-token")
+        _replace(tokens, b"new-token\n")
+
+        async def rotated() -> bool:
+            return await verified("new-token")
+
+        await _eventually(rotated, "the new token")
+        await fails(
+            harness.api_keys.VerifyApiKey(request, metadata=(("authorization", "Bearer old-token"),)),
+            Code.UNAUTHENTICATED,
+            "VERIFIER_TOKEN_REQUIRED",
+        )
+        with caplog.at_level(logging.WARNING, logger=CREDENTIALS):
+            for breaking in (lambda: _replace(tokens, b"\n \n"), tokens.unlink):
+                breaking()
+                await asyncio.sleep(1.5)  # past the server's next look at the file
+                assert await verified("new-token")
+                assert not await verified("old-token")
+                assert not await verified("")
+        warnings = [
+            record.getMessage()
+            for record in caplog.records
+            if record.name == CREDENTIALS and "cannot be used" in record.getMessage()
+        ]
+        assert len(warnings) == 2, warnings
