@@ -1950,3 +1950,27 @@ async def test_oversized_headers_are_refused_before_they_reach_a_log_line(observ
         f"longest log line {longest}",
     )
     assert longest <= 20_000, longest
+
+
+async def test_a_request_id_cannot_pass_for_fields_of_a_text_line(observed: Observed) -> None:
+    """A printable request id that looks like the end of the request-id field and the start of
+    other fields (`] ERROR service.forged [`) is echoed and kept in JSON lines as sent, but in
+    text lines it is %-escaped: the field after the logger is the whole escaped id, and no line
+    shows the forged level or logger as fields."""
+    h = observed.harness
+    org = await new_org(observed)
+    forged = "x] ERROR service.forged [y"
+    call = h.environments.ListEnvironments(
+        epb.ListEnvironmentsRequest(), metadata=(*auth(org.owner_secret), ("x-request-id", forged))
+    )
+    await call
+    assert dict(await call.trailing_metadata()).get("x-request-id") == forged
+    outputs = await observed.outputs()
+    escaped = "[x%5D%20ERROR%20service.forged%20%5By]"
+    lines = [line for line in outputs["text log"] if escaped in line]
+    assert lines, "the call was not logged"
+    assert not [line for line in outputs["text log"] if "] ERROR service.forged [" in line]
+    for line in lines:
+        assert TEXT_LINE.match(line), line
+        assert line.split(" ", 5)[4] == escaped, line  # date, time, level, logger, [request id]
+    assert any(entry.get("request_id") == forged for entry in observed.json_lines())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import urllib.parse
 from datetime import UTC, datetime
 from typing import IO, Any, Literal
 
@@ -73,6 +74,24 @@ class _Cleaned(logging.Filter):
         return True
 
 
+# Characters a request id keeps in a text line as they are; any other is %-escaped there, so that
+# an id holding "] " or another field's look cannot pass for fields of its own. JSON keeps it as sent.
+_PLAIN_IN_TEXT = "-._~:/@+=,;!*$&'()"
+
+
+class _TextFormatter(logging.Formatter):
+    """`time LEVEL logger [request id] message`, the request id escaped (see `_PLAIN_IN_TEXT`)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s [%(request_id_text)s] %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.request_id_text = urllib.parse.quote(
+            str(getattr(record, "request_id", "-")), safe=_PLAIN_IN_TEXT
+        )
+        return super().format(record)
+
+
 def handler(log_format: LogFormat, stream: IO[str] | None = None) -> logging.Handler:
     """A handler writing to `stream` (stderr by default) in the given format."""
     made = logging.StreamHandler(stream)
@@ -80,9 +99,7 @@ def handler(log_format: LogFormat, stream: IO[str] | None = None) -> logging.Han
     if log_format == "json":
         made.setFormatter(JsonFormatter())
     else:
-        made.setFormatter(
-            logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s")
-        )
+        made.setFormatter(_TextFormatter())
     return made
 
 
