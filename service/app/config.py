@@ -313,12 +313,3 @@ class Settings(BaseSettings):
         """The file the verifier tokens are read from (`@FILE`), if they are."""
         tokens = self.verifier_tokens
         return Path(tokens[1:]) if tokens is not None and tokens.startswith("@") else None
-
-    @property
-    def verifier_token_list(self) -> tuple[str, ...]:
-        """The tokens VerifyApiKey callers must present now (read from the file, if they are in
-        one); empty when VerifyApiKey is open."""
-        source = self.verifier_token_file
-        if source is not None:
-            return read_token_file(source)
-        return tuple(self.verifier_tokens.split(",")) if self.verifier_tokens else ()

@@ -151,13 +151,15 @@ class ServerTls:
 
     def __init__(self, cert_file: str, key_file: str, client_ca_file: str | None) -> None:
         self._files = (cert_file, key_file, client_ca_file)
-        self._watched = WatchedFiles(path for path in self._files if path is not None)
+        self._watched: WatchedFiles | None = None
         self.current: TlsFiles | None = None
         self.reloads = {"loaded": 0, "refused": 0}
 
     def credentials(self) -> grpc.ServerCredentials:
         """Credentials that serve the files as they are now, and as they will be. A ValueError
         when they cannot serve TLS now."""
+        # Looked at before they are read: a change while they are read is then seen as one.
+        self._watched = WatchedFiles(path for path in self._files if path is not None)
         self.current = TlsFiles.read(*self._files)
         self.current.report_expiry()
         return grpc.dynamic_ssl_server_credentials(
@@ -171,11 +173,12 @@ class ServerTls:
         files changed and can be used, else None (keep serving the current one). Never raises:
         an error here would fail the handshake."""
         try:
-            if not self._watched.changed():
+            if self._watched is None or not self._watched.changed():
                 return None
             loaded = TlsFiles.read(*self._files)
         except _Changing:
-            self._watched.look_again()
+            if self._watched is not None:
+                self._watched.look_again()
             return None
         except ValueError as error:
             self.reloads["refused"] += 1
@@ -199,12 +202,14 @@ class ServerTls:
 
 
 class TokenFile:
-    """Verifier tokens read from a file, read again when it changes: call it for the tokens when
-    they changed (None while they did not, or when the new file cannot be used)."""
+    """Verifier tokens read from a file (`tokens`), read again when it changes: call it for the
+    tokens when they changed (None while they did not, or when the new file cannot be used)."""
 
     def __init__(self, path: Path) -> None:
         self._path = path
+        # Looked at before it is read: a change while it is read is then seen as one.
         self._watched = WatchedFiles([str(path)])
+        self.tokens = read_token_file(path)
 
     def __call__(self) -> tuple[str, ...] | None:
         if not self._watched.changed():

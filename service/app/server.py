@@ -263,12 +263,7 @@ class Application:
                 AuthInterceptor(
                     self.access,
                     settings.operator_token,
-                    VerifierTokens(
-                        settings.verifier_token_list,
-                        None
-                        if settings.verifier_token_file is None
-                        else TokenFile(settings.verifier_token_file),
-                    ),
+                    self._verifier_tokens(),
                     self.throttle,
                 ),
             ],
@@ -324,6 +319,16 @@ class Application:
     async def schema_pending(self) -> str | None:
         """None when the database is at the newest schema, else what it is at, in words."""
         return await migrate.pending(self.engine)
+
+    def _verifier_tokens(self) -> VerifierTokens:
+        """The tokens VerifyApiKey callers must send; read again as their file changes, if they
+        are in one."""
+        source = self.settings.verifier_token_file
+        if source is None:
+            inline = self.settings.verifier_tokens
+            return VerifierTokens(inline.split(",") if inline else ())
+        token_file = TokenFile(source)
+        return VerifierTokens(token_file.tokens, token_file)
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials from the configured PEM files (mTLS with a client CA), taking up new
