@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
-import ssl
+import stat
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import make_url
@@ -22,14 +26,47 @@ def environment_variable(setting: str) -> str:
     return f"AGENTPOST_{setting.upper()}"
 
 
-def _readable_pem(path: str) -> str:
-    """The path, if it names a readable PEM file; a ValueError saying what is wrong otherwise."""
+# A credential file (certificate, key, CA bundle, token list) is never near this size; a larger
+# one is a mistake, read no further.
+MAX_CREDENTIAL_FILE_BYTES = 1 << 20
+# The key types gRPC's TLS serves (others, such as Ed448 or secp256k1, pass Python's ssl checks
+# but gRPC refuses them when it binds, or when it takes up rotated files).
+_SERVED_CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)
+
+
+def read_credential_file(path: str | Path) -> bytes:
+    """The bytes of a credential file; a ValueError saying what is wrong when it cannot be read,
+    is not a regular file (a FIFO or a device would block the reader) or is larger than
+    `MAX_CREDENTIAL_FILE_BYTES`. Opened without blocking, and checked once open, so that a file
+    swapped for a FIFO in between cannot block it either."""
+    flags = (
+        os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+    )
     try:
-        with open(path, "rb") as file:
-            content = file.read()
+        descriptor = os.open(path, flags)
     except OSError as error:
         raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
-    if b"-----BEGIN " not in content:
+    try:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        content = b""
+        while len(content) <= MAX_CREDENTIAL_FILE_BYTES:
+            chunk = os.read(descriptor, MAX_CREDENTIAL_FILE_BYTES + 1 - len(content))
+            if not chunk:
+                break
+            content += chunk
+    except OSError as error:
+        raise ValueError(f"cannot read {path}: {error.strerror or error}") from None
+    finally:
+        os.close(descriptor)
+    if len(content) > MAX_CREDENTIAL_FILE_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_CREDENTIAL_FILE_BYTES // 1024} KiB")
+    return content
+
+
+def _readable_pem(path: str) -> str:
+    """The path, if it names a readable PEM file; a ValueError saying what is wrong otherwise."""
+    if b"-----BEGIN " not in read_credential_file(path):
         raise ValueError(f"{path} is not a PEM file")
     return path
 
@@ -39,46 +76,69 @@ def _named(setting: str) -> str:
     return f"{environment_variable(setting)} (--{setting.replace('_', '-')})"
 
 
-def _no_passphrase() -> bytes:
-    return b""
+def _public_der(key: Any) -> bytes:
+    return bytes(
+        key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
 
 
-def usable_tls_files(cert: str, key: str, client_ca: str | None) -> None:
-    """A ValueError naming the setting when the PEM files cannot serve TLS together: no
-    certificate, no private key, a key behind a passphrase, a key that is not the certificate's,
-    a client CA file without a certificate. gRPC would say so only when it binds the port, after
-    migrating, in lines of its own that name no setting (or at the first handshake)."""
-    if b"-----BEGIN CERTIFICATE-----" not in Path(cert).read_bytes():
+def usable_tls(cert: bytes, key: bytes, client_ca: bytes | None) -> x509.Certificate:
+    """The leaf certificate, when these PEM contents can serve TLS together; else a ValueError
+    naming the setting: no certificate, no private key, a key behind a passphrase, a key of a
+    type gRPC does not serve, a key that is not the certificate's, a client CA without a
+    certificate. gRPC would say so only when it binds the port, after migrating, in lines of its
+    own that name no setting (or at the first handshake, or never for rotated files)."""
+    if b"-----BEGIN CERTIFICATE-----" not in cert:
         raise ValueError(f"{_named('tls_cert_file')} holds no certificate")
-    key_pem = Path(key).read_bytes()
-    if b"ENCRYPTED" in key_pem:
+    if b"ENCRYPTED" in key:
         raise ValueError(
             f"{_named('tls_key_file')} holds a key protected by a passphrase; the server needs it unencrypted"
         )
-    if b"PRIVATE KEY-----" not in key_pem:
+    if b"PRIVATE KEY-----" not in key:
         raise ValueError(f"{_named('tls_key_file')} holds no private key")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert, key, password=_no_passphrase)
-    except ssl.SSLError as error:
-        if "KEY_VALUES_MISMATCH" in str(error):
-            raise ValueError(
-                f"the key in {_named('tls_key_file')} does not belong to the certificate in "
-                f"{_named('tls_cert_file')}"
-            ) from None
-        raise ValueError(
-            f"{_named('tls_cert_file')} and {_named('tls_key_file')} cannot serve TLS: {error.reason or error}"
-        ) from None
-    if client_ca is None:
-        return
-    if b"-----BEGIN CERTIFICATE-----" not in Path(client_ca).read_bytes():
-        raise ValueError(f"{_named('tls_client_ca_file')} holds no certificate")
+        leaf = x509.load_pem_x509_certificates(cert)[0]
+    except ValueError as error:
+        raise ValueError(f"{_named('tls_cert_file')} holds no usable certificate: {error}") from None
     try:
-        context.load_verify_locations(cafile=client_ca)
-    except ssl.SSLError as error:
+        private = serialization.load_pem_private_key(key, password=None)
+    except TypeError:
         raise ValueError(
-            f"{_named('tls_client_ca_file')} holds no usable certificate: {error.reason or error}"
+            f"{_named('tls_key_file')} holds a key protected by a passphrase; the server needs it unencrypted"
         ) from None
+    except (ValueError, UnsupportedAlgorithm) as error:
+        raise ValueError(f"{_named('tls_key_file')} holds no usable private key: {error}") from None
+    served = isinstance(private, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey) or (
+        isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, _SERVED_CURVES)
+    )
+    if not served:
+        kind = getattr(getattr(private, "curve", None), "name", None) or type(private).__name__
+        raise ValueError(
+            f"{_named('tls_key_file')} holds a {kind} key; gRPC serves RSA, ECDSA (P-256, P-384, "
+            "P-521) and Ed25519 keys"
+        )
+    if _public_der(private.public_key()) != _public_der(leaf.public_key()):
+        raise ValueError(
+            f"the key in {_named('tls_key_file')} does not belong to the certificate in "
+            f"{_named('tls_cert_file')}"
+        )
+    if client_ca is not None:
+        if b"-----BEGIN CERTIFICATE-----" not in client_ca:
+            raise ValueError(f"{_named('tls_client_ca_file')} holds no certificate")
+        try:
+            x509.load_pem_x509_certificates(client_ca)
+        except ValueError as error:
+            raise ValueError(f"{_named('tls_client_ca_file')} holds no usable certificate: {error}") from None
+    return leaf
+
+
+def read_tls_files(cert: str, key: str, client_ca: str | None) -> tuple[bytes, bytes, bytes | None]:
+    """The TLS files' contents, each read once (see `read_credential_file`)."""
+    return (
+        read_credential_file(cert),
+        read_credential_file(key),
+        None if client_ca is None else read_credential_file(client_ca),
+    )
 
 
 def token_list(text: str) -> tuple[str, ...]:
@@ -95,10 +155,9 @@ def read_token_file(path: Path) -> tuple[str, ...]:
     none."""
     try:
         # utf-8-sig: a byte order mark (as some editors write) is not part of the first token.
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        reason = error.strerror if isinstance(error, OSError) else "not UTF-8 text"
-        raise ValueError(f"cannot read {path}: {reason or error}") from None
+        text = read_credential_file(path).decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ValueError(f"cannot read {path}: not UTF-8 text") from None
     try:
         return token_list(text)
     except ValueError:
@@ -305,7 +364,7 @@ class Settings(BaseSettings):
                 f"and {environment_variable('tls_key_file')}"
             )
         if self.tls_cert_file is not None and self.tls_key_file is not None:
-            usable_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
+            usable_tls(*read_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file))
         return self
 
     @property

@@ -27,9 +27,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
-from cryptography import x509
 
-from service.app.config import read_token_file, usable_tls_files
+from service.app.config import read_tls_files, read_token_file, usable_tls
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +77,6 @@ class WatchedFiles:
         finally:
             self._lock.release()
 
-    def look_again(self) -> None:
-        """The next look reports a change even if nothing changed after this call."""
-        self._seen = ()
-
-
-class _Changing(ValueError):
-    """A file changed while the set was read: look again soon."""
-
 
 @dataclass(frozen=True)
 class TlsFiles:
@@ -99,22 +90,17 @@ class TlsFiles:
 
     @staticmethod
     def read(cert_file: str, key_file: str, client_ca_file: str | None) -> TlsFiles:
-        """The files' contents; a ValueError naming the setting when they cannot serve TLS (see
-        `config.usable_tls_files`), or when one changed while they were being read."""
-        paths = (cert_file, key_file, *((client_ca_file,) if client_ca_file else ()))
-        try:
-            before = tuple(Path(path).read_bytes() for path in paths)
-            usable_tls_files(cert_file, key_file, client_ca_file)
-            after = tuple(Path(path).read_bytes() for path in paths)
-        except OSError as error:
-            raise ValueError(f"cannot read {error.filename}: {error.strerror or error}") from None
-        if before != after:
-            raise _Changing("the files changed while they were read")
-        leaf = x509.load_pem_x509_certificates(before[0])[0]
+        """The files' contents, each read once and checked as they are (see
+        `config.usable_tls`); a ValueError naming the setting when they cannot serve TLS.
+        Checking the bytes that will be served, not the paths, means a file changed meanwhile
+        is never served unchecked: a pair caught half written is refused, and the next change
+        is read again."""
+        chain, key, client_ca = read_tls_files(cert_file, key_file, client_ca_file)
+        leaf = usable_tls(chain, key, client_ca)
         return TlsFiles(
-            chain=before[0],
-            key=before[1],
-            client_ca=before[2] if client_ca_file else None,
+            chain=chain,
+            key=key,
+            client_ca=client_ca,
             subject=leaf.subject.rfc4514_string(),
             not_after=leaf.not_valid_after_utc,
         )
@@ -176,10 +162,6 @@ class ServerTls:
             if self._watched is None or not self._watched.changed():
                 return None
             loaded = TlsFiles.read(*self._files)
-        except _Changing:
-            if self._watched is not None:
-                self._watched.look_again()
-            return None
         except ValueError as error:
             self.reloads["refused"] += 1
             log.warning(

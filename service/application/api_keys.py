@@ -288,10 +288,12 @@ class ApiKeys:
         async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             repository = uow.api_keys
             current = await self._changeable(repository, principal, key_id)
+            # Whether the caller may change the key at all comes before the etag: a stale etag
+            # does not answer a caller that may not touch the key.
+            role = await _require_outranks_or_equals(uow, principal, current)
             check_etag(etag, current.etag)
             if current.state(now) is KeyState.REVOKED:
                 raise FailedPrecondition("a revoked key cannot be changed", reason="API_KEY_REVOKED")
-            role = await _require_outranks_or_equals(uow, principal, current)
             if new_scopes is not None:
                 _require_held(principal, set(new_scopes) - set(current.scopes))
             if new_env_ids is not None:
@@ -331,10 +333,10 @@ class ApiKeys:
         async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             repository = uow.api_keys
             current = await self._changeable(repository, principal, key_id)
+            await _require_outranks_or_equals(uow, principal, current)
             check_etag(etag, current.etag)
             if current.revoke_time is not None:
                 return current
-            await _require_outranks_or_equals(uow, principal, current)
             now = utcnow()
             revoked = current.revised(now, revoke_time=now)
             await repository.save(revoked)
@@ -358,13 +360,7 @@ class ApiKeys:
         async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             repository = uow.api_keys
             current = await self._changeable(repository, principal, key_id)
-            check_etag(etag, current.etag)
             now = utcnow()
-            state = current.state(now)
-            if state is KeyState.REVOKED:
-                raise FailedPrecondition("a revoked key cannot be rolled", reason="API_KEY_REVOKED")
-            if state is KeyState.EXPIRED:
-                raise FailedPrecondition("an expired key cannot be rolled", reason="API_KEY_EXPIRED")
             _require_held(principal, current.scopes)
             # The successor's secret goes to the caller: a key that expires gets no lasting one.
             _require_outlived_by_caller(principal, current.expire_time)
@@ -376,6 +372,13 @@ class ApiKeys:
             ):
                 raise Denied("this key may only roll keys owned by its own member", reason="OWNER_ESCALATION")
             principal.require_act_as(await _acting_role_of_key(uow, current))
+            # Whether the caller may roll the key at all, then the etag, then the key's state.
+            check_etag(etag, current.etag)
+            state = current.state(now)
+            if state is KeyState.REVOKED:
+                raise FailedPrecondition("a revoked key cannot be rolled", reason="API_KEY_REVOKED")
+            if state is KeyState.EXPIRED:
+                raise FailedPrecondition("an expired key cannot be rolled", reason="API_KEY_EXPIRED")
             secret = keys.generate(current.mode)
             successor = ApiKey.new(
                 current.organization_id,
