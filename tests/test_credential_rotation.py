@@ -24,7 +24,7 @@ from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.app.server import Application
+from service.app.server import Application, BindError
 from tests.certificates import Authority, Pem
 from tests.harness import Harness, fails
 from tests.own_database import own_database
@@ -315,3 +315,25 @@ async def test_a_rewritten_verifier_token_file_is_taken_up(
             if record.name == CREDENTIALS and "cannot be used" in record.getMessage()
         ]
         assert len(warnings) == 2, warnings
+
+
+async def test_a_token_file_gone_between_the_settings_and_the_start_is_a_clean_refusal(
+    backend: Backend, folder: Path
+) -> None:
+    """The token file is checked with the settings and read again when the server starts; gone
+    in between, the start is refused with an error naming the setting (the CLI's one line and
+    exit 2), not a traceback, and nothing serves."""
+    tokens = folder / "verifier-tokens"
+    _replace(tokens, b"token\n")
+    database = own_database(backend, folder)
+    settings = database.settings(verifier_tokens=f"@{tokens}")
+    tokens.unlink()
+    app = Application(settings)
+    try:
+        await app.migrate()
+        with pytest.raises(BindError) as refused:
+            await app.start()
+        assert "AGENTPOST_VERIFIER_TOKENS" in str(refused.value) and str(tokens) in str(refused.value)
+        assert app.port == 0
+    finally:
+        await app.database.dispose()

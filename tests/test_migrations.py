@@ -112,12 +112,13 @@ async def _email_keys(app: Application) -> dict[str, str]:
         return {member_id: key for member_id, key in rows}
 
 
-async def test_access_events_recorded_before_versions_are_listed_and_the_grant_is_version_one(
+async def test_access_events_recorded_before_versions_are_listed_and_their_etag_matches_no_grant(
     harness: Harness, org: Org
 ) -> None:
     """Events recorded before migration 0008 hold a member's access without a version. They are
-    still listed (each grant as version 1, as the migration starts existing grants), never refused
-    as malformed; the stored grant's etag, read after that, is the one its next update needs."""
+    still listed, never refused as malformed, with an etag of their own (version 0) that no
+    stored grant has: sent back, it is ABORTED ETAG_MISMATCH, while the stored grant's etag
+    (version 1, where the migration starts existing grants) works."""
     env = await harness.new_environment(org, "Versions")
     member = await harness.new_member(org, "MEMBER")
     added = await harness.members.AddEnvironmentMember(
@@ -147,18 +148,28 @@ async def test_access_events_recorded_before_versions_are_listed_and_the_grant_i
         auth(org.owner_secret),
         filters={"resource_type": event_pb2.Event.ENVIRONMENT_MEMBER},
     )
-    assert [(event.action, event.environment_member) for event in events if event.resource_id == pair] == [
-        (event_pb2.Event.ADDED, added)
-    ]
-    promoted = await harness.members.UpdateEnvironmentMember(
-        mem_pb.UpdateEnvironmentMemberRequest(
-            environment_member=mem_pb.EnvironmentMember(
-                environment_id=env.id,
-                member_id=member.id,
-                role=mem_pb.EnvironmentMember.ADMIN,
-                etag=added.etag,
-            )
-        ),
-        metadata=auth(org.owner_secret),
-    )
+    (listed,) = [event for event in events if event.resource_id == pair]
+    assert listed.action == event_pb2.Event.ADDED
+    legacy = mem_pb.EnvironmentMember()
+    legacy.CopyFrom(listed.environment_member)
+    legacy_etag = legacy.etag
+    assert legacy_etag and legacy_etag != added.etag
+    legacy.ClearField("etag")
+    expected = mem_pb.EnvironmentMember()
+    expected.CopyFrom(added)
+    expected.ClearField("etag")
+    assert legacy == expected
+
+    def promote(etag: str) -> Any:
+        return harness.members.UpdateEnvironmentMember(
+            mem_pb.UpdateEnvironmentMemberRequest(
+                environment_member=mem_pb.EnvironmentMember(
+                    environment_id=env.id, member_id=member.id, role=mem_pb.EnvironmentMember.ADMIN, etag=etag
+                )
+            ),
+            metadata=auth(org.owner_secret),
+        )
+
+    await fails(promote(legacy_etag), grpc.StatusCode.ABORTED, "ETAG_MISMATCH")
+    promoted = await promote(added.etag)
     assert promoted.role == mem_pb.EnvironmentMember.ADMIN and promoted.etag != added.etag

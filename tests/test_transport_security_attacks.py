@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import datetime
 import logging
+import os
 import re
 import signal
 import socket
@@ -59,7 +60,7 @@ from agentpost.environments.v1 import (
     organization_pb2_grpc,
 )
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -301,7 +302,17 @@ def _tls_case(case: str, certificates: Certificates, folder: Path) -> tuple[dict
             passphrase=b"passphrase",
         )
     )
+    # A pair Python's ssl module takes but gRPC's TLS does not serve (it refuses to bind).
+    unserved = certificates.ca.issue("server-ed448", server=True, key=ed448.Ed448PrivateKey.generate())  # type: ignore[arg-type]
+    fifo = folder / "key.fifo"
+    if not fifo.exists():
+        os.mkfifo(fifo)
     cases: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
+        "key-of-a-type-grpc-does-not-serve": (
+            {"tls_cert_file": str(unserved.cert), "tls_key_file": str(unserved.key)},
+            (KEY,),
+        ),
+        "key-is-a-fifo": ({"tls_cert_file": cert, "tls_key_file": str(fifo)}, (KEY,)),
         "cert-missing": ({"tls_cert_file": str(folder / "nope.pem"), "tls_key_file": key}, (CERT,)),
         "cert-directory": ({"tls_cert_file": str(folder), "tls_key_file": key}, (CERT,)),
         "cert-not-pem": ({"tls_cert_file": str(garbage), "tls_key_file": key}, (CERT,)),
@@ -335,6 +346,8 @@ def _tls_case(case: str, certificates: Certificates, folder: Path) -> tuple[dict
 
 
 TLS_CASES = [
+    "key-of-a-type-grpc-does-not-serve",
+    "key-is-a-fifo",
     "cert-missing",
     "cert-directory",
     "cert-not-pem",

@@ -40,7 +40,11 @@ def read_credential_file(path: str | Path) -> bytes:
     `MAX_CREDENTIAL_FILE_BYTES`. Opened without blocking, and checked once open, so that a file
     swapped for a FIFO in between cannot block it either."""
     flags = (
-        os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+        os.O_RDONLY
+        | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_NOCTTY", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+        | getattr(os, "O_BINARY", 0)
     )
     try:
         descriptor = os.open(path, flags)
@@ -90,10 +94,6 @@ def usable_tls(cert: bytes, key: bytes, client_ca: bytes | None) -> x509.Certifi
     own that name no setting (or at the first handshake, or never for rotated files)."""
     if b"-----BEGIN CERTIFICATE-----" not in cert:
         raise ValueError(f"{_named('tls_cert_file')} holds no certificate")
-    if b"ENCRYPTED" in key:
-        raise ValueError(
-            f"{_named('tls_key_file')} holds a key protected by a passphrase; the server needs it unencrypted"
-        )
     if b"PRIVATE KEY-----" not in key:
         raise ValueError(f"{_named('tls_key_file')} holds no private key")
     try:
@@ -117,7 +117,13 @@ def usable_tls(cert: bytes, key: bytes, client_ca: bytes | None) -> x509.Certifi
             f"{_named('tls_key_file')} holds a {kind} key; gRPC serves RSA, ECDSA (P-256, P-384, "
             "P-521) and Ed25519 keys"
         )
-    if _public_der(private.public_key()) != _public_der(leaf.public_key()):
+    try:
+        certified = leaf.public_key()
+    except UnsupportedAlgorithm:
+        raise ValueError(
+            f"{_named('tls_cert_file')} holds a certificate for a key of an unknown type"
+        ) from None
+    if _public_der(private.public_key()) != _public_der(certified):
         raise ValueError(
             f"the key in {_named('tls_key_file')} does not belong to the certificate in "
             f"{_named('tls_cert_file')}"
@@ -366,6 +372,12 @@ class Settings(BaseSettings):
         if self.tls_cert_file is not None and self.tls_key_file is not None:
             usable_tls(*read_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file))
         return self
+
+    @property
+    def inline_verifier_tokens(self) -> tuple[str, ...]:
+        """The tokens the setting itself names (none for a @FILE or when unset)."""
+        tokens = self.verifier_tokens
+        return () if tokens is None or tokens.startswith("@") else tuple(tokens.split(","))
 
     @property
     def verifier_token_file(self) -> Path | None:

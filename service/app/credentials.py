@@ -5,7 +5,7 @@ Certificates are short-lived where they are issued automatically, and tokens are
 writing a new file (or by a secret store swapping a mounted one). Each set of files is looked at
 at most once every `CHECK_SECONDS`, a `stat` of each file, when it is next needed: TLS files when
 a client connects (gRPC asks for the certificate at every handshake), the token file when a
-`VerifyApiKey` call presents a token. When a file's identity, size or modification time changed,
+`VerifyApiKey` call arrives. When a file's identity, size or modification time changed,
 the set is read again and checked as at start. What cannot be used (a key that is not the
 certificate's, half of a pair written, an empty token file) is logged once as a warning and the
 previous credentials stay in use: a rotation gone wrong never leaves a server without TLS or
@@ -156,8 +156,8 @@ class ServerTls:
 
     def _newer(self) -> grpc.ServerCertificateConfiguration | None:
         """Asked by gRPC, on its own thread, at every handshake: the new configuration when the
-        files changed and can be used, else None (keep serving the current one). Never raises:
-        an error here would fail the handshake."""
+        files changed and can be used, else None (keep serving the current one). Never raises
+        (gRPC would log the error as a failed reload and keep the current one)."""
         try:
             if self._watched is None or not self._watched.changed():
                 return None

@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.app import logs, tracing
-from service.app.config import Settings
+from service.app.config import Settings, environment_variable
 from service.app.credentials import ServerTls, TokenFile
 from service.app.metrics import MetricsEndpoint
 from service.application.access import AccessCache
@@ -257,13 +257,15 @@ class Application:
             # of a bare call's throughput); authentication names the method for log lines.
             observing.append(CallLogInterceptor(access_log_on=True))
         self.throttle = AuthFailureThrottle(settings.auth_failures_per_minute)
+        # Those of a @FILE are read when the server starts (`_follow_token_file`).
+        self.verifier_tokens = VerifierTokens(settings.inline_verifier_tokens)
         self.server = grpc.aio.server(
             interceptors=[
                 *observing,
                 AuthInterceptor(
                     self.access,
                     settings.operator_token,
-                    self._verifier_tokens(),
+                    self.verifier_tokens,
                     self.throttle,
                 ),
             ],
@@ -320,15 +322,17 @@ class Application:
         """None when the database is at the newest schema, else what it is at, in words."""
         return await migrate.pending(self.engine)
 
-    def _verifier_tokens(self) -> VerifierTokens:
-        """The tokens VerifyApiKey callers must send; read again as their file changes, if they
-        are in one."""
+    def _follow_token_file(self) -> None:
+        """Reads the verifier-token file, if the tokens are in one, and has it read again as it
+        changes. A file that cannot be used now is a BindError naming the setting."""
         source = self.settings.verifier_token_file
         if source is None:
-            inline = self.settings.verifier_tokens
-            return VerifierTokens(inline.split(",") if inline else ())
-        token_file = TokenFile(source)
-        return VerifierTokens(token_file.tokens, token_file)
+            return
+        try:
+            token_file = TokenFile(source)
+        except ValueError as error:  # checked with the settings, but it may have changed since
+            raise BindError(f"{environment_variable('verifier_tokens')}: {error}") from error
+        self.verifier_tokens.follow(token_file.tokens, token_file)
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials from the configured PEM files (mTLS with a client CA), taking up new
@@ -344,6 +348,7 @@ class Application:
         """Binds and starts serving; every service is SERVING once the schema is current and the
         database has answered (see `_follow_database`). Returns the bound port."""
         credentials = self._credentials()
+        self._follow_token_file()
         await self._check_schema()
         try:
             if credentials is None:

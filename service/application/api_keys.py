@@ -344,7 +344,7 @@ class ApiKeys:
         return revoked
 
     async def roll(
-        self, principal: Principal, key_id: str, previous_key_ttl: timedelta | None, etag: str = ""
+        self, principal: Principal, key_id: str, previous_key_ttl: timedelta | None, etag: str
     ) -> RolledKey:
         """A new key with the same name, scopes, environments, owner, mode and original
         `expire_time`; the previous key then expires at min(its expire_time, now + ttl) (unset or

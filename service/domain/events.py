@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -76,6 +76,10 @@ _ENUM_FIELDS: dict[type[Any], dict[str, type[enum.Enum]]] = {
     ScopedResource: {"kind": ResourceKind},
 }
 _TUPLE_FIELDS = frozenset({"scopes", "environment_ids"})
+# Fields added after events were recorded, by record type, with the value such an event is read
+# with. A member's access kept no version before migration 0008: its old events read as version
+# 0, which no stored access has (they start at 1), so an etag taken from one never matches.
+_LEGACY_VALUES: dict[type[Any], dict[str, Any]] = {EnvironmentMembership: {"version": 0}}
 # Fields every change touches; they are never reported as changed.
 _BOOKKEEPING = frozenset({"update_time", "version"})
 
@@ -180,9 +184,11 @@ def decode(resource_type: ResourceType, data: Mapping[str, Any]) -> Resource:
     cls = _CLASSES[resource_type]
     enums = _ENUM_FIELDS.get(cls, {})
     values: dict[str, Any] = {}
+    legacy = _LEGACY_VALUES.get(cls, {})
     for field in fields(cls):
-        if field.name not in data and field.default is not MISSING:
-            continue  # a field added after the event was recorded (its default)
+        if field.name not in data and field.name in legacy:
+            values[field.name] = legacy[field.name]
+            continue
         value = data[field.name]
         if value is not None and field.name.endswith("_time"):
             value = datetime.fromisoformat(value)

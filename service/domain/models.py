@@ -28,7 +28,11 @@ class Versioned:
     @property
     def etag(self) -> str:
         """The current etag (AIP-154): it changes with every version."""
-        return etag_of(self.id, self.version)
+        return etag_of(self._etag_basis(), self.version)
+
+    def _etag_basis(self) -> str:
+        """What the etag names besides the version: the resource's id."""
+        return self.id
 
     def revised(self, now: datetime, **changes: Any) -> Self:
         """The next version of this resource: `changes` applied at `now`."""
@@ -203,10 +207,9 @@ class EnvironmentMembership(Versioned):
     role: EnvRole
     create_time: datetime
     update_time: datetime
-    version: int = 1  # events recorded before versions were kept hold none
+    version: int = 1
 
-    @property
-    def id(self) -> str:  # type: ignore[override]
+    def _etag_basis(self) -> str:
         """The grant: the pair and when it was made."""
         return f"{self.environment_id}/{self.member_id}@{self.create_time.isoformat()}"
 

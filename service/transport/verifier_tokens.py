@@ -26,13 +26,14 @@ class VerifierTokens:
     def __init__(
         self, tokens: Iterable[str], newer: Callable[[], Iterable[str] | None] | None = None
     ) -> None:
+        self._digests: tuple[bytes, ...] = ()
+        self._newer: Callable[[], Iterable[str] | None] | None = None
+        self.follow(tokens, newer)
+
+    def follow(self, tokens: Iterable[str], newer: Callable[[], Iterable[str] | None] | None = None) -> None:
+        """Takes these tokens, and `newer` as where later ones come from (before any call)."""
         self._digests = tuple(_digest(token) for token in tokens)
         self._newer = newer
-
-    @property
-    def required(self) -> bool:
-        """Whether callers must present a token."""
-        return bool(self._digests)
 
     def require(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
         """Raises `Unauthenticated` `VERIFIER_TOKEN_REQUIRED` unless the call's one

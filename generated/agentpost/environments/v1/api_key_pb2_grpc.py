@@ -167,7 +167,8 @@ class ApiKeyServiceServicer:
 
     def RevokeApiKey(self, request, context):
         """Revokes a key at once. Needs `api_keys:write` and the caller acting with at least the key's
-        role (OWNER_ESCALATION). Revoking a revoked key returns it unchanged.
+        role (OWNER_ESCALATION). Revoking a revoked key returns it unchanged (with no
+        etag or its current one; the etag read before the revoke is ABORTED ETAG_MISMATCH).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -79,7 +79,8 @@ class ApiKeyServiceStub:
     """
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.RevokeApiKeyRequest, _api_key_pb2.ApiKey]
     """Revokes a key at once. Needs `api_keys:write` and the caller acting with at least the key's
-    role (OWNER_ESCALATION). Revoking a revoked key returns it unchanged.
+    role (OWNER_ESCALATION). Revoking a revoked key returns it unchanged (with no
+    etag or its current one; the etag read before the revoke is ABORTED ETAG_MISMATCH).
     """
     RollApiKey: _grpc.UnaryUnaryMultiCallable[_api_key_pb2.RollApiKeyRequest, _api_key_pb2.RollApiKeyResponse]
     """Issues a new key with the same access; the previous one keeps working for
@@ -143,7 +144,8 @@ class ApiKeyServiceAsyncStub(ApiKeyServiceStub):
     """
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_api_key_pb2.RevokeApiKeyRequest, _api_key_pb2.ApiKey]  # type: ignore[assignment]
     """Revokes a key at once. Needs `api_keys:write` and the caller acting with at least the key's
-    role (OWNER_ESCALATION). Revoking a revoked key returns it unchanged.
+    role (OWNER_ESCALATION). Revoking a revoked key returns it unchanged (with no
+    etag or its current one; the etag read before the revoke is ABORTED ETAG_MISMATCH).
     """
     RollApiKey: _aio.UnaryUnaryMultiCallable[_api_key_pb2.RollApiKeyRequest, _api_key_pb2.RollApiKeyResponse]  # type: ignore[assignment]
     """Issues a new key with the same access; the previous one keeps working for
@@ -234,7 +236,8 @@ class ApiKeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_api_key_pb2.ApiKey, _abc.Awaitable[_api_key_pb2.ApiKey]]:
         """Revokes a key at once. Needs `api_keys:write` and the caller acting with at least the key's
-        role (OWNER_ESCALATION). Revoking a revoked key returns it unchanged.
+        role (OWNER_ESCALATION). Revoking a revoked key returns it unchanged (with no
+        etag or its current one; the etag read before the revoke is ABORTED ETAG_MISMATCH).
         """
 
     @_abc_1.abstractmethod
