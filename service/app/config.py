@@ -138,13 +138,15 @@ def usable_tls(cert: bytes, key: bytes, client_ca: bytes | None) -> x509.Certifi
     return leaf
 
 
-def read_tls_files(cert: str, key: str, client_ca: str | None) -> tuple[bytes, bytes, bytes | None]:
-    """The TLS files' contents, each read once (see `read_credential_file`)."""
-    return (
-        read_credential_file(cert),
-        read_credential_file(key),
-        None if client_ca is None else read_credential_file(client_ca),
-    )
+def checked_tls_files(
+    cert: str, key: str, client_ca: str | None
+) -> tuple[bytes, bytes, bytes | None, x509.Certificate]:
+    """The TLS files' contents, each read once (see `read_credential_file`) and checked to serve
+    together (see `usable_tls`), and the leaf certificate."""
+    chain = read_credential_file(cert)
+    private = read_credential_file(key)
+    authorities = None if client_ca is None else read_credential_file(client_ca)
+    return chain, private, authorities, usable_tls(chain, private, authorities)
 
 
 def token_list(text: str) -> tuple[str, ...]:
@@ -370,7 +372,7 @@ class Settings(BaseSettings):
                 f"and {environment_variable('tls_key_file')}"
             )
         if self.tls_cert_file is not None and self.tls_key_file is not None:
-            usable_tls(*read_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file))
+            checked_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
         return self
 
     @property

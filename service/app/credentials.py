@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from service.app.config import read_tls_files, read_token_file, usable_tls
+from service.app.config import checked_tls_files, read_token_file
 
 log = logging.getLogger(__name__)
 
@@ -95,8 +95,7 @@ class TlsFiles:
         Checking the bytes that will be served, not the paths, means a file changed meanwhile
         is never served unchecked: a pair caught half written is refused, and the next change
         is read again."""
-        chain, key, client_ca = read_tls_files(cert_file, key_file, client_ca_file)
-        leaf = usable_tls(chain, key, client_ca)
+        chain, key, client_ca, leaf = checked_tls_files(cert_file, key_file, client_ca_file)
         return TlsFiles(
             chain=chain,
             key=key,

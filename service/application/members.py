@@ -267,10 +267,7 @@ class Members:
         async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             await recheck_active(uow, principal.organization_id, environment_id)
             repository = uow.members
-            current = await repository.get_membership(principal.organization_id, environment_id, member_id)
-            if current is None:
-                raise environment_member_not_found(environment_id, member_id)
-            check_etag(etag, current.etag)
+            current = await _changeable_access(repository, principal, environment_id, member_id, etag)
             if role is current.role:
                 return current  # nothing changes, update_time included
             updated = current.revised(utcnow(), role=role)
@@ -289,10 +286,7 @@ class Members:
         async with self._deps.database.write(principal.organization_id, principal.actor) as uow:
             await recheck_active(uow, principal.organization_id, environment_id)
             repository = uow.members
-            removed = await repository.get_membership(principal.organization_id, environment_id, member_id)
-            if removed is None:
-                raise environment_member_not_found(environment_id, member_id)
-            check_etag(etag, removed.etag)
+            removed = await _changeable_access(repository, principal, environment_id, member_id, etag)
             await repository.delete_membership(principal.organization_id, environment_id, member_id)
             uow.record(Action.REMOVED, removed)
 
@@ -337,6 +331,18 @@ async def _changeable(
         raise member_not_found(member_id)
     if current.role is OrgRole.OWNER:
         require_owner_level(principal)
+    check_etag(etag, current.etag)
+    return current
+
+
+async def _changeable_access(
+    repository: MemberRepository, principal: Principal, environment_id: str, member_id: str, etag: str
+) -> EnvironmentMembership:
+    """A member's access to an environment the caller administers, read in the write
+    transaction; NOT_FOUND when there is none, ABORTED when the etag is stale."""
+    current = await repository.get_membership(principal.organization_id, environment_id, member_id)
+    if current is None:
+        raise environment_member_not_found(environment_id, member_id)
     check_etag(etag, current.etag)
     return current
 
