@@ -601,8 +601,10 @@ class IsolationMachine(RuleBasedStateMachine):
             auth(org.owner_secret),
         )
         assert outcome[0] == "ok", outcome
-        key.scopes, key.env_ids = frozenset(scopes), frozenset(env_ids)
-        org.log.append(key_event("UPDATED", key.id, key.env_ids))
+        # The access it already has (in any order) changes nothing and logs nothing.
+        if (frozenset(scopes), frozenset(env_ids)) != (key.scopes, key.env_ids):
+            key.scopes, key.env_ids = frozenset(scopes), frozenset(env_ids)
+            org.log.append(key_event("UPDATED", key.id, key.env_ids))
 
     @rule(data=st.data())
     def revoke_key(self, data: st.DataObject) -> None:
