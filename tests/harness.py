@@ -73,6 +73,11 @@ def corrupt(secret: str, position: int) -> str:
     return secret[:index] + replacement + secret[index + 1 :]
 
 
+def body_of(secret: str) -> str:
+    """The 32 random characters of a secret, without its mode and checksum."""
+    return secret.rsplit("_", 1)[1][:32]
+
+
 @dataclass
 class Failure:
     """A failed call: code, ErrorInfo and field violations."""

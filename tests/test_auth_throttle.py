@@ -22,7 +22,7 @@ from service.transport.throttle import AuthFailureThrottle, peer_address
 from tests.empty_database import empty_database
 from tests.harness import OPERATOR_TOKEN, Failure, Harness, auth, fails
 from tests.servers import Backend, start_server
-from tests.test_verify_api_key import counted_sql
+from tests.statements import counted_sql
 
 Code = grpc.StatusCode
 LIMIT = 5

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
-import sys
-from pathlib import Path
 from typing import Any
 
+from tests.buf import BUF
 from tests.harness import Harness, Org
-
-# buf-bin is a dev dependency: its binary sits beside the venv's python.
-BUF = shutil.which("buf") or str(Path(sys.executable).parent / "buf")
 
 
 async def buf_curl(

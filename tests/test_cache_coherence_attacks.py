@@ -552,6 +552,40 @@ async def compare_replicas_cheaply(run: Run, writer: tuple[str, World] | None) -
 # -- the mutating steps ----------------------------------------------------------------------
 
 
+def adopt_env(run: Run, world: World, env_id: str, slug: str) -> EnvRef:
+    """A new environment of `world`, labelled in the order it was made."""
+    env = EnvRef(env_id, slug, f"{world.label}.e{len(world.envs)}")
+    world.envs.append(env)
+    run.name_of(env.id, env.label)
+    return env
+
+
+def adopt_member(run: Run, world: World, member_id: str, role: str) -> MemberRef:
+    """A new member of `world`, labelled in the order it was made."""
+    member = MemberRef(member_id, f"{world.label}.m{len(world.members)}", role)
+    world.members.append(member)
+    run.name_of(member.id, member.label)
+    return member
+
+
+def new_member_request(world: World, role: str) -> member_pb2.CreateMemberRequest:
+    """A CreateMember request for a new member of `world` (its email unique to the run)."""
+    number = world.next_number()
+    return member_pb2.CreateMemberRequest(
+        email=f"{world.label}-m{number}-{uuid.uuid4().hex[:6]}@example.com",
+        display_name=f"M {number}",
+        role=role,
+    )
+
+
+def adopt_key(run: Run, world: World, key_id: str, secret: str, owner: str) -> KeyRef:
+    """A new key of `world`, labelled in the order it was made."""
+    key = KeyRef(key_id, secret, f"{world.label}.k{len(world.keys)}", owner)
+    world.keys.append(key)
+    run.name_of(key.id, key.label)
+    return key
+
+
 def far_future(rng: random.Random) -> datetime:
     """An expiry days ahead: nothing expires while a test runs."""
     return datetime.now(UTC).replace(microsecond=0) + timedelta(
@@ -592,9 +626,7 @@ async def create_environment(run: Run, rng: random.Random, world: World, server:
         demand=demand,
     )
     if response is not None:
-        env = EnvRef(response.id, response.slug, f"{world.label}.e{len(world.envs)}")
-        world.envs.append(env)
-        run.name_of(env.id, env.label)
+        adopt_env(run, world, response.id, response.slug)
 
 
 async def update_environment(run: Run, rng: random.Random, world: World, server: str, demand: bool) -> None:
@@ -653,23 +685,16 @@ async def undelete_environment(run: Run, rng: random.Random, world: World, serve
 
 async def create_member(run: Run, rng: random.Random, world: World, server: str, demand: bool) -> None:
     role = rng.choices(ORG_ROLES, weights=(1, 4, 6))[0]
-    number = world.next_number()
     response = await run.write(
         world,
         server,
         run.servers[server].members.CreateMember,
-        member_pb2.CreateMemberRequest(
-            email=f"{world.label}-m{number}-{uuid.uuid4().hex[:6]}@example.com",
-            display_name=f"M {number}",
-            role=role,
-        ),
+        new_member_request(world, role),
         world.owner,
         demand=demand,
     )
     if response is not None:
-        member = MemberRef(response.id, f"{world.label}.m{len(world.members)}", role)
-        world.members.append(member)
-        run.name_of(member.id, member.label)
+        adopt_member(run, world, response.id, role)
 
 
 async def update_member(run: Run, rng: random.Random, world: World, server: str, demand: bool) -> None:
@@ -822,14 +847,7 @@ async def create_key(run: Run, rng: random.Random, world: World, server: str, de
         world, server, run.servers[server].api_keys.CreateApiKey, request, caller, demand=demand
     )
     if response is not None:
-        key = KeyRef(
-            response.api_key.id,
-            response.secret,
-            f"{world.label}.k{len(world.keys)}",
-            response.api_key.owner_member_id,
-        )
-        world.keys.append(key)
-        run.name_of(key.id, key.label)
+        adopt_key(run, world, response.api_key.id, response.secret, response.api_key.owner_member_id)
 
 
 async def update_key(run: Run, rng: random.Random, world: World, server: str, demand: bool) -> None:
@@ -894,11 +912,7 @@ async def roll_key(run: Run, rng: random.Random, world: World, server: str, dema
         world, server, run.servers[server].api_keys.RollApiKey, request, caller, demand=demand
     )
     if response is not None:
-        successor = KeyRef(
-            response.api_key.id, response.secret, f"{world.label}.k{len(world.keys)}", key.owner
-        )
-        world.keys.append(successor)
-        run.name_of(successor.id, successor.label)
+        adopt_key(run, world, response.api_key.id, response.secret, key.owner)
 
 
 async def register_resource(run: Run, rng: random.Random, world: World, server: str, demand: bool) -> None:
@@ -960,6 +974,8 @@ async def reassign_resources(run: Run, rng: random.Random, world: World, server:
 
 
 Step = Callable[[Run, random.Random, World, str, bool], Awaitable[None]]
+# One write as a scenario plans it: the stub method and its request.
+Write = tuple[Callable[..., Any], Message]
 STEP_WEIGHTS: tuple[tuple[Step, int], ...] = (
     (create_environment, 5),
     (update_environment, 2),
@@ -1067,40 +1083,22 @@ async def make_env(run: Run, world: World, server: str = "A") -> EnvRef:
         "CreateEnvironment",
         run,
     )
-    env = EnvRef(response.id, response.slug, f"{world.label}.e{len(world.envs)}")
-    world.envs.append(env)
-    run.name_of(env.id, env.label)
-    return env
+    return adopt_env(run, world, response.id, response.slug)
 
 
 async def make_member(run: Run, world: World, role: str, server: str = "A") -> MemberRef:
-    number = world.next_number()
     response = await made(
         await run.write(
             world,
             server,
             run.servers[server].members.CreateMember,
-            member_pb2.CreateMemberRequest(
-                email=f"{world.label}-m{number}-{uuid.uuid4().hex[:6]}@example.com",
-                display_name=f"M {number}",
-                role=role,
-            ),
+            new_member_request(world, role),
             world.owner,
         ),
         "CreateMember",
         run,
     )
-    member = MemberRef(response.id, f"{world.label}.m{len(world.members)}", role)
-    world.members.append(member)
-    run.name_of(member.id, member.label)
-    return member
-
-
-def adopt_key(run: Run, world: World, key_id: str, secret: str, owner: str) -> KeyRef:
-    key = KeyRef(key_id, secret, f"{world.label}.k{len(world.keys)}", owner)
-    world.keys.append(key)
-    run.name_of(key.id, key.label)
-    return key
+    return adopt_member(run, world, response.id, role)
 
 
 async def make_key(
@@ -1138,6 +1136,24 @@ def add_member_request(env: EnvRef, member: MemberRef, role: str) -> member_pb2.
     )
 
 
+async def make_membership(
+    run: Run, world: World, env: EnvRef, member: MemberRef, role: str, server: str = "A"
+) -> None:
+    """`member` added to `env` with `role`, through `server` as the owner."""
+    await made(
+        await run.write(
+            world,
+            server,
+            run.servers[server].members.AddEnvironmentMember,
+            add_member_request(env, member, role),
+            world.owner,
+        ),
+        "AddEnvironmentMember",
+        run,
+    )
+    world.memberships[member.id, env.id] = role
+
+
 def role_request(member: MemberRef, role: str) -> member_pb2.UpdateMemberRequest:
     return member_pb2.UpdateMemberRequest(
         member=member_pb2.Member(id=member.id, role=role),
@@ -1165,18 +1181,7 @@ async def furnish(run: Run, world: World, server: str = "A") -> None:
     admin = await make_member(run, world, "ADMIN", server)
     member = await make_member(run, world, "MEMBER", server)
     for env, role in ((envs[0], "ADMIN"), (envs[1], "MEMBER")):
-        await made(
-            await run.write(
-                world,
-                server,
-                run.servers[server].members.AddEnvironmentMember,
-                add_member_request(env, member, role),
-                world.owner,
-            ),
-            "AddEnvironmentMember",
-            run,
-        )
-        world.memberships[member.id, env.id] = role
+        await make_membership(run, world, env, member, role, server)
     await make_key(run, world, ALL_SCOPES, [envs[0].id, envs[1].id], member, server)
     await make_key(run, world, ALL_SCOPES, [], admin, server)
     await make_key(run, world, ["inboxes:read", "inboxes:write"], [envs[2].id], None, server)
@@ -1221,17 +1226,7 @@ async def test_environment_deleted_and_undeleted_while_a_member_key_is_narrowed(
         e1, e2, e3 = [await make_env(run, world) for _ in range(3)]
         member = await make_member(run, world, "MEMBER")
         for env in (e1, e2, e3):
-            await made(
-                await run.write(
-                    world,
-                    "A",
-                    run.servers["A"].members.AddEnvironmentMember,
-                    add_member_request(env, member, "ADMIN"),
-                    world.owner,
-                ),
-                "AddEnvironmentMember",
-                run,
-            )
+            await make_membership(run, world, env, member, "ADMIN")
         key = await make_key(
             run,
             world,
@@ -1244,25 +1239,18 @@ async def test_environment_deleted_and_undeleted_while_a_member_key_is_narrowed(
 
         async def flip() -> None:
             order = ("Undelete", "Delete") if e2.deleted else ("Delete", "Undelete")
+            writes: dict[str, Write] = {
+                "Delete": (
+                    a.environments.DeleteEnvironment,
+                    environment_pb2.DeleteEnvironmentRequest(id=e2.id),
+                ),
+                "Undelete": (
+                    a.environments.UndeleteEnvironment,
+                    environment_pb2.UndeleteEnvironmentRequest(id=e2.id),
+                ),
+            }
             for action in order:
-                if action == "Delete":
-                    done = await run.write(
-                        world,
-                        "A",
-                        a.environments.DeleteEnvironment,
-                        environment_pb2.DeleteEnvironmentRequest(id=e2.id),
-                        world.owner,
-                        demand=False,
-                    )
-                else:
-                    done = await run.write(
-                        world,
-                        "A",
-                        a.environments.UndeleteEnvironment,
-                        environment_pb2.UndeleteEnvironmentRequest(id=e2.id),
-                        world.owner,
-                        demand=False,
-                    )
+                done = await run.write(world, "A", *writes[action], world.owner, demand=False)
                 if done is not None:
                     e2.deleted = action == "Delete"
 
@@ -1302,17 +1290,7 @@ async def test_member_demoted_from_admin_and_added_back_to_environments(backend:
         world = await run.new_world()
         e1, e2 = await make_env(run, world), await make_env(run, world)
         member = await make_member(run, world, "ADMIN")
-        await made(
-            await run.write(
-                world,
-                "A",
-                run.servers["A"].members.AddEnvironmentMember,
-                add_member_request(e1, member, "MEMBER"),
-                world.owner,
-            ),
-            "AddEnvironmentMember",
-            run,
-        )
+        await make_membership(run, world, e1, member, "MEMBER")
         await make_key(run, world, ALL_SCOPES, [], member)
         await make_key(
             run, world, ["environments:read", "members:read", "inboxes:read"], [e1.id, e2.id], member
@@ -1360,17 +1338,7 @@ async def test_a_key_rolled_twice_with_overlap(backend: Backend) -> None:
         world = await run.new_world()
         e1 = await make_env(run, world)
         member = await make_member(run, world, "MEMBER")
-        await made(
-            await run.write(
-                world,
-                "A",
-                run.servers["A"].members.AddEnvironmentMember,
-                add_member_request(e1, member, "ADMIN"),
-                world.owner,
-            ),
-            "AddEnvironmentMember",
-            run,
-        )
+        await make_membership(run, world, e1, member, "ADMIN")
         first = await make_key(run, world, ALL_SCOPES, [e1.id], member)
         await warm_everything(run)
         a, b = run.servers["A"], run.servers["B"]
@@ -1556,8 +1524,8 @@ async def test_a_replicas_own_change_is_not_undone_by_an_older_read_of_the_log(b
                 run.note(f"!! {line}")
 
         async def race(
-            a_write: tuple[Callable[..., Any], Message],
-            b_write: tuple[Callable[..., Any], Message],
+            a_write: Write,
+            b_write: Write,
             delay: float,
             check: tuple[str, str, str],
             what: str,
@@ -1575,18 +1543,7 @@ async def test_a_replicas_own_change_is_not_undone_by_an_older_read_of_the_log(b
             run.note(f"-- round {round_}")
             env = await make_env(run, world)
             member = await make_member(run, world, "MEMBER")
-            await made(
-                await run.write(
-                    world,
-                    "A",
-                    a.members.AddEnvironmentMember,
-                    add_member_request(env, member, "ADMIN"),
-                    world.owner,
-                ),
-                "AddEnvironmentMember",
-                run,
-            )
-            world.memberships[member.id, env.id] = "ADMIN"
+            await make_membership(run, world, env, member, "ADMIN")
             member_key = await make_key(run, world, ["inboxes:read"], [env.id], member)
             env_key = await make_key(run, world, ["inboxes:read"], [env.id])
             boss = await make_member(run, world, "ADMIN")
@@ -1599,52 +1556,57 @@ async def test_a_replicas_own_change_is_not_undone_by_an_older_read_of_the_log(b
                     )
 
             delay = 0.001 * (round_ % 4)
-            await race(
+            # A's write, B's write at about the same moment, and what B must then answer for which key.
+            races: list[tuple[Write, Write, str, str, str]] = [
                 (
-                    a.members.UpdateEnvironmentMember,
-                    member_pb2.UpdateEnvironmentMemberRequest(
-                        environment_member=member_pb2.EnvironmentMember(
-                            environment_id=env.id,
-                            member_id=member.id,
-                            role="MEMBER",
+                    (
+                        a.members.UpdateEnvironmentMember,
+                        member_pb2.UpdateEnvironmentMemberRequest(
+                            environment_member=member_pb2.EnvironmentMember(
+                                environment_id=env.id,
+                                member_id=member.id,
+                                role="MEMBER",
+                            ),
+                            update_mask=mask("role"),
                         ),
-                        update_mask=mask("role"),
                     ),
+                    (
+                        b.members.RemoveEnvironmentMember,
+                        member_pb2.RemoveEnvironmentMemberRequest(environment_id=env.id, member_id=member.id),
+                    ),
+                    member_key.secret,
+                    "ENVIRONMENT_NOT_ALLOWED",
+                    "membership removed on B",
                 ),
                 (
-                    b.members.RemoveEnvironmentMember,
-                    member_pb2.RemoveEnvironmentMemberRequest(environment_id=env.id, member_id=member.id),
-                ),
-                delay,
-                (member_key.secret, env.id, "ENVIRONMENT_NOT_ALLOWED"),
-                f"round {round_}: membership removed on B",
-            )
-            await race(
-                (
-                    a.members.UpdateMember,
-                    member_pb2.UpdateMemberRequest(
-                        member=member_pb2.Member(id=boss.id, display_name=f"Renamed {round_}"),
-                        update_mask=mask("display_name"),
+                    (
+                        a.members.UpdateMember,
+                        member_pb2.UpdateMemberRequest(
+                            member=member_pb2.Member(id=boss.id, display_name=f"Renamed {round_}"),
+                            update_mask=mask("display_name"),
+                        ),
                     ),
+                    (b.members.DeleteMember, member_pb2.DeleteMemberRequest(id=boss.id)),
+                    boss_key.secret,
+                    "OWNER_REMOVED",
+                    "member deleted on B",
                 ),
-                (b.members.DeleteMember, member_pb2.DeleteMemberRequest(id=boss.id)),
-                delay,
-                (boss_key.secret, env.id, "OWNER_REMOVED"),
-                f"round {round_}: member deleted on B",
-            )
-            await race(
                 (
-                    a.environments.UpdateEnvironment,
-                    environment_pb2.UpdateEnvironmentRequest(
-                        environment=environment_pb2.Environment(id=env.id, name=f"Renamed {round_}"),
-                        update_mask=mask("name"),
+                    (
+                        a.environments.UpdateEnvironment,
+                        environment_pb2.UpdateEnvironmentRequest(
+                            environment=environment_pb2.Environment(id=env.id, name=f"Renamed {round_}"),
+                            update_mask=mask("name"),
+                        ),
                     ),
+                    (b.environments.DeleteEnvironment, environment_pb2.DeleteEnvironmentRequest(id=env.id)),
+                    env_key.secret,
+                    "ENVIRONMENT_DELETED",
+                    "environment deleted on B",
                 ),
-                (b.environments.DeleteEnvironment, environment_pb2.DeleteEnvironmentRequest(id=env.id)),
-                delay,
-                (env_key.secret, env.id, "ENVIRONMENT_DELETED"),
-                f"round {round_}: environment deleted on B",
-            )
+            ]
+            for a_write, b_write, secret, expected, what in races:
+                await race(a_write, b_write, delay, (secret, env.id, expected), f"round {round_}: {what}")
         assert not regressions, f"{run.story()}\nB's own writes were undone on later calls:\n" + "\n".join(
             regressions
         )

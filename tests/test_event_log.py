@@ -31,7 +31,7 @@ from google.protobuf import field_mask_pb2
 from service.domain.events import Action, ResourceType
 from tests.harness import Harness, Org, auth, fails, stored_events
 from tests.servers import Backend, start_server
-from tests.test_verify_api_key import counted_sql
+from tests.statements import counted_sql
 
 REVISION = "x-agentpost-revision"
 

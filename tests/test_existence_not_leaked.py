@@ -12,7 +12,11 @@ from typing import Any
 
 import grpc
 import pytest
-from agentpost.environments.v1 import api_key_pb2, environment_pb2, member_pb2, resource_pb2
+from agentpost.environments.v1 import api_key_pb2 as key_pb
+from agentpost.environments.v1 import environment_pb2 as env_pb
+from agentpost.environments.v1 import member_pb2 as mem_pb
+from agentpost.environments.v1 import resource_pb2 as res_pb
+from google.protobuf.message import Message
 from ulid import ULID
 
 from tests.harness import Failure, Harness, Org, auth, failure_of, mask
@@ -20,7 +24,7 @@ from tests.harness import Failure, Harness, Org, auth, failure_of, mask
 AREAS = ("environments", "members", "api_keys", "inboxes", "messages", "threads", "drafts", "domains",
          "webhooks", "labels")  # fmt: skip
 EVERY_SCOPE = [f"{area}:{access}" for area in AREAS for access in ("read", "write")]
-INBOX = resource_pb2.ScopedResource.INBOX
+INBOX = res_pb.ScopedResource.INBOX
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ async def populate(harness: Harness, org: Org) -> Ids:
     key, _ = await harness.new_key(org, ["inboxes:read"], [env_b.id])
     resource_id = f"inbox-{suffix}"
     await harness.resources.RegisterResource(
-        resource_pb2.RegisterResourceRequest(kind=INBOX, resource_id=resource_id),
+        res_pb.RegisterResourceRequest(kind=INBOX, resource_id=resource_id),
         metadata=auth(org.owner_secret, env_b.id),
     )
     return Ids(env_b.id, gone.id, env_b.slug, member.id, key.id, resource_id)
@@ -96,7 +100,39 @@ async def world(harness: Harness) -> World:
     )
 
 
-Call = Callable[[Harness, World, Ids, str], Awaitable[Any]]
+@dataclass(frozen=True)
+class InContext:
+    """A request that names no id itself, sent in an environment's context (x-agentpost-environment)."""
+
+    request: Message
+    environment: str
+
+
+RequestFor = Callable[[World, Ids], Message | InContext]
+# The harness's stub of each service.
+STUBS = {
+    "EnvironmentService": "environments",
+    "MembershipService": "members",
+    "ApiKeyService": "api_keys",
+    "ResourceService": "resources",
+}
+
+
+def sent(harness: Harness, request: Message | InContext, secret: str) -> Awaitable[Any]:
+    """`request` sent as `secret` to the one RPC that takes it (GetEnvironmentRequest: GetEnvironment)."""
+    if isinstance(request, InContext):
+        message, environment = request.request, request.environment
+    else:
+        message, environment = request, None
+    ((service, method),) = [
+        (service.name, method.name)
+        for service in message.DESCRIPTOR.file.services_by_name.values()
+        for method in service.methods
+        if method.input_type.full_name == message.DESCRIPTOR.full_name
+    ]
+    stub = getattr(harness, STUBS[service])
+    return getattr(stub, method)(message, metadata=auth(secret, environment))
+
 
 # An environment's administrator may add any member of its organization by id (the contract):
 # such an id is in reach by design, so only (a) and (b) apply; test_environment_members.py shows
@@ -104,190 +140,104 @@ Call = Callable[[Harness, World, Ids, str], Awaitable[Any]]
 ADDRESSABLE_BY_ID = {"AddEnvironmentMember(member_id)"}
 
 
-# Each row: what the RPC is given, which id of `Ids` it names, and how to call it as `secret`.
-CASES: list[tuple[str, str, Call]] = [
-    (
-        "GetEnvironment(id)",
-        "environment",
-        lambda h, w, ids, s: h.environments.GetEnvironment(
-            environment_pb2.GetEnvironmentRequest(id=ids.environment), metadata=auth(s)
-        ),
-    ),
-    (
-        "GetEnvironment(slug)",
-        "slug",
-        lambda h, w, ids, s: h.environments.GetEnvironment(
-            environment_pb2.GetEnvironmentRequest(slug=ids.slug), metadata=auth(s)
-        ),
-    ),
+# Each row: what the RPC is given, which id of `Ids` it names, and the request that names it.
+CASES: list[tuple[str, str, RequestFor]] = [
+    ("GetEnvironment(id)", "environment", lambda w, ids: env_pb.GetEnvironmentRequest(id=ids.environment)),
+    ("GetEnvironment(slug)", "slug", lambda w, ids: env_pb.GetEnvironmentRequest(slug=ids.slug)),
     (
         "UpdateEnvironment",
         "environment",
-        lambda h, w, ids, s: h.environments.UpdateEnvironment(
-            environment_pb2.UpdateEnvironmentRequest(
-                environment=environment_pb2.Environment(id=ids.environment, name="Renamed"),
-                update_mask=mask("name"),
-            ),
-            metadata=auth(s),
+        lambda w, ids: env_pb.UpdateEnvironmentRequest(
+            environment=env_pb.Environment(id=ids.environment, name="Renamed"), update_mask=mask("name")
         ),
     ),
-    (
-        "DeleteEnvironment",
-        "environment",
-        lambda h, w, ids, s: h.environments.DeleteEnvironment(
-            environment_pb2.DeleteEnvironmentRequest(id=ids.environment), metadata=auth(s)
-        ),
-    ),
+    ("DeleteEnvironment", "environment", lambda w, ids: env_pb.DeleteEnvironmentRequest(id=ids.environment)),
     (
         "UndeleteEnvironment",
         "deleted_environment",
-        lambda h, w, ids, s: h.environments.UndeleteEnvironment(
-            environment_pb2.UndeleteEnvironmentRequest(id=ids.deleted_environment), metadata=auth(s)
-        ),
+        lambda w, ids: env_pb.UndeleteEnvironmentRequest(id=ids.deleted_environment),
     ),
-    (
-        "GetMember",
-        "member",
-        lambda h, w, ids, s: h.members.GetMember(
-            member_pb2.GetMemberRequest(id=ids.member), metadata=auth(s)
-        ),
-    ),
+    ("GetMember", "member", lambda w, ids: mem_pb.GetMemberRequest(id=ids.member)),
     (
         "UpdateMember",
         "member",
-        lambda h, w, ids, s: h.members.UpdateMember(
-            member_pb2.UpdateMemberRequest(
-                member=member_pb2.Member(id=ids.member, display_name="Renamed"),
-                update_mask=mask("display_name"),
-            ),
-            metadata=auth(s),
+        lambda w, ids: mem_pb.UpdateMemberRequest(
+            member=mem_pb.Member(id=ids.member, display_name="Renamed"), update_mask=mask("display_name")
         ),
     ),
-    (
-        "DeleteMember",
-        "member",
-        lambda h, w, ids, s: h.members.DeleteMember(
-            member_pb2.DeleteMemberRequest(id=ids.member), metadata=auth(s)
-        ),
-    ),
+    ("DeleteMember", "member", lambda w, ids: mem_pb.DeleteMemberRequest(id=ids.member)),
     (
         "AddEnvironmentMember(environment_id)",
         "environment",
-        lambda h, w, ids, s: h.members.AddEnvironmentMember(
-            member_pb2.AddEnvironmentMemberRequest(
-                environment_id=ids.environment, member_id=w.member_a, role=member_pb2.EnvironmentMember.MEMBER
-            ),
-            metadata=auth(s),
+        lambda w, ids: mem_pb.AddEnvironmentMemberRequest(
+            environment_id=ids.environment, member_id=w.member_a, role=mem_pb.EnvironmentMember.MEMBER
         ),
     ),
     (
         "AddEnvironmentMember(member_id)",
         "member",
-        lambda h, w, ids, s: h.members.AddEnvironmentMember(
-            member_pb2.AddEnvironmentMemberRequest(
-                environment_id=w.env_a, member_id=ids.member, role=member_pb2.EnvironmentMember.MEMBER
-            ),
-            metadata=auth(s),
+        lambda w, ids: mem_pb.AddEnvironmentMemberRequest(
+            environment_id=w.env_a, member_id=ids.member, role=mem_pb.EnvironmentMember.MEMBER
         ),
     ),
     (
         "ListEnvironmentMembers",
         "environment",
-        lambda h, w, ids, s: h.members.ListEnvironmentMembers(
-            member_pb2.ListEnvironmentMembersRequest(environment_id=ids.environment), metadata=auth(s)
-        ),
+        lambda w, ids: mem_pb.ListEnvironmentMembersRequest(environment_id=ids.environment),
     ),
     (
         "ListMemberEnvironments",
         "member",
-        lambda h, w, ids, s: h.members.ListMemberEnvironments(
-            member_pb2.ListMemberEnvironmentsRequest(member_id=ids.member), metadata=auth(s)
-        ),
+        lambda w, ids: mem_pb.ListMemberEnvironmentsRequest(member_id=ids.member),
     ),
-    (
-        "GetApiKey",
-        "key",
-        lambda h, w, ids, s: h.api_keys.GetApiKey(api_key_pb2.GetApiKeyRequest(id=ids.key), metadata=auth(s)),
-    ),
+    ("GetApiKey", "key", lambda w, ids: key_pb.GetApiKeyRequest(id=ids.key)),
     (
         "UpdateApiKey",
         "key",
-        lambda h, w, ids, s: h.api_keys.UpdateApiKey(
-            api_key_pb2.UpdateApiKeyRequest(
-                api_key=api_key_pb2.ApiKey(id=ids.key, name="Renamed"), update_mask=mask("name")
-            ),
-            metadata=auth(s),
+        lambda w, ids: key_pb.UpdateApiKeyRequest(
+            api_key=key_pb.ApiKey(id=ids.key, name="Renamed"), update_mask=mask("name")
         ),
     ),
-    (
-        "RevokeApiKey",
-        "key",
-        lambda h, w, ids, s: h.api_keys.RevokeApiKey(
-            api_key_pb2.RevokeApiKeyRequest(id=ids.key), metadata=auth(s)
-        ),
-    ),
-    (
-        "RollApiKey",
-        "key",
-        lambda h, w, ids, s: h.api_keys.RollApiKey(
-            api_key_pb2.RollApiKeyRequest(id=ids.key), metadata=auth(s)
-        ),
-    ),
+    ("RevokeApiKey", "key", lambda w, ids: key_pb.RevokeApiKeyRequest(id=ids.key)),
+    ("RollApiKey", "key", lambda w, ids: key_pb.RollApiKeyRequest(id=ids.key)),
     (
         "GetResource",
         "resource",
-        lambda h, w, ids, s: h.resources.GetResource(
-            resource_pb2.GetResourceRequest(kind=INBOX, resource_id=ids.resource), metadata=auth(s)
-        ),
+        lambda w, ids: res_pb.GetResourceRequest(kind=INBOX, resource_id=ids.resource),
     ),
     (
         "DeregisterResource",
         "resource",
-        lambda h, w, ids, s: h.resources.DeregisterResource(
-            resource_pb2.DeregisterResourceRequest(kind=INBOX, resource_id=ids.resource), metadata=auth(s)
-        ),
+        lambda w, ids: res_pb.DeregisterResourceRequest(kind=INBOX, resource_id=ids.resource),
     ),
     (
         "ListOrphanedResources",
         "deleted_environment",
-        lambda h, w, ids, s: h.resources.ListOrphanedResources(
-            resource_pb2.ListOrphanedResourcesRequest(environment_id=ids.deleted_environment),
-            metadata=auth(s),
-        ),
+        lambda w, ids: res_pb.ListOrphanedResourcesRequest(environment_id=ids.deleted_environment),
     ),
     (
         "ReassignResources(from)",
         "deleted_environment",
-        lambda h, w, ids, s: h.resources.ReassignResources(
-            resource_pb2.ReassignResourcesRequest(
-                from_environment_id=ids.deleted_environment, to_environment_id=w.env_a
-            ),
-            metadata=auth(s),
+        lambda w, ids: res_pb.ReassignResourcesRequest(
+            from_environment_id=ids.deleted_environment, to_environment_id=w.env_a
         ),
     ),
     (
         "ReassignResources(to)",
         "environment",
-        lambda h, w, ids, s: h.resources.ReassignResources(
-            resource_pb2.ReassignResourcesRequest(
-                from_environment_id=w.env_a, to_environment_id=ids.environment
-            ),
-            metadata=auth(s),
+        lambda w, ids: res_pb.ReassignResourcesRequest(
+            from_environment_id=w.env_a, to_environment_id=ids.environment
         ),
     ),
     (
         "x-agentpost-environment(id)",
         "environment",
-        lambda h, w, ids, s: h.resources.ListResources(
-            resource_pb2.ListResourcesRequest(), metadata=auth(s, ids.environment)
-        ),
+        lambda w, ids: InContext(res_pb.ListResourcesRequest(), ids.environment),
     ),
     (
         "x-agentpost-environment(slug)",
         "slug",
-        lambda h, w, ids, s: h.resources.ListResources(
-            resource_pb2.ListResourcesRequest(), metadata=auth(s, ids.slug)
-        ),
+        lambda w, ids: InContext(res_pb.ListResourcesRequest(), ids.slug),
     ),
 ]
 
@@ -308,9 +258,9 @@ async def refusal(call: Awaitable[Any], named: str) -> tuple[object, ...]:
     raise AssertionError(f"the call succeeded: {result}")
 
 
-@pytest.mark.parametrize(("rpc", "id_type", "call"), CASES, ids=[row[0] for row in CASES])
+@pytest.mark.parametrize(("rpc", "id_type", "request_for"), CASES, ids=[row[0] for row in CASES])
 async def test_ids_of_other_orgs_or_out_of_reach_are_refused_like_random_ids(
-    harness: Harness, world: World, rpc: str, id_type: str, call: Call
+    harness: Harness, world: World, rpc: str, id_type: str, request_for: RequestFor
 ) -> None:
     """(a) another organization's id and (b) a random id, as the org owner: the same NOT_FOUND.
     (c) an id of the caller's org out of its reach and a random id, as a key on environment A
@@ -318,17 +268,21 @@ async def test_ids_of_other_orgs_or_out_of_reach_are_refused_like_random_ids(
     the id, with PERMISSION_DENIED)."""
     owner = world.org.owner_secret
     random = random_ids()
-    as_random = await refusal(call(harness, world, random, owner), getattr(random, id_type))
-    as_theirs = await refusal(call(harness, world, world.theirs, owner), getattr(world.theirs, id_type))
+    as_random = await refusal(sent(harness, request_for(world, random), owner), getattr(random, id_type))
+    as_theirs = await refusal(
+        sent(harness, request_for(world, world.theirs), owner), getattr(world.theirs, id_type)
+    )
     assert as_random[0] == grpc.StatusCode.NOT_FOUND, as_random
     assert as_theirs == as_random
 
     if rpc in ADDRESSABLE_BY_ID:
         return
     random = random_ids()
-    as_random = await refusal(call(harness, world, random, world.env_caller), getattr(random, id_type))
+    as_random = await refusal(
+        sent(harness, request_for(world, random), world.env_caller), getattr(random, id_type)
+    )
     as_outside = await refusal(
-        call(harness, world, world.outside, world.env_caller), getattr(world.outside, id_type)
+        sent(harness, request_for(world, world.outside), world.env_caller), getattr(world.outside, id_type)
     )
     assert as_random[0] in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED), as_random
     assert as_outside == as_random

@@ -52,8 +52,8 @@ from tests.outages import CALL_TIMEOUT, Replica, start_database, stop_database, 
 from tests.own_database import own_database
 from tests.private_postgres import PrivatePostgres
 from tests.servers import Backend, free_port, postgres_dsn, serving
-from tests.test_workers import Served, process_gone, serve_workers
 from tests.watching import Watcher
+from tests.workers import Served, process_gone, serve_workers
 from tests.writes import assert_gapless, stored_resources
 
 INBOX = resource_pb2.ScopedResource.Kind.INBOX

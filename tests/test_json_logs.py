@@ -16,10 +16,9 @@ from agentpost.environments.v1 import api_key_pb2 as pb
 from agentpost.environments.v1 import organization_pb2
 
 from service.app import logs
-from tests.harness import Harness, auth, fails
+from tests.harness import Harness, auth, body_of, fails
 from tests.own_database import own_database
 from tests.servers import Backend, start_server
-from tests.test_secrets_never_stored import body_of
 
 FIELDS = {"time", "level", "logger", "message", "request_id", "method", "code", "duration_ms"}
 GET_ORGANIZATION = "/agentpost.environments.v1.OrganizationService/GetOrganization"

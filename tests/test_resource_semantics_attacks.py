@@ -32,13 +32,9 @@ Every call goes through the gRPC surface of a real server, on both databases.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
-import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -46,326 +42,55 @@ import grpc
 import pytest
 from agentpost.environments.v1 import api_key_pb2 as key_pb
 from agentpost.environments.v1 import environment_pb2 as env_pb
-from agentpost.environments.v1 import event_pb2, event_pb2_grpc
+from agentpost.environments.v1 import event_pb2
 from agentpost.environments.v1 import member_pb2 as mem_pb
-from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2, status_pb2
+from google.protobuf import duration_pb2, timestamp_pb2
 
-from tests.harness import ERROR_DOMAIN, Harness, Org, auth, mask, stamp
-from tests.writes import REVISION, revision_of, stored_revision
+from tests.harness import Harness, Org, auth, stamp
+from tests.resource_calls import (
+    RANDOM_ENV,
+    RANDOM_KEY,
+    RANDOM_MEMBER,
+    access_of,
+    add_access,
+    assert_history,
+    delete_env,
+    delete_member,
+    events_of,
+    get_env,
+    get_key,
+    get_member,
+    leaves_no_trace,
+    listed_env,
+    listed_key,
+    listed_member,
+    new_deleted_env,
+    new_env,
+    race,
+    refusal_of,
+    refused,
+    remove_access,
+    revoke_key,
+    roll_key,
+    undelete_env,
+    update_access,
+    update_env,
+    update_key,
+    update_member,
+    when,
+    written,
+)
+from tests.writes import stored_revision
 
 Code = grpc.StatusCode
 Event = event_pb2.Event
-UPPER_SNAKE = re.compile(r"[A-Z][A-Z0-9]*(?:_[A-Z0-9]+)*")
-STATUS_DETAILS = "grpc-status-details-bin"
 ETAG_MISMATCH = (Code.ABORTED, "ETAG_MISMATCH")
 FIELD_NOT_MUTABLE = "FIELD_NOT_MUTABLE"
-# Well-formed ids that name nothing.
-RANDOM_ENV = "env_01J0000000000000000000000A"
-RANDOM_MEMBER = "mem_01J0000000000000000000000A"
-RANDOM_KEY = "key_01J0000000000000000000000A"
 # Enum numbers the protos do not define; an open proto3 enum carries them on the wire.
 UNDEFINED_ROLE = cast(mem_pb.Member.Role, 99)
 UNDEFINED_ENV_ROLE = cast(mem_pb.EnvironmentMember.Role, 99)
 NEGATIVE_ENV_ROLE = cast(mem_pb.EnvironmentMember.Role, -1)
 READ_EVERYTHING = [f"{area}:read" for area in ("environments", "members", "api_keys", "inboxes", "events")]
-
-
-# -- helpers --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Refusal:
-    """What a refused call answered, decoded from its google.rpc.Status."""
-
-    code: grpc.StatusCode
-    reason: str
-    message: str
-    metadata: dict[str, str]
-    violations: dict[str, str]
-
-
-def decoded(error: grpc.aio.AioRpcError) -> Refusal:
-    """Checks what every refusal owes its caller (AIP-193) and decodes it: status details that
-    parse as one google.rpc.Status agreeing with the call's code and message, exactly one
-    ErrorInfo in the service's domain with an UPPER_SNAKE reason, for INVALID_ARGUMENT one
-    BadRequest whose violations each name a field and say why, never UNKNOWN or INTERNAL, and no
-    `x-agentpost-revision` (nothing was committed)."""
-    assert error.code() not in (Code.UNKNOWN, Code.INTERNAL), (error.code(), error.details())
-    trailers = list(error.trailing_metadata() or ())
-    raw = [value for key, value in trailers if key == STATUS_DETAILS]
-    assert len(raw) == 1, f"{error.code()} {error.details()}: {len(raw)} status details"
-    assert isinstance(raw[0], bytes)
-    status = status_pb2.Status.FromString(raw[0])
-    assert status.code == error.code().value[0], (status.code, error.code())
-    assert status.message == error.details()
-    infos, requests = [], []
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            infos.append(info)
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            requests.append(bad)
-    assert len(infos) == 1, f"{error.code()} {error.details()}: {len(infos)} ErrorInfo"
-    info = infos[0]
-    assert info.domain == ERROR_DOMAIN
-    assert UPPER_SNAKE.fullmatch(info.reason), info.reason
-    violations: dict[str, str] = {}
-    if error.code() == Code.INVALID_ARGUMENT:
-        assert len(requests) == 1, f"{info.reason}: {len(requests)} BadRequest"
-        assert requests[0].field_violations, info.reason
-        for violation in requests[0].field_violations:
-            assert violation.field and violation.description, violation
-            violations[violation.field] = violation.description
-    assert REVISION not in {key for key, _ in trailers}, trailers
-    return Refusal(error.code(), info.reason, error.details() or "", dict(info.metadata), violations)
-
-
-async def refusal_of(call: Awaitable[Any]) -> Refusal:
-    """Awaits a call that must be refused, whatever the refusal; returns it, checked and decoded."""
-    try:
-        result = await call
-    except grpc.aio.AioRpcError as error:
-        return decoded(error)
-    raise AssertionError(f"expected a refusal, but the call succeeded: {result}")
-
-
-async def refused(call: Awaitable[Any], code: grpc.StatusCode, reason: str | None, *fields: str) -> Refusal:
-    """Awaits a call that must fail with `code` and `reason` (any reason when None), the
-    BadRequest naming `fields`; returns the refusal, checked and decoded."""
-    refusal = await refusal_of(call)
-    assert refusal.code == code and reason in (None, refusal.reason), (
-        f"expected {code.name} {reason}, got {refusal.code.name} {refusal.reason}: {refusal.message}"
-    )
-    for field in fields:
-        assert field in refusal.violations, (field, refusal.violations)
-    return refusal
-
-
-async def written(call: Any) -> tuple[Any, int]:
-    """Awaits a write that must succeed; returns its answer and the revision it committed."""
-    answer = await call
-    return answer, await revision_of(call)
-
-
-def events_stub(harness: Harness) -> event_pb2_grpc.EventServiceStub:
-    return event_pb2_grpc.EventServiceStub(harness.channel)
-
-
-async def events_of(harness: Harness, org: Org, resource_id: str) -> list[event_pb2.Event]:
-    """The events of one resource, newest first, as the owner lists them."""
-    page = await events_stub(harness).ListEvents(
-        event_pb2.ListEventsRequest(resource_id=resource_id, page_size=500), metadata=auth(org.owner_secret)
-    )
-    return list(page.events)
-
-
-async def trace(harness: Harness, org: Org) -> tuple[int, list[str]]:
-    """What any write leaves behind: the stored revision and the newest events' ids."""
-    page = await events_stub(harness).ListEvents(
-        event_pb2.ListEventsRequest(page_size=5), metadata=auth(org.owner_secret)
-    )
-    return await stored_revision(harness, org.id), [event.id for event in page.events]
-
-
-@contextlib.asynccontextmanager
-async def leaves_no_trace(harness: Harness, org: Org) -> AsyncIterator[None]:
-    """Whatever runs inside commits no revision and appends no event."""
-    before = await trace(harness, org)
-    yield
-    assert await trace(harness, org) == before
-
-
-async def get_env(harness: Harness, org: Org, env_id: str) -> env_pb.Environment:
-    got: env_pb.Environment = await harness.environments.GetEnvironment(
-        env_pb.GetEnvironmentRequest(id=env_id), metadata=auth(org.owner_secret)
-    )
-    return got
-
-
-async def get_member(harness: Harness, org: Org, member_id: str) -> mem_pb.Member:
-    got: mem_pb.Member = await harness.members.GetMember(
-        mem_pb.GetMemberRequest(id=member_id), metadata=auth(org.owner_secret)
-    )
-    return got
-
-
-async def get_key(harness: Harness, org: Org, key_id: str) -> key_pb.ApiKey:
-    got: key_pb.ApiKey = await harness.api_keys.GetApiKey(
-        key_pb.GetApiKeyRequest(id=key_id), metadata=auth(org.owner_secret)
-    )
-    return got
-
-
-async def listed_env(harness: Harness, org: Org, env_id: str) -> env_pb.Environment:
-    page = await harness.environments.ListEnvironments(
-        env_pb.ListEnvironmentsRequest(page_size=500, show_deleted=True), metadata=auth(org.owner_secret)
-    )
-    return next(env for env in page.environments if env.id == env_id)
-
-
-async def listed_member(harness: Harness, org: Org, member_id: str) -> mem_pb.Member:
-    page = await harness.members.ListMembers(
-        mem_pb.ListMembersRequest(page_size=500), metadata=auth(org.owner_secret)
-    )
-    return next(member for member in page.members if member.id == member_id)
-
-
-async def listed_key(harness: Harness, org: Org, key_id: str) -> key_pb.ApiKey:
-    page = await harness.api_keys.ListApiKeys(
-        key_pb.ListApiKeysRequest(page_size=500, show_revoked=True), metadata=auth(org.owner_secret)
-    )
-    return next(key for key in page.api_keys if key.id == key_id)
-
-
-async def access_of(
-    harness: Harness, org: Org, env_id: str, member_id: str
-) -> mem_pb.EnvironmentMember | None:
-    """A member's access to an environment as ListEnvironmentMembers shows it, if any."""
-    page = await harness.members.ListEnvironmentMembers(
-        mem_pb.ListEnvironmentMembersRequest(environment_id=env_id, page_size=500),
-        metadata=auth(org.owner_secret),
-    )
-    return next((item for item in page.environment_members if item.member_id == member_id), None)
-
-
-def update_env(
-    harness: Harness,
-    secret: str,
-    environment: env_pb.Environment,
-    paths: tuple[str, ...] | None = None,
-) -> Any:
-    """An UpdateEnvironment call (not yet awaited); `paths` None sends no mask at all."""
-    request = env_pb.UpdateEnvironmentRequest(environment=environment)
-    if paths is not None:
-        request.update_mask.CopyFrom(mask(*paths))
-    return harness.environments.UpdateEnvironment(request, metadata=auth(secret))
-
-
-def update_member(
-    harness: Harness, secret: str, member: mem_pb.Member, paths: tuple[str, ...] | None = None
-) -> Any:
-    """An UpdateMember call (not yet awaited); `paths` None sends no mask at all."""
-    request = mem_pb.UpdateMemberRequest(member=member)
-    if paths is not None:
-        request.update_mask.CopyFrom(mask(*paths))
-    return harness.members.UpdateMember(request, metadata=auth(secret))
-
-
-def update_key(
-    harness: Harness, secret: str, key: key_pb.ApiKey, paths: tuple[str, ...] | None = None
-) -> Any:
-    """An UpdateApiKey call (not yet awaited); `paths` None sends no mask at all."""
-    request = key_pb.UpdateApiKeyRequest(api_key=key)
-    if paths is not None:
-        request.update_mask.CopyFrom(mask(*paths))
-    return harness.api_keys.UpdateApiKey(request, metadata=auth(secret))
-
-
-def update_access(
-    harness: Harness,
-    secret: str,
-    env_id: str,
-    member_id: str,
-    role: mem_pb.EnvironmentMember.Role,
-    paths: tuple[str, ...] | None = None,
-    etag: str = "",
-) -> Any:
-    """An UpdateEnvironmentMember call (not yet awaited); `paths` None sends no mask at all."""
-    request = mem_pb.UpdateEnvironmentMemberRequest(
-        environment_member=mem_pb.EnvironmentMember(
-            environment_id=env_id, member_id=member_id, role=role, etag=etag
-        )
-    )
-    if paths is not None:
-        request.update_mask.CopyFrom(mask(*paths))
-    return harness.members.UpdateEnvironmentMember(request, metadata=auth(secret))
-
-
-def delete_env(harness: Harness, secret: str, env_id: str, etag: str = "") -> Any:
-    return harness.environments.DeleteEnvironment(
-        env_pb.DeleteEnvironmentRequest(id=env_id, etag=etag), metadata=auth(secret)
-    )
-
-
-def undelete_env(harness: Harness, secret: str, env_id: str, etag: str = "") -> Any:
-    return harness.environments.UndeleteEnvironment(
-        env_pb.UndeleteEnvironmentRequest(id=env_id, etag=etag), metadata=auth(secret)
-    )
-
-
-def delete_member(harness: Harness, secret: str, member_id: str, etag: str = "") -> Any:
-    return harness.members.DeleteMember(
-        mem_pb.DeleteMemberRequest(id=member_id, etag=etag), metadata=auth(secret)
-    )
-
-
-def revoke_key(harness: Harness, secret: str, key_id: str, etag: str = "") -> Any:
-    return harness.api_keys.RevokeApiKey(
-        key_pb.RevokeApiKeyRequest(id=key_id, etag=etag), metadata=auth(secret)
-    )
-
-
-def roll_key(harness: Harness, secret: str, key_id: str, ttl_seconds: int = 0, etag: str = "") -> Any:
-    return harness.api_keys.RollApiKey(
-        key_pb.RollApiKeyRequest(
-            id=key_id, previous_key_ttl=duration_pb2.Duration(seconds=ttl_seconds), etag=etag
-        ),
-        metadata=auth(secret),
-    )
-
-
-def remove_access(harness: Harness, secret: str, env_id: str, member_id: str, etag: str = "") -> Any:
-    return harness.members.RemoveEnvironmentMember(
-        mem_pb.RemoveEnvironmentMemberRequest(environment_id=env_id, member_id=member_id, etag=etag),
-        metadata=auth(secret),
-    )
-
-
-def add_access(
-    harness: Harness,
-    secret: str,
-    env_id: str,
-    member_id: str,
-    role: mem_pb.EnvironmentMember.Role = mem_pb.EnvironmentMember.MEMBER,
-) -> Any:
-    return harness.members.AddEnvironmentMember(
-        mem_pb.AddEnvironmentMemberRequest(environment_id=env_id, member_id=member_id, role=role),
-        metadata=auth(secret),
-    )
-
-
-def when(value: Any) -> datetime:
-    """A Timestamp as an aware datetime."""
-    moment: datetime = value.ToDatetime(tzinfo=UTC)
-    return moment
-
-
-def assert_history(versions: list[Any]) -> None:
-    """Successive versions of one resource: every etag differs from every other, update_time
-    strictly rises with each change, create_time never moves."""
-    etags = [version.etag for version in versions]
-    assert all(etags) and len(set(etags)) == len(etags), etags
-    for before, after in itertools.pairwise(versions):
-        assert when(after.update_time) > when(before.update_time), (before, after)
-        assert after.create_time == versions[0].create_time
-
-
-async def new_env(harness: Harness, org: Org, name: str = "Env", description: str = "") -> env_pb.Environment:
-    env: env_pb.Environment = await harness.environments.CreateEnvironment(
-        env_pb.CreateEnvironmentRequest(name=f"{name} {uuid.uuid4().hex[:6]}", description=description),
-        metadata=auth(org.owner_secret),
-    )
-    return env
-
-
-async def new_deleted_env(harness: Harness, org: Org) -> env_pb.Environment:
-    env = await new_env(harness, org, "Gone")
-    deleted: env_pb.Environment = await delete_env(harness, org.owner_secret, env.id)
-    return deleted
 
 
 # -- 1. an answer is what Get, List and the write's event show; etags and times move -----------
@@ -743,6 +468,24 @@ async def test_a_roll_holding_a_stale_etag_rolls_nothing(harness: Harness, org: 
         await refused(roll_key(harness, secret, key.id, 3600, renamed.etag), *ETAG_MISMATCH)
 
 
+async def _as_before(
+    harness: Harness,
+    org: Org,
+    env: env_pb.Environment,
+    member: mem_pb.Member,
+    key: key_pb.ApiKey,
+    access: mem_pb.EnvironmentMember | None,
+    gone: env_pb.Environment | None = None,
+) -> None:
+    """Each resource (and the member's access to `env`) reads back exactly as it was read before."""
+    assert await get_env(harness, org, env.id) == env
+    if gone is not None:
+        assert await get_env(harness, org, gone.id) == gone
+    assert await get_member(harness, org, member.id) == member
+    assert await get_key(harness, org, key.id) == key
+    assert await access_of(harness, org, env.id, member.id) == access
+
+
 async def test_an_etag_of_another_resource_is_stale_everywhere(harness: Harness, org: Org) -> None:
     """An etag belongs to one resource: another environment's, a member's, a member's access or a
     key's current etag sent to any Update, Delete, Undelete, Remove, Revoke or Roll of another
@@ -798,11 +541,7 @@ async def test_an_etag_of_another_resource_is_stale_everywhere(harness: Harness,
             )
             await refused(remove_access(harness, secret, env.id, member.id, etag), *ETAG_MISMATCH)
         await refused(roll_key(harness, secret, key.id, 60, access.etag), *ETAG_MISMATCH)
-    assert await get_env(harness, org, env.id) == env
-    assert await get_env(harness, org, gone.id) == gone
-    assert await get_member(harness, org, member.id) == member
-    assert await get_key(harness, org, key.id) == key
-    assert await access_of(harness, org, env.id, member.id) == access
+    await _as_before(harness, org, env, member, key, access, gone)
 
 
 # Tags the service never issued, some built from the right one. The README calls etags opaque:
@@ -874,11 +613,7 @@ async def test_malformed_etags_are_stale_and_change_nothing(harness: Harness, or
             *ETAG_MISMATCH,
         )
         await refused(remove_access(harness, secret, env.id, member.id, tag(access.etag)), *ETAG_MISMATCH)
-    assert await get_env(harness, org, env.id) == env
-    assert await get_env(harness, org, gone.id) == gone
-    assert await get_member(harness, org, member.id) == member
-    assert await get_key(harness, org, key.id) == key
-    assert await access_of(harness, org, env.id, member.id) == access
+    await _as_before(harness, org, env, member, key, access, gone)
 
 
 async def test_an_environment_update_to_its_current_values_changes_nothing(
@@ -983,21 +718,6 @@ async def test_changed_fields_name_only_what_differs(harness: Harness, org: Org)
         assert set(newest.changed_fields) & mutable == expected, list(newest.changed_fields)
 
 
-async def _race(*calls: Any) -> list[tuple[str, Any]]:
-    """Awaits calls started together; each as ("OK", answer) or ("CODE REASON", None)."""
-    results = await asyncio.gather(*calls, return_exceptions=True)
-    outcomes: list[tuple[str, Any]] = []
-    for result in results:
-        if isinstance(result, grpc.aio.AioRpcError):
-            refusal = decoded(result)
-            outcomes.append((f"{refusal.code.name} {refusal.reason}", None))
-        elif isinstance(result, BaseException):
-            raise result
-        else:
-            outcomes.append(("OK", result))
-    return outcomes
-
-
 def _one_winner(outcomes: list[tuple[str, Any]], *losers: str) -> tuple[int, Any]:
     """Exactly one call succeeded and every other lost in one of the `losers` ways."""
     winners = [index for index, (status, _) in enumerate(outcomes) if status == "OK"]
@@ -1018,7 +738,7 @@ async def test_two_writes_holding_one_etag_exactly_one_wins(harness: Harness, or
     stale = "ABORTED ETAG_MISMATCH"
     for _ in range(3):
         member = await harness.new_member(org, "MEMBER")
-        outcomes = await _race(
+        outcomes = await race(
             *(
                 update_member(
                     harness,
@@ -1031,7 +751,7 @@ async def test_two_writes_holding_one_etag_exactly_one_wins(harness: Harness, or
         )
         _, winner = _one_winner(outcomes, stale)
         assert await get_member(harness, org, member.id) == winner
-        outcomes = await _race(
+        outcomes = await race(
             update_member(
                 harness,
                 secret,
@@ -1047,7 +767,7 @@ async def test_two_writes_holding_one_etag_exactly_one_wins(harness: Harness, or
             await refused(get_member(harness, org, member.id), Code.NOT_FOUND, "MEMBER_NOT_FOUND")
 
         key, _ = await harness.new_key(org, ["inboxes:read"])
-        outcomes = await _race(
+        outcomes = await race(
             *(
                 update_key(harness, secret, key_pb.ApiKey(id=key.id, name=name, etag=key.etag), ("name",))
                 for name in ("left", "right")
@@ -1055,7 +775,7 @@ async def test_two_writes_holding_one_etag_exactly_one_wins(harness: Harness, or
         )
         _, winner = _one_winner(outcomes, stale)
         assert await get_key(harness, org, key.id) == winner
-        outcomes = await _race(
+        outcomes = await race(
             update_key(harness, secret, key_pb.ApiKey(id=key.id, name="late", etag=winner.etag), ("name",)),
             revoke_key(harness, secret, key.id, winner.etag),
         )
@@ -1069,7 +789,7 @@ async def test_two_writes_holding_one_etag_exactly_one_wins(harness: Harness, or
             harness, secret, key_pb.ApiKey(id=key.id, name="renamed", etag=key.etag), ("name",)
         )
         rolling = roll_key(harness, secret, key.id, 3600)
-        (renamed, _), (rolled_status, rolled) = await _race(renaming, rolling)
+        (renamed, _), (rolled_status, rolled) = await race(renaming, rolling)
         assert rolled_status == "OK" and renamed in ("OK", stale), (renamed, rolled_status)
         expected_name = "renamed" if renamed == "OK" else key.name
         assert (rolled.previous_api_key.name, rolled.api_key.name) == (expected_name, expected_name)
@@ -1077,7 +797,7 @@ async def test_two_writes_holding_one_etag_exactly_one_wins(harness: Harness, or
 
         # A roll holding the same etag as an update: exactly one of them commits.
         key, _ = await harness.new_key(org, ["inboxes:read"])
-        outcomes = await _race(
+        outcomes = await race(
             update_key(harness, secret, key_pb.ApiKey(id=key.id, name="renamed", etag=key.etag), ("name",)),
             roll_key(harness, secret, key.id, 3600, key.etag),
         )
@@ -1088,7 +808,7 @@ async def test_two_writes_holding_one_etag_exactly_one_wins(harness: Harness, or
         # An update and a removal of a member's access holding one etag: exactly one commits.
         env = await new_env(harness, org)
         access = await add_access(harness, secret, env.id, member.id)
-        outcomes = await _race(
+        outcomes = await race(
             update_access(
                 harness, secret, env.id, member.id, mem_pb.EnvironmentMember.ADMIN, ("role",), access.etag
             ),
@@ -1226,14 +946,10 @@ async def test_mask_paths_naming_no_mutable_field_are_refused_and_change_nothing
         prefix="ap_sk_dev_xx",
         state=key_pb.ApiKey.REVOKED,
     )
+    not_mutable = (Code.INVALID_ARGUMENT, FIELD_NOT_MUTABLE, "update_mask")
     async with leaves_no_trace(harness, org):
         for paths in ENV_PATHS_REFUSED:
-            await refused(
-                update_env(harness, secret, everything_env, paths),
-                Code.INVALID_ARGUMENT,
-                FIELD_NOT_MUTABLE,
-                "update_mask",
-            )
+            await refused(update_env(harness, secret, everything_env, paths), *not_mutable)
         await refused(
             update_env(
                 harness,
@@ -1253,28 +969,30 @@ async def test_mask_paths_naming_no_mutable_field_are_refused_and_change_nothing
                     mem_pb.Member(id=member.id, display_name="Changed", role=mem_pb.Member.ADMIN),
                     paths,
                 ),
-                Code.INVALID_ARGUMENT,
-                FIELD_NOT_MUTABLE,
-                "update_mask",
+                *not_mutable,
             )
         for paths in KEY_PATHS_REFUSED:
-            await refused(
-                update_key(harness, secret, everything_key, paths),
-                Code.INVALID_ARGUMENT,
-                FIELD_NOT_MUTABLE,
-                "update_mask",
-            )
+            await refused(update_key(harness, secret, everything_key, paths), *not_mutable)
         for paths in ACCESS_PATHS_REFUSED:
             await refused(
                 update_access(harness, secret, env.id, member.id, mem_pb.EnvironmentMember.ADMIN, paths),
-                Code.INVALID_ARGUMENT,
-                FIELD_NOT_MUTABLE,
-                "update_mask",
+                *not_mutable,
             )
-    assert await get_env(harness, org, env.id) == env
-    assert await get_member(harness, org, member.id) == member
-    assert await get_key(harness, org, key.id) == key
-    assert await access_of(harness, org, env.id, member.id) == access
+    await _as_before(harness, org, env, member, key, access)
+
+
+async def _expiring_key(
+    harness: Harness, secret: str, name: str, env_id: str
+) -> tuple[key_pb.CreateApiKeyResponse, timestamp_pb2.Timestamp]:
+    """A new key reading inboxes in one environment, expiring in two days: the answer, the expiry."""
+    expiry = stamp(datetime.now(UTC).replace(microsecond=0) + timedelta(days=2))
+    created = await harness.api_keys.CreateApiKey(
+        key_pb.CreateApiKeyRequest(
+            name=name, scopes=["inboxes:read"], environment_ids=[env_id], expire_time=expiry
+        ),
+        metadata=auth(secret),
+    )
+    return created, expiry
 
 
 async def test_fields_set_outside_the_mask_are_ignored(harness: Harness, org: Org) -> None:
@@ -1286,13 +1004,7 @@ async def test_fields_set_outside_the_mask_are_ignored(harness: Harness, org: Or
     env = await new_env(harness, org, "Kept", "old")
     other = await new_env(harness, org, "Elsewhere")
     member = await harness.new_member(org, "MEMBER")
-    expiry = stamp(datetime.now(UTC).replace(microsecond=0) + timedelta(days=2))
-    created = await harness.api_keys.CreateApiKey(
-        key_pb.CreateApiKeyRequest(
-            name="kept", scopes=["inboxes:read"], environment_ids=[env.id], expire_time=expiry
-        ),
-        metadata=auth(secret),
-    )
+    created, _ = await _expiring_key(harness, secret, "kept", env.id)
     key = created.api_key
     past = stamp(datetime(2001, 1, 1, tzinfo=UTC))
 
@@ -1383,13 +1095,7 @@ async def test_without_a_mask_only_the_mutable_fields_set_change(harness: Harnes
     keeps its name, and a slug set beside it is ignored, not applied."""
     secret = org.owner_secret
     env = await new_env(harness, org, "Scoped", "old")
-    expiry = stamp(datetime.now(UTC).replace(microsecond=0) + timedelta(days=2))
-    created = await harness.api_keys.CreateApiKey(
-        key_pb.CreateApiKeyRequest(
-            name="scoped", scopes=["inboxes:read"], environment_ids=[env.id], expire_time=expiry
-        ),
-        metadata=auth(secret),
-    )
+    created, expiry = await _expiring_key(harness, secret, "scoped", env.id)
     key = created.api_key
     renamed = await update_key(
         harness,
@@ -1483,13 +1189,7 @@ async def test_star_means_every_mutable_field_and_repeated_paths_mean_one(harnes
     cleared = await update_env(harness, secret, env_pb.Environment(id=env.id, name="Starred"), ("*",))
     assert (cleared.name, cleared.description) == ("Starred", "")
 
-    expiry = stamp(datetime.now(UTC).replace(microsecond=0) + timedelta(days=2))
-    created = await harness.api_keys.CreateApiKey(
-        key_pb.CreateApiKeyRequest(
-            name="star", scopes=["inboxes:read"], environment_ids=[env.id], expire_time=expiry
-        ),
-        metadata=auth(secret),
-    )
+    created, _ = await _expiring_key(harness, secret, "star", env.id)
     key = created.api_key
     async with leaves_no_trace(harness, org):
         await refused(
@@ -1796,11 +1496,7 @@ async def test_ids_of_another_type_or_altered_name_nothing(harness: Harness, org
                 refusal = await refusal_of(make(candidate))
                 got = (refusal.code, refusal.reason)
                 assert got == baseline, (candidate, got, baseline)
-    assert await get_env(harness, org, env.id) == env
-    assert await get_env(harness, org, gone.id) == gone
-    assert await get_member(harness, org, member.id) == member
-    assert await get_key(harness, org, key.id) == key
-    assert await access_of(harness, org, env.id, member.id) == access
+    await _as_before(harness, org, env, member, key, access, gone)
 
 
 async def test_permission_is_decided_before_existence_and_before_the_etag(harness: Harness, org: Org) -> None:

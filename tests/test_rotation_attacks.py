@@ -60,30 +60,20 @@ from cryptography.hazmat.primitives.asymmetric import ed448
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests import rotation
 from tests.certificates import Authority, Pem
 from tests.harness import OPERATOR_TOKEN, Harness, Org, auth, fails, failure_of, mask
 from tests.own_database import own_database
-from tests.servers import Backend, free_port, service_process, serving, start_server
-from tests.test_credential_rotation import (
-    _channel_credentials,
-    _eventually,
-    _healthy,
-    _install,
-    _metrics,
-    _replace,
-    _server,
-    _subject_becomes,
-)
-from tests.test_resource_semantics_attacks import (
+from tests.resource_calls import (
     RANDOM_ENV,
     RANDOM_KEY,
     RANDOM_MEMBER,
-    _race,
     access_of,
     add_access,
     events_of,
     leaves_no_trace,
     new_env,
+    race,
     refusal_of,
     remove_access,
     revoke_key,
@@ -91,12 +81,12 @@ from tests.test_resource_semantics_attacks import (
     update_access,
     update_key,
 )
-from tests.test_workers import WORKER_LINE, Served, serve_workers
+from tests.servers import Backend, free_port, service_process, serving, start_server
 from tests.watching import Watcher
+from tests.workers import WORKER_LINE, Served, serve_workers
 
 Code = grpc.StatusCode
 Event = event_pb2.Event
-CREDENTIALS = "service.app.credentials"
 # A handshake or a call answers well within this; past it, it hangs.
 HANG_SECONDS = 5.0
 # Longer than the server's look at the files (once a second).
@@ -202,6 +192,15 @@ def _tls_call(
             connection.sendall(http2.data_to_send())
 
 
+async def _health_of(channel: grpc.aio.Channel) -> str:
+    """A health check's outcome: "health OK", or "health CODE" (a hang fails after HANG_SECONDS)."""
+    try:
+        await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=HANG_SECONDS)
+    except grpc.aio.AioRpcError as error:
+        return f"health {error.code().name}"
+    return "health OK"
+
+
 def _expiry_of(pem: Pem) -> float:
     return x509.load_pem_x509_certificate(pem.cert.read_bytes()).not_valid_after_utc.timestamp()
 
@@ -212,7 +211,7 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [
         record.getMessage()
         for record in caplog.records
-        if record.name == CREDENTIALS
+        if record.name == rotation.CREDENTIALS
         and record.levelno >= logging.WARNING
         and "expire" not in record.getMessage()
     ]
@@ -302,7 +301,7 @@ def _pair(folder: Path, ca: Authority, *names: str) -> tuple[Pem, list[Pem]]:
     """The served files (the first pair installed) and pairs of the given names."""
     pairs = [ca.issue(name, server=True) for name in names]
     served = Pem(folder / "served.pem", folder / "served-key.pem")
-    _install(pairs[0], served)
+    rotation.install(pairs[0], served)
     return served, pairs
 
 
@@ -328,9 +327,9 @@ async def test_a_rotation_storm_never_fails_a_handshake_or_a_call(backend: Backe
         while not stop.is_set():
             turn += 1
             pair = pairs[turn % 3]
-            _replace(served.key, pair.key.read_bytes())
+            rotation.replace(served.key, pair.key.read_bytes())
             time.sleep(chance.uniform(0, 0.05))
-            _replace(served.cert, pair.cert.read_bytes())
+            rotation.replace(served.cert, pair.cert.read_bytes())
             last.append(names[turn % 3])
             time.sleep(chance.uniform(0.05, 0.3))
 
@@ -342,10 +341,10 @@ async def test_a_rotation_storm_never_fails_a_handshake_or_a_call(backend: Backe
         while not stop.is_set():
             handshakes.append(_outcome_of_handshake(port, ca))
 
-    async with _server(
+    async with rotation.server(
         backend, tmp_path, tls_cert_file=str(served.cert), tls_key_file=str(served.key)
     ) as app:
-        credentials = _channel_credentials(ca)
+        credentials = rotation.channel_credentials(ca)
 
         async def calling() -> None:
             while not stop.is_set():
@@ -388,7 +387,7 @@ async def test_a_rotation_storm_never_fails_a_handshake_or_a_call(backend: Backe
         assert set(calls) == {"OK"}, f"{len(calls) - calls.count('OK')} of {len(calls)}: {set(calls)}"
         assert set(kept) == {"OK"}, set(kept)
         assert len(set(handshakes)) >= 2, "the rotation was never taken up during the storm"
-        await _subject_becomes(app.port, ca, last[-1])
+        await rotation.subject_becomes(app.port, ca, last[-1])
 
 
 # -- Kubernetes-style rotation ------------------------------------------------------------------
@@ -420,8 +419,8 @@ async def test_a_kubernetes_style_secret_swap_is_taken_up_without_refusals(
     old = _publish(secret, pairs[0], "2026_11_25_08_00_00.1")
     os.symlink("..data/tls.crt", secret / "tls.crt")
     os.symlink("..data/tls.key", secret / "tls.key")
-    with caplog.at_level(logging.INFO, logger=CREDENTIALS):
-        async with _server(
+    with caplog.at_level(logging.INFO, logger=rotation.CREDENTIALS):
+        async with rotation.server(
             backend, tmp_path, tls_cert_file=str(secret / "tls.crt"), tls_key_file=str(secret / "tls.key")
         ) as app:
             assert (await asyncio.to_thread(_handshake, app.port, ca)).subject == "first"
@@ -429,8 +428,8 @@ async def test_a_kubernetes_style_secret_swap_is_taken_up_without_refusals(
                 new = _publish(secret, pair, f"2026_11_25_08_00_0{number}.{number}")
                 shutil.rmtree(old)
                 old = new
-                await _subject_becomes(app.port, ca, name)
-            samples = await asyncio.to_thread(_metrics, app)
+                await rotation.subject_becomes(app.port, ca, name)
+            samples = await asyncio.to_thread(rotation.metrics, app)
     assert samples[REFUSED] == 0, _warnings(caplog)
     assert samples[LOADED] >= 2
     assert samples[(EXPIRY, frozenset())] == _expiry_of(pairs[2])
@@ -457,31 +456,31 @@ async def test_a_certificate_path_that_cannot_serve_keeps_the_previous_one(
     certificate's; usable files are then taken up."""
     ca = Authority(tmp_path, "kinds")
     served, (first, second) = _pair(tmp_path, ca, "first", "second")
-    async with _server(
+    async with rotation.server(
         backend, tmp_path, tls_cert_file=str(served.cert), tls_key_file=str(served.key)
     ) as app:
-        with caplog.at_level(logging.WARNING, logger=CREDENTIALS):
+        with caplog.at_level(logging.WARNING, logger=rotation.CREDENTIALS):
             if broken.startswith("the certificate path made a directory"):
                 served.cert.unlink()
                 served.cert.mkdir()
             else:
-                _replace(served.cert, _garbage_pem(50 * 1024 * 1024))
+                rotation.replace(served.cert, _garbage_pem(50 * 1024 * 1024))
             seen = []
             deadline = time.monotonic() + 3 * PAST_A_LOOK
             while time.monotonic() < deadline:
                 seen.append(await asyncio.to_thread(_outcome_of_handshake, app.port, ca))
                 await asyncio.sleep(0.1)
             assert set(seen) == {"first"}, seen
-            assert await _healthy(app.port, _channel_credentials(ca)) == Code.OK
-            samples = await asyncio.to_thread(_metrics, app)
+            assert await rotation.healthy(app.port, rotation.channel_credentials(ca)) == Code.OK
+            samples = await asyncio.to_thread(rotation.metrics, app)
         assert samples[REFUSED] == 1, samples[REFUSED]
         assert samples[(EXPIRY, frozenset())] == _expiry_of(first)
         warnings = _warnings(caplog)
         assert len(warnings) == 1, warnings
         if served.cert.is_dir():
             served.cert.rmdir()
-        _install(second, served)
-        await _subject_becomes(app.port, ca, "second")
+        rotation.install(second, served)
+        await rotation.subject_becomes(app.port, ca, "second")
 
 
 def _ed448_pair(folder: Path, ca: Authority, name: str, days: int) -> Pem:
@@ -527,25 +526,25 @@ async def test_the_exported_expiry_is_that_of_the_certificate_served(
     ca = Authority(tmp_path, "ed448")
     served, (first,) = _pair(tmp_path, ca, "first")
     other = _ed448_pair(tmp_path, ca, "edwards", days=3)
-    async with _server(
+    async with rotation.server(
         backend, tmp_path, tls_cert_file=str(served.cert), tls_key_file=str(served.key)
     ) as app:
-        with caplog.at_level(logging.INFO, logger=CREDENTIALS):
-            _install(other, served)
+        with caplog.at_level(logging.INFO, logger=rotation.CREDENTIALS):
+            rotation.install(other, served)
 
             async def looked() -> bool:
                 await asyncio.to_thread(_outcome_of_handshake, app.port, ca)
-                samples = await asyncio.to_thread(_metrics, app)
+                samples = await asyncio.to_thread(rotation.metrics, app)
                 return samples[LOADED] + samples[REFUSED] >= 1
 
-            await _eventually(looked, "the server looked at the rotated files")
+            await rotation.eventually(looked, "the server looked at the rotated files")
             got = await asyncio.to_thread(_handshake, app.port, ca)
-            samples = await asyncio.to_thread(_metrics, app)
+            samples = await asyncio.to_thread(rotation.metrics, app)
         assert got.subject in ("first", "edwards")
         assert samples[(EXPIRY, frozenset())] == got.not_after, (
             f"new connections get {got.subject!r} (expiring {got.not_after}) but the exported expiry is "
             f"{samples[(EXPIRY, frozenset())]} (loaded {samples[LOADED]}, refused {samples[REFUSED]}); "
-            f"logged: {[r.getMessage() for r in caplog.records if r.name == CREDENTIALS]}"
+            f"logged: {[r.getMessage() for r in caplog.records if r.name == rotation.CREDENTIALS]}"
         )
         if got.subject == "first":
             assert samples[REFUSED] >= 1 and samples[LOADED] == 0, samples
@@ -568,23 +567,17 @@ async def test_a_fifo_in_place_of_the_key_does_not_hang_handshakes(backend: Back
         outcomes = [await asyncio.to_thread(_outcome_of_handshake, server.port, ca) for _ in range(3)]
         async with grpc.aio.secure_channel(
             f"127.0.0.1:{server.port}",
-            _channel_credentials(ca),
+            rotation.channel_credentials(ca),
             options=[("grpc.use_local_subchannel_pool", 1)],
         ) as channel:
-            try:
-                await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=HANG_SECONDS
-                )
-                outcomes.append("health OK")
-            except grpc.aio.AioRpcError as error:
-                outcomes.append(f"health {error.code().name}")
+            outcomes.append(await _health_of(channel))
         # Recovery: usable files, and whoever is stuck on the FIFO released.
-        _install(second, served)
+        rotation.install(second, served)
         await asyncio.to_thread(_release, pipe, second.key.read_bytes())
         assert outcomes == ["first", "first", "first", "health OK"], (
             f"with a FIFO as the key file: {outcomes}; log: {server.log()[-2000:]}"
         )
-        await _subject_becomes(server.port, ca, "second")
+        await rotation.subject_becomes(server.port, ca, "second")
 
 
 # -- verifier tokens ----------------------------------------------------------------------------
@@ -597,7 +590,7 @@ async def test_a_fifo_as_the_verifier_token_file_does_not_hang_the_server(
     VerifyApiKey call with a wrong token is still UNAUTHENTICATED VERIFIER_TOKEN_REQUIRED and a
     health check answers, within seconds; the server must not wait on the file."""
     tokens = tmp_path / "verifier-tokens"
-    _replace(tokens, b"old-token\n")
+    rotation.replace(tokens, b"old-token\n")
     async with (
         _serve_process(backend, tmp_path, AGENTPOST_VERIFIER_TOKENS=f"@{tokens}") as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
@@ -618,14 +611,8 @@ async def test_a_fifo_as_the_verifier_token_file_does_not_hang_the_server(
             outcomes.append("verified OK")
         except grpc.aio.AioRpcError as error:
             outcomes.append(f"verify {error.code().name}")
-        try:
-            await health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=HANG_SECONDS
-            )
-            outcomes.append("health OK")
-        except grpc.aio.AioRpcError as error:
-            outcomes.append(f"health {error.code().name}")
-        _replace(tokens, b"old-token\n")
+        outcomes.append(await _health_of(channel))
+        rotation.replace(tokens, b"old-token\n")
         await asyncio.to_thread(_release, pipe, b"old-token\n")
         assert outcomes == ["verify UNAUTHENTICATED", "health OK"], (
             f"with a FIFO as the token file: {outcomes}; log: {server.log()[-2000:]}"
@@ -646,7 +633,7 @@ async def test_verifier_tokens_overlap_then_survive_broken_files_with_one_warnin
     one, an empty one and none at all are UNAUTHENTICATED VERIFIER_TOKEN_REQUIRED, and each change
     is warned about once, not at every call. A usable file is then taken up."""
     tokens = tmp_path / "verifier-tokens"
-    _replace(tokens, b"old-token\n")
+    rotation.replace(tokens, b"old-token\n")
     async with contextlib.AsyncExitStack() as stack:
         app, channel = await start_server(own_database(backend, tmp_path), verifier_tokens=f"@{tokens}")
         stack.push_async_callback(app.stop, 0)
@@ -672,22 +659,22 @@ async def test_verifier_tokens_overlap_then_survive_broken_files_with_one_warnin
             async def check() -> bool:
                 return await verified(token)
 
-            await _eventually(check, f"{token} verifies")
+            await rotation.eventually(check, f"{token} verifies")
 
         assert await verified("old-token")
-        _replace(tokens, b"old-token\nnew-token\n")
+        rotation.replace(tokens, b"old-token\nnew-token\n")
         await taken_up("new-token")
         assert await verified("old-token"), "the overlap dropped the old token"
-        _replace(tokens, b"new-token\n")
+        rotation.replace(tokens, b"new-token\n")
 
         async def old_refused() -> bool:
             return not await verified("old-token")
 
-        await _eventually(old_refused, "the old token refused after the overlap")
-        with caplog.at_level(logging.WARNING, logger=CREDENTIALS):
+        await rotation.eventually(old_refused, "the old token refused after the overlap")
+        with caplog.at_level(logging.WARNING, logger=rotation.CREDENTIALS):
             for breaking in ("non-UTF-8", "a directory"):
                 if breaking == "non-UTF-8":
-                    _replace(tokens, b"\xff\xfe\x80new-token\xc3\x28\n")
+                    rotation.replace(tokens, b"\xff\xfe\x80new-token\xc3\x28\n")
                 else:
                     tokens.unlink()
                     tokens.mkdir()
@@ -700,7 +687,7 @@ async def test_verifier_tokens_overlap_then_survive_broken_files_with_one_warnin
         warnings = _warnings(caplog)
         assert len(warnings) == 2, warnings
         tokens.rmdir()
-        _replace(tokens, b"newest-token\n")
+        rotation.replace(tokens, b"newest-token\n")
         await taken_up("newest-token")
         assert not await verified("new-token")
 
@@ -755,7 +742,7 @@ async def test_both_workers_take_up_a_rotated_pair(backend: Backend, tmp_path: P
             if len(before) == 2:
                 break
         assert before == dict.fromkeys(workers, "first"), before
-        _install(second, served_files)
+        rotation.install(second, served_files)
         latest: dict[int, str] = {}
 
         async def both_rotated() -> bool:
@@ -763,7 +750,7 @@ async def test_both_workers_take_up_a_rotated_pair(backend: Backend, tmp_path: P
             latest[pid] = subject
             return latest == dict.fromkeys(workers, "second")
 
-        await _eventually(both_rotated, f"both workers serve the new certificate ({latest})")
+        await rotation.eventually(both_rotated, f"both workers serve the new certificate ({latest})")
         after = [await _worker_and_subject(served, ca) for _ in range(16)]
         assert {subject for _, subject in after} == {"second"}, after
     finally:
@@ -786,40 +773,40 @@ async def test_a_client_ca_rotated_through_a_bundle_accepts_both_then_only_the_n
     old_client = old_ca.issue("backend-old", server=False)
     new_client = new_ca.issue("backend-new", server=False)
     client_ca = tmp_path / "client-ca.pem"
-    _replace(client_ca, old_ca.pem)
-    async with _server(
+    rotation.replace(client_ca, old_ca.pem)
+    async with rotation.server(
         backend,
         tmp_path,
         tls_cert_file=str(served.cert),
         tls_key_file=str(served.key),
         tls_client_ca_file=str(client_ca),
     ) as app:
-        old_credentials = _channel_credentials(server_ca, old_client)
-        new_credentials = _channel_credentials(server_ca, new_client)
-        assert await _healthy(app.port, old_credentials) == Code.OK
-        assert await _healthy(app.port, new_credentials) == Code.UNAVAILABLE
-        _replace(client_ca, old_ca.pem + new_ca.pem)
+        old_credentials = rotation.channel_credentials(server_ca, old_client)
+        new_credentials = rotation.channel_credentials(server_ca, new_client)
+        assert await rotation.healthy(app.port, old_credentials) == Code.OK
+        assert await rotation.healthy(app.port, new_credentials) == Code.UNAVAILABLE
+        rotation.replace(client_ca, old_ca.pem + new_ca.pem)
 
         async def new_served() -> bool:
-            return await _healthy(app.port, new_credentials) == Code.OK
+            return await rotation.healthy(app.port, new_credentials) == Code.OK
 
-        await _eventually(new_served, "the bundle's new CA")
+        await rotation.eventually(new_served, "the bundle's new CA")
         for _ in range(5):
-            assert await _healthy(app.port, old_credentials) == Code.OK
-            assert await _healthy(app.port, new_credentials) == Code.OK
+            assert await rotation.healthy(app.port, old_credentials) == Code.OK
+            assert await rotation.healthy(app.port, new_credentials) == Code.OK
         async with grpc.aio.secure_channel(f"127.0.0.1:{app.port}", old_credentials) as opened:
             health = health_pb2_grpc.HealthStub(opened)
             await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
-            _replace(client_ca, new_ca.pem)
+            rotation.replace(client_ca, new_ca.pem)
 
             async def old_refused() -> bool:
-                return await _healthy(app.port, old_credentials) == Code.UNAVAILABLE
+                return await rotation.healthy(app.port, old_credentials) == Code.UNAVAILABLE
 
-            await _eventually(old_refused, "the old CA dropped")
-            assert await _healthy(app.port, new_credentials) == Code.OK
+            await rotation.eventually(old_refused, "the old CA dropped")
+            assert await rotation.healthy(app.port, new_credentials) == Code.OK
             answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
-        samples = await asyncio.to_thread(_metrics, app)
+        samples = await asyncio.to_thread(rotation.metrics, app)
         assert samples[REFUSED] == 0 and samples[LOADED] >= 2, samples
 
 
@@ -863,7 +850,7 @@ async def _seen_by(replica: Harness, org: Org, access: mem_pb.EnvironmentMember)
             assert error.code() == Code.NOT_FOUND, error
             return False
 
-    await _eventually(listed, "the other replica lists the access")
+    await rotation.eventually(listed, "the other replica lists the access")
 
 
 async def test_update_remove_and_add_again_raced_across_replicas_holding_one_etag(
@@ -891,7 +878,7 @@ async def test_update_remove_and_add_again_raced_across_replicas_holding_one_eta
                 await _seen_by(two, org, access)
                 # Each of the three holding the etag is sent first in turn; the add follows at once
                 # or a moment later.
-                outcomes = await _race(
+                outcomes = await race(
                     *_in_turn(
                         round_number,
                         partial(update_access, one, secret, env.id, member.id, ADMIN, ("role",), held),
@@ -927,7 +914,7 @@ async def test_update_remove_and_add_again_raced_across_replicas_holding_one_eta
                 for replica in (one, two):
                     assert await access_of(replica, org, env.id, member.id) == expected
                 # The etag read before now names nothing: never a change to what is there.
-                late = await _race(
+                late = await race(
                     update_access(two, secret, env.id, member.id, MEMBER, ("role",), held),
                     remove_access(one, secret, env.id, member.id, held),
                 )
@@ -960,7 +947,7 @@ async def test_roll_revoke_and_roll_holding_one_etag_across_replicas(
         for round_number in range(9):
             name = f"raced-{round_number}-{uuid.uuid4().hex[:6]}"
             key, _ = await one.new_key(org, ["inboxes:read"], name=name)
-            outcomes = await _race(
+            outcomes = await race(
                 *_in_turn(
                     round_number,
                     partial(roll_key, one, secret, key.id, 3600, key.etag),

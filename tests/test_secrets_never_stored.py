@@ -12,12 +12,7 @@ from agentpost.environments.v1 import api_key_pb2 as pb
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from tests.harness import Harness, Org, auth, corrupt, fails
-
-
-def body_of(secret: str) -> str:
-    """The 32 random characters of a secret, without its mode and checksum."""
-    return secret.rsplit("_", 1)[1][:32]
+from tests.harness import Harness, Org, auth, body_of, corrupt, fails
 
 
 async def _read_elsewhere(path: Path) -> bytes:

@@ -21,11 +21,11 @@ from pydantic import ValidationError
 
 from service.app.config import Settings
 from service.app.server import Application
+from tests.buf import BUF
 from tests.certificates import Authority, Pem
 from tests.empty_database import empty_database
 from tests.harness import OPERATOR_TOKEN, auth
 from tests.servers import Backend
-from tests.test_buf_curl import BUF
 
 
 @dataclass

@@ -2,53 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
-
 import grpc
 from agentpost.environments.v1 import api_key_pb2 as pb
 from agentpost.environments.v1 import environment_pb2
-from sqlalchemy import event
 
 from tests.harness import Harness, Org, auth, corrupt, fails
+from tests.statements import counted_sql
 
 Code = grpc.StatusCode
 Reason = pb.VerifyApiKeyResponse
-
-
-def background_statement(statement: str) -> bool:
-    """The cache's revision poll, last-used flush and key-directory pass run on their own
-    timers, not per call."""
-    text = " ".join(statement.split()).lower()
-    # With no organization held yet, the poll only checks that the database answers.
-    return (
-        text == "select 1"
-        or text.startswith("select organizations.id, organizations.revision")
-        or (text.startswith("update api_keys set last_used_time"))
-        or text.startswith("select api_keys.id, api_keys.secret_hash from api_keys where api_keys.id >")
-    )
-
-
-@contextmanager
-def counted_sql(harness: Harness, *, background: bool = False) -> Iterator[list[str]]:
-    """Records the statements the server sends to its database while the block runs (those of
-    its timers too, with `background`)."""
-    statements: list[str] = []
-
-    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if background or not background_statement(statement):
-            statements.append(statement)
-
-    # Every engine: reads and writes may have engines of their own (SQLite).
-    engines = harness.app.database.engines
-    for engine in engines:
-        event.listen(engine, "before_cursor_execute", record)
-    try:
-        yield statements
-    finally:
-        for engine in engines:
-            event.remove(engine, "before_cursor_execute", record)
 
 
 async def test_valid_key_resolves_environment_by_id_slug_and_default(harness: Harness, org: Org) -> None:

@@ -8,167 +8,32 @@ Which worker answers a connection is read from the log: every worker's lines sta
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import re
 import signal
 import socket
 import statistics
-import sys
 import time
-import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg  # type: ignore[import-untyped]
 import grpc
 from agentpost.environments.v1 import api_key_pb2 as pb
 from agentpost.environments.v1 import api_key_pb2_grpc, organization_pb2, organization_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from sqlalchemy.engine import make_url
 
 from service.app.workers import AddressUnavailable, check_address_free
+from tests.empty_database import empty_database
 from tests.harness import OPERATOR_TOKEN, auth
 from tests.servers import Backend
+from tests.workers import START_SECONDS, Served, process_gone, serve_workers
 
 SECRET = re.compile(r"ap_sk_live_[0-9A-Za-z]{38}")
-WORKER_LINE = re.compile(r"^worker (\d+)/(\d+) pid (\d+) ")
-START_SECONDS = 60.0
 # The documented bound for another process to honour a revoke is the cache refresh interval
 # (PostgreSQL's safety net: 1 s) plus one poll; the loop allows for a loaded machine.
 REVOCATION_BOUND_SECONDS = 3.0
 REVOCATIONS = 20
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.asynccontextmanager
-async def _fresh_database(backend: Backend, tmp_path: Path) -> AsyncIterator[Backend]:
-    """An empty database on the backend: a new SQLite file, or a new PostgreSQL schema."""
-    if backend.schema is None:
-        yield Backend(backend.name, f"sqlite+aiosqlite:///{tmp_path / 'fresh.db'}", None)
-        return
-    dsn = make_url(backend.url).set(drivername="postgresql").render_as_string(hide_password=False)
-    schema = f"agentpost_workers_{uuid.uuid4().hex[:12]}"
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.execute(f'CREATE SCHEMA "{schema}"')
-        yield Backend(backend.name, backend.url, schema)
-    finally:
-        await connection.execute(f'DROP SCHEMA "{schema}" CASCADE')
-        await connection.close()
-
-
-@dataclass
-class Served:
-    """A `serve --workers N` process tree and its output."""
-
-    process: asyncio.subprocess.Process
-    port: int
-    stdout: Path
-    stderr: Path
-
-    @property
-    def address(self) -> str:
-        """host:port the workers share."""
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        """Everything the supervisor and the workers logged so far."""
-        return self.stderr.read_text()
-
-    def worker_pids(self) -> set[int]:
-        """The supervisor's child processes, from the kernel."""
-        pid = self.process.pid
-        return {int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-
-    async def until_serving(self, workers: int = 2) -> None:
-        """Waits for the supervisor's line saying every worker serves."""
-        async with asyncio.timeout(START_SECONDS):
-            while f"{workers} workers serving on {self.address}" not in self.log():
-                assert self.process.returncode is None, self.log()
-                await asyncio.sleep(0.1)
-
-    async def until_printed(self, pattern: re.Pattern[str]) -> str:
-        """Waits for `pattern` on the supervisor's standard output; returns that output."""
-        async with asyncio.timeout(START_SECONDS):
-            while not pattern.search(self.stdout.read_text()):
-                assert self.process.returncode is None, self.log()
-                await asyncio.sleep(0.05)
-        return self.stdout.read_text()
-
-    def channel(self) -> grpc.aio.Channel:
-        """A channel with a connection of its own, so the kernel may hand it to either worker."""
-        return grpc.aio.insecure_channel(self.address, options=[("grpc.use_local_subchannel_pool", 1)])
-
-    async def worker_behind(self, channel: grpc.aio.Channel) -> int:
-        """The pid of the worker serving `channel`'s connection: a refused call with a request id
-        of its own, then the log line that carries that id. The call is bad input, not a bad
-        credential, so that the failed-authentication throttle's quieter logging plays no part."""
-        request_id = f"which-worker-{uuid.uuid4().hex}"
-        stub = api_key_pb2_grpc.ApiKeyServiceStub(channel)
-        try:
-            await stub.VerifyApiKey(
-                pb.VerifyApiKeyRequest(secret="ap_sk_live_x", required_scopes=["no:such"]),
-                metadata=(("x-request-id", request_id),),
-            )
-        except grpc.aio.AioRpcError as error:
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        else:
-            raise AssertionError("an unknown scope was accepted")
-        async with asyncio.timeout(10):
-            while True:
-                for line in self.log().splitlines():
-                    found = WORKER_LINE.match(line)
-                    if found and f"[{request_id}]" in line:
-                        return int(found.group(3))
-                await asyncio.sleep(0.05)
-
-    async def stop(self, signum: int = signal.SIGTERM) -> int:
-        """Signals the supervisor and waits for it; returns its exit status."""
-        if self.process.returncode is None:
-            self.process.send_signal(signum)
-        async with asyncio.timeout(60):
-            return await self.process.wait()
-
-
-async def serve_workers(
-    backend: Backend, tmp_path: Path, *flags: str, port: int | None = None, drain: float = 0.0
-) -> Served:
-    port = port or _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTPOST_")}
-    env["AGENTPOST_DATABASE_URL"] = backend.url
-    if backend.schema is not None:
-        env["AGENTPOST_DATABASE_SCHEMA"] = backend.schema
-    env["AGENTPOST_LISTEN_ADDRESS"] = f"127.0.0.1:{port}"
-    env["AGENTPOST_OPERATOR_TOKEN"] = OPERATOR_TOKEN
-    env["AGENTPOST_SHUTDOWN_DRAIN_SECONDS"] = str(drain)
-    env["AGENTPOST_SHUTDOWN_GRACE_SECONDS"] = "2"
-    # Every worker runs as in production: the default refresh (the poll on SQLite, the safety net
-    # behind LISTEN/NOTIFY on PostgreSQL).
-    tag = uuid.uuid4().hex[:8]
-    stdout, stderr = tmp_path / f"stdout-{tag}.txt", tmp_path / f"stderr-{tag}.txt"
-    with stdout.open("wb") as out, stderr.open("wb") as err:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "service",
-            "serve",
-            "--workers",
-            "2",
-            *flags,
-            env=env,
-            stdout=out,
-            stderr=err,
-        )
-    return Served(process, port, stdout, stderr)
 
 
 async def _one_channel_per_worker(served: Served) -> dict[int, grpc.aio.Channel]:
@@ -231,15 +96,6 @@ async def _watch(channel: grpc.aio.Channel, first: asyncio.Event) -> list[int]:
     return statuses
 
 
-def process_gone(pid: int) -> bool:
-    """True once the process has exited (a zombie not yet reaped counts as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"
-
-
 async def test_both_workers_serve_the_port_follow_revocations_and_drain_on_sigterm(
     backend: Backend, tmp_path: Path
 ) -> None:
@@ -293,7 +149,7 @@ async def test_both_workers_serve_the_port_follow_revocations_and_drain_on_sigte
 
 
 async def test_migrations_and_bootstrap_run_once_for_all_workers(backend: Backend, tmp_path: Path) -> None:
-    async with _fresh_database(backend, tmp_path) as fresh:
+    async with empty_database(backend, tmp_path) as fresh:
         served = await serve_workers(fresh, tmp_path, "--migrate", "--bootstrap-if-empty")
         channels: dict[int, grpc.aio.Channel] = {}
         try:

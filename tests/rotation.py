@@ -1,0 +1,119 @@
+"""Credentials rotated under a running server, as the rotation tests do it: files replaced the way
+rotation tools replace them, the certificate a new TLS connection gets, health over new channels,
+the exported metrics, and a server with TLS settings of the test's choosing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import ssl
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app.server import Application
+from tests.certificates import Authority, Pem
+from tests.own_database import own_database
+from tests.servers import Backend, start_server
+
+# Longer than the server's look at the files (once a second), with room for a loaded machine.
+TAKEN_UP_WITHIN = 10.0
+CREDENTIALS = "service.app.credentials"  # the logger that tells of rotations
+
+
+def replace(target: Path, content: bytes) -> None:
+    """Writes `content` as `target` the way rotation tools do: a new file renamed over it."""
+    fresh = target.with_name(target.name + ".new")
+    fresh.write_bytes(content)
+    os.replace(fresh, target)
+
+
+def install(source: Pem, target: Pem) -> None:
+    """Puts `source`'s certificate and key in `target`'s files (key first, then certificate)."""
+    replace(target.key, source.key.read_bytes())
+    replace(target.cert, source.cert.read_bytes())
+
+
+def served_subject(port: int, ca: Authority, client: Pem | None = None) -> str:
+    """The common name of the certificate a new TLS connection gets (HTTP/2, as gRPC speaks)."""
+    context = ssl.create_default_context(cafile=str(ca.cert_file))
+    context.set_alpn_protocols(["h2"])
+    if client is not None:
+        context.load_cert_chain(str(client.cert), str(client.key))
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as connection,
+    ):
+        certificate = connection.getpeercert(binary_form=True)
+    assert certificate is not None
+    names = x509.load_der_x509_certificate(certificate).subject.get_attributes_for_oid(
+        x509.NameOID.COMMON_NAME
+    )
+    return str(names[0].value)
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Polls `check` until it holds; fails naming `what` once TAKEN_UP_WITHIN has passed."""
+    deadline = asyncio.get_running_loop().time() + TAKEN_UP_WITHIN
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"not within {TAKEN_UP_WITHIN} s: {what}"
+        await asyncio.sleep(0.1)
+
+
+async def subject_becomes(port: int, ca: Authority, subject: str, client: Pem | None = None) -> None:
+    """Waits until new connections get the certificate named `subject`."""
+
+    async def check() -> bool:
+        return await asyncio.to_thread(served_subject, port, ca, client) == subject
+
+    await eventually(check, f"new connections get {subject}")
+
+
+async def healthy(port: int, credentials: grpc.ChannelCredentials) -> grpc.StatusCode:
+    """The code of a health check over a new channel with these credentials."""
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
+        try:
+            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        except grpc.aio.AioRpcError as error:
+            return error.code()
+    return grpc.StatusCode.OK
+
+
+def channel_credentials(ca: Authority, client: Pem | None = None) -> grpc.ChannelCredentials:
+    """Credentials trusting `ca`, presenting `client`'s certificate when one is given."""
+    if client is None:
+        return grpc.ssl_channel_credentials(root_certificates=ca.pem)
+    cert, key = client.read()
+    return grpc.ssl_channel_credentials(root_certificates=ca.pem, private_key=key, certificate_chain=cert)
+
+
+def metrics(app: Application) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample the server's metrics endpoint exports, by name and labels."""
+    assert app.metrics is not None
+    with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics.port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+@contextlib.asynccontextmanager
+async def server(backend: Backend, folder: Path, **settings: object) -> AsyncIterator[Application]:
+    """An in-process server on a database of its own, exporting metrics, with these settings."""
+    app, channel = await start_server(
+        own_database(backend, folder), metrics_address="127.0.0.1:0", **settings
+    )
+    await channel.close()  # plaintext; each test makes the channels it needs
+    try:
+        yield app
+    finally:
+        await app.stop(grace=0)
