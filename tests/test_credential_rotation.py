@@ -10,11 +10,6 @@ import asyncio
 import contextlib
 import datetime
 import logging
-import os
-import socket
-import ssl
-import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import grpc
@@ -22,103 +17,15 @@ import pytest
 from agentpost.environments.v1 import api_key_pb2
 from cryptography import x509
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from service.app.server import Application, BindError
+from tests import rotation
 from tests.certificates import Authority, Pem
 from tests.harness import Harness, fails
 from tests.own_database import own_database
 from tests.servers import Backend, start_server
 
 Code = grpc.StatusCode
-# Longer than the server's look at the files (once a second), with room for a loaded machine.
-TAKEN_UP_WITHIN = 10.0
-CREDENTIALS = "service.app.credentials"  # the logger that tells of rotations
-
-
-def _replace(target: Path, content: bytes) -> None:
-    """Writes `content` as `target` the way rotation tools do: a new file renamed over it."""
-    fresh = target.with_name(target.name + ".new")
-    fresh.write_bytes(content)
-    os.replace(fresh, target)
-
-
-def _install(source: Pem, target: Pem) -> None:
-    """Puts `source`'s certificate and key in `target`'s files (key first, then certificate)."""
-    _replace(target.key, source.key.read_bytes())
-    _replace(target.cert, source.cert.read_bytes())
-
-
-def _served_subject(port: int, ca: Authority, client: Pem | None = None) -> str:
-    """The common name of the certificate a new TLS connection gets (HTTP/2, as gRPC speaks)."""
-    context = ssl.create_default_context(cafile=str(ca.cert_file))
-    context.set_alpn_protocols(["h2"])
-    if client is not None:
-        context.load_cert_chain(str(client.cert), str(client.key))
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-        context.wrap_socket(raw, server_hostname="localhost") as connection,
-    ):
-        certificate = connection.getpeercert(binary_form=True)
-    assert certificate is not None
-    names = x509.load_der_x509_certificate(certificate).subject.get_attributes_for_oid(
-        x509.NameOID.COMMON_NAME
-    )
-    return str(names[0].value)
-
-
-async def _eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + TAKEN_UP_WITHIN
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"not within {TAKEN_UP_WITHIN} s: {what}"
-        await asyncio.sleep(0.1)
-
-
-async def _subject_becomes(port: int, ca: Authority, subject: str, client: Pem | None = None) -> None:
-    async def check() -> bool:
-        return await asyncio.to_thread(_served_subject, port, ca, client) == subject
-
-    await _eventually(check, f"new connections get {subject}")
-
-
-async def _healthy(port: int, credentials: grpc.ChannelCredentials) -> grpc.StatusCode:
-    """The code of a health check over a new channel with these credentials."""
-    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", credentials) as channel:
-        try:
-            await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
-        except grpc.aio.AioRpcError as error:
-            return error.code()
-    return Code.OK
-
-
-def _channel_credentials(ca: Authority, client: Pem | None = None) -> grpc.ChannelCredentials:
-    if client is None:
-        return grpc.ssl_channel_credentials(root_certificates=ca.pem)
-    cert, key = client.read()
-    return grpc.ssl_channel_credentials(root_certificates=ca.pem, private_key=key, certificate_chain=cert)
-
-
-def _metrics(app: Application) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    assert app.metrics is not None
-    with urllib.request.urlopen(f"http://127.0.0.1:{app.metrics.port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-@contextlib.asynccontextmanager
-async def _server(backend: Backend, folder: Path, **settings: object) -> AsyncIterator[Application]:
-    app, channel = await start_server(
-        own_database(backend, folder), metrics_address="127.0.0.1:0", **settings
-    )
-    await channel.close()  # plaintext; each test makes the channels it needs
-    try:
-        yield app
-    finally:
-        await app.stop(grace=0)
 
 
 @pytest.fixture
@@ -138,18 +45,22 @@ async def test_new_connections_get_rotated_files_and_open_ones_keep_working(
         "second", server=True, not_after=datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=3)
     )
     served = Pem(folder / "served.pem", folder / "served-key.pem")
-    _install(first, served)
-    async with _server(backend, folder, tls_cert_file=str(served.cert), tls_key_file=str(served.key)) as app:
-        assert await asyncio.to_thread(_served_subject, app.port, ca) == "first"
-        async with grpc.aio.secure_channel(f"127.0.0.1:{app.port}", _channel_credentials(ca)) as before:
+    rotation.install(first, served)
+    async with rotation.server(
+        backend, folder, tls_cert_file=str(served.cert), tls_key_file=str(served.key)
+    ) as app:
+        assert await asyncio.to_thread(rotation.served_subject, app.port, ca) == "first"
+        async with grpc.aio.secure_channel(
+            f"127.0.0.1:{app.port}", rotation.channel_credentials(ca)
+        ) as before:
             health = health_pb2_grpc.HealthStub(before)
             await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
-            _install(second, served)
-            await _subject_becomes(app.port, ca, "second")
+            rotation.install(second, served)
+            await rotation.subject_becomes(app.port, ca, "second")
             answer = await health.Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
-        assert await _healthy(app.port, _channel_credentials(ca)) == Code.OK
-        samples = await asyncio.to_thread(_metrics, app)
+        assert await rotation.healthy(app.port, rotation.channel_credentials(ca)) == Code.OK
+        samples = await asyncio.to_thread(rotation.metrics, app)
         expiry = x509.load_pem_x509_certificate(second.cert.read_bytes()).not_valid_after_utc.timestamp()
         assert samples[("agentpost_tls_certificate_expiry_timestamp_seconds", frozenset())] == expiry
         assert samples[("agentpost_tls_reloads_total", frozenset({("outcome", "loaded")}))] >= 1
@@ -169,35 +80,39 @@ async def test_files_that_cannot_be_used_leave_the_previous_certificate_serving(
     first = ca.issue("first", server=True)
     second = ca.issue("second", server=True)
     served = Pem(folder / "served.pem", folder / "served-key.pem")
-    _install(first, served)
-    async with _server(backend, folder, tls_cert_file=str(served.cert), tls_key_file=str(served.key)) as app:
-        with caplog.at_level(logging.WARNING, logger=CREDENTIALS):
+    rotation.install(first, served)
+    async with rotation.server(
+        backend, folder, tls_cert_file=str(served.cert), tls_key_file=str(served.key)
+    ) as app:
+        with caplog.at_level(logging.WARNING, logger=rotation.CREDENTIALS):
             if broken == "a certificate without its key":
-                _replace(served.cert, second.cert.read_bytes())
+                rotation.replace(served.cert, second.cert.read_bytes())
             elif broken == "a file that is not PEM":
-                _replace(served.cert, b"not a certificate\n")
+                rotation.replace(served.cert, b"not a certificate\n")
             elif broken == "a deleted certificate":
                 served.cert.unlink()
             else:
-                _replace(served.key, b"")
+                rotation.replace(served.key, b"")
 
             async def refused() -> bool:
-                samples = await asyncio.to_thread(_metrics, app)
-                await asyncio.to_thread(_served_subject, app.port, ca)  # a handshake: a look at the files
+                samples = await asyncio.to_thread(rotation.metrics, app)
+                await asyncio.to_thread(
+                    rotation.served_subject, app.port, ca
+                )  # a handshake: a look at the files
                 return samples[("agentpost_tls_reloads_total", frozenset({("outcome", "refused")}))] >= 1
 
-            await _eventually(refused, "the unusable files refused")
-            assert await asyncio.to_thread(_served_subject, app.port, ca) == "first"
-            assert await _healthy(app.port, _channel_credentials(ca)) == Code.OK
+            await rotation.eventually(refused, "the unusable files refused")
+            assert await asyncio.to_thread(rotation.served_subject, app.port, ca) == "first"
+            assert await rotation.healthy(app.port, rotation.channel_credentials(ca)) == Code.OK
         warnings = [
             record.getMessage()
             for record in caplog.records
-            if record.name == CREDENTIALS and "cannot be used" in record.getMessage()
+            if record.name == rotation.CREDENTIALS and "cannot be used" in record.getMessage()
         ]
         assert len(warnings) == 1, warnings
         assert "still serving the previous ones" in warnings[0]
-        _install(second, served)
-        await _subject_becomes(app.port, ca, "second")
+        rotation.install(second, served)
+        await rotation.subject_becomes(app.port, ca, "second")
 
 
 async def test_a_rotated_client_ca_is_taken_up(backend: Backend, folder: Path) -> None:
@@ -210,24 +125,35 @@ async def test_a_rotated_client_ca_is_taken_up(backend: Backend, folder: Path) -
     old_client = old_ca.issue("backend-old", server=False)
     new_client = new_ca.issue("backend-new", server=False)
     client_ca = folder / "client-ca.pem"
-    _replace(client_ca, old_ca.pem)
-    async with _server(
+    rotation.replace(client_ca, old_ca.pem)
+    async with rotation.server(
         backend,
         folder,
         tls_cert_file=str(served.cert),
         tls_key_file=str(served.key),
         tls_client_ca_file=str(client_ca),
     ) as app:
-        assert await _healthy(app.port, _channel_credentials(server_ca, old_client)) == Code.OK
-        assert await _healthy(app.port, _channel_credentials(server_ca, new_client)) == Code.UNAVAILABLE
-        _replace(client_ca, new_ca.pem)
+        assert (
+            await rotation.healthy(app.port, rotation.channel_credentials(server_ca, old_client)) == Code.OK
+        )
+        assert (
+            await rotation.healthy(app.port, rotation.channel_credentials(server_ca, new_client))
+            == Code.UNAVAILABLE
+        )
+        rotation.replace(client_ca, new_ca.pem)
 
         async def taken_up() -> bool:
-            return await _healthy(app.port, _channel_credentials(server_ca, new_client)) == Code.OK
+            return (
+                await rotation.healthy(app.port, rotation.channel_credentials(server_ca, new_client))
+                == Code.OK
+            )
 
-        await _eventually(taken_up, "the new client CA")
-        assert await _healthy(app.port, _channel_credentials(server_ca, old_client)) == Code.UNAVAILABLE
-        assert await _healthy(app.port, _channel_credentials(server_ca)) == Code.UNAVAILABLE
+        await rotation.eventually(taken_up, "the new client CA")
+        assert (
+            await rotation.healthy(app.port, rotation.channel_credentials(server_ca, old_client))
+            == Code.UNAVAILABLE
+        )
+        assert await rotation.healthy(app.port, rotation.channel_credentials(server_ca)) == Code.UNAVAILABLE
 
 
 @pytest.mark.parametrize("days", [-1, 3])
@@ -244,9 +170,11 @@ async def test_an_expired_or_expiring_certificate_is_served_with_a_warning(
         not_before=now - datetime.timedelta(days=30),
         not_after=now + datetime.timedelta(days=days),
     )
-    with caplog.at_level(logging.INFO, logger=CREDENTIALS):
-        async with _server(backend, folder, tls_cert_file=str(leaf.cert), tls_key_file=str(leaf.key)) as app:
-            samples = await asyncio.to_thread(_metrics, app)
+    with caplog.at_level(logging.INFO, logger=rotation.CREDENTIALS):
+        async with rotation.server(
+            backend, folder, tls_cert_file=str(leaf.cert), tls_key_file=str(leaf.key)
+        ) as app:
+            samples = await asyncio.to_thread(rotation.metrics, app)
             exported = samples[("agentpost_tls_certificate_expiry_timestamp_seconds", frozenset())]
             assert (
                 exported
@@ -255,7 +183,7 @@ async def test_an_expired_or_expiring_certificate_is_served_with_a_warning(
     warnings = [
         record.getMessage()
         for record in caplog.records
-        if record.name == CREDENTIALS and record.levelno == logging.WARNING
+        if record.name == rotation.CREDENTIALS and record.levelno == logging.WARNING
     ]
     assert len(warnings) == 1, warnings
     assert ("expired at" if days < 0 else "expires at") in warnings[0]
@@ -269,7 +197,7 @@ async def test_a_rewritten_verifier_token_file_is_taken_up(
     token is accepted and the old one refused, without a restart. A rewrite into a file that names
     no token, or its removal, keeps the tokens read before (VerifyApiKey never becomes open)."""
     tokens = folder / "verifier-tokens"
-    _replace(tokens, b"old-token\n")
+    rotation.replace(tokens, b"old-token\n")
     async with contextlib.AsyncExitStack() as stack:
         app, channel = await start_server(own_database(backend, folder), verifier_tokens=f"@{tokens}")
         stack.push_async_callback(app.stop, 0)
@@ -291,19 +219,19 @@ async def test_a_rewritten_verifier_token_file_is_taken_up(
 
         assert await verified("old-token")
         assert not await verified("new-token")
-        _replace(tokens, b"new-token\n")
+        rotation.replace(tokens, b"new-token\n")
 
         async def rotated() -> bool:
             return await verified("new-token")
 
-        await _eventually(rotated, "the new token")
+        await rotation.eventually(rotated, "the new token")
         await fails(
             harness.api_keys.VerifyApiKey(request, metadata=(("authorization", "Bearer old-token"),)),
             Code.UNAUTHENTICATED,
             "VERIFIER_TOKEN_REQUIRED",
         )
-        with caplog.at_level(logging.WARNING, logger=CREDENTIALS):
-            for breaking in (lambda: _replace(tokens, b"\n \n"), tokens.unlink):
+        with caplog.at_level(logging.WARNING, logger=rotation.CREDENTIALS):
+            for breaking in (lambda: rotation.replace(tokens, b"\n \n"), tokens.unlink):
                 breaking()
                 await asyncio.sleep(1.5)  # past the server's next look at the file
                 assert await verified("new-token")
@@ -312,28 +240,32 @@ async def test_a_rewritten_verifier_token_file_is_taken_up(
         warnings = [
             record.getMessage()
             for record in caplog.records
-            if record.name == CREDENTIALS and "cannot be used" in record.getMessage()
+            if record.name == rotation.CREDENTIALS and "cannot be used" in record.getMessage()
         ]
         assert len(warnings) == 2, warnings
 
 
+@pytest.mark.parametrize(
+    ("setting", "variable"),
+    [("verifier_tokens", "AGENTPOST_VERIFIER_TOKENS"), ("operator_token", "AGENTPOST_OPERATOR_TOKEN")],
+)
 async def test_a_token_file_gone_between_the_settings_and_the_start_is_a_clean_refusal(
-    backend: Backend, folder: Path
+    backend: Backend, folder: Path, setting: str, variable: str
 ) -> None:
-    """The token file is checked with the settings and read again when the server starts; gone
-    in between, the start is refused with an error naming the setting (the CLI's one line and
-    exit 2), not a traceback, and nothing serves."""
-    tokens = folder / "verifier-tokens"
-    _replace(tokens, b"token\n")
+    """A token file (verifier or operator tokens) is checked with the settings and read again
+    when the server starts; gone in between, the start is refused with an error naming the
+    setting (the CLI's one line and exit 2), not a traceback, and nothing serves."""
+    tokens = folder / "tokens"
+    rotation.replace(tokens, b"token\n")
     database = own_database(backend, folder)
-    settings = database.settings(verifier_tokens=f"@{tokens}")
+    settings = database.settings(**{setting: f"@{tokens}"})
     tokens.unlink()
     app = Application(settings)
     try:
         await app.migrate()
         with pytest.raises(BindError) as refused:
             await app.start()
-        assert "AGENTPOST_VERIFIER_TOKENS" in str(refused.value) and str(tokens) in str(refused.value)
+        assert variable in str(refused.value) and str(tokens) in str(refused.value)
         assert app.port == 0
     finally:
         await app.database.dispose()

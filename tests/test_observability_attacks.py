@@ -1354,13 +1354,16 @@ VALID_PARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
 async def test_hostile_trace_context_neither_breaks_calls_nor_lands_in_spans(observed: Observed) -> None:
     """`traceparent`, `tracestate` and `baggage` are the caller's to send and the server's to
     distrust. Malformed, all-zero, unknown-version, upper-case, padded, oversized and repeated
-    `traceparent`s, `tracestate`s of 100 members or 8 KB, `baggage` of 200 entries or 8 KB: each
-    call is answered OK as without them; an invalid `traceparent` starts a new trace (W3C Trace
+    `traceparent`s, `tracestate`s of 100 members, 8 KB or 32 members of 200 characters, `baggage`
+    of 200 entries or 8 KB: each call is answered OK as without them; an invalid `traceparent` starts a new trace (W3C Trace
     Context: a parent that does not parse is ignored); a valid one is continued with at most 32
-    `tracestate` members (W3C's limit); and no span attribute carries what the headers held."""
+    `tracestate` members in at most 512 characters (W3C's limits); and no span attribute carries
+    what the headers held."""
     h = observed.harness
     org = await new_org(observed)
     long_state = ",".join(f"tsmark{n}=v{n}" for n in range(100))
+    wide_state = ",".join(f"tsmark{n}=" + "w" * 190 for n in range(32))
+    mixed_state = ",".join([*(f"long{n}=" + "l" * 200 for n in range(4)), "keep1=a", "keep2=b"])
     cases: dict[str, tuple[tuple[str, str], ...]] = {
         "garbage": (("traceparent", "tsmark-garbage"),),
         "all-zero": (("traceparent", f"00-{'0' * 32}-{'0' * 16}-01"),),
@@ -1373,6 +1376,10 @@ async def test_hostile_trace_context_neither_breaks_calls_nor_lands_in_spans(obs
         "many-states": (("traceparent", VALID_PARENT), ("tracestate", long_state)),
         "long-state": (("traceparent", VALID_PARENT), ("tracestate", "tsmark=" + "v" * 8000)),
         "bad-state": (("traceparent", VALID_PARENT), ("tracestate", "tsmark,=,==,@@@")),
+        # 32 valid members of 200 characters: about 6.4 KB OpenTelemetry alone would keep.
+        "wide-state": (("traceparent", VALID_PARENT), ("tracestate", wide_state)),
+        # Short members after long ones: the long ones go first (W3C), the short ones stay.
+        "mixed-state": (("traceparent", VALID_PARENT), ("tracestate", mixed_state)),
         "many-baggage": (("baggage", ",".join(f"bgmark{n}=v{n}" for n in range(200))),),
         "long-baggage": (("baggage", "bgmark=" + "v" * 8000),),
         "valid-baggage": (("traceparent", VALID_PARENT), ("baggage", "bgmark=1,tenant=org_x")),
@@ -1389,7 +1396,7 @@ async def test_hostile_trace_context_neither_breaks_calls_nor_lands_in_spans(obs
         answered[name] = "OK" if isinstance(result, opb.Organization) and result.id == org.id else str(result)
     assert answered == dict.fromkeys(cases, "OK")
 
-    continued = {"many-states", "long-state", "bad-state", "valid-baggage"}
+    continued = {"many-states", "long-state", "bad-state", "wide-state", "mixed-state", "valid-baggage"}
     invalid = {"garbage", "all-zero", "zero-parent", "version-ff", "upper-case", "oversized"}
     for name in cases:
         span = span_of(observed, f"tc-{name}")
@@ -1400,6 +1407,9 @@ async def test_hostile_trace_context_neither_breaks_calls_nor_lands_in_spans(obs
             assert span.context.trace_id == int(TRACE_ID, 16), name
             assert span.parent is not None and span.parent.span_id == int(PARENT_ID, 16), name
             assert len(span.context.trace_state) <= 32, (name, len(span.context.trace_state))
+            # W3C's bound on what is propagated: 512 characters, members over 128 dropped first.
+            header = span.context.trace_state.to_header()
+            assert len(header) <= 512, (name, len(header))
         carried = {
             key: str(value)[:40]
             for key, value in (span.attributes or {}).items()
@@ -1407,6 +1417,8 @@ async def test_hostile_trace_context_neither_breaks_calls_nor_lands_in_spans(obs
         }
         assert not carried, (name, carried)
         assert span.events == () or all("tsmark" not in str(event.attributes) for event in span.events)
+    assert len(span_of(observed, "tc-wide-state").context.trace_state) == 0
+    assert span_of(observed, "tc-mixed-state").context.trace_state.to_header() == "keep1=a,keep2=b"
 
 
 @SQLITE_ONLY

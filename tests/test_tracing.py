@@ -4,6 +4,10 @@ statement it runs is a span of the same trace; without OTEL_EXPORTER_OTLP_ENDPOI
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,3 +190,57 @@ async def test_a_server_without_an_endpoint_has_no_tracing(
         assert app.traces is None
     finally:
         await app.database.dispose()
+
+
+_TRACE_CONTEXT_PROBE = """
+import json, os, types
+from service.app import tracing
+from service.transport import tracing as call_tracing
+traces = tracing.from_environment()
+interceptor = traces.interceptors()[0]
+details = types.SimpleNamespace(
+    method="/agentpost.environments.v1.OrganizationService/GetOrganization",
+    invocation_metadata=(("traceparent", os.environ["PROBE_TRACEPARENT"]),),
+)
+interceptor.arrived(details)
+context = call_tracing._span.get().get_span_context()
+print(json.dumps({"trace_id": format(context.trace_id, "032x"), "sampled": context.trace_flags.sampled}))
+os._exit(0)  # nothing to export: the collector's address is a closed port
+"""
+UNSAMPLED_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+
+
+@pytest.mark.parametrize(
+    ("variables", "continued", "sampled"),
+    [
+        ({}, True, False),
+        ({"OTEL_TRACES_SAMPLER": "always_on"}, True, True),
+        ({"OTEL_PROPAGATORS": "none"}, False, True),
+    ],
+    ids=["default", "always-on-sampler", "no-propagators"],
+)
+def test_the_standard_variables_decide_how_far_a_callers_trace_context_is_trusted(
+    variables: dict[str, str], continued: bool, sampled: bool
+) -> None:
+    """A caller's `traceparent` is continued by default, its sampled flag included (the default
+    sampler is parentbased_always_on); `OTEL_TRACES_SAMPLER=always_on` samples every call
+    whatever the caller says; `OTEL_PROPAGATORS=none` ignores the caller's trace context, every
+    call starting a trace of its own. (README, Tracing.)"""
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("OTEL_")} | {
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+        "PROBE_TRACEPARENT": UNSAMPLED_PARENT,
+        **variables,
+    }
+    finished = subprocess.run(
+        [sys.executable, "-c", _TRACE_CONTEXT_PROBE],
+        cwd=Path(__file__).resolve().parents[1],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    span = json.loads(finished.stdout.strip().splitlines()[-1])
+    assert (span["trace_id"] == UNSAMPLED_PARENT.split("-")[1]) is continued, span
+    assert span["sampled"] is sampled, span

@@ -159,7 +159,7 @@ def token_list(text: str) -> tuple[str, ...]:
 
 
 def read_token_file(path: Path) -> tuple[str, ...]:
-    """The verifier tokens a file holds; a ValueError saying why when it cannot be read or holds
+    """The tokens a file holds (verifier or operator tokens); a ValueError saying why when it cannot be read or holds
     none."""
     try:
         # utf-8-sig: a byte order mark (as some editors write) is not part of the first token.
@@ -198,7 +198,9 @@ class Settings(BaseSettings):
         "127.0.0.1:50051", description="host:port to serve gRPC on (port 0: any free port)"
     )
     operator_token: str | None = Field(
-        None, description="bearer token for CreateOrganization; unset: CreateOrganization is refused"
+        None,
+        description="bearer token for CreateOrganization, or @FILE (one token per line, read again when "
+        "it changes); unset: CreateOrganization is refused",
     )
     key_pepper: str | None = Field(
         None, description="secret that keys the HMAC-SHA-256 of API key secrets; unset: plain SHA-256"
@@ -319,6 +321,8 @@ class Settings(BaseSettings):
         # As a client's bearer token is read (stripped): a token from a file keeps no newline,
         # and a blank one is no token.
         stripped = None if value is None else value.strip()
+        if stripped and stripped.startswith("@"):
+            read_token_file(Path(stripped[1:]))  # read again at start, and whenever it changes
         return stripped or None
 
     @field_validator("database_url")
@@ -382,7 +386,13 @@ class Settings(BaseSettings):
         return () if tokens is None or tokens.startswith("@") else tuple(tokens.split(","))
 
     @property
-    def verifier_token_file(self) -> Path | None:
-        """The file the verifier tokens are read from (`@FILE`), if they are."""
-        tokens = self.verifier_tokens
-        return Path(tokens[1:]) if tokens is not None and tokens.startswith("@") else None
+    def inline_operator_tokens(self) -> tuple[str, ...]:
+        """The operator token the setting itself names (none for a @FILE or when unset); one
+        token, commas and all."""
+        token = self.operator_token
+        return () if token is None or token.startswith("@") else (token,)
+
+    def token_file(self, name: Literal["verifier_tokens", "operator_token"]) -> Path | None:
+        """The file the setting `name` reads its tokens from (`@FILE`), if it does."""
+        tokens = getattr(self, name)
+        return Path(tokens[1:]) if isinstance(tokens, str) and tokens.startswith("@") else None

@@ -183,11 +183,13 @@ class ServerTls:
 
 
 class TokenFile:
-    """Verifier tokens read from a file (`tokens`), read again when it changes: call it for the
-    tokens when they changed (None while they did not, or when the new file cannot be used)."""
+    """Tokens read from a file (`tokens`), read again when it changes: call it for the tokens
+    when they changed (None while they did not, or when the new file cannot be used). `what`
+    names them in log lines ("verifier tokens", "operator token")."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, what: str) -> None:
         self._path = path
+        self._what = what
         # Looked at before it is read: a change while it is read is then seen as one.
         self._watched = WatchedFiles([str(path)])
         self.tokens = read_token_file(path)
@@ -199,9 +201,10 @@ class TokenFile:
             tokens = read_token_file(self._path)
         except ValueError as error:
             log.warning(
-                "the verifier-token file changed but cannot be used (%s); the tokens read before still apply",
+                "the %s file changed but cannot be used (%s); the tokens read before still apply",
+                self._what,
                 error,
             )
             return None
-        log.info("the verifier-token file changed: %d tokens now", len(tokens))
+        log.info("the %s file changed: %d tokens now", self._what, len(tokens))
         return tokens

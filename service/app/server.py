@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from agentpost.environments.v1 import (
@@ -45,6 +45,7 @@ from service.domain.keys import SecretHasher
 from service.domain.pagination import Pager, PageTokens
 from service.storage import migrate
 from service.storage.database import Database, build_engine
+from service.transport.bearer_tokens import BearerTokens, VerifierTokens
 from service.transport.call_log import CallLogInterceptor
 from service.transport.interceptor import MAX_METADATA_BYTES, AuthInterceptor
 from service.transport.servicers.api_keys import ApiKeyServicer
@@ -54,7 +55,6 @@ from service.transport.servicers.members import MembershipServicer
 from service.transport.servicers.organizations import OrganizationServicer
 from service.transport.servicers.resources import ResourceServicer
 from service.transport.throttle import AuthFailureThrottle
-from service.transport.verifier_tokens import VerifierTokens
 
 log = logging.getLogger(__name__)
 
@@ -257,14 +257,15 @@ class Application:
             # of a bare call's throughput); authentication names the method for log lines.
             observing.append(CallLogInterceptor(access_log_on=True))
         self.throttle = AuthFailureThrottle(settings.auth_failures_per_minute)
-        # Those of a @FILE are read when the server starts (`_follow_token_file`).
+        # Those of a @FILE are read when the server starts (`_follow_token_files`).
         self.verifier_tokens = VerifierTokens(settings.inline_verifier_tokens)
+        self.operator_tokens = BearerTokens(settings.inline_operator_tokens)
         self.server = grpc.aio.server(
             interceptors=[
                 *observing,
                 AuthInterceptor(
                     self.access,
-                    settings.operator_token,
+                    self.operator_tokens,
                     self.verifier_tokens,
                     self.throttle,
                 ),
@@ -322,17 +323,23 @@ class Application:
         """None when the database is at the newest schema, else what it is at, in words."""
         return await migrate.pending(self.engine)
 
-    def _follow_token_file(self) -> None:
-        """Reads the verifier-token file, if the tokens are in one, and has it read again as it
-        changes. A file that cannot be used now is a BindError naming the setting."""
-        source = self.settings.verifier_token_file
-        if source is None:
-            return
-        try:
-            token_file = TokenFile(source)
-        except ValueError as error:  # checked with the settings, but it may have changed since
-            raise BindError(f"{environment_variable('verifier_tokens')}: {error}") from error
-        self.verifier_tokens.follow(token_file.tokens, token_file)
+    def _follow_token_files(self) -> None:
+        """Reads the verifier-token and operator-token files, for the settings that name one, and
+        has them read again as they change. A file that cannot be used now is a BindError naming
+        the setting."""
+        settings: tuple[tuple[Literal["verifier_tokens", "operator_token"], BearerTokens], ...] = (
+            ("verifier_tokens", self.verifier_tokens),
+            ("operator_token", self.operator_tokens),
+        )
+        for name, tokens in settings:
+            source = self.settings.token_file(name)
+            if source is None:
+                continue
+            try:
+                token_file = TokenFile(source, name.replace("_", " "))
+            except ValueError as error:  # checked with the settings, but it may have changed since
+                raise BindError(f"{environment_variable(name)}: {error}") from error
+            tokens.follow(token_file.tokens, token_file)
 
     def _credentials(self) -> grpc.ServerCredentials | None:
         """TLS credentials from the configured PEM files (mTLS with a client CA), taking up new
@@ -348,7 +355,7 @@ class Application:
         """Binds and starts serving; every service is SERVING once the schema is current and the
         database has answered (see `_follow_database`). Returns the bound port."""
         credentials = self._credentials()
-        self._follow_token_file()
+        self._follow_token_files()
         await self._check_schema()
         try:
             if credentials is None:

@@ -14,7 +14,6 @@ address (`throttle.py`), and only the handler's context knows the peer.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import itertools
 import logging
 import secrets
@@ -35,9 +34,9 @@ from service.domain.principal import Principal, unauthenticated
 from service.domain.redaction import SECRET_PREFIX
 from service.transport import context as call_context
 from service.transport import enums
+from service.transport.bearer_tokens import BearerTokens, VerifierTokens
 from service.transport.errors import abort, internal_status, to_status
 from service.transport.throttle import AuthFailureThrottle
-from service.transport.verifier_tokens import VerifierTokens
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +172,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(
         self,
         access: AccessCache,
-        operator_token: str | None,
+        operator_tokens: BearerTokens,
         verifier_tokens: VerifierTokens | None = None,
         throttle: AuthFailureThrottle | None = None,
     ) -> None:
         self._access = access
-        self._operator_token = operator_token
+        self._operator_tokens = operator_tokens
         self._verifier_tokens = verifier_tokens if verifier_tokens is not None else VerifierTokens(())
         self._throttle = throttle if throttle is not None else AuthFailureThrottle(0)
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -210,11 +209,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return None
         token = _bearer(metadata, raw)
         if rule.level is Level.OPERATOR:
-            if not self._operator_token:
+            if not self._operator_tokens.configured():
                 raise Denied(
                     "no operator token is configured on this server", reason="OPERATOR_TOKEN_NOT_CONFIGURED"
                 )
-            if not hmac.compare_digest(token.encode(), self._operator_token.encode()):
+            if not self._operator_tokens.accepts(token):
                 raise Unauthenticated("the operator token is wrong", reason="OPERATOR_TOKEN_INVALID")
             return None
         outcome = await self._access.authenticate(

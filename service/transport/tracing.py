@@ -4,7 +4,9 @@ The span starts as the call arrives, before authentication, and is made current 
 database reads that identify the caller (a key not yet cached) are its children, as are the
 statements of the use case. (opentelemetry-instrumentation-grpc's aio interceptor starts its span
 only once the behaviour runs, after authentication, which would leave those reads outside any
-trace.) A caller's `traceparent` metadata continues its trace. The request id is read from the
+trace.) A caller's `traceparent` metadata continues its trace, with at most 512 characters of its
+`tracestate` (W3C's bound; OTEL_PROPAGATORS=none ignores both, OTEL_TRACES_SAMPLER decides
+whether a caller's sampled flag counts). The request id is read from the
 trailers once the call is over, so refused calls carry theirs too.
 
 Imported only when tracing is on: OpenTelemetry is an optional extra.
@@ -32,6 +34,11 @@ SERVER_ERROR_CODES = frozenset(
 
 OTHER_METHOD = "_OTHER"
 MAX_ORIGINAL_METHOD = 128
+# W3C Trace Context: a tracestate is propagated up to 512 characters; past that, members longer
+# than 128 characters go first, then members from the end. OpenTelemetry alone keeps up to 32
+# members of up to 256 characters each, about 8 KB a caller could have copied onto every span.
+MAX_TRACESTATE = 512
+MAX_TRACESTATE_MEMBER = 128
 
 _span: ContextVar[Span | None] = ContextVar("call_span", default=None)
 
@@ -49,6 +56,23 @@ def _peer_attributes(peer: str) -> dict[str, str | int]:
     return (
         {"network.peer.address": host.strip("[]"), "network.peer.port": int(port)} if port.isdigit() else {}
     )
+
+
+def bounded_tracestate(value: str) -> str:
+    """A caller's tracestate cut to what W3C Trace Context says to propagate (see above)."""
+    if len(value) <= MAX_TRACESTATE:
+        return value
+    kept: list[str] = []
+    length = -1  # the first member has no comma before it
+    for member in value.split(","):
+        member = member.strip()
+        if not member or len(member) > MAX_TRACESTATE_MEMBER:
+            continue
+        if length + 1 + len(member) > MAX_TRACESTATE:
+            break
+        kept.append(member)
+        length += 1 + len(member)
+    return ",".join(kept)
 
 
 def finish(span: Span, code: str, request_id: str | None) -> None:
@@ -76,6 +100,9 @@ class TracingInterceptor(UnaryWrappingInterceptor):
             _span.set(None)
             return
         carrier = {key: value for key, value in details.invocation_metadata or () if isinstance(value, str)}
+        state = carrier.get("tracestate")
+        if state is not None:
+            carrier["tracestate"] = bounded_tracestate(state)
         parent = propagate.extract(carrier)
         service, _, name = method.lstrip("/").partition("/")
         span = self._tracer.start_span(

@@ -1,7 +1,11 @@
-"""The bearer tokens that callers of `VerifyApiKey` present (SPEC §7, `AGENTPOST_VERIFIER_TOKENS`).
+"""The bearer tokens configured on the server itself (SPEC §7): those `VerifyApiKey` callers
+present (`AGENTPOST_VERIFIER_TOKENS`) and the operator token of `CreateOrganization`
+(`AGENTPOST_OPERATOR_TOKEN`).
 
 `VerifyApiKey` tells whoever asks whether a secret is valid; in production only the platform's
 own backends should be able to ask, so the server may require one of a set of tokens from them.
+Either setting may name a file that holds more than one token, so that a new one can be handed
+out before the old one is withdrawn.
 """
 
 from __future__ import annotations
@@ -18,10 +22,9 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-class VerifierTokens:
-    """The configured tokens; with none, every caller may verify (local use). `newer`, when
-    given, is asked before each check for tokens that replace these (None: no change); it must
-    be cheap while nothing changed."""
+class BearerTokens:
+    """A set of configured tokens. `newer`, when given, is asked at each check for tokens that
+    replace these (None: no change); it must be cheap while nothing changed."""
 
     def __init__(
         self, tokens: Iterable[str], newer: Callable[[], Iterable[str] | None] | None = None
@@ -35,26 +38,40 @@ class VerifierTokens:
         self._digests = tuple(_digest(token) for token in tokens)
         self._newer = newer
 
-    def require(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
-        """Raises `Unauthenticated` `VERIFIER_TOKEN_REQUIRED` unless the call's one
-        `authorization: Bearer <token>` names a configured token (or none are configured)."""
+    def configured(self) -> bool:
+        """Whether any token is configured, taking up replacing ones first (a replacement that
+        names none keeps the tokens before it)."""
         if self._newer is not None:
             replacing = self._newer()
             if replacing is not None:
                 self._digests = tuple(_digest(token) for token in replacing) or self._digests
-        if not self._digests:
-            return
-        values = [value for key, value in metadata if key == "authorization"]
-        presented = b""
-        if len(values) == 1 and isinstance(values[0], str):
-            scheme, _, token = values[0].strip().partition(" ")
-            if scheme.lower() == "bearer":
-                presented = _digest(token.strip())
-        # Every configured token is compared, so the time taken does not tell which one was close.
+        return bool(self._digests)
+
+    def accepts(self, token: str | None) -> bool:
+        """Whether `token` is one of the tokens (as of the last `configured`). Every token is
+        compared, so the time taken does not tell which one was close."""
+        presented = b"" if token is None else _digest(token)
         matched = False
         for expected in self._digests:
             matched |= hmac.compare_digest(presented, expected)
-        if not matched:
+        return matched
+
+
+class VerifierTokens(BearerTokens):
+    """The tokens `VerifyApiKey` callers present; with none, every caller may verify (local use)."""
+
+    def require(self, metadata: Sequence[tuple[str, str | bytes]]) -> None:
+        """Raises `Unauthenticated` `VERIFIER_TOKEN_REQUIRED` unless the call's one
+        `authorization: Bearer <token>` names a configured token (or none are configured)."""
+        if not self.configured():
+            return
+        values = [value for key, value in metadata if key == "authorization"]
+        presented = None
+        if len(values) == 1 and isinstance(values[0], str):
+            scheme, _, token = values[0].strip().partition(" ")
+            if scheme.lower() == "bearer":
+                presented = token.strip()
+        if not self.accepts(presented):
             raise Unauthenticated(
                 "VerifyApiKey needs `authorization: Bearer <verifier token>` with a token this server "
                 "was configured with",
