@@ -55,8 +55,10 @@ class OrganizationServiceServicer:
         """Creates an organization together with its default environment, an OWNER member and an
         organization-wide owner key holding every scope, in one transaction.
 
-        Operator only: needs `authorization: Bearer <operator token>`. With no operator token
-        configured on the server the call is refused with PERMISSION_DENIED, reason
+        Operator only: needs `authorization: Bearer <operator token>`, a token the server is
+        configured with (AGENTPOST_OPERATOR_TOKEN; from a file it may name two while one replaces
+        the other). A wrong one is UNAUTHENTICATED, reason OPERATOR_TOKEN_INVALID. With no operator
+        token configured on the server the call is refused with PERMISSION_DENIED, reason
         OPERATOR_TOKEN_NOT_CONFIGURED.
 
         A retry with the same `request_id` cannot return the first result, because the owner key's
