@@ -19,7 +19,9 @@ from tests.servers import Backend, scratch_schema, serving
 # The private PostgreSQL cluster and server processes of the outage tests, as fixtures.
 pytest_plugins = ("tests.outages",)
 # The helpers the test modules share, moved out of them, keep pytest's detailed assertion messages.
-pytest.register_assert_rewrite("tests.resource_calls", "tests.rotation", "tests.statements", "tests.workers")
+pytest.register_assert_rewrite(
+    "tests.observing", "tests.resource_calls", "tests.rotation", "tests.statements", "tests.workers"
+)
 
 POSTGRES_URL_VARIABLE = "AGENTPOST_TEST_POSTGRES_URL"
 BACKENDS = ["sqlite", "postgres"]

@@ -7,10 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import ssl
 import urllib.request
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,8 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app.server import Application
 from tests.certificates import Authority, Pem
+from tests.harness import OPERATOR_TOKEN
 from tests.own_database import own_database
-from tests.servers import Backend, start_server
+from tests.servers import Backend, free_port, service_process, start_server
 
 # Longer than the server's look at the files (once a second), with room for a loaded machine.
 TAKEN_UP_WITHIN = 10.0
@@ -117,3 +121,78 @@ async def server(backend: Backend, folder: Path, **settings: object) -> AsyncIte
         yield app
     finally:
         await app.stop(grace=0)
+
+
+@dataclass
+class Process:
+    """`python -m service serve` as a process of its own."""
+
+    process: asyncio.subprocess.Process
+    port: int
+    stderr: Path
+
+    def log(self) -> str:
+        return self.stderr.read_text(errors="replace")
+
+
+@contextlib.asynccontextmanager
+async def serve_process(backend: Backend, folder: Path, **variables: str) -> AsyncIterator[Process]:
+    """A migrated server process on a database of its own (SQLite) or the run's schema, with the
+    given AGENTPOST_* variables; killed at the end if it does not stop."""
+    database = own_database(backend, folder / f"db-{uuid.uuid4().hex[:6]}")
+    port = free_port()
+    environment = database.environment(
+        {
+            "AGENTPOST_LISTEN_ADDRESS": f"127.0.0.1:{port}",
+            "AGENTPOST_OPERATOR_TOKEN": OPERATOR_TOKEN,
+            "AGENTPOST_SHUTDOWN_DRAIN_SECONDS": "0",
+            "AGENTPOST_SHUTDOWN_GRACE_SECONDS": "1",
+            "AGENTPOST_AUTH_FAILURES_PER_MINUTE": "0",
+            **variables,
+        }
+    )
+    stderr = folder / f"server-{uuid.uuid4().hex[:6]}.log"
+    with stderr.open("wb") as errors:
+        process = await service_process(
+            "serve", "--migrate", env=environment, stdout=asyncio.subprocess.DEVNULL, stderr=errors.fileno()
+        )
+    served = Process(process, port, stderr)
+    try:
+        async with asyncio.timeout(60):
+            while f"serving on 127.0.0.1:{port}" not in served.log():
+                assert process.returncode is None, served.log()
+                await asyncio.sleep(0.1)
+        yield served
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(10):
+                    await process.wait()
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+def publish(secret: Path, files: dict[str, bytes], version: str) -> Path:
+    """What the kubelet does for a mounted secret: the files in a new timestamped folder, then a
+    new `..data` symlink renamed over the old one. Returns the new folder."""
+    folder = secret / f"..{version}"
+    folder.mkdir()
+    for name, content in files.items():
+        (folder / name).write_bytes(content)
+    fresh = secret / "..data_tmp"
+    os.symlink(folder.name, fresh)
+    os.replace(fresh, secret / "..data")
+    return folder
+
+
+def fifo_over(target: Path) -> Path:
+    """Puts a FIFO where `target` was (a rename, as rotation tools do); returns another name of
+    that FIFO, through which a reader stuck on it can be released."""
+    pipe = target.with_name(target.name + ".pipe")
+    os.mkfifo(pipe)
+    alias = target.with_name(target.name + ".fifo")
+    os.link(pipe, alias)
+    os.replace(alias, target)
+    return pipe

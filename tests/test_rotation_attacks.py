@@ -34,7 +34,6 @@ import logging
 import os
 import random
 import shutil
-import signal
 import socket
 import ssl
 import threading
@@ -62,7 +61,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests import rotation
 from tests.certificates import Authority, Pem
-from tests.harness import OPERATOR_TOKEN, Harness, Org, auth, fails, failure_of, mask
+from tests.harness import Harness, Org, auth, fails, failure_of, mask
 from tests.own_database import own_database
 from tests.resource_calls import (
     RANDOM_ENV,
@@ -81,7 +80,7 @@ from tests.resource_calls import (
     update_access,
     update_key,
 )
-from tests.servers import Backend, free_port, service_process, serving, start_server
+from tests.servers import Backend, serving, start_server
 from tests.watching import Watcher
 from tests.workers import WORKER_LINE, Served, serve_workers
 
@@ -217,17 +216,6 @@ def _warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     ]
 
 
-def _fifo_over(target: Path) -> Path:
-    """Puts a FIFO where `target` was (a rename, as rotation tools do); returns another name of
-    that FIFO, through which a reader stuck on it can be released."""
-    pipe = target.with_name(target.name + ".pipe")
-    os.mkfifo(pipe)
-    alias = target.with_name(target.name + ".fifo")
-    os.link(pipe, alias)
-    os.replace(alias, target)
-    return pipe
-
-
 def _release(pipe: Path, content: bytes, seconds: float = 3.0) -> bool:
     """Feeds `content` once to whoever is stuck reading the FIFO `pipe` (waiting up to `seconds`
     for a reader); whether there was one."""
@@ -244,57 +232,6 @@ def _release(pipe: Path, content: bytes, seconds: float = 3.0) -> bool:
             os.close(descriptor)
         return True
     return False
-
-
-@dataclass
-class Process:
-    """`python -m service serve` as a process of its own."""
-
-    process: asyncio.subprocess.Process
-    port: int
-    stderr: Path
-
-    def log(self) -> str:
-        return self.stderr.read_text(errors="replace")
-
-
-@contextlib.asynccontextmanager
-async def _serve_process(backend: Backend, folder: Path, **variables: str) -> AsyncIterator[Process]:
-    """A migrated server process on a database of its own (SQLite) or the run's schema, with the
-    given AGENTPOST_* variables; killed at the end if it does not stop."""
-    database = own_database(backend, folder / f"db-{uuid.uuid4().hex[:6]}")
-    port = free_port()
-    environment = database.environment(
-        {
-            "AGENTPOST_LISTEN_ADDRESS": f"127.0.0.1:{port}",
-            "AGENTPOST_OPERATOR_TOKEN": OPERATOR_TOKEN,
-            "AGENTPOST_SHUTDOWN_DRAIN_SECONDS": "0",
-            "AGENTPOST_SHUTDOWN_GRACE_SECONDS": "1",
-            "AGENTPOST_AUTH_FAILURES_PER_MINUTE": "0",
-            **variables,
-        }
-    )
-    stderr = folder / f"server-{uuid.uuid4().hex[:6]}.log"
-    with stderr.open("wb") as errors:
-        process = await service_process(
-            "serve", "--migrate", env=environment, stdout=asyncio.subprocess.DEVNULL, stderr=errors.fileno()
-        )
-    served = Process(process, port, stderr)
-    try:
-        async with asyncio.timeout(60):
-            while f"serving on 127.0.0.1:{port}" not in served.log():
-                assert process.returncode is None, served.log()
-                await asyncio.sleep(0.1)
-        yield served
-    finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(10):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
 
 
 def _pair(folder: Path, ca: Authority, *names: str) -> tuple[Pem, list[Pem]]:
@@ -394,16 +331,10 @@ async def test_a_rotation_storm_never_fails_a_handshake_or_a_call(backend: Backe
 
 
 def _publish(secret: Path, pair: Pem, version: str) -> Path:
-    """What the kubelet does for a mounted secret: a new timestamped folder, then a new `..data`
-    symlink renamed over the old one."""
-    folder = secret / f"..{version}"
-    folder.mkdir()
-    shutil.copyfile(pair.cert, folder / "tls.crt")
-    shutil.copyfile(pair.key, folder / "tls.key")
-    fresh = secret / "..data_tmp"
-    os.symlink(folder.name, fresh)
-    os.replace(fresh, secret / "..data")
-    return folder
+    """A Kubernetes secret update carrying `pair` as tls.crt and tls.key."""
+    return rotation.publish(
+        secret, {"tls.crt": pair.cert.read_bytes(), "tls.key": pair.key.read_bytes()}, version
+    )
 
 
 async def test_a_kubernetes_style_secret_swap_is_taken_up_without_refusals(
@@ -558,11 +489,11 @@ async def test_a_fifo_in_place_of_the_key_does_not_hang_handshakes(backend: Back
     previous certificate and a new channel's call answers. Then usable files are taken up."""
     ca = Authority(tmp_path, "fifo")
     served, (_, second) = _pair(tmp_path, ca, "first", "second")
-    async with _serve_process(
+    async with rotation.serve_process(
         backend, tmp_path, AGENTPOST_TLS_CERT_FILE=str(served.cert), AGENTPOST_TLS_KEY_FILE=str(served.key)
     ) as server:
         assert (await asyncio.to_thread(_handshake, server.port, ca)).subject == "first"
-        pipe = _fifo_over(served.key)
+        pipe = rotation.fifo_over(served.key)
         await asyncio.sleep(PAST_A_LOOK)
         outcomes = [await asyncio.to_thread(_outcome_of_handshake, server.port, ca) for _ in range(3)]
         async with grpc.aio.secure_channel(
@@ -592,7 +523,7 @@ async def test_a_fifo_as_the_verifier_token_file_does_not_hang_the_server(
     tokens = tmp_path / "verifier-tokens"
     rotation.replace(tokens, b"old-token\n")
     async with (
-        _serve_process(backend, tmp_path, AGENTPOST_VERIFIER_TOKENS=f"@{tokens}") as server,
+        rotation.serve_process(backend, tmp_path, AGENTPOST_VERIFIER_TOKENS=f"@{tokens}") as server,
         grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
     ):
         keys = api_key_pb2_grpc.ApiKeyServiceStub(channel)
@@ -601,7 +532,7 @@ async def test_a_fifo_as_the_verifier_token_file_does_not_hang_the_server(
             request, metadata=(("authorization", "Bearer old-token"),), timeout=10
         )
         assert not answer.valid
-        pipe = _fifo_over(tokens)
+        pipe = rotation.fifo_over(tokens)
         await asyncio.sleep(PAST_A_LOOK)
         outcomes = []
         try:

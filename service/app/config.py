@@ -149,25 +149,36 @@ def checked_tls_files(
     return chain, private, authorities, usable_tls(chain, private, authorities)
 
 
-def token_list(text: str) -> tuple[str, ...]:
-    """Verifier tokens as an operator writes them: separated by commas or lines, blanks around
-    them ignored; a ValueError when there is none."""
-    tokens = tuple(token.strip() for token in text.replace("\n", ",").split(",") if token.strip())
+def token_list(text: str, *, commas: bool = True) -> tuple[str, ...]:
+    """Tokens as an operator writes them: one a line, and also separated by commas when `commas`
+    (verifier tokens; an operator token is one a line, commas and all), blanks around them
+    ignored; a ValueError when there is none."""
+    if commas:
+        text = text.replace(",", "\n")
+    tokens = tuple(token.strip() for token in text.split("\n") if token.strip())
     if not tokens:
         raise ValueError("names no token")
     return tokens
 
 
-def read_token_file(path: Path) -> tuple[str, ...]:
-    """The tokens a file holds (verifier or operator tokens); a ValueError saying why when it cannot be read or holds
-    none."""
+def token_path(value: str) -> Path:
+    """The file a `@FILE` setting names; a ValueError when `@` names none."""
+    named = value[1:].strip()
+    if not named:
+        raise ValueError("@ must be followed by the path of a file")
+    return Path(named)
+
+
+def read_token_file(path: Path, *, commas: bool = True) -> tuple[str, ...]:
+    """The tokens a file holds (see `token_list`); a ValueError saying why when it cannot be
+    read or holds none."""
     try:
         # utf-8-sig: a byte order mark (as some editors write) is not part of the first token.
         text = read_credential_file(path).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ValueError(f"cannot read {path}: not UTF-8 text") from None
     try:
-        return token_list(text)
+        return token_list(text, commas=commas)
     except ValueError:
         raise ValueError(f"{path} names no token") from None
 
@@ -322,7 +333,7 @@ class Settings(BaseSettings):
         # and a blank one is no token.
         stripped = None if value is None else value.strip()
         if stripped and stripped.startswith("@"):
-            read_token_file(Path(stripped[1:]))  # read again at start, and whenever it changes
+            read_token_file(token_path(stripped), commas=False)  # read again at start, and on change
         return stripped or None
 
     @field_validator("database_url")
@@ -358,7 +369,7 @@ class Settings(BaseSettings):
         if value is None:
             return None
         if value.startswith("@"):
-            read_token_file(Path(value[1:]))  # read again at start, and whenever it changes
+            read_token_file(token_path(value))  # read again at start, and whenever it changes
             return value
         return ",".join(token_list(value))
 
@@ -395,4 +406,4 @@ class Settings(BaseSettings):
     def token_file(self, name: Literal["verifier_tokens", "operator_token"]) -> Path | None:
         """The file the setting `name` reads its tokens from (`@FILE`), if it does."""
         tokens = getattr(self, name)
-        return Path(tokens[1:]) if isinstance(tokens, str) and tokens.startswith("@") else None
+        return token_path(tokens) if isinstance(tokens, str) and tokens.startswith("@") else None

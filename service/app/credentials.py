@@ -185,20 +185,22 @@ class ServerTls:
 class TokenFile:
     """Tokens read from a file (`tokens`), read again when it changes: call it for the tokens
     when they changed (None while they did not, or when the new file cannot be used). `what`
-    names them in log lines ("verifier tokens", "operator token")."""
+    names them in log lines ("verifier tokens", "operator token"); `commas` whether commas also
+    separate them (see `token_list`)."""
 
-    def __init__(self, path: Path, what: str) -> None:
+    def __init__(self, path: Path, what: str, *, commas: bool) -> None:
         self._path = path
         self._what = what
+        self._commas = commas
         # Looked at before it is read: a change while it is read is then seen as one.
         self._watched = WatchedFiles([str(path)])
-        self.tokens = read_token_file(path)
+        self.tokens = read_token_file(path, commas=commas)
 
     def __call__(self) -> tuple[str, ...] | None:
         if not self._watched.changed():
             return None
         try:
-            tokens = read_token_file(self._path)
+            tokens = read_token_file(self._path, commas=self._commas)
         except ValueError as error:
             log.warning(
                 "the %s file changed but cannot be used (%s); the tokens read before still apply",

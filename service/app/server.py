@@ -336,7 +336,7 @@ class Application:
             if source is None:
                 continue
             try:
-                token_file = TokenFile(source, name.replace("_", " "))
+                token_file = TokenFile(source, name.replace("_", " "), commas=name == "verifier_tokens")
             except ValueError as error:  # checked with the settings, but it may have changed since
                 raise BindError(f"{environment_variable(name)}: {error}") from error
             tokens.follow(token_file.tokens, token_file)
