@@ -1336,6 +1336,41 @@ async def test_trace_context_headers_cannot_forge_log_lines_or_leak_a_secret(obs
 
 
 @SQLITE_ONLY
+async def test_repeated_trace_context_headers_follow_w3c(observed: Observed) -> None:
+    """Sent over plain HTTP/2 (a gRPC client sends one of each): two `tracestate` headers are one
+    list, as HTTP joins repeated headers (W3C Trace Context), kept in order; of two `traceparent`
+    headers gRPC hands the server only the last, which is continued. Both calls are answered OK."""
+    h = observed.harness
+    org = await new_org(observed)
+    other = f"00-{'1' * 32}-{'2' * 16}-01"
+    cases: dict[str, list[tuple[bytes, bytes]]] = {
+        "two-parents": [(b"traceparent", VALID_PARENT.encode()), (b"traceparent", other.encode())],
+        "two-states": [
+            (b"traceparent", VALID_PARENT.encode()),
+            (b"tracestate", b"first=1"),
+            (b"tracestate", b"second=2,third=3"),
+        ],
+    }
+    for name, headers in cases.items():
+        answer = await raw_call(
+            h.app.port,
+            f"/{PACKAGE}.OrganizationService/GetOrganization",
+            [
+                (b"authorization", f"Bearer {org.owner_secret}".encode()),
+                (b"x-request-id", f"tc-{name}".encode()),
+                *headers,
+            ],
+        )
+        assert (answer.status, answer.message) == (0, ""), name
+    await asyncio.sleep(0.2)  # spans end as their calls finish
+    parents = span_of(observed, "tc-two-parents")
+    assert parents.parent is not None and parents.context.trace_id == int("1" * 32, 16)
+    states = span_of(observed, "tc-two-states")
+    assert states.context.trace_id == int(TRACE_ID, 16)
+    assert states.context.trace_state.to_header() == "first=1,second=2,third=3"
+
+
+@SQLITE_ONLY
 async def test_lines_logged_while_reading_trace_context_name_the_call(observed: Observed) -> None:
     """README: "Every line logged during a call names the call's request id and method." A call
     whose `tracestate` member and `baggage` entry do not parse makes the server log while it reads

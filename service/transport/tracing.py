@@ -14,6 +14,7 @@ Imported only when tracing is on: OpenTelemetry is an optional extra.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextvars import ContextVar
 
 import grpc
@@ -75,6 +76,24 @@ def bounded_tracestate(value: str) -> str:
     return ",".join(kept)
 
 
+def trace_carrier(metadata: Sequence[tuple[str, str | bytes]]) -> dict[str, str]:
+    """The call's metadata as the propagators read it: repeated `tracestate` entries are one list
+    (joined, as HTTP joins repeated headers, W3C Trace Context), then bounded. (Of repeated
+    `traceparent` headers gRPC itself hands over only the last.)"""
+    carrier: dict[str, str] = {}
+    states: list[str] = []
+    for key, value in metadata:
+        if not isinstance(value, str):
+            continue
+        if key == "tracestate":
+            states.append(value)
+        else:
+            carrier[key] = value
+    if states:
+        carrier["tracestate"] = bounded_tracestate(",".join(states))
+    return carrier
+
+
 def finish(span: Span, code: str, request_id: str | None) -> None:
     """Records how the call ended and ends its span."""
     span.set_attribute("rpc.grpc.status_code", _code_number(code))
@@ -99,11 +118,7 @@ class TracingInterceptor(UnaryWrappingInterceptor):
         if method.lstrip("/").startswith(UNTRACED_SERVICE_PREFIXES):
             _span.set(None)
             return
-        carrier = {key: value for key, value in details.invocation_metadata or () if isinstance(value, str)}
-        state = carrier.get("tracestate")
-        if state is not None:
-            carrier["tracestate"] = bounded_tracestate(state)
-        parent = propagate.extract(carrier)
+        parent = propagate.extract(trace_carrier(details.invocation_metadata or ()))
         service, _, name = method.lstrip("/").partition("/")
         span = self._tracer.start_span(
             method,
