@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import socket
 import ssl
 import urllib.request
@@ -23,9 +22,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.app.server import Application
 from tests.certificates import Authority, Pem
-from tests.harness import OPERATOR_TOKEN
+from tests.harness import OPERATOR_TOKEN, Harness
 from tests.own_database import own_database
-from tests.servers import Backend, free_port, service_process, start_server
+from tests.servers import Backend, free_port, service_process, start_server, stop_process
 
 # Longer than the server's look at the files (once a second), with room for a loaded machine.
 TAKEN_UP_WITHIN = 10.0
@@ -123,6 +122,58 @@ async def server(backend: Backend, folder: Path, **settings: object) -> AsyncIte
         await app.stop(grace=0)
 
 
+@contextlib.asynccontextmanager
+async def served(backend: Backend, folder: Path, **settings: object) -> AsyncIterator[Harness]:
+    """An in-process server on a database of its own, with these settings, and a plaintext
+    harness to call it."""
+    app, channel = await start_server(own_database(backend, folder), **settings)
+    try:
+        yield Harness(app, channel, backend.name)
+    finally:
+        await channel.close()
+        await app.stop(grace=0)
+
+
+@dataclass(frozen=True)
+class MutualTls:
+    """An mTLS set-up whose client CA is to be rotated: the server's CA, the old and the new
+    client CA, the file the server reads its client CAs from (the old CA at first), and channel
+    credentials of a client of each CA."""
+
+    server_ca: Authority
+    old_ca: Authority
+    new_ca: Authority
+    client_ca: Path
+    old_client: grpc.ChannelCredentials
+    new_client: grpc.ChannelCredentials
+
+
+@contextlib.asynccontextmanager
+async def mutual_tls_server(backend: Backend, folder: Path) -> AsyncIterator[tuple[Application, MutualTls]]:
+    """`server` serving mTLS as `MutualTls` describes."""
+    server_ca = Authority(folder, "servers")
+    old_ca = Authority(folder, "old-clients")
+    new_ca = Authority(folder, "new-clients")
+    served = server_ca.issue("server", server=True)
+    tls = MutualTls(
+        server_ca,
+        old_ca,
+        new_ca,
+        folder / "client-ca.pem",
+        channel_credentials(server_ca, old_ca.issue("backend-old", server=False)),
+        channel_credentials(server_ca, new_ca.issue("backend-new", server=False)),
+    )
+    replace(tls.client_ca, old_ca.pem)
+    async with server(
+        backend,
+        folder,
+        tls_cert_file=str(served.cert),
+        tls_key_file=str(served.key),
+        tls_client_ca_file=str(tls.client_ca),
+    ) as app:
+        yield app, tls
+
+
 @dataclass
 class Process:
     """`python -m service serve` as a process of its own."""
@@ -164,14 +215,7 @@ async def serve_process(backend: Backend, folder: Path, **variables: str) -> Asy
                 await asyncio.sleep(0.1)
         yield served
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(10):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop_process(process, 10)
 
 
 def publish(secret: Path, files: dict[str, bytes], version: str) -> Path:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import sys
 import uuid
@@ -77,6 +78,20 @@ async def service_process(
     return await asyncio.create_subprocess_exec(
         sys.executable, "-m", "service", *arguments, env=env, cwd=cwd, stdout=stdout, stderr=stderr
     )
+
+
+async def stop_process(process: asyncio.subprocess.Process, seconds: float = 30.0) -> None:
+    """Stops a server process as an operator would (SIGTERM), killing it if it has not exited
+    within `seconds`; nothing when it already has."""
+    if process.returncode is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(seconds):
+            await process.wait()
+    except TimeoutError:
+        process.kill()
+        await process.wait()
 
 
 def free_port() -> int:

@@ -7,7 +7,6 @@ the handshake itself."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import logging
 from pathlib import Path
@@ -21,9 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from service.app.server import Application, BindError
 from tests import rotation
 from tests.certificates import Authority, Pem
-from tests.harness import Harness, fails
+from tests.harness import fails
 from tests.own_database import own_database
-from tests.servers import Backend, start_server
+from tests.servers import Backend
 
 Code = grpc.StatusCode
 
@@ -118,42 +117,19 @@ async def test_files_that_cannot_be_used_leave_the_previous_certificate_serving(
 async def test_a_rotated_client_ca_is_taken_up(backend: Backend, folder: Path) -> None:
     """mTLS with a client CA that is then replaced by another: new connections with a client
     certificate of the new CA are served, and those of the old CA refused, without a restart."""
-    old_ca = Authority(folder, "old-clients")
-    new_ca = Authority(folder, "new-clients")
-    server_ca = Authority(folder, "servers")
-    served = server_ca.issue("server", server=True)
-    old_client = old_ca.issue("backend-old", server=False)
-    new_client = new_ca.issue("backend-new", server=False)
-    client_ca = folder / "client-ca.pem"
-    rotation.replace(client_ca, old_ca.pem)
-    async with rotation.server(
-        backend,
-        folder,
-        tls_cert_file=str(served.cert),
-        tls_key_file=str(served.key),
-        tls_client_ca_file=str(client_ca),
-    ) as app:
-        assert (
-            await rotation.healthy(app.port, rotation.channel_credentials(server_ca, old_client)) == Code.OK
-        )
-        assert (
-            await rotation.healthy(app.port, rotation.channel_credentials(server_ca, new_client))
-            == Code.UNAVAILABLE
-        )
-        rotation.replace(client_ca, new_ca.pem)
+    async with rotation.mutual_tls_server(backend, folder) as (app, tls):
+        assert await rotation.healthy(app.port, tls.old_client) == Code.OK
+        assert await rotation.healthy(app.port, tls.new_client) == Code.UNAVAILABLE
+        rotation.replace(tls.client_ca, tls.new_ca.pem)
 
         async def taken_up() -> bool:
-            return (
-                await rotation.healthy(app.port, rotation.channel_credentials(server_ca, new_client))
-                == Code.OK
-            )
+            return await rotation.healthy(app.port, tls.new_client) == Code.OK
 
         await rotation.eventually(taken_up, "the new client CA")
+        assert await rotation.healthy(app.port, tls.old_client) == Code.UNAVAILABLE
         assert (
-            await rotation.healthy(app.port, rotation.channel_credentials(server_ca, old_client))
-            == Code.UNAVAILABLE
+            await rotation.healthy(app.port, rotation.channel_credentials(tls.server_ca)) == Code.UNAVAILABLE
         )
-        assert await rotation.healthy(app.port, rotation.channel_credentials(server_ca)) == Code.UNAVAILABLE
 
 
 @pytest.mark.parametrize("days", [-1, 3])
@@ -198,11 +174,7 @@ async def test_a_rewritten_verifier_token_file_is_taken_up(
     no token, or its removal, keeps the tokens read before (VerifyApiKey never becomes open)."""
     tokens = folder / "verifier-tokens"
     rotation.replace(tokens, b"old-token\n")
-    async with contextlib.AsyncExitStack() as stack:
-        app, channel = await start_server(own_database(backend, folder), verifier_tokens=f"@{tokens}")
-        stack.push_async_callback(app.stop, 0)
-        stack.push_async_callback(channel.close)
-        harness = Harness(app, channel, backend.name)
+    async with rotation.served(backend, folder, verifier_tokens=f"@{tokens}") as harness:
         org = await harness.new_org()
         request = api_key_pb2.VerifyApiKeyRequest(secret=org.owner_secret, environment="default")
 

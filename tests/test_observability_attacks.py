@@ -38,7 +38,6 @@ import hashlib
 import hmac
 import json
 import re
-import signal
 import urllib.request
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -89,7 +88,7 @@ from tests.observing import (
 )
 from tests.own_database import own_database
 from tests.plain_http2 import RawAnswer, raw_call
-from tests.servers import Backend, free_port, service_process
+from tests.servers import Backend, free_port, service_process, stop_process
 
 Code = grpc.StatusCode
 PACKAGE = "agentpost.environments.v1"
@@ -643,15 +642,7 @@ async def test_a_debug_json_server_process_writes_only_json_and_no_credential(
             after = await organizations.GetOrganization(opb.GetOrganizationRequest(), metadata=auth(owner))
             assert after.id == org.organization.id
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(30):
-                    await process.wait()
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+        await stop_process(process)
     assert process.returncode == 0
     lines = stderr_path.read_text(errors="replace").splitlines()
     not_json = []
@@ -1278,6 +1269,22 @@ async def test_hostile_trace_context_neither_breaks_calls_nor_lands_in_spans(obs
     assert span_of(observed, "tc-mixed-state").context.trace_state.to_header() == "keep1=a,keep2=b"
 
 
+async def _raw_get_organization(
+    h: Harness, org: Org, request_id: str, headers: Sequence[tuple[bytes, bytes]]
+) -> RawAnswer:
+    """GetOrganization with the owner's key over plain HTTP/2, with these extra headers (which a
+    gRPC client would not send as they are)."""
+    return await raw_call(
+        h.app.port,
+        f"/{PACKAGE}.OrganizationService/GetOrganization",
+        [
+            (b"authorization", f"Bearer {org.owner_secret}".encode()),
+            (b"x-request-id", request_id.encode()),
+            *headers,
+        ],
+    )
+
+
 @SQLITE_ONLY
 async def test_trace_context_headers_cannot_forge_log_lines_or_leak_a_secret(observed: Observed) -> None:
     """The trace context headers are read for every traced call, before authentication. Sent over
@@ -1306,15 +1313,7 @@ async def test_trace_context_headers_cannot_forge_log_lines_or_leak_a_secret(obs
     }
     answers: dict[str, tuple[int | None, str]] = {}
     for name, headers in cases.items():
-        answer = await raw_call(
-            h.app.port,
-            f"/{PACKAGE}.OrganizationService/GetOrganization",
-            [
-                (b"authorization", f"Bearer {org.owner_secret}".encode()),
-                (b"x-request-id", f"tc-{name}".encode()),
-                *headers,
-            ],
-        )
+        answer = await _raw_get_organization(h, org, f"tc-{name}", headers)
         answers[name] = (answer.status, answer.message)
     assert answers == dict.fromkeys(cases, (0, ""))
 
@@ -1352,15 +1351,7 @@ async def test_repeated_trace_context_headers_follow_w3c(observed: Observed) -> 
         ],
     }
     for name, headers in cases.items():
-        answer = await raw_call(
-            h.app.port,
-            f"/{PACKAGE}.OrganizationService/GetOrganization",
-            [
-                (b"authorization", f"Bearer {org.owner_secret}".encode()),
-                (b"x-request-id", f"tc-{name}".encode()),
-                *headers,
-            ],
-        )
+        answer = await _raw_get_organization(h, org, f"tc-{name}", headers)
         assert (answer.status, answer.message) == (0, ""), name
     await asyncio.sleep(0.2)  # spans end as their calls finish
     parents = span_of(observed, "tc-two-parents")

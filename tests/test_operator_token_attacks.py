@@ -40,8 +40,8 @@ from tests.observing import (
     span_of,
 )
 from tests.own_database import own_database
-from tests.rotation import CREDENTIALS, eventually, fifo_over, publish, replace, serve_process
-from tests.servers import PROJECT_ROOT, Backend, process_environment, start_server
+from tests.rotation import CREDENTIALS, eventually, fifo_over, publish, replace, serve_process, served
+from tests.servers import PROJECT_ROOT, Backend, process_environment
 from tests.workers import serve_workers
 
 Code = grpc.StatusCode
@@ -56,12 +56,8 @@ INVALID = "UNAUTHENTICATED OPERATOR_TOKEN_INVALID"
 @contextlib.asynccontextmanager
 async def _served(backend: Backend, folder: Path, tokens: Path, **settings: object) -> AsyncIterator[Harness]:
     """An in-process server on a database of its own, its operator tokens read from `tokens`."""
-    app, channel = await start_server(own_database(backend, folder), operator_token=f"@{tokens}", **settings)
-    try:
-        yield Harness(app, channel, backend.name)
-    finally:
-        await channel.close()
-        await app.stop(grace=0)
+    async with served(backend, folder, operator_token=f"@{tokens}", **settings) as harness:
+        yield harness
 
 
 async def _outcome(organizations: organization_pb2_grpc.OrganizationServiceStub, token: str) -> str:

@@ -6,12 +6,10 @@ gone between the settings and the start: tests/test_credential_rotation.py.)"""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
@@ -19,24 +17,13 @@ import pytest
 from agentpost.environments.v1 import organization_pb2
 
 from tests.harness import Harness, fails
-from tests.own_database import own_database
-from tests.rotation import CREDENTIALS, eventually, replace
-from tests.servers import Backend, start_server
+from tests.rotation import CREDENTIALS, eventually, replace, served
+from tests.servers import Backend
 
 Code = grpc.StatusCode
 # Longer than the server's look at a changed file (at most once a second).
 PAST_A_LOOK = 1.5
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextlib.asynccontextmanager
-async def _served(backend: Backend, folder: Path, operator_token: str) -> AsyncIterator[Harness]:
-    app, channel = await start_server(own_database(backend, folder), operator_token=operator_token)
-    try:
-        yield Harness(app, channel, backend.name)
-    finally:
-        await channel.close()
-        await app.stop(grace=0)
 
 
 async def _creates(harness: Harness, token: str) -> bool:
@@ -61,7 +48,7 @@ async def test_a_rewritten_operator_token_file_is_taken_up(
     token still works and no other does: the operator door never opens nor locks its holder out."""
     tokens = tmp_path / "operator-token"
     replace(tokens, b"old-operator-token\n")
-    async with _served(backend, tmp_path, f"@{tokens}") as harness:
+    async with served(backend, tmp_path, operator_token=f"@{tokens}") as harness:
         assert await _creates(harness, "old-operator-token")
         assert not await _creates(harness, "new-operator-token")
         # The file's name is not a token, nor is the setting's value.
@@ -115,7 +102,7 @@ async def test_a_rewritten_operator_token_file_is_taken_up(
 async def test_an_inline_operator_token_is_one_token_commas_and_all(backend: Backend, tmp_path: Path) -> None:
     """An operator token given inline is taken as written: commas do not split it (only a file
     holds several tokens), so neither half of `a,b` is a token."""
-    async with _served(backend, tmp_path, "first-half,second-half") as harness:
+    async with served(backend, tmp_path, operator_token="first-half,second-half") as harness:
         assert await _creates(harness, "first-half,second-half")
         assert not await _creates(harness, "first-half")
         assert not await _creates(harness, "second-half")
@@ -126,7 +113,7 @@ async def test_the_operator_token_file_is_no_verifier_or_api_key(backend: Backen
     is refused like any unknown secret."""
     tokens = tmp_path / "operator-token"
     replace(tokens, b"only-for-operators\n")
-    async with _served(backend, tmp_path, f"@{tokens}") as harness:
+    async with served(backend, tmp_path, operator_token=f"@{tokens}") as harness:
         await fails(
             harness.organizations.GetOrganization(
                 organization_pb2.GetOrganizationRequest(),

@@ -80,7 +80,7 @@ from tests.resource_calls import (
     update_access,
     update_key,
 )
-from tests.servers import Backend, serving, start_server
+from tests.servers import Backend, serving
 from tests.watching import Watcher
 from tests.workers import WORKER_LINE, Served, serve_workers
 
@@ -565,11 +565,7 @@ async def test_verifier_tokens_overlap_then_survive_broken_files_with_one_warnin
     is warned about once, not at every call. A usable file is then taken up."""
     tokens = tmp_path / "verifier-tokens"
     rotation.replace(tokens, b"old-token\n")
-    async with contextlib.AsyncExitStack() as stack:
-        app, channel = await start_server(own_database(backend, tmp_path), verifier_tokens=f"@{tokens}")
-        stack.push_async_callback(app.stop, 0)
-        stack.push_async_callback(channel.close)
-        harness = Harness(app, channel, backend.name)
+    async with rotation.served(backend, tmp_path, verifier_tokens=f"@{tokens}") as harness:
         org = await harness.new_org()
         request = key_pb.VerifyApiKeyRequest(secret=org.owner_secret, environment="default")
 
@@ -697,23 +693,9 @@ async def test_a_client_ca_rotated_through_a_bundle_accepts_both_then_only_the_n
     """The client CA file becomes a bundle of the old and the new CA: clients of both are
     served; then only the new CA: the old CA's clients are refused on new connections, while a
     channel the old client opened before keeps answering."""
-    server_ca = Authority(tmp_path, "servers")
-    old_ca = Authority(tmp_path, "old-clients")
-    new_ca = Authority(tmp_path, "new-clients")
-    served = server_ca.issue("server", server=True)
-    old_client = old_ca.issue("backend-old", server=False)
-    new_client = new_ca.issue("backend-new", server=False)
-    client_ca = tmp_path / "client-ca.pem"
-    rotation.replace(client_ca, old_ca.pem)
-    async with rotation.server(
-        backend,
-        tmp_path,
-        tls_cert_file=str(served.cert),
-        tls_key_file=str(served.key),
-        tls_client_ca_file=str(client_ca),
-    ) as app:
-        old_credentials = rotation.channel_credentials(server_ca, old_client)
-        new_credentials = rotation.channel_credentials(server_ca, new_client)
+    async with rotation.mutual_tls_server(backend, tmp_path) as (app, tls):
+        old_credentials, new_credentials = tls.old_client, tls.new_client
+        client_ca, old_ca, new_ca = tls.client_ca, tls.old_ca, tls.new_ca
         assert await rotation.healthy(app.port, old_credentials) == Code.OK
         assert await rotation.healthy(app.port, new_credentials) == Code.UNAVAILABLE
         rotation.replace(client_ca, old_ca.pem + new_ca.pem)

@@ -40,7 +40,6 @@ import datetime
 import logging
 import os
 import re
-import signal
 import socket
 import ssl
 from collections.abc import AsyncIterator
@@ -72,7 +71,7 @@ from tests.certificates import Authority, Pem, PrivateKey, key_pem
 from tests.empty_database import empty_database
 from tests.harness import AS_OPERATOR, OPERATOR_TOKEN, Failure, Harness, auth, corrupt, fails, failure_of
 from tests.plain_http2 import raw_call
-from tests.servers import PROJECT_ROOT, Backend, process_environment, service_process, serving
+from tests.servers import PROJECT_ROOT, Backend, process_environment, service_process, serving, stop_process
 
 Code = grpc.StatusCode
 Denial = api_key_pb2.VerifyApiKeyResponse.DenialReason
@@ -246,14 +245,7 @@ async def _serve(env: dict[str, str]) -> AsyncIterator[Process]:
                 await reading
         yield running
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(30):
-                    await process.wait()
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await stop_process(process)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
                 await reading

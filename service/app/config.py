@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -159,6 +160,22 @@ def token_list(text: str, *, commas: bool = True) -> tuple[str, ...]:
     if not tokens:
         raise ValueError("names no token")
     return tokens
+
+
+TokenSetting = Literal["verifier_tokens", "operator_token"]
+# Whether commas separate tokens as lines do: verifier tokens are a list even inline; an
+# operator token is one token, commas and all, inline and on each line of its file.
+_COMMAS: dict[TokenSetting, bool] = {"verifier_tokens": True, "operator_token": False}
+
+
+@dataclass(frozen=True)
+class TokenSource:
+    """The tokens a setting names itself (`inline`), or the file it names (`@FILE`) and whether
+    commas separate the tokens in it."""
+
+    inline: tuple[str, ...]
+    file: Path | None
+    commas: bool
 
 
 def token_path(value: str) -> Path:
@@ -333,7 +350,8 @@ class Settings(BaseSettings):
         # and a blank one is no token.
         stripped = None if value is None else value.strip()
         if stripped and stripped.startswith("@"):
-            read_token_file(token_path(stripped), commas=False)  # read again at start, and on change
+            # Read again at start, and whenever it changes.
+            read_token_file(token_path(stripped), commas=_COMMAS["operator_token"])
         return stripped or None
 
     @field_validator("database_url")
@@ -369,7 +387,7 @@ class Settings(BaseSettings):
         if value is None:
             return None
         if value.startswith("@"):
-            read_token_file(token_path(value))  # read again at start, and whenever it changes
+            read_token_file(token_path(value), commas=_COMMAS["verifier_tokens"])  # read again later too
             return value
         return ",".join(token_list(value))
 
@@ -390,20 +408,12 @@ class Settings(BaseSettings):
             checked_tls_files(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file)
         return self
 
-    @property
-    def inline_verifier_tokens(self) -> tuple[str, ...]:
-        """The tokens the setting itself names (none for a @FILE or when unset)."""
-        tokens = self.verifier_tokens
-        return () if tokens is None or tokens.startswith("@") else tuple(tokens.split(","))
-
-    @property
-    def inline_operator_tokens(self) -> tuple[str, ...]:
-        """The operator token the setting itself names (none for a @FILE or when unset); one
-        token, commas and all."""
-        token = self.operator_token
-        return () if token is None or token.startswith("@") else (token,)
-
-    def token_file(self, name: Literal["verifier_tokens", "operator_token"]) -> Path | None:
-        """The file the setting `name` reads its tokens from (`@FILE`), if it does."""
-        tokens = getattr(self, name)
-        return token_path(tokens) if isinstance(tokens, str) and tokens.startswith("@") else None
+    def tokens(self, name: TokenSetting) -> TokenSource:
+        """Where the setting `name` takes its tokens from: the value itself, or the file it names."""
+        value: str | None = getattr(self, name)
+        commas = _COMMAS[name]
+        if value is None:
+            return TokenSource((), None, commas)
+        if value.startswith("@"):
+            return TokenSource((), token_path(value), commas)
+        return TokenSource(token_list(value, commas=True) if commas else (value,), None, commas)

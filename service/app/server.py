@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 from agentpost.environments.v1 import (
@@ -27,7 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.app import logs, tracing
-from service.app.config import Settings, environment_variable
+from service.app.config import Settings, TokenSetting, environment_variable
 from service.app.credentials import ServerTls, TokenFile
 from service.app.metrics import MetricsEndpoint
 from service.application.access import AccessCache
@@ -258,8 +258,8 @@ class Application:
             observing.append(CallLogInterceptor(access_log_on=True))
         self.throttle = AuthFailureThrottle(settings.auth_failures_per_minute)
         # Those of a @FILE are read when the server starts (`_follow_token_files`).
-        self.verifier_tokens = VerifierTokens(settings.inline_verifier_tokens)
-        self.operator_tokens = BearerTokens(settings.inline_operator_tokens)
+        self.verifier_tokens = VerifierTokens(settings.tokens("verifier_tokens").inline)
+        self.operator_tokens = BearerTokens(settings.tokens("operator_token").inline)
         self.server = grpc.aio.server(
             interceptors=[
                 *observing,
@@ -327,16 +327,16 @@ class Application:
         """Reads the verifier-token and operator-token files, for the settings that name one, and
         has them read again as they change. A file that cannot be used now is a BindError naming
         the setting."""
-        settings: tuple[tuple[Literal["verifier_tokens", "operator_token"], BearerTokens], ...] = (
+        settings: tuple[tuple[TokenSetting, BearerTokens], ...] = (
             ("verifier_tokens", self.verifier_tokens),
             ("operator_token", self.operator_tokens),
         )
         for name, tokens in settings:
-            source = self.settings.token_file(name)
-            if source is None:
+            source = self.settings.tokens(name)
+            if source.file is None:
                 continue
             try:
-                token_file = TokenFile(source, name.replace("_", " "), commas=name == "verifier_tokens")
+                token_file = TokenFile(source.file, name.replace("_", " "), commas=source.commas)
             except ValueError as error:  # checked with the settings, but it may have changed since
                 raise BindError(f"{environment_variable(name)}: {error}") from error
             tokens.follow(token_file.tokens, token_file)
